@@ -1,0 +1,42 @@
+"""The API's Flask app factory: built from settings and a Celery app, never at import time."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import Celery
+from flask import Flask, g, request
+
+from runner.api import status, tasks
+from runner.api.errors import install_error_handlers
+from runner.settings import Settings
+
+MAX_JSON_BODY = 1024 * 1024  # bytes; task arguments travel through the broker, keep them small
+QUIET_PATHS = ("/health",)  # polled by `up` and monitors; not worth a log line each
+
+log = logging.getLogger("dify_local.api")
+
+
+def create_api(settings: Settings, celery: Celery) -> Flask:
+    app = Flask("dify_local.api")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
+    app.json.sort_keys = False
+    app.extensions["celery"] = celery
+    app.extensions["dify_settings"] = settings
+    app.register_blueprint(status.blueprint)
+    app.register_blueprint(tasks.blueprint)
+    install_error_handlers(app)
+
+    @app.before_request
+    def _start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response):
+        if request.path not in QUIET_PATHS:
+            elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+            log.info("%s %s %s (%.1f ms)", request.method, request.path, response.status_code, elapsed)
+        return response
+
+    return app

@@ -1,0 +1,45 @@
+"""Every error the API returns is JSON: {"error": message, ...details}, with a 4xx status where
+the request was at fault and 503 when the broker or database is unreachable."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("dify_local.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **details):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+def error_response(status: int, message: str, **details):
+    response = jsonify({"error": message, **details})
+    response.status_code = status
+    return response
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError):
+        return error_response(error.status, error.message, **error.details)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return error_response(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(OperationalError)
+    def broker_unreachable(error: OperationalError):
+        return error_response(503, f"the broker is unreachable: {error}")
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(error).__name__}")

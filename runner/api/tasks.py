@@ -1,0 +1,111 @@
+"""Sending tasks and polling their results: the seed's enqueue-then-poll pattern."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from celery.result import AsyncResult
+from flask import Blueprint, current_app, jsonify, request, url_for
+
+from runner import topology
+from runner.api.arguments import ArgumentError, check_arguments, signature_text
+from runner.api.errors import ApiError
+from runner.store.task_runs import get_task_run
+
+blueprint = Blueprint("tasks", __name__)
+
+SEND_FIELDS = ("args", "kwargs", "countdown", "priority")
+MAX_COUNTDOWN = 30 * 86400  # seconds; Redis' visibility timeout makes longer delays unreliable
+TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _celery():
+    return current_app.extensions["celery"]
+
+
+def _read_json_object() -> dict:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}")
+    return body
+
+
+def _send_options(body: dict) -> tuple[list, dict, dict]:
+    unknown = sorted(set(body) - set(SEND_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(SEND_FIELDS)}")
+    args, kwargs = body.get("args", []), body.get("kwargs", {})
+    if not isinstance(args, list):
+        raise ApiError(400, "'args' must be an array")
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'kwargs' must be an object")
+    options: dict = {}
+    if body.get("countdown") is not None:
+        countdown = body["countdown"]
+        if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not math.isfinite(countdown) \
+                or not 0 <= countdown <= MAX_COUNTDOWN:
+            raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {MAX_COUNTDOWN}")
+        options["countdown"] = countdown
+    if body.get("priority") is not None:
+        priority = body["priority"]
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+            raise ApiError(400, "'priority' must be an integer from 0 to 9 (on Redis 0 is served first)")
+        options["priority"] = priority
+    return args, kwargs, options
+
+
+@blueprint.get("/v1/tasks")
+def list_tasks():
+    celery = _celery()
+    return jsonify({"tasks": [
+        {"name": name, "queue": queue, "signature": signature_text(name, celery.tasks[name].run),
+         "description": (celery.tasks[name].__doc__ or "").strip().split("\n")[0]}
+        for name, queue in topology.ROUTES.items()
+    ]})
+
+
+@blueprint.post("/v1/tasks/<name>")
+def send_task(name: str):
+    celery = _celery()
+    if name not in topology.ROUTES or name not in celery.tasks:
+        raise ApiError(404, f"unknown task {name!r}; GET /v1/tasks lists the tasks that can be sent")
+    args, kwargs, options = _send_options(_read_json_object())
+    task = celery.tasks[name]
+    try:
+        check_arguments(name, task.run, args, kwargs)
+    except ArgumentError as error:
+        raise ApiError(400, str(error)) from None
+    result = task.apply_async(args=args, kwargs=kwargs, **options)
+    queue = topology.ROUTES[name]
+    return jsonify({"id": result.id, "task": name, "queue": queue, "state": "PENDING",
+                    "poll": url_for("tasks.get_task", task_id=result.id)}), 202
+
+
+@blueprint.get("/v1/tasks/<task_id>")
+def get_task(task_id: str):
+    if not TASK_ID.match(task_id):
+        raise ApiError(400, "a task id is 1 to 128 letters, digits and . _ : -")
+    celery = _celery()
+    result = AsyncResult(task_id, app=celery)
+    state = result.state  # PENDING also means "unknown", as Celery has it
+    body: dict = {"id": task_id, "state": state}
+    record = get_task_run(celery.dify.database, task_id)
+    if record:
+        body.update({key: record[key] for key in ("name", "queue", "queued_at", "started_at", "finished_at",
+                                                   "runtime", "attempts")})
+    if state == "SUCCESS":
+        body["result"] = result.result
+    elif state in ("FAILURE", "RETRY"):
+        error = result.result
+        body["error"] = {"type": type(error).__name__, "message": str(error)}
+        if result.traceback:
+            body["error"]["traceback"] = result.traceback
+    return jsonify(body)

@@ -1,0 +1,57 @@
+"""Beat's scheduler: Celery's persistent one, plus a heartbeat on the broker at every tick.
+
+The heartbeat is how `up` knows beat is running (it has ticked) and how later checks tell a stale
+or a second beat: one key on the broker, so it works for the embedded broker and real Redis alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+
+from celery.beat import PersistentScheduler
+
+log = logging.getLogger("dify_local.beat")
+
+HEARTBEAT_KEY = "dify-local:beat:heartbeat"
+HEARTBEAT_TTL = 60  # seconds; a beat that stopped ticking disappears from the broker after this
+
+
+def read_heartbeat(client) -> dict | None:
+    raw = client.get(HEARTBEAT_KEY)
+    return json.loads(raw) if raw else None
+
+
+class HeartbeatScheduler(PersistentScheduler):
+    _heartbeat_connection = None
+
+    def tick(self, *args, **kwargs):
+        interval = super().tick(*args, **kwargs)
+        self._heartbeat()
+        return interval
+
+    def _heartbeat(self) -> None:
+        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
+        try:
+            if self._heartbeat_connection is None:
+                self._heartbeat_connection = self.app.connection_for_write()
+            client = self._heartbeat_connection.default_channel.client
+            client.set(HEARTBEAT_KEY, value, ex=HEARTBEAT_TTL)
+        except Exception as error:  # the broker may be restarting: retry at the next tick
+            log.warning("could not write beat's heartbeat: %s", error)
+            self._close_heartbeat()
+
+    def _close_heartbeat(self) -> None:
+        if self._heartbeat_connection is not None:
+            try:
+                self._heartbeat_connection.release()
+            except Exception:
+                pass
+            self._heartbeat_connection = None
+
+    def close(self):
+        self._close_heartbeat()
+        super().close()

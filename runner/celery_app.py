@@ -1,0 +1,85 @@
+"""The Celery app factory: one function turns settings into a configured app."""
+
+from __future__ import annotations
+
+import importlib
+import ssl
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from runner import topology
+from runner.beat_schedule import build_beat_schedule
+from runner.context import AppContext
+from runner.settings import Settings
+from runner.state import StatePaths
+from runner.tasks import TASK_MODULES
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        # Keep the consumer's queue order instead of rotating it: that order is the priority order
+        # (see runner.topology.consumption_order).
+        "queue_order_strategy": "priority",
+    }
+    if settings.CELERY_USE_SENTINEL:
+        options["master_name"] = settings.CELERY_SENTINEL_MASTER_NAME
+        options["sentinel_kwargs"] = {"socket_timeout": settings.CELERY_SENTINEL_SOCKET_TIMEOUT}
+        if settings.CELERY_SENTINEL_PASSWORD:
+            options["sentinel_kwargs"]["password"] = settings.CELERY_SENTINEL_PASSWORD
+    return options
+
+
+def ssl_options(settings: Settings) -> dict[str, Any] | None:
+    if not settings.uses_ssl:
+        return None
+    # Certificates are verified (Dify ships ssl_cert_reqs=None, which accepts any server).
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    paths = StatePaths(settings.state_dir)
+    transport = transport_options(settings)
+    tls = ssl_options(settings)
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {k: v for k, v in transport.items() if k != "queue_order_strategy"},
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickled message is refused by the worker, a pickled result by the client.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.CELERY_RESULT_EXPIRES,
+        "task_queues": [Queue(name, routing_key=name) for name in topology.QUEUE_NAMES],
+        "task_routes": {task: {"queue": queue} for task, queue in topology.ROUTES.items()},
+        "task_track_started": True,
+        "worker_pool": settings.CELERY_WORKER_CLASS,
+        "worker_concurrency": settings.CELERY_WORKER_AMOUNT,
+        "worker_prefetch_multiplier": settings.CELERY_WORKER_PREFETCH_MULTIPLIER,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": build_beat_schedule(settings),
+        "beat_max_interval": settings.CELERY_BEAT_SCHEDULER_TIME,
+        "beat_schedule_filename": str(paths.beat_schedule),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+    if tls:
+        config["broker_use_ssl"] = tls
+        config["redis_backend_use_ssl"] = tls
+    return config
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings`, with every task module registered."""
+    app = Celery("dify-local", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    app.dify = AppContext(settings)
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+    app.finalize(auto=True)
+    return app

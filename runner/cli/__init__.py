@@ -1,0 +1,67 @@
+"""The `dify-local` command: every subcommand reads settings the same way, and a bad value stops
+it before anything starts, with one line per problem and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from runner import __version__
+from runner.settings import Override, Settings, SettingsError, load_settings
+
+CONFIG_ERROR = 2
+
+
+class CliState:
+    def __init__(self, project_dir: Path | None, assignments: dict[str, Override]):
+        self.project_dir = project_dir
+        self.assignments = assignments
+
+
+def fail(message: str, status: int = 1) -> None:
+    click.echo(f"dify-local: {message}", err=True)
+    sys.exit(status)
+
+
+def settings_from(ctx: click.Context, **flags: tuple[str, str, object]) -> Settings:
+    """Effective settings with `--set` values and this command's own flags (flag, name, value) on top."""
+    state: CliState = ctx.find_object(CliState)
+    overrides = dict(state.assignments)
+    for flag, name, value in flags.values():
+        if value is not None:
+            overrides[name] = Override(str(value), flag)
+    try:
+        return load_settings(state.project_dir, overrides)
+    except SettingsError as error:
+        for line in error.lines:
+            click.echo(f"dify-local: {line}", err=True)
+        sys.exit(CONFIG_ERROR)
+
+
+def _parse_assignments(ctx, param, values) -> dict[str, Override]:
+    parsed = {}
+    for value in values:
+        name, sep, raw = value.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE", ctx=ctx, param=param)
+        parsed[name.strip()] = Override(raw, "--set")
+    return parsed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="dify-local")
+@click.option("--project-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              envvar="DIFY_LOCAL_PROJECT_DIR", help="Folder with the Procfile and local_config/ (default: here).")
+@click.option("-s", "--set", "assignments", multiple=True, metavar="NAME=VALUE", callback=_parse_assignments,
+              help="Override a setting for this command (repeatable).")
+@click.pass_context
+def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Override]) -> None:
+    """Dify's Celery backend on one machine: API, worker on all 16 queues, beat, embedded broker."""
+    ctx.obj = CliState(project_dir, assignments)
+
+
+from runner.cli import inspect_commands, run_commands, serve_commands  # noqa: E402  (register commands)
+
+__all__ = ["main", "inspect_commands", "run_commands", "serve_commands"]

@@ -1,0 +1,91 @@
+"""`config` and `topology`: what the settings are, and how tasks flow to queues and workers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from runner import topology
+from runner.beat_schedule import PERIODIC_TASKS
+from runner.cli import fail, main, settings_from
+from runner.settings import GROUPS, mask_url
+from runner.supervisor.preflight import consumed_queues, route_problems
+from runner.supervisor.procfile import ProcfileError, load_procfile
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def config(ctx: click.Context, as_json: bool) -> None:
+    """Print every setting's effective value and where it came from (secrets masked)."""
+    settings = settings_from(ctx)
+    if as_json:
+        click.echo(json.dumps({
+            "settings": [{"name": setting.name, "group": setting.group, "value": settings.display(setting.name),
+                          "source": value.source, "help": setting.help} for setting, value in settings.items()],
+            "derived": {"broker_url": mask_url(settings.broker_url), "state_dir": str(settings.state_dir),
+                        "api_url": settings.api_url},
+        }, indent=2))
+        return
+    for group in GROUPS:
+        rows = [[setting.name, value.source, settings.display(setting.name) or "(empty)"]
+                for setting, value in settings.items() if setting.group == group]
+        click.echo(click.style(group, bold=True))
+        click.echo(table(rows, ["NAME", "SOURCE", "VALUE"]))
+        click.echo()
+    broker = "embedded" if settings.uses_embedded_broker else "external"
+    click.echo(f"broker in use: {mask_url(settings.broker_url)} ({broker})")
+    click.echo(f"state folder:  {settings.state_dir}")
+    click.echo(f"API:           {settings.api_url}")
+
+
+@main.command("topology")
+@click.option("-f", "--procfile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Procfile whose workers to show (default: the project's, or the built-in one).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.pass_context
+def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -> None:
+    """Queues with their priority, the tasks routed to each, and the processes consuming each."""
+    settings = settings_from(ctx)
+    try:
+        specs, source = load_procfile(settings.project_dir, procfile)
+    except ProcfileError as error:
+        fail(str(error), 2)
+    consumers = consumed_queues(specs, settings)
+    problems = route_problems(specs, settings)
+    if as_json:
+        click.echo(json.dumps({
+            "procfile": source,
+            "queues": [{"name": q.name, "priority": q.priority.label, "work": q.work,
+                        "tasks": topology.tasks_on(q.name), "consumed_by": consumers.get(q.name, [])}
+                       for q in topology.QUEUES],
+            "periodic": [{"task": p.task, "queue": p.queue, "when": p.describe(settings), "flag": p.flag,
+                          "enabled": getattr(settings, p.flag)} for p in PERIODIC_TASKS],
+            "problems": problems,
+        }, indent=2))
+        sys.exit(1 if problems else 0)
+    rows = []
+    for spec in topology.QUEUES:
+        tasks = topology.tasks_on(spec.name) or ["(none)"]
+        consumed = ", ".join(consumers.get(spec.name, [])) or "NOBODY"
+        rows.append([spec.name, spec.priority.label, consumed, tasks[0]])
+        rows.extend(["", "", "", task] for task in tasks[1:])
+    click.echo(f"Queues (workers from {source}; served high → normal → low)")
+    click.echo(table(rows, ["QUEUE", "PRIORITY", "CONSUMED BY", "TASKS"]))
+    click.echo()
+    click.echo("Periodic tasks (beat)")
+    click.echo(table([[p.task, p.queue, p.describe(settings), f"{'on' if getattr(settings, p.flag) else 'off'} ({p.flag})"]
+                      for p in PERIODIC_TASKS], ["TASK", "QUEUE", "WHEN", "STATE"]))
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    sys.exit(1 if problems else 0)

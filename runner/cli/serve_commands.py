@@ -1,0 +1,151 @@
+"""The seed's run modes: `serve api|worker|beat|broker` (or `serve` with MODE=…), `migrate`, `job`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import click
+
+from runner.cli import CONFIG_ERROR, fail, main, settings_from
+from runner.settings import Settings
+
+
+def _run_role(role: str, settings: Settings, **options) -> None:
+    from runner.roles.api import ApiStartError, serve_api
+    from runner.roles.beat import serve_beat
+    from runner.roles.broker import BrokerStartError, serve_broker
+    from runner.roles.worker import serve_worker
+    from runner.store import SchemaOutOfDate
+    from runner.store.database import DatabaseBusy
+
+    serve = {"api": serve_api, "worker": serve_worker, "beat": serve_beat, "broker": serve_broker}[role]
+    try:
+        serve(settings, **options)
+    except (ApiStartError, BrokerStartError, SchemaOutOfDate, DatabaseBusy) as error:
+        fail(str(error))
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run one role of the stack in the foreground (what each Procfile line does).
+
+    With no role named, MODE decides, as in Dify's entrypoint.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = settings_from(ctx)
+    if not settings.MODE:
+        fail("name a role (api, worker, beat, broker) or set MODE", CONFIG_ERROR)
+    if settings.MODE == "job":
+        fail("MODE=job runs a one-off command: dify-local job -- COMMAND", CONFIG_ERROR)
+    ctx.invoke(serve.commands[settings.MODE])
+
+
+@serve.command("api")
+@click.option("--host", help="Address to listen on (DIFY_BIND_ADDRESS).")
+@click.option("--port", type=int, help="Port to listen on (DIFY_PORT).")
+@click.pass_context
+def serve_api(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """The Flask API; applies pending migrations first when MIGRATION_ENABLED."""
+    settings = settings_from(ctx, host=("--host", "DIFY_BIND_ADDRESS", host), port=("--port", "DIFY_PORT", port))
+    _run_role("api", settings)
+
+
+AUTOSCALE = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$")
+
+
+@serve.command("worker")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume (CELERY_QUEUES); served by priority class.")
+@click.option("-P", "--pool", help="threads, prefork, gevent or solo (CELERY_WORKER_CLASS).")
+@click.option("-c", "--concurrency", help="Pool size (CELERY_WORKER_AMOUNT).")
+@click.option("--autoscale", metavar="MAX,MIN", help="Autoscale the pool (CELERY_AUTO_SCALE, CELERY_MAX/MIN_WORKERS).")
+@click.option("--prefetch-multiplier", help="Messages reserved per pool slot (CELERY_WORKER_PREFETCH_MULTIPLIER).")
+@click.option("-n", "--hostname", help="Node name (default: the Procfile name @ host).")
+@click.option("-l", "--loglevel", help="LOG_LEVEL for this worker.")
+@click.option("-I", "--include", multiple=True, help="Extra task module to import (repeatable, or comma-separated).")
+@click.pass_context
+def serve_worker(ctx: click.Context, queues, pool, concurrency, autoscale, prefetch_multiplier, hostname, loglevel,
+                 include) -> None:
+    """A Celery worker on the configured queues (the seed's `-Q … -P threads -c 2` work here too)."""
+    flags = dict(queues=("-Q", "CELERY_QUEUES", queues), pool=("-P", "CELERY_WORKER_CLASS", pool),
+                 concurrency=("-c", "CELERY_WORKER_AMOUNT", concurrency),
+                 prefetch=("--prefetch-multiplier", "CELERY_WORKER_PREFETCH_MULTIPLIER", prefetch_multiplier),
+                 loglevel=("-l", "LOG_LEVEL", loglevel))
+    if autoscale is not None:
+        match = AUTOSCALE.match(autoscale)
+        if not match:
+            fail(f"--autoscale={autoscale!r} is not allowed: MAX,MIN as two whole numbers, e.g. 8,2", CONFIG_ERROR)
+        flags.update(scale=("--autoscale", "CELERY_AUTO_SCALE", "true"),
+                     ceiling=("--autoscale", "CELERY_MAX_WORKERS", match.group(1)),
+                     floor=("--autoscale", "CELERY_MIN_WORKERS", match.group(2)))
+    settings = settings_from(ctx, **flags)
+    modules = tuple(module.strip() for item in include for module in item.split(",") if module.strip())
+    _run_role("worker", settings, hostname=hostname, include=modules)
+
+
+@serve.command("beat")
+@click.option("-l", "--loglevel", help="LOG_LEVEL for beat.")
+@click.pass_context
+def serve_beat(ctx: click.Context, loglevel: str | None) -> None:
+    """Celery beat with Dify's periodic tasks (the ENABLE_* flags)."""
+    _run_role("beat", settings_from(ctx, loglevel=("-l", "LOG_LEVEL", loglevel)))
+
+
+@serve.command("broker")
+@click.option("--host", help="Address to listen on (REDIS_HOST).")
+@click.option("--port", type=int, help="Port to listen on (REDIS_PORT).")
+@click.option("--password", help="Password clients must give (REDIS_PASSWORD).")
+@click.pass_context
+def serve_broker(ctx: click.Context, host: str | None, port: int | None, password: str | None) -> None:
+    """The embedded Redis-protocol broker (fakeredis), on loopback, password required."""
+    settings = settings_from(ctx, host=("--host", "REDIS_HOST", host), port=("--port", "REDIS_PORT", port),
+                             password=("--password", "REDIS_PASSWORD", password))
+    _run_role("broker", settings)
+
+
+@main.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Apply pending migrations to the metadata database (Dify's upgrade-db)."""
+    from runner.context import AppContext
+    from runner.store.migrations import apply_migrations, schema_state
+
+    settings = settings_from(ctx)
+    database = AppContext(settings).database
+    applied = apply_migrations(database)
+    total = len(schema_state(database).applied)
+    if applied:
+        click.echo(f"applied {len(applied)} migration(s) to {database.path}: {', '.join(applied)}")
+    else:
+        click.echo(f"{database.path} is current ({total} migrations applied)")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.pass_context
+def job(ctx: click.Context, command: tuple[str, ...]) -> None:
+    """Run a one-off COMMAND inside the app's context: database migrated, and every setting,
+    the broker URL included, in its environment. Example: dify-local job -- python script.py"""
+    from runner.context import AppContext
+    from runner.store import SchemaOutOfDate, prepare_database
+
+    settings = settings_from(ctx)
+    try:
+        prepare_database(AppContext(settings).database, migrate=settings.MIGRATION_ENABLED)
+    except SchemaOutOfDate as error:
+        fail(str(error))
+    env = dict(os.environ)
+    env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()})
+    env.update({"CELERY_BROKER_URL": settings.broker_url, "DIFY_LOCAL_PROJECT_DIR": str(settings.project_dir),
+                "MODE": "job"})
+    try:
+        completed = subprocess.run(list(command), env=env, cwd=settings.project_dir)
+    except FileNotFoundError:
+        fail(f"no such command: {command[0]}", 127)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(completed.returncode)

@@ -1,0 +1,43 @@
+"""Record task runs in SQLite from Celery's signals: sent, started, failed, finished."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import after_task_publish, task_failure, task_postrun, task_prerun, worker_shutdown
+
+from runner.store.task_runs import TaskRunRecorder
+
+_installed: dict[int, TaskRunRecorder] = {}
+
+
+def install_task_recording(app: Celery) -> TaskRunRecorder:
+    """Connect the signals of this process to a recorder writing to the app's metadata store."""
+    if id(app) in _installed:
+        return _installed[id(app)]
+    recorder = TaskRunRecorder(app.dify.database)
+    _installed[id(app)] = recorder
+
+    def sent(sender=None, headers=None, body=None, routing_key=None, **_):
+        if headers and "id" in headers and isinstance(body, (list, tuple)) and len(body) >= 2:
+            recorder.queued(headers["id"], headers.get("task") or sender, routing_key, body[0], body[1])
+
+    def started(sender=None, task_id=None, task=None, args=None, kwargs=None, **_):
+        request = task.request
+        queue = (request.delivery_info or {}).get("routing_key")
+        recorder.started(task_id, task.name, queue, args, kwargs, request.hostname)
+
+    def failed(sender=None, task_id=None, exception=None, **_):
+        recorder.failed(task_id, f"{type(exception).__name__}: {exception}")
+
+    def finished(sender=None, task_id=None, state=None, **_):
+        recorder.finished(task_id, state or "SUCCESS")
+
+    def shutdown(**_):
+        recorder.stop()
+
+    after_task_publish.connect(sent, weak=False)
+    task_prerun.connect(started, weak=False)
+    task_failure.connect(failed, weak=False)
+    task_postrun.connect(finished, weak=False)
+    worker_shutdown.connect(shutdown, weak=False)
+    return recorder

@@ -1,0 +1,53 @@
+"""MODE=api: the Flask API (migrations first when MIGRATION_ENABLED), served by werkzeug."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+
+from werkzeug.serving import ThreadedWSGIServer
+
+from runner.api import create_api
+from runner.roles.common import celery_for_role, start_role, stop_on_signals
+from runner.settings import Settings
+
+log = logging.getLogger("dify_local.api")
+
+
+class ApiStartError(Exception):
+    pass
+
+
+class LimitedThreadedServer(ThreadedWSGIServer):
+    """A thread per connection, at most SERVER_WORKER_CONNECTIONS requests served at once."""
+
+    def __init__(self, *args, connections: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(connections)
+        self.daemon_threads = True
+
+    def process_request_thread(self, request, client_address):
+        with self.slots:
+            super().process_request_thread(request, client_address)
+
+
+def serve_api(settings: Settings) -> None:
+    start_role(settings, "api")
+    celery, recorder = celery_for_role(settings)
+    app = create_api(settings, celery)
+    host, port = settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT
+    try:
+        server = LimitedThreadedServer(host, port, app, connections=settings.SERVER_WORKER_CONNECTIONS)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ApiStartError(f"port {port} on {host} is in use: set DIFY_PORT or use --port") from None
+        raise ApiStartError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    stop_on_signals(server.shutdown)
+    log.info("API listening on %s", settings.api_url)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        recorder.stop()
+    log.info("API stopped")

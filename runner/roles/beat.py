@@ -1,0 +1,22 @@
+"""MODE=beat: Celery beat with Dify's periodic tasks, schedule kept in the state folder."""
+
+from __future__ import annotations
+
+from celery.signals import setup_logging
+
+from runner.roles.common import celery_for_role, start_role
+from runner.settings import Settings
+
+
+def serve_beat(settings: Settings) -> None:
+    start_role(settings, "beat")
+    setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
+    celery, recorder = celery_for_role(settings)
+    try:
+        celery.Beat(
+            scheduler="runner.beat_scheduler:HeartbeatScheduler",
+            loglevel=settings.LOG_LEVEL,
+            max_interval=settings.CELERY_BEAT_SCHEDULER_TIME,
+        ).run()
+    finally:
+        recorder.stop()

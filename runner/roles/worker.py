@@ -1,0 +1,41 @@
+"""MODE=worker: a Celery worker on the configured queues, served in priority order."""
+
+from __future__ import annotations
+
+import importlib
+
+from celery.signals import setup_logging
+
+from runner import topology
+from runner.roles.common import celery_for_role, process_name, start_role
+from runner.settings import Settings
+
+
+def worker_argv(settings: Settings, hostname: str) -> list[str]:
+    """Celery worker arguments from settings (which already hold -Q/-P/-c given on the command line)."""
+    argv = [
+        "worker",
+        "--pool", settings.CELERY_WORKER_CLASS,
+        "--queues", ",".join(topology.consumption_order(settings.CELERY_QUEUES)),
+        "--hostname", hostname,
+        "--loglevel", settings.LOG_LEVEL,
+        "--prefetch-multiplier", str(settings.CELERY_WORKER_PREFETCH_MULTIPLIER),
+    ]
+    if settings.autoscale:
+        ceiling, floor = settings.autoscale
+        argv.append(f"--autoscale={ceiling},{floor}")
+    else:
+        argv += ["--concurrency", str(settings.CELERY_WORKER_AMOUNT)]
+    return argv
+
+
+def serve_worker(settings: Settings, hostname: str | None = None, include: tuple[str, ...] = ()) -> None:
+    start_role(settings, "worker")
+    setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
+    celery, recorder = celery_for_role(settings)
+    for module in include:  # extra task modules (a project's own, or a benchmark's)
+        importlib.import_module(module)
+    try:
+        celery.worker_main(worker_argv(settings, hostname or f"{process_name('worker')}@%h"))
+    finally:
+        recorder.stop()

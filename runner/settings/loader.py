@@ -1,0 +1,248 @@
+"""Effective settings: built-in defaults < local_config/ < environment < command line.
+
+`load_settings` reads every layer, parses each value with its kind, runs the checks that involve
+more than one setting, and returns a `Settings` that knows each value's source. Any bad value
+raises `SettingsError` whose lines each name the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+from urllib.parse import quote
+
+from runner.settings.envfile import EnvFileError, read_env_file
+from runner.settings.kinds import MASK, BrokerUrl, mask_url
+from runner.settings.table import BY_NAME, SETTINGS, Setting
+
+LOCAL_CONFIG_DIR = "local_config"
+EMBEDDED_BROKER_DB = 1  # Dify keeps Celery on Redis database 1 and its own cache on 0
+EMBEDDED_CACHE_DB = 0
+
+
+class SettingsError(Exception):
+    """Bad settings: each line names the variable, the value and what is allowed."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Override:
+    """A value given on the command line, with the flag that gave it."""
+
+    raw: str
+    flag: str
+
+
+@dataclass(frozen=True)
+class Value:
+    value: Any
+    source: str
+    raw: str | None = None  # the text as given; None for a default
+
+
+def shown(setting: Setting, text: str) -> str:
+    """How a raw or formatted value may be printed: secrets masked."""
+    if not setting.secret or not text:
+        return text
+    if isinstance(setting.kind, BrokerUrl):
+        return mask_url(text)
+    return MASK
+
+
+class Settings:
+    """The effective value of every setting, its source, and the values derived from them."""
+
+    def __init__(self, values: dict[str, Value], project_dir: Path):
+        self._values = values
+        self.project_dir = project_dir
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name].value
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def source(self, name: str) -> str:
+        return self._values[name].source
+
+    def items(self) -> Iterator[tuple[Setting, Value]]:
+        for setting in SETTINGS:
+            yield setting, self._values[setting.name]
+
+    def display(self, name: str) -> str:
+        setting = BY_NAME[name]
+        return shown(setting, setting.kind.format(self._values[name].value))
+
+    # -- derived values -------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        path = Path(self.DIFY_LOCAL_STATE_DIR).expanduser()
+        return path if path.is_absolute() else self.project_dir / path
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.CELERY_BROKER_URL
+
+    def embedded_url(self, db: int) -> str:
+        host = self.REDIS_HOST
+        if ":" in host:
+            host = f"[{host}]"
+        return f"redis://:{quote(self.REDIS_PASSWORD, safe='')}@{host}:{self.REDIS_PORT}/{db}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.CELERY_BROKER_URL or self.embedded_url(EMBEDDED_BROKER_DB)
+
+    @property
+    def result_backend_url(self) -> str:
+        # CELERY_BACKEND=redis: results live on the broker's server, as in Dify.
+        return self.broker_url
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.BROKER_USE_SSL or self.broker_url.startswith("rediss://")
+
+    @property
+    def api_url(self) -> str:
+        host = self.DIFY_BIND_ADDRESS
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.DIFY_PORT}"
+
+    @property
+    def autoscale(self) -> tuple[int, int] | None:
+        """(max, min) when autoscaling, as Celery's --autoscale=MAX,MIN takes them."""
+        if not self.CELERY_AUTO_SCALE:
+            return None
+        return (self.CELERY_MAX_WORKERS or self.CELERY_WORKER_AMOUNT, self.CELERY_MIN_WORKERS
+                if self.CELERY_MIN_WORKERS is not None else 1)
+
+    def command_line_environment(self) -> dict[str, str]:
+        """Values given on the command line, as environment for child processes."""
+        return {
+            setting.name: setting.kind.format(value.value)
+            for setting, value in self.items()
+            if value.source.startswith("command line")
+        }
+
+
+def _local_config_files(project_dir: Path) -> list[Path]:
+    folder = project_dir / LOCAL_CONFIG_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.glob("*.env") if path.is_file())
+
+
+def _warn_unknown(name: str, where: str) -> None:
+    close = difflib.get_close_matches(name, BY_NAME, n=1, cutoff=0.85)
+    if close:
+        print(f"warning: {where}: {name} is not a setting (ignored); did you mean {close[0]}?",
+              file=sys.stderr)
+
+
+def _default_source(setting: Setting, why: str = "") -> str:
+    notes = [note for note in (setting.default_note, why) if note]
+    return "default" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _parse(setting: Setting, raw: str, source: str) -> Value:
+    if raw.strip() == "":
+        # Blank means unset, as in Dify's .env.example: the default applies.
+        return Value(setting.default_value(), _default_source(setting, f"empty in {source}"))
+    try:
+        return Value(setting.kind.parse(raw), source, raw)
+    except ValueError as error:
+        raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"])
+
+
+def _cross_checks(settings: Settings) -> list[str]:
+    """Checks that involve more than one setting, each failure one line."""
+    problems = []
+    low, high = settings.CELERY_MIN_WORKERS, settings.CELERY_MAX_WORKERS
+    if low is not None and high is not None and low > high:
+        problems.append(
+            f"CELERY_MIN_WORKERS={low} is more than CELERY_MAX_WORKERS={high}: "
+            "the autoscale floor must be at most its ceiling")
+    url = settings.CELERY_BROKER_URL
+    sentinel_url = url.startswith("sentinel://")
+    if settings.CELERY_USE_SENTINEL:
+        if not settings.CELERY_SENTINEL_MASTER_NAME:
+            problems.append(
+                "CELERY_SENTINEL_MASTER_NAME='' is not allowed with CELERY_USE_SENTINEL=true: "
+                "name the master the sentinels watch (e.g. mymaster)")
+        if not sentinel_url:
+            problems.append(
+                f"CELERY_BROKER_URL={mask_url(url)!r} is not allowed with CELERY_USE_SENTINEL=true: "
+                "list the sentinels as sentinel://[:password@]host:port[;sentinel://…]")
+    elif sentinel_url:
+        problems.append(
+            f"CELERY_BROKER_URL={mask_url(url)!r} names sentinels but CELERY_USE_SENTINEL=false: "
+            "set CELERY_USE_SENTINEL=true and CELERY_SENTINEL_MASTER_NAME")
+    if settings.BROKER_USE_SSL and not url:
+        problems.append(
+            "BROKER_USE_SSL=true is not allowed with the embedded broker (CELERY_BROKER_URL empty): "
+            "it speaks plain TCP on loopback; set CELERY_BROKER_URL to a TLS Redis")
+    if settings.CELERY_WORKER_CLASS == "gevent" and importlib.util.find_spec("gevent") is None:
+        problems.append("CELERY_WORKER_CLASS='gevent' needs the gevent package, which is not installed: "
+                        "pip install gevent, or use threads")
+    return problems
+
+
+def load_settings(
+    project_dir: Path | str | None = None,
+    overrides: Mapping[str, Override] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read every layer and return the effective settings, or raise `SettingsError`."""
+    project = Path(project_dir or os.getcwd()).resolve()
+    env = os.environ if environ is None else environ
+    overrides = overrides or {}
+    unknown = [name for name in overrides if name not in BY_NAME]
+    if unknown:
+        raise SettingsError([f"{name} is not a setting; `dify-local config` lists them all" for name in unknown])
+
+    values = {setting.name: Value(setting.default_value(), _default_source(setting)) for setting in SETTINGS}
+    problems: list[str] = []
+
+    def apply(name: str, raw: str, source: str) -> None:
+        try:
+            values[name] = _parse(BY_NAME[name], raw, source)
+        except SettingsError as error:
+            problems.extend(error.lines)
+
+    for path in _local_config_files(project):
+        try:
+            assignments = read_env_file(path)
+        except EnvFileError as error:
+            problems.append(str(error))
+            continue
+        for assignment in assignments:
+            where = f"{LOCAL_CONFIG_DIR}/{path.name}:{assignment.line}"
+            if assignment.name in BY_NAME:
+                apply(assignment.name, assignment.value, where)
+            else:
+                _warn_unknown(assignment.name, where)
+    for setting in SETTINGS:
+        if setting.name in env:
+            apply(setting.name, env[setting.name], "environment")
+    for name, override in overrides.items():
+        apply(name, override.raw, f"command line ({override.flag})")
+    if problems:
+        raise SettingsError(problems)
+
+    settings = Settings(values, project)
+    problems = _cross_checks(settings)
+    if problems:
+        raise SettingsError(problems)
+    return settings

@@ -1,0 +1,153 @@
+"""Every setting, declared once: name (Dify's), kind, default, group and what it governs here.
+
+Names are Dify's, so a Dify `.env` works unchanged; the few that are ours start with DIFY_LOCAL_ or
+are Dify's own API/Redis names reused for the embedded pieces.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from runner.settings.kinds import (
+    BindAddress,
+    Boolean,
+    BrokerUrl,
+    Choice,
+    EmailList,
+    Integer,
+    Kind,
+    NameList,
+    PositiveNumber,
+    Text,
+)
+from runner.topology import QUEUE_NAMES
+
+WORKER_CLASSES = ("threads", "prefork", "gevent", "solo")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODES = ("api", "worker", "beat", "job", "broker")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: Kind
+    default: Any
+    group: str
+    help: str
+    secret: bool = False
+    # A default computed on this machine (CPU count), and how `config` names it.
+    default_factory: Callable[[], Any] | None = None
+    default_note: str = ""
+
+    def default_value(self) -> Any:
+        return self.default_factory() if self.default_factory else self.default
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+def _flag(name: str, default: bool, task: str, queue: str) -> Setting:
+    return Setting(name, Boolean(), default, "beat", f"run the periodic task {task} (queue {queue})")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # broker / backend
+    Setting("CELERY_BROKER_URL", BrokerUrl(), "", "broker / backend",
+            "Redis URL of the broker; empty starts and uses the embedded broker", secret=True),
+    Setting("CELERY_BACKEND", Choice(("redis",)), "redis", "broker / backend",
+            "where task results are kept: redis (the broker's server)"),
+    Setting("CELERY_RESULT_EXPIRES", Integer(minimum=1), 86400, "broker / backend",
+            "seconds a task result is kept before it expires"),
+    Setting("BROKER_USE_SSL", Boolean(), False, "broker / backend",
+            "TLS to the broker and result backend (certificates verified); rediss:// implies it"),
+    Setting("CELERY_USE_SENTINEL", Boolean(), False, "broker / backend",
+            "CELERY_BROKER_URL lists Redis Sentinel hosts (sentinel://…;sentinel://…)"),
+    Setting("CELERY_SENTINEL_MASTER_NAME", Text(), "", "broker / backend",
+            "name of the master the sentinels watch (required with CELERY_USE_SENTINEL)"),
+    Setting("CELERY_SENTINEL_PASSWORD", Text(), "", "broker / backend",
+            "password of the sentinels themselves", secret=True),
+    Setting("CELERY_SENTINEL_SOCKET_TIMEOUT", PositiveNumber(), 0.1, "broker / backend",
+            "seconds to wait for a sentinel to answer"),
+    # embedded broker (Dify's Redis names, so Dify's own .env points at it unchanged)
+    Setting("REDIS_HOST", BindAddress(), "127.0.0.1", "embedded broker",
+            "address the embedded broker listens on; other than loopback only with a password"),
+    Setting("REDIS_PORT", Integer(minimum=1, maximum=65535), 6379, "embedded broker",
+            "port of the embedded broker"),
+    Setting("REDIS_PASSWORD", Text(), "difyai123456", "embedded broker",
+            "password every client of the embedded broker must give (AUTH)", secret=True),
+    # worker
+    Setting("CELERY_WORKER_CLASS", Choice(WORKER_CLASSES), "threads", "worker",
+            "worker pool: threads (local default, debugger-friendly), prefork, gevent, solo"),
+    Setting("CELERY_WORKER_AMOUNT", Integer(minimum=1), None, "worker",
+            "worker concurrency (threads or processes)", default_factory=_cpu_count,
+            default_note="this machine's CPU count"),
+    Setting("CELERY_AUTO_SCALE", Boolean(), False, "worker",
+            "grow and shrink the pool between CELERY_MIN_WORKERS and CELERY_MAX_WORKERS"),
+    Setting("CELERY_MAX_WORKERS", Integer(minimum=1), None, "worker",
+            "autoscale ceiling (empty: CELERY_WORKER_AMOUNT)"),
+    Setting("CELERY_MIN_WORKERS", Integer(minimum=0), None, "worker",
+            "autoscale floor (empty: 1)"),
+    Setting("CELERY_QUEUES", NameList(QUEUE_NAMES, "queue"), QUEUE_NAMES, "worker",
+            "queues the worker consumes, served by priority class whatever the order given"),
+    Setting("CELERY_WORKER_PREFETCH_MULTIPLIER", Integer(minimum=1), 1, "worker",
+            "messages reserved per pool slot; 1 lets a high-priority task overtake a backlog"),
+    Setting("SERVER_WORKER_CONNECTIONS", Integer(minimum=1), 10, "worker",
+            "Dify: connections per gevent worker; here: requests the API serves at once"),
+    # beat
+    Setting("CELERY_BEAT_SCHEDULER_TIME", Integer(minimum=1), 1, "beat",
+            "seconds between beat's checks of the schedule"),
+    _flag("ENABLE_CLEAN_EMBEDDING_CACHE_TASK", False, "clean_embedding_cache_task", "ops_trace"),
+    _flag("ENABLE_CLEAN_UNUSED_DATASETS_TASK", False, "clean_unused_datasets_task", "dataset"),
+    _flag("ENABLE_CREATE_TIDB_SERVERLESS_TASK", False, "create_tidb_serverless_task", "dataset"),
+    _flag("ENABLE_UPDATE_TIDB_SERVERLESS_STATUS_TASK", False, "update_tidb_serverless_status_task", "dataset"),
+    _flag("ENABLE_CLEAN_MESSAGES", False, "clean_messages", "conversation"),
+    _flag("ENABLE_MAIL_CLEAN_DOCUMENT_NOTIFY_TASK", False, "mail_clean_document_notify_task", "mail"),
+    _flag("ENABLE_DATASETS_QUEUE_MONITOR", False, "datasets_queue_monitor", "ops_trace"),
+    _flag("ENABLE_CHECK_UPGRADABLE_PLUGIN_TASK", True, "check_upgradable_plugin_task", "plugin"),
+    _flag("ENABLE_WORKFLOW_SCHEDULE_POLLER_TASK", True, "workflow_schedule_poller_task", "schedule_poller"),
+    Setting("WORKFLOW_SCHEDULE_POLLER_INTERVAL", Integer(minimum=1), 1, "beat",
+            "minutes between polls for due workflow schedules"),
+    Setting("WORKFLOW_SCHEDULE_POLLER_BATCH_SIZE", Integer(minimum=1), 100, "beat",
+            "due schedules claimed per poll"),
+    Setting("WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK", Integer(minimum=0), 0, "beat",
+            "schedules dispatched per poll at most (0: no limit)"),
+    # monitor
+    Setting("QUEUE_MONITOR_THRESHOLD", Integer(minimum=1), 200, "monitor",
+            "dataset queue depth that triggers an alert mail"),
+    Setting("QUEUE_MONITOR_ALERT_EMAILS", EmailList(), (), "monitor",
+            "who gets the queue alert mail (comma-separated)"),
+    Setting("QUEUE_MONITOR_INTERVAL", Integer(minimum=1), 30, "monitor",
+            "minutes between queue depth checks"),
+    # database: SQLite has no server pool; these govern the per-process connection pool of the
+    # metadata store so a Dify .env keeps its meaning.
+    Setting("SQLALCHEMY_POOL_SIZE", Integer(minimum=1), 30, "database",
+            "SQLite connections a process keeps open"),
+    Setting("SQLALCHEMY_MAX_OVERFLOW", Integer(minimum=0), 10, "database",
+            "extra connections a process may open under load, closed when returned"),
+    Setting("SQLALCHEMY_POOL_RECYCLE", Integer(minimum=-1), 3600, "database",
+            "seconds after which a pooled connection is reopened (-1: never)"),
+    Setting("SQLALCHEMY_POOL_TIMEOUT", Integer(minimum=1), 30, "database",
+            "seconds to wait for a free connection, and SQLite's busy timeout for a locked database"),
+    # logs
+    Setting("LOG_LEVEL", Choice(LOG_LEVELS), "INFO", "logs", "log level of every process"),
+    Setting("LOG_FILE", Text(), "", "logs", "a file that also collects every process's log lines"),
+    Setting("LOG_FILE_MAX_SIZE", Integer(minimum=1), 20, "logs", "megabytes before a log file is rotated"),
+    Setting("LOG_FILE_BACKUP_COUNT", Integer(minimum=0), 5, "logs", "rotated log files kept"),
+    # run modes
+    Setting("MODE", Choice(MODES), "", "run modes",
+            "role of `dify-local serve` when none is named: api, worker, beat, job or broker"),
+    Setting("MIGRATION_ENABLED", Boolean(), True, "run modes",
+            "apply pending database migrations when the API starts (Dify's upgrade-db)"),
+    # api (Dify's names for the API server's address)
+    Setting("DIFY_BIND_ADDRESS", BindAddress(), "127.0.0.1", "api", "address the API listens on"),
+    Setting("DIFY_PORT", Integer(minimum=1, maximum=65535), 5001, "api", "port the API listens on"),
+    # state
+    Setting("DIFY_LOCAL_STATE_DIR", Text(), ".dify-local", "state",
+            "folder for the database, files, logs, beat schedule and broker data (relative to the project)"),
+)
+
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(setting.group for setting in SETTINGS))

@@ -1,0 +1,118 @@
+"""The metadata store's connections: SQLite in WAL mode, pooled per process.
+
+SQLite has no server, so Dify's SQLALCHEMY_POOL_* settings govern this pool instead: POOL_SIZE
+connections are kept, MAX_OVERFLOW more may be opened under load and are closed when returned,
+POOL_RECYCLE reopens old connections, and POOL_TIMEOUT is both how long a caller waits for a free
+connection and SQLite's busy timeout on a locked database.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sqlite_utils
+
+
+class DatabaseBusy(Exception):
+    """No connection came free in time."""
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    size: int = 30
+    overflow: int = 10
+    recycle: int = 3600  # seconds; -1 never
+    timeout: int = 30  # seconds
+
+    @classmethod
+    def from_settings(cls, settings) -> "PoolLimits":
+        return cls(settings.SQLALCHEMY_POOL_SIZE, settings.SQLALCHEMY_MAX_OVERFLOW,
+                   settings.SQLALCHEMY_POOL_RECYCLE, settings.SQLALCHEMY_POOL_TIMEOUT)
+
+
+def open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across application crashes in WAL mode; only a power loss can undo the
+    # last commits, which is the trade Dify's PostgreSQL defaults make too.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    return conn
+
+
+class Database:
+    """A pool of connections to one SQLite file; `with db.connect() as conn:` borrows one."""
+
+    def __init__(self, path: Path, limits: PoolLimits = PoolLimits()):
+        self.path = path
+        self.limits = limits
+        self._idle: queue.LifoQueue[tuple[sqlite3.Connection, float]] = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._open = 0
+
+    def _checkout(self) -> tuple[sqlite3.Connection, float]:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._open < self.limits.size + self.limits.overflow:
+                self._open += 1
+                try:
+                    return open_connection(self.path, self.limits.timeout), time.monotonic()
+                except BaseException:
+                    self._open -= 1
+                    raise
+        try:
+            return self._idle.get(timeout=self.limits.timeout)
+        except queue.Empty:
+            raise DatabaseBusy(
+                f"no free connection to {self.path} within {self.limits.timeout} s "
+                f"(SQLALCHEMY_POOL_SIZE={self.limits.size}, SQLALCHEMY_MAX_OVERFLOW={self.limits.overflow})"
+            ) from None
+
+    def _checkin(self, conn: sqlite3.Connection, opened: float) -> None:
+        expired = self.limits.recycle >= 0 and time.monotonic() - opened > self.limits.recycle
+        if expired or self._idle.qsize() >= self.limits.size:
+            conn.close()
+            with self._lock:
+                self._open -= 1
+            return
+        self._idle.put((conn, opened))
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite_utils.Database]:
+        """Borrow a connection wrapped by sqlite-utils; uncommitted work is rolled back on return."""
+        conn, opened = self._checkout()
+        try:
+            yield sqlite_utils.Database(conn)
+        finally:
+            if conn.in_transaction:
+                conn.rollback()
+            self._checkin(conn, opened)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """Borrow a connection inside one committed-or-rolled-back transaction."""
+        with self.connect() as db:
+            with db.conn:
+                yield db
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn, _ = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            conn.close()
+            with self._lock:
+                self._open -= 1

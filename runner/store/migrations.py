@@ -1,0 +1,144 @@
+"""Versioned schema migrations of the metadata store (sqlite-utils' migration sets).
+
+Migrations are applied in declaration order and never edited once released: a change to the
+schema is a new migration at the end. `apply` holds SQLite's write lock for the whole run, so two
+processes starting together (api and worker) cannot both apply the same migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlite_utils import Migrations
+
+from runner.store.database import Database
+
+migrations = Migrations("dify-local")
+
+
+@migrations(name="0001_task_runs")
+def _task_runs(db) -> None:
+    db.execute("""
+        CREATE TABLE task_runs (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            queue TEXT,
+            state TEXT NOT NULL,
+            args TEXT,
+            kwargs TEXT,
+            worker TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            queued_at REAL,
+            started_at REAL,
+            finished_at REAL,
+            runtime REAL,
+            error TEXT
+        )""")
+    db.execute("CREATE INDEX task_runs_started ON task_runs (started_at)")
+    db.execute("CREATE INDEX task_runs_state ON task_runs (state, finished_at)")
+    db.execute("CREATE INDEX task_runs_name ON task_runs (name)")
+
+
+@migrations(name="0002_domain")
+def _domain(db) -> None:
+    statements = [
+        # knowledge base
+        """CREATE TABLE datasets (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, owner_email TEXT,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
+        """CREATE TABLE documents (
+            id TEXT PRIMARY KEY,
+            dataset_id TEXT NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+            name TEXT NOT NULL, status TEXT NOT NULL, error TEXT, segment_count INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, completed_at REAL)""",
+        """CREATE TABLE segments (
+            id TEXT PRIMARY KEY,
+            document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            dataset_id TEXT NOT NULL, position INTEGER NOT NULL, content TEXT NOT NULL,
+            embedding BLOB NOT NULL, created_at REAL NOT NULL)""",
+        "CREATE INDEX segments_dataset ON segments (dataset_id)",
+        """CREATE TABLE embedding_cache (
+            text_hash TEXT PRIMARY KEY, embedding BLOB NOT NULL, created_at REAL NOT NULL)""",
+        """CREATE TABLE dataset_cleanups (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, dataset_id TEXT NOT NULL, dataset_name TEXT NOT NULL,
+            owner_email TEXT, cleaned_at REAL NOT NULL, notified_at REAL)""",
+        # local stand-in for Dify's TiDB serverless pool
+        """CREATE TABLE vector_store_instances (
+            id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
+        # apps and conversations
+        "CREATE TABLE apps (id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at REAL NOT NULL)",
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY, app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL, content TEXT NOT NULL, created_at REAL NOT NULL)""",
+        "CREATE INDEX messages_created ON messages (created_at)",
+        """CREATE TABLE traces (
+            id TEXT PRIMARY KEY, app_id TEXT, name TEXT NOT NULL, data TEXT NOT NULL, created_at REAL NOT NULL)""",
+        "CREATE INDEX traces_app ON traces (app_id)",
+        # workflows, schedules, triggers
+        """CREATE TABLE workflow_runs (
+            id TEXT PRIMARY KEY, app_id TEXT, status TEXT NOT NULL, triggered_by TEXT NOT NULL,
+            graph TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT, error TEXT, log_path TEXT,
+            created_at REAL NOT NULL, finished_at REAL)""",
+        "CREATE INDEX workflow_runs_app ON workflow_runs (app_id)",
+        """CREATE TABLE workflow_node_executions (
+            id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES workflow_runs(id) ON DELETE CASCADE,
+            node_id TEXT NOT NULL, node_type TEXT NOT NULL, status TEXT NOT NULL,
+            inputs TEXT, outputs TEXT, error TEXT, started_at REAL NOT NULL, finished_at REAL)""",
+        """CREATE TABLE workflow_schedules (
+            id TEXT PRIMARY KEY, app_id TEXT, graph TEXT NOT NULL, inputs TEXT NOT NULL DEFAULT '{}',
+            cron TEXT NOT NULL, enabled INTEGER NOT NULL DEFAULT 1,
+            next_run_at REAL NOT NULL, last_run_at REAL, claimed_until REAL)""",
+        "CREATE INDEX workflow_schedules_due ON workflow_schedules (enabled, next_run_at)",
+        """CREATE TABLE workflow_triggers (
+            id TEXT PRIMARY KEY, app_id TEXT, graph TEXT NOT NULL, created_at REAL NOT NULL)""",
+        """CREATE TABLE trigger_events (
+            id TEXT PRIMARY KEY, trigger_id TEXT NOT NULL REFERENCES workflow_triggers(id) ON DELETE CASCADE,
+            payload TEXT NOT NULL, run_task_id TEXT, received_at REAL NOT NULL)""",
+        """CREATE TABLE trigger_subscriptions (
+            id TEXT PRIMARY KEY, provider TEXT NOT NULL, expires_at REAL NOT NULL,
+            refreshed_at REAL, refresh_count INTEGER NOT NULL DEFAULT 0)""",
+        # plugins
+        """CREATE TABLE plugins (
+            name TEXT PRIMARY KEY, version TEXT NOT NULL, installed_at REAL NOT NULL,
+            latest_version TEXT, checked_at REAL)""",
+        "CREATE TABLE plugin_index (name TEXT PRIMARY KEY, version TEXT NOT NULL)",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    applied: list[str]
+    pending: list[str]
+
+    @property
+    def current(self) -> bool:
+        return not self.pending
+
+
+def schema_state(database: Database) -> SchemaState:
+    with database.connect() as db:
+        return SchemaState([m.name for m in migrations.applied(db)], [m.name for m in migrations.pending(db)])
+
+
+def apply_migrations(database: Database) -> list[str]:
+    """Apply every pending migration; returns the names applied (empty when current)."""
+    with database.connect() as db:
+        # BEGIN IMMEDIATE takes the write lock before reading what is pending; each migration then
+        # runs in a savepoint inside it, with the record of it having been applied.
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            pending = [m.name for m in migrations.pending(db)]
+            migrations.apply(db)
+            db.conn.execute("COMMIT")
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
+        return pending

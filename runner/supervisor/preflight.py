@@ -1,0 +1,59 @@
+"""Checks `up` makes before starting anything: every route consumed, the ports free."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from runner import topology
+from runner.settings import Settings
+from runner.supervisor.procfile import ProcessSpec
+
+
+def consumed_queues(specs: list[ProcessSpec], settings: Settings) -> dict[str, list[str]]:
+    """queue → the Procfile processes whose workers consume it."""
+    consumers: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.role == "worker":
+            for queue in spec.queues or settings.CELERY_QUEUES:
+                consumers.setdefault(queue, []).append(spec.name)
+    return consumers
+
+
+def route_problems(specs: list[ProcessSpec], settings: Settings) -> list[str]:
+    """One line per task whose queue no worker of the Procfile consumes (Dify has shipped this bug)."""
+    if not any(spec.role in ("api", "worker", "beat") for spec in specs):
+        return []  # not a Dify stack: its routes are its own
+    consumers = consumed_queues(specs, settings)
+    unknown = [f"process {spec.name!r} consumes unknown queue {queue!r}; known queues: "
+               + ", ".join(topology.QUEUE_NAMES)
+               for spec in specs if spec.role == "worker" for queue in spec.queues or ()
+               if queue not in topology.QUEUE_NAMES]
+    missing = [f"task {task!r} is routed to queue {queue!r}, which no worker in the Procfile consumes "
+               "(add it to a worker's -Q or to CELERY_QUEUES)"
+               for task, queue in topology.unconsumed_routes(consumers)]
+    return unknown + missing
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def port_problems(specs: list[ProcessSpec], settings: Settings) -> list[str]:
+    problems = []
+    roles = {spec.role for spec in specs}
+    if settings.uses_embedded_broker and port_in_use(settings.REDIS_HOST, settings.REDIS_PORT):
+        problems.append(f"port {settings.REDIS_PORT} on {settings.REDIS_HOST} is in use, so the embedded broker "
+                        "cannot listen there: stop what uses it, pick another with --broker-port or REDIS_PORT, "
+                        "or use that Redis with --broker redis://…")
+    if "api" in roles and port_in_use(settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT):
+        problems.append(f"port {settings.DIFY_PORT} on {settings.DIFY_BIND_ADDRESS} is in use, so the API cannot "
+                        "listen there: stop what uses it, or pick another with --port or DIFY_PORT")
+    return problems

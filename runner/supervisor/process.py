@@ -1,0 +1,149 @@
+"""One supervised process: spawned in its own session, its output streamed as honcho messages,
+stopped with its own signal sequence, and never leaving anything of its process group behind."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from queue import Queue
+from typing import Any
+
+from honcho.printer import Message
+
+from runner.supervisor.procfile import ProcessSpec
+
+# Quoting is parsed by shlex as sh would; anything else of the shell's needs a real one.
+SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?\[\]#~\n]")
+CONTROL = re.compile(r"&&|\|\||[;&|\n]")
+LEADING_ASSIGNMENT = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*=")
+TAIL_LINES = 200
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    """How a process is asked to stop: signals in order, each with the seconds to wait after it."""
+
+    steps: tuple[tuple[signal.Signals, float], ...]
+
+    @classmethod
+    def for_role(cls, role: str | None, grace: float) -> "StopPolicy":
+        if role == "worker":
+            # Celery: TERM is a warm shutdown (running tasks finish, prefetched ones go back to the
+            # queue), QUIT a cold one; sent to the main process only, which manages its pool.
+            return cls(((signal.SIGTERM, grace), (signal.SIGQUIT, 5.0)))
+        return cls(((signal.SIGTERM, grace),))
+
+
+@dataclass(frozen=True)
+class Exited:
+    name: str
+    returncode: int
+
+
+class ManagedProcess:
+    """A Procfile process and the OS process currently running it (if any)."""
+
+    def __init__(self, spec: ProcessSpec, env: dict[str, str], cwd: str, events: Queue, colour: Any,
+                 stop_policy: StopPolicy):
+        self.spec = spec
+        self.env = env
+        self.cwd = cwd
+        self.events = events
+        self.colour = colour
+        self.stop_policy = stop_policy
+        self.popen: subprocess.Popen | None = None
+        self.started_at: float = 0.0
+        self.started_wall: float = 0.0
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.returncode: int | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def _argv(self) -> list[str]:
+        # A plain command runs directly, and a single one through `exec`, so signals reach the
+        # program itself rather than a shell around it.
+        command = self.spec.command
+        if LEADING_ASSIGNMENT.match(command) or CONTROL.search(command):
+            return ["/bin/sh", "-c", command]
+        if not SHELL_SYNTAX.search(command):
+            return shlex.split(command)
+        return ["/bin/sh", "-c", f"exec {command}"]
+
+    def start(self) -> None:
+        self.returncode = None
+        self.popen = subprocess.Popen(
+            self._argv(), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self._reader = threading.Thread(target=self._read, args=(self.popen,), name=f"read-{self.name}",
+                                        daemon=True)
+        self._reader.start()
+
+    def _emit(self, data: Any, kind: str = "line") -> None:
+        self.events.put(Message(type=kind, data=data, time=datetime.datetime.now(), name=self.name,
+                                colour=self.colour))
+
+    def _read(self, popen: subprocess.Popen) -> None:
+        assert popen.stdout is not None
+        for raw in iter(popen.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.tail.append(line)
+            self._emit(line)
+        popen.stdout.close()
+        returncode = popen.wait()
+        self.returncode = returncode
+        self._emit(Exited(self.name, returncode), kind="exit")
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            try:
+                os.kill(self.popen.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill_group(self) -> None:
+        """SIGKILL everything left in the process's group (its children included)."""
+        if self.popen is None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, force: threading.Event | None = None) -> int | None:
+        """Stop with the policy's signals, then clear the group; returns the exit status."""
+        if self.popen is None:
+            return None
+        for signum, wait in self.stop_policy.steps:
+            if not self.running() or (force and force.is_set()):
+                break
+            self.signal(signum)
+            deadline = time.monotonic() + wait
+            while self.running() and time.monotonic() < deadline and not (force and force.is_set()):
+                time.sleep(0.05)
+        if self.running():
+            self.kill_group()
+        self.popen.wait()
+        self.kill_group()  # whatever the process left behind in its group
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return self.popen.returncode

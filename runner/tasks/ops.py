@@ -1,0 +1,46 @@
+"""Operations (queue ops_trace): traces, the embedding cache upkeep, the dataset queue monitor."""
+
+from __future__ import annotations
+
+import json
+
+from runner.queue_depth import queue_depths
+from runner.tasks.base import context, new_id, now, task
+from runner.tasks.mail import send_mail_task
+
+DAY = 86400
+MONITORED_QUEUE = "dataset"
+
+
+@task("process_trace_tasks")
+def process_trace_tasks(self, app_id: str, name: str, data: dict) -> dict:
+    """Record one trace of an app's run."""
+    trace_id = new_id()
+    with context(self).database.transaction() as db:
+        db["traces"].insert({"id": trace_id, "app_id": app_id, "name": name,
+                             "data": json.dumps(data, ensure_ascii=False), "created_at": now()})
+    return {"trace_id": trace_id, "app_id": app_id, "name": name}
+
+
+@task("clean_embedding_cache_task")
+def clean_embedding_cache_task(self, days: int = 7) -> dict:
+    """Drop cached embeddings older than `days` days."""
+    with context(self).database.transaction() as db:
+        cursor = db.execute("DELETE FROM embedding_cache WHERE created_at < ?", [now() - days * DAY])
+    return {"removed": cursor.rowcount, "older_than_days": days}
+
+
+@task("datasets_queue_monitor")
+def datasets_queue_monitor(self) -> dict:
+    """Mail QUEUE_MONITOR_ALERT_EMAILS when the dataset queue holds more than the threshold."""
+    settings = context(self).settings
+    depth = queue_depths(self.app, [MONITORED_QUEUE])[MONITORED_QUEUE]
+    threshold = settings.QUEUE_MONITOR_THRESHOLD
+    alerted: list[str] = []
+    if depth > threshold:
+        for address in settings.QUEUE_MONITOR_ALERT_EMAILS:
+            send_mail_task.delay(address, f"Queue {MONITORED_QUEUE} holds {depth} tasks",
+                                 f"The {MONITORED_QUEUE} queue holds {depth} waiting tasks, "
+                                 f"more than the alert threshold of {threshold}.\n")
+            alerted.append(address)
+    return {"queue": MONITORED_QUEUE, "depth": depth, "threshold": threshold, "alerted": alerted}
