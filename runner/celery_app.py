@@ -12,6 +12,7 @@ from kombu import Queue
 from runner import topology
 from runner.beat_schedule import build_beat_schedule
 from runner.context import AppContext
+from runner.results import polling_backend_url
 from runner.settings import Settings
 from runner.state import StatePaths
 from runner.tasks import TASK_MODULES
@@ -38,13 +39,14 @@ def ssl_options(settings: Settings) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, Any]:
     paths = StatePaths(settings.state_dir)
     transport = transport_options(settings)
     tls = ssl_options(settings)
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend_url,
+        "result_backend": polling_backend_url(settings.result_backend_url) if poll_results
+        else settings.result_backend_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": {k: v for k, v in transport.items() if k != "queue_order_strategy"},
         "broker_connection_retry_on_startup": True,
@@ -74,10 +76,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def create_celery_app(settings: Settings) -> Celery:
-    """A Celery app configured from `settings`, with every task module registered."""
+def create_celery_app(settings: Settings, poll_results: bool = False) -> Celery:
+    """A Celery app configured from `settings`, with every task module registered.
+
+    `poll_results`: this process reads results by id and never waits on them (see runner.results).
+    """
     app = Celery("dify-local", set_as_current=True)
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings, poll_results))
     app.dify = AppContext(settings)
     for module in TASK_MODULES:
         importlib.import_module(module)

@@ -82,6 +82,13 @@ class Http:
         except ValueError:
             return status, payload.decode("utf-8", "replace")
 
+    def status(self, path: str) -> int:
+        """The status of GET path, or 0 while nothing answers (for waits)."""
+        try:
+            return self.get(path, timeout=5)[0]
+        except (urllib.error.URLError, OSError):
+            return 0
+
     def get(self, path: str, **kwargs) -> tuple[int, Any]:
         return self.request("GET", path, **kwargs)
 

@@ -34,7 +34,7 @@ class LimitedThreadedServer(ThreadedWSGIServer):
 
 def serve_api(settings: Settings) -> None:
     start_role(settings, "api")
-    celery, recorder = celery_for_role(settings)
+    celery, recorder = celery_for_role(settings, poll_results=True)
     app = create_api(settings, celery)
     host, port = settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT
     try:

@@ -29,9 +29,9 @@ def start_role(settings: Settings, role: str) -> StatePaths:
     return StatePaths(settings.state_dir).ensure()
 
 
-def celery_for_role(settings: Settings) -> tuple[Celery, TaskRunRecorder]:
+def celery_for_role(settings: Settings, poll_results: bool = False) -> tuple[Celery, TaskRunRecorder]:
     """The Celery app with its metadata store migrated (or checked) and task recording on."""
-    app = create_celery_app(settings)
+    app = create_celery_app(settings, poll_results)
     prepare_database(app.dify.database, migrate=settings.MIGRATION_ENABLED)
     return app, install_task_recording(app)
 

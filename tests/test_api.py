@@ -1,0 +1,96 @@
+"""The API against a real broker and SQLite file: bad input gets a 4xx JSON error, never a 5xx."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.helpers import wait_until
+
+
+@pytest.fixture
+def api(project):
+    project.serve_broker()
+    proc = project.start("serve", "api")
+    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    yield project.api
+    assert "Traceback" not in proc.output, proc.output
+
+
+BAD_SENDS = [
+    # (path, raw body, status, text the error must contain)
+    ("/v1/tasks/no_such_task", b"{}", 404, "unknown task 'no_such_task'"),
+    ("/v1/tasks/send_mail_task", b"{not json", 400, "not valid JSON"),
+    ("/v1/tasks/send_mail_task", b"\xff\xfe", 400, "not valid JSON"),
+    ("/v1/tasks/send_mail_task", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/tasks/send_mail_task", b'"text"', 400, "must be a JSON object"),
+    ("/v1/tasks/send_mail_task", b'{"args": [], "queue": "mail"}', 400, "unknown field 'queue'"),
+    ("/v1/tasks/send_mail_task", b'{"args": "a,b"}', 400, "'args' must be an array"),
+    ("/v1/tasks/send_mail_task", b'{"kwargs": [1]}', 400, "'kwargs' must be an object"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co"]}', 400, "missing a required argument: 'subject'"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b", "extra"]}', 400, "too many positional arguments"),
+    ("/v1/tasks/send_mail_task", b'{"kwargs": {"to": "a@b.co", "subject": "s", "body": "b", "cc": "x"}}', 400,
+     "unexpected keyword argument 'cc'"),
+    ("/v1/tasks/send_mail_task", b'{"args": [42, "s", "b"]}', 400, "argument 'to' must be a string, got an integer"),
+    ("/v1/tasks/rag_pipeline_run_task", b'{"args": ["text"], "kwargs": {"chunk_size": "big"}}', 400,
+     "argument 'chunk_size' must be an integer, got a string"),
+    ("/v1/tasks/rag_pipeline_run_task", b'{"args": ["text", true]}', 400, "argument 'chunk_size' must be an integer"),
+    ("/v1/tasks/process_trace_tasks", b'{"args": ["app", "n", [1]]}', 400, "argument 'data' must be an object"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "priority": 10}', 400, "'priority' must be"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "priority": "high"}', 400, "'priority' must be"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": -1}', 400, "'countdown' must be"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": "soon"}', 400, "'countdown' must be"),
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": 1e400}', 400, "'countdown' must be"),
+]
+
+
+@pytest.mark.parametrize("path,raw,status,message", BAD_SENDS, ids=[case[3][:40] for case in BAD_SENDS])
+def test_bad_send_is_a_4xx_with_a_message(api, path, raw, status, message):
+    got, body = api.request("POST", path, raw=raw)
+    assert got == status, body
+    assert message in body["error"], body
+
+
+def test_oversized_body_is_413(api):
+    got, body = api.request("POST", "/v1/tasks/send_mail_task", raw=b'{"args": ["' + b"x" * (2 * 1024 * 1024) + b'"]}')
+    assert got == 413, body
+    assert "error" in body
+
+
+def test_unknown_routes_methods_and_ids_are_json_4xx(api):
+    assert api.get("/nowhere") == (404, api.get("/nowhere")[1]) and "error" in api.get("/nowhere")[1]
+    status, body = api.request("PUT", "/v1/tasks/send_mail_task", raw=b"{}")
+    assert status == 405 and "error" in body
+    status, body = api.get("/v1/tasks/not%20an%20id")
+    assert status == 400 and "task id" in body["error"]
+    status, body = api.get("/v1/tasks/" + "a" * 129)
+    assert status == 400
+
+
+def test_send_then_poll_and_queue_depths(api):
+    status, body = api.post("/v1/tasks/send_mail_task", {"args": ["a@b.co", "s", "b"], "priority": 6})
+    assert status == 202 and body["queue"] == "mail"
+    status, polled = api.get(body["poll"])
+    assert status == 200 and polled["state"] == "PENDING"
+    api.post("/v1/tasks/send_mail_task", {"args": ["a@b.co", "s", "b"]})
+    status, depths = api.get("/v1/queues")
+    assert status == 200 and len(depths["queues"]) == 16
+    by_name = {queue["name"]: queue for queue in depths["queues"]}
+    # no worker runs here: both wait, one of them in the priority sub-list
+    assert by_name["mail"]["depth"] == 2 and by_name["retention"]["priority"] == "low"
+    status, listed = api.get("/v1/tasks")
+    assert status == 200 and {"name": "send_mail_task", "queue": "mail"}.items() <= listed["tasks"][
+        [t["name"] for t in listed["tasks"]].index("send_mail_task")].items()
+
+
+def test_broker_down_is_503_not_500(project, api):
+    broker = project.procs[0]
+    broker.signal(signal.SIGTERM)
+    broker.wait(20)
+    status, body = api.get("/health")
+    assert status == 503 and body["checks"]["broker"]["ok"] is False and body["checks"]["database"]["ok"] is True
+    status, body = api.get("/v1/queues")
+    assert status == 503 and "broker" in body["error"]
+    status, body = api.post("/v1/tasks/send_mail_task", {"args": ["a@b.co", "s", "b"]}, timeout=60)
+    assert status == 503 and "broker" in body["error"]
