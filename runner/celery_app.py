@@ -59,7 +59,6 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
         "result_expires": settings.CELERY_RESULT_EXPIRES,
         "task_queues": [Queue(name, routing_key=name) for name in topology.QUEUE_NAMES],
         "task_routes": {task: {"queue": queue} for task, queue in topology.ROUTES.items()},
-        "task_track_started": True,
         "worker_pool": settings.CELERY_WORKER_CLASS,
         "worker_concurrency": settings.CELERY_WORKER_AMOUNT,
         "worker_prefetch_multiplier": settings.CELERY_WORKER_PREFETCH_MULTIPLIER,

@@ -27,10 +27,10 @@ def install_task_recording(app: Celery) -> TaskRunRecorder:
         recorder.started(task_id, task.name, queue, args, kwargs, request.hostname)
 
     def failed(sender=None, task_id=None, exception=None, **_):
-        recorder.failed(task_id, f"{type(exception).__name__}: {exception}")
+        recorder.failed(task_id, sender.name, f"{type(exception).__name__}: {exception}")
 
-    def finished(sender=None, task_id=None, state=None, **_):
-        recorder.finished(task_id, state or "SUCCESS")
+    def finished(sender=None, task_id=None, task=None, state=None, **_):
+        recorder.finished(task_id, task.name, state or "SUCCESS")
 
     def shutdown(**_):
         recorder.stop()

@@ -1,8 +1,9 @@
 """The task_runs table: written as tasks are sent, start and finish; read by the API.
 
-Writes go through `TaskRunRecorder`, which queues them and commits them in batches from one
-background thread. The worker's pool threads only append to a queue, so recording costs a task
-microseconds instead of a SQLite commit, and many starts and finishes share one commit.
+Writes go through `TaskRunRecorder`: the signal handlers only append an event to a queue, and one
+background thread folds each batch's events into one row per task and upserts them with a single
+`executemany` in one commit. A trivial task's start and finish usually land in the same batch, so
+a task costs the worker one row written in bulk rather than two statements and a commit.
 """
 
 from __future__ import annotations
@@ -19,30 +20,33 @@ from runner.store.database import Database
 log = logging.getLogger(__name__)
 
 ARGS_LIMIT = 65536  # characters of JSON kept per argument list
+COLUMNS = ("id", "name", "queue", "state", "args", "kwargs", "worker", "attempts", "queued_at", "started_at",
+           "finished_at", "runtime", "error")
 
-# Later events never overwrite earlier facts they do not know: a start that arrives after its
-# finish (or a send recorded after the start) keeps the finished state and timings.
-QUEUED_SQL = """
-INSERT INTO task_runs (id, name, queue, state, args, kwargs, queued_at)
-VALUES (?, ?, ?, 'PENDING', ?, ?, ?)
-ON CONFLICT(id) DO UPDATE SET queued_at = COALESCE(task_runs.queued_at, excluded.queued_at),
-    queue = COALESCE(task_runs.queue, excluded.queue)
-"""
-STARTED_SQL = """
-INSERT INTO task_runs (id, name, queue, state, args, kwargs, worker, attempts, started_at)
-VALUES (?, ?, ?, 'STARTED', ?, ?, ?, 1, ?)
+# One row per task per batch, merged with what earlier batches (or other processes) wrote:
+# - the send is recorded by the sending process, which may write after the worker: it never
+#   overrides the worker's state or timings (state PENDING, queued_at only where none);
+# - a start clears an earlier finish (a retry runs again), a finish sets the runtime.
+UPSERT_SQL = f"""
+INSERT INTO task_runs ({", ".join(COLUMNS)}) VALUES ({", ".join("?" * len(COLUMNS))})
 ON CONFLICT(id) DO UPDATE SET
-    state = CASE WHEN task_runs.finished_at IS NULL OR task_runs.state = 'RETRY' THEN 'STARTED' ELSE task_runs.state END,
+    name = COALESCE(task_runs.name, excluded.name),
     queue = COALESCE(excluded.queue, task_runs.queue),
-    args = COALESCE(task_runs.args, excluded.args), kwargs = COALESCE(task_runs.kwargs, excluded.kwargs),
-    worker = excluded.worker, attempts = task_runs.attempts + 1,
-    started_at = excluded.started_at, finished_at = NULL, runtime = NULL
+    state = CASE WHEN excluded.state = 'PENDING' THEN task_runs.state ELSE excluded.state END,
+    args = COALESCE(task_runs.args, excluded.args),
+    kwargs = COALESCE(task_runs.kwargs, excluded.kwargs),
+    worker = COALESCE(excluded.worker, task_runs.worker),
+    attempts = task_runs.attempts + excluded.attempts,
+    queued_at = COALESCE(task_runs.queued_at, excluded.queued_at),
+    started_at = COALESCE(excluded.started_at, task_runs.started_at),
+    finished_at = CASE WHEN excluded.started_at IS NOT NULL AND excluded.finished_at IS NULL THEN NULL
+                       ELSE COALESCE(excluded.finished_at, task_runs.finished_at) END,
+    runtime = CASE WHEN excluded.finished_at IS NOT NULL
+                       THEN excluded.finished_at - COALESCE(excluded.started_at, task_runs.started_at)
+                   WHEN excluded.started_at IS NOT NULL THEN NULL
+                   ELSE task_runs.runtime END,
+    error = COALESCE(excluded.error, task_runs.error)
 """
-FINISHED_SQL = """
-UPDATE task_runs SET state = ?, finished_at = ?, runtime = ? - started_at, error = COALESCE(?, error)
-WHERE id = ?
-"""
-FAILED_SQL = "UPDATE task_runs SET error = ? WHERE id = ?"
 
 
 def to_json(value: Any) -> str:
@@ -50,36 +54,59 @@ def to_json(value: Any) -> str:
     return text if len(text) <= ARGS_LIMIT else json.dumps({"truncated": text[:ARGS_LIMIT]})
 
 
+def _fold(events: list[tuple[str, str, dict[str, Any]]]) -> list[tuple]:
+    """Events in the order they happened → one row of COLUMNS per task."""
+    rows: dict[str, dict[str, Any]] = {}
+    for kind, task_id, fields in events:
+        row = rows.get(task_id)
+        if row is None:
+            row = rows[task_id] = {"id": task_id, "attempts": 0}
+        if kind == "queued":
+            for key in ("name", "queue", "args", "kwargs", "queued_at"):
+                row.setdefault(key, fields[key])
+            row.setdefault("state", "PENDING")
+        elif kind == "started":
+            row.update(fields, state="STARTED", attempts=row["attempts"] + 1, finished_at=None, runtime=None)
+        elif kind == "failed":
+            row.update(fields, state="FAILURE")
+        else:  # finished
+            row.update(fields)
+            if row.get("started_at") is not None:
+                row["runtime"] = row["finished_at"] - row["started_at"]
+    return [tuple(row.get(column) for column in COLUMNS) for row in rows.values()]
+
+
 class TaskRunRecorder:
-    """Queues task_runs writes and commits them in batches from a daemon thread."""
+    """Queues task_runs events and writes them in batches from a daemon thread."""
 
     def __init__(self, database: Database, flush_interval: float = 0.05):
         self.database = database
         self.flush_interval = flush_interval
-        self._queue: queue.SimpleQueue[tuple[str, tuple] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, str, dict] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     # -- producers (any thread) ------------------------------------------------------------------
 
     def queued(self, task_id: str, name: str, queue_name: str | None, args: Any, kwargs: Any) -> None:
-        self._put(QUEUED_SQL, (task_id, name, queue_name, to_json(args), to_json(kwargs), time.time()))
+        self._put("queued", task_id, {"name": name, "queue": queue_name, "args": to_json(args),
+                                      "kwargs": to_json(kwargs), "queued_at": time.time()})
 
     def started(self, task_id: str, name: str, queue_name: str | None, args: Any, kwargs: Any,
                 worker: str | None) -> None:
-        self._put(STARTED_SQL, (task_id, name, queue_name, to_json(args), to_json(kwargs), worker, time.time()))
+        self._put("started", task_id, {"name": name, "queue": queue_name, "args": to_json(args),
+                                       "kwargs": to_json(kwargs), "worker": worker, "started_at": time.time()})
 
-    def failed(self, task_id: str, error: str) -> None:
-        self._put(FAILED_SQL, (error[:4000], task_id))
+    def failed(self, task_id: str, name: str, error: str) -> None:
+        self._put("failed", task_id, {"name": name, "error": error[:4000]})
 
-    def finished(self, task_id: str, state: str, error: str | None = None) -> None:
-        now = time.time()
-        self._put(FINISHED_SQL, (state, now, now, error, task_id))
+    def finished(self, task_id: str, name: str, state: str) -> None:
+        self._put("finished", task_id, {"name": name, "state": state, "finished_at": time.time()})
 
-    def _put(self, sql: str, params: tuple) -> None:
+    def _put(self, kind: str, task_id: str, fields: dict[str, Any]) -> None:
         if self._thread is None:
             self.start()
-        self._queue.put((sql, params))
+        self._queue.put((kind, task_id, fields))
 
     # -- the writer --------------------------------------------------------------------------------
 
@@ -111,19 +138,19 @@ class TaskRunRecorder:
                 except queue.Empty:
                     break
                 batch.append(item)
-            writes = [entry for entry in batch if entry is not None]
-            if writes:
-                self._write(writes)
+            events = [entry for entry in batch if entry is not None]
+            if events:
+                self._write(events)
             if batch[-1] is None:
                 return
 
-    def _write(self, writes: list[tuple[str, tuple]]) -> None:
+    def _write(self, events: list[tuple[str, str, dict]]) -> None:
         try:
+            rows = _fold(events)
             with self.database.transaction() as db:
-                for sql, params in writes:
-                    db.conn.execute(sql, params)
+                db.conn.executemany(UPSERT_SQL, rows)
         except Exception:  # the record is a log: losing a batch must never stop the worker
-            log.exception("could not record %d task run event(s) in %s", len(writes), self.database.path)
+            log.exception("could not record %d task run event(s) in %s", len(events), self.database.path)
 
 
 def get_task_run(database: Database, task_id: str) -> dict[str, Any] | None:

@@ -1,0 +1,68 @@
+"""The task_runs recorder on a real SQLite file: events folded per task, whatever the batching."""
+
+from __future__ import annotations
+
+import threading
+
+from runner.store.database import Database
+from runner.store.migrations import apply_migrations
+from runner.store.task_runs import TaskRunRecorder, get_task_run
+
+
+def recorder(tmp_path) -> TaskRunRecorder:
+    database = Database(tmp_path / "metadata.db")
+    apply_migrations(database)
+    return TaskRunRecorder(database)
+
+
+def test_start_and_finish_in_one_batch_and_across_batches(tmp_path):
+    rec = recorder(tmp_path)
+    rec.started("a", "send_mail_task", "mail", ["x@y.z"], {}, "worker@h")
+    rec.finished("a", "send_mail_task", "SUCCESS")
+    rec.started("b", "send_mail_task", "mail", [], {}, "worker@h")
+    rec.stop()
+    rec.finished("b", "send_mail_task", "SUCCESS")
+    rec.stop()
+    a, b = get_task_run(rec.database, "a"), get_task_run(rec.database, "b")
+    assert (a["state"], a["attempts"], a["args"], a["queue"], a["worker"]) == ("SUCCESS", 1, '["x@y.z"]', "mail",
+                                                                               "worker@h")
+    assert a["runtime"] == a["finished_at"] - a["started_at"] >= 0
+    assert (b["state"], b["attempts"]) == ("SUCCESS", 1) and b["runtime"] == b["finished_at"] - b["started_at"]
+
+
+def test_retry_failure_and_a_late_send_record(tmp_path):
+    rec = recorder(tmp_path)
+    rec.started("r", "document_indexing_task", "dataset", [], {}, "w1")
+    rec.finished("r", "document_indexing_task", "RETRY")
+    rec.stop()
+    rec.started("r", "document_indexing_task", "dataset", [], {}, "w2")
+    rec.stop()
+    running = get_task_run(rec.database, "r")
+    assert (running["state"], running["attempts"], running["finished_at"], running["worker"]) == ("STARTED", 2, None, "w2")
+    rec.failed("r", "document_indexing_task", "ValueError: no text")
+    rec.finished("r", "document_indexing_task", "FAILURE")
+    # the sender's own record of the send arrives last (another process, another writer)
+    rec.queued("r", "document_indexing_task", "dataset", ["kb"], {})
+    rec.stop()
+    done = get_task_run(rec.database, "r")
+    assert (done["state"], done["error"], done["attempts"]) == ("FAILURE", "ValueError: no text", 2)
+    assert done["queued_at"] is not None and done["runtime"] is not None
+
+
+def test_many_threads_recording_at_once(tmp_path):
+    rec = recorder(tmp_path)
+
+    def work(offset: int) -> None:
+        for number in range(offset, offset + 250):
+            rec.started(str(number), "t", "q", [number], {}, "w")
+            rec.finished(str(number), "t", "SUCCESS")
+
+    threads = [threading.Thread(target=work, args=(index * 1000,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rec.stop()
+    with rec.database.connect() as db:
+        rows = db.execute("SELECT COUNT(*), SUM(state = 'SUCCESS'), SUM(attempts) FROM task_runs").fetchone()
+    assert tuple(rows) == (1000, 1000, 1000)
