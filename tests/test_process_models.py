@@ -42,7 +42,7 @@ def test_honcho_start_in_the_repo_root_runs_the_four_processes(project):
 
 
 def test_up_with_an_external_redis_starts_no_broker(project, redis_server):
-    stack = project.up("--broker", f"{redis_server}/2")
+    stack = project.up("--broker", f"{redis_server}/2", env={"CELERY_RESULT_EXPIRES": "600"})
     ready = [line for line in stack.lines if "ready in" in line][-1]
     assert "(external)" in ready and "realredispw" not in stack.output
     assert "broker started" not in stack.output and "3 processes" in stack.output
@@ -51,6 +51,7 @@ def test_up_with_an_external_redis_starts_no_broker(project, redis_server):
     wait_until(lambda: project.api.get(sent["poll"])[1]["state"] == "SUCCESS", 30, "the task to run")
     client = redis.Redis.from_url(f"{redis_server}/2")
     assert json.loads(client.get(f"celery-task-meta-{sent['id']}"))["status"] == "SUCCESS"
+    assert 0 < client.ttl(f"celery-task-meta-{sent['id']}") <= 600  # results expire
     stack.signal(signal.SIGINT)
     assert stack.wait(60) == 0
     assert stack.alive() == []

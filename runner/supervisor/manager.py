@@ -50,6 +50,15 @@ class ProcessState:
     reported_slow: bool = False
 
 
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
 def executable_dir() -> str:
     """The folder holding the running `dify-local` (the virtualenv's bin, or the binary's folder),
     put first on children's PATH so every `dify-local serve …` line runs this same installation."""
@@ -193,7 +202,7 @@ class Supervisor:
         name = state.process.name
         if len(state.crashes) == CRASHES_BEFORE_FAILED and now - state.crashes[0] <= CRASH_WINDOW:
             state.failed = True
-            self.say(f"{name} exited with status {exited.returncode} and has crashed {CRASHES_BEFORE_FAILED} times "
+            self.say(f"{name} {describe_exit(exited.returncode)} and has crashed {CRASHES_BEFORE_FAILED} times "
                      f"in {CRASH_WINDOW:.0f} s: marked failed, not restarted. Its last lines:")
             for line in list(state.process.tail)[-TAIL_REPORTED:]:
                 self.say(f"  {line}")
@@ -201,7 +210,7 @@ class Supervisor:
         recent = sum(1 for moment in state.crashes if now - moment <= CRASH_WINDOW)
         delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (recent - 1))
         state.restart_at = now + delay
-        self.say(f"{name} exited with status {exited.returncode}; restarting in {delay:.0f} s")
+        self.say(f"{name} {describe_exit(exited.returncode)}; restarting in {delay:.0f} s")
 
     def _tick(self) -> None:
         """Restarts that are due, and readiness that is overdue."""
