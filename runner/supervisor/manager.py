@@ -48,6 +48,7 @@ class ProcessState:
     restart_at: float | None = None
     probe_deadline: float = 0.0
     reported_slow: bool = False
+    ever_ready: bool = False
 
 
 def describe_exit(returncode: int) -> str:
@@ -189,23 +190,30 @@ class Supervisor:
             return
         state = next((s for s in self.states if s.process.name == message.name), None)
         if message.type == "ready" and state and state.process.pid == message.data and not self.stopping.is_set():
-            state.ready = True
+            state.ready = state.ever_ready = True
             elapsed = time.monotonic() - state.process.started_at
             self.say(f"{state.process.name} ready ({elapsed:.1f} s)")
         elif message.type == "exit" and state and not self.stopping.is_set():
             self._on_exit(state, message.data)
+
+    def _fail(self, state: ProcessState, why: str) -> None:
+        state.failed = True
+        self.say(f"{state.process.name} {why}. Its last lines:")
+        for line in list(state.process.tail)[-TAIL_REPORTED:]:
+            self.say(f"  {line}")
 
     def _on_exit(self, state: ProcessState, exited: Exited) -> None:
         state.ready = False
         now = time.monotonic()
         state.crashes.append(now)
         name = state.process.name
+        if state.stage == 0 and not state.ever_ready:
+            # Nothing else can run without the broker: no point retrying one that never came up.
+            self._fail(state, f"{describe_exit(exited.returncode)} before it was ready")
+            return
         if len(state.crashes) == CRASHES_BEFORE_FAILED and now - state.crashes[0] <= CRASH_WINDOW:
-            state.failed = True
-            self.say(f"{name} {describe_exit(exited.returncode)} and has crashed {CRASHES_BEFORE_FAILED} times "
-                     f"in {CRASH_WINDOW:.0f} s: marked failed, not restarted. Its last lines:")
-            for line in list(state.process.tail)[-TAIL_REPORTED:]:
-                self.say(f"  {line}")
+            self._fail(state, f"{describe_exit(exited.returncode)} and has crashed {CRASHES_BEFORE_FAILED} times "
+                              f"in {CRASH_WINDOW:.0f} s: marked failed, not restarted")
             return
         recent = sum(1 for moment in state.crashes if now - moment <= CRASH_WINDOW)
         delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (recent - 1))
@@ -244,6 +252,8 @@ class Supervisor:
         status = 0
         try:
             for stage in sorted({state.stage for state in self.states}):
+                if self.stopping.is_set():
+                    break
                 members = [state for state in self.states if state.stage == stage]
                 for state in members:
                     self._start(state)

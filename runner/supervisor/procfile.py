@@ -87,7 +87,8 @@ def load_procfile(project_dir: Path, path: Path | None = None) -> tuple[list[Pro
     if path is None:
         candidate = project_dir / PROCFILE
         if not candidate.exists():
-            return [describe(n, c) for n, c in parse_procfile(DEFAULT_PROCFILE).processes.items()], "built-in"
+            processes = parse_procfile(DEFAULT_PROCFILE).processes.items()
+            return [describe(name, command) for name, command in processes], "the built-in Procfile"
         path = candidate
     try:
         text = path.read_text(encoding="utf-8")

@@ -1,0 +1,24 @@
+"""How `up` starts: in order, and it gives up cleanly when the broker cannot start."""
+
+from __future__ import annotations
+
+from tests.helpers import port_open
+
+
+def test_broker_that_cannot_start_stops_up_before_anything_else_starts(project):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine, so the broker cannot bind it
+    (project.dir / "Procfile").write_text("broker: dify-local serve broker --host 192.0.2.1\n"
+                                          "api: dify-local serve api\nworker: dify-local serve worker\n")
+    proc = project.start("up")
+    assert proc.wait(60) == 1, proc.output
+    assert "cannot listen on 192.0.2.1" in proc.output
+    assert "broker exited with status 1 before it was ready" in proc.output
+    assert "api started" not in proc.output and "worker started" not in proc.output
+    assert not port_open(project.api_port)
+    assert proc.alive() == []
+
+
+def test_unknown_process_name_is_refused(project):
+    result = project.run("up", "api", "workers")
+    assert result.returncode == 2
+    assert "no process 'workers' in the built-in Procfile; it has: broker, api, worker, beat" in result.stderr
