@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, REPO, client_app, env, median, process, redis_server, tasks_per_second, wait_for_worker  # noqa: E402
+from bench.common import BIN, client_app, env, median, process, redis_server, tasks_per_second, wait_for_worker  # noqa: E402
 
 QUEUE = "dataset"
 CONCURRENCY = "4"

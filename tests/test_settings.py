@@ -100,7 +100,8 @@ def test_precedence_defaults_local_config_environment_command_line(project):
     assert _config(project)["LOG_LEVEL"]["value"] == "DEBUG"
     item = _config(project, env={"CELERY_WORKER_AMOUNT": "4"})["CELERY_WORKER_AMOUNT"]
     assert (item["value"], item["source"]) == ("4", "environment")
-    item = _config(project, "--set", "CELERY_WORKER_AMOUNT=5", env={"CELERY_WORKER_AMOUNT": "4"})["CELERY_WORKER_AMOUNT"]
+    item = _config(project, "--set", "CELERY_WORKER_AMOUNT=5",
+                   env={"CELERY_WORKER_AMOUNT": "4"})["CELERY_WORKER_AMOUNT"]
     assert (item["value"], item["source"]) == ("5", "command line (--set)")
     # blank means unset, as in Dify's .env.example
     item = _config(project, env={"CELERY_WORKER_CLASS": ""})["CELERY_WORKER_CLASS"]

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from fakeredis import TcpFakeServer
 from fakeredis._clients._sync import FakeRedisConnection
-from fakeredis._clients._tcp_server import _INTERNAL_CONNECTION_KWARGS, TCPFakeRequestHandler, Writer
+from fakeredis._clients._tcp_server import _INTERNAL_CONNECTION_KWARGS, TCPFakeRequestHandler
 from fakeredis._helpers import SimpleError
 from fakeredis._socket import FakeSocket
 

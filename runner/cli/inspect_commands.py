@@ -18,9 +18,10 @@ from runner.supervisor.procfile import ProcfileError, load_procfile
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+    return "\n".join(line(cells) for cells in [headers, *rows])
 
 
 @main.command()
@@ -84,8 +85,9 @@ def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -
     click.echo(table(rows, ["QUEUE", "PRIORITY", "CONSUMED BY", "TASKS"]))
     click.echo()
     click.echo("Periodic tasks (beat)")
-    click.echo(table([[p.task, p.queue, p.describe(settings), f"{'on' if getattr(settings, p.flag) else 'off'} ({p.flag})"]
-                      for p in PERIODIC_TASKS], ["TASK", "QUEUE", "WHEN", "STATE"]))
+    periodic = [[p.task, p.queue, p.describe(settings), f"{'on' if getattr(settings, p.flag) else 'off'} ({p.flag})"]
+                for p in PERIODIC_TASKS]
+    click.echo(table(periodic, ["TASK", "QUEUE", "WHEN", "STATE"]))
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     sys.exit(1 if problems else 0)

@@ -163,7 +163,7 @@ def _parse(setting: Setting, raw: str, source: str) -> Value:
     try:
         return Value(setting.kind.parse(raw), source, raw)
     except ValueError as error:
-        raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"])
+        raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"]) from None
 
 
 def _cross_checks(settings: Settings) -> list[str]:

@@ -174,8 +174,9 @@ class Supervisor:
         process = state.process
         state.reported_slow = True
         waited = time.monotonic() - process.started_at
+        broker_address = f"{self.settings.REDIS_HOST}:{self.settings.REDIS_PORT}"
         what = {
-            "broker": f"does it answer PING with the password on {self.settings.REDIS_HOST}:{self.settings.REDIS_PORT}?",
+            "broker": f"does it answer PING with the password on {broker_address}?",
             "api": f"does {self.settings.api_url}/health answer?",
             "worker": "can it reach the broker, and does it answer `celery inspect ping`?",
             "beat": "can it reach the broker (its heartbeat is written there)?",

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.tasks.base import context, new_id, now, task
+from runner.tasks.base import context, delete_older_than, new_id, now, task
 
-DAY = 86400
 ROLES = ("user", "assistant", "system")
 
 
@@ -32,9 +31,7 @@ def save_message_task(self, app_id: str, conversation_id: str, role: str, conten
 @task("clean_messages")
 def clean_messages(self, days: int = 30) -> dict:
     """Remove messages older than the retention period."""
-    with context(self).database.transaction() as db:
-        cursor = db.execute("DELETE FROM messages WHERE created_at < ?", [now() - days * DAY])
-    return {"removed": cursor.rowcount, "older_than_days": days}
+    return delete_older_than(context(self), "messages", "created_at", days)
 
 
 @task("remove_app_and_related_data_task")

@@ -11,6 +11,8 @@ from celery import shared_task
 from runner.context import AppContext
 from runner.topology import ROUTES
 
+DAY = 86400  # seconds
+
 
 def task(name: str, **options: Any) -> Callable:
     """A bound shared task named `name`; the name must have a route in the topology."""
@@ -29,3 +31,18 @@ def new_id() -> str:
 
 def now() -> float:
     return time.time()
+
+
+def row_by_id(db: Any, table: str, row_id: str, what: str, columns: str = "*") -> dict:
+    """The row of `table` with this id, or LookupError naming what is missing."""
+    rows = list(db.query(f"SELECT {columns} FROM {table} WHERE id = ?", [row_id]))
+    if not rows:
+        raise LookupError(f"no {what} {row_id!r}")
+    return rows[0]
+
+
+def delete_older_than(ctx: AppContext, table: str, column: str, days: int) -> dict:
+    """Retention: remove the rows whose `column` (a UNIX time) is more than `days` days old."""
+    with ctx.database.transaction() as db:
+        cursor = db.execute(f"DELETE FROM {table} WHERE {column} < ?", [now() - days * DAY])
+    return {"removed": cursor.rowcount, "older_than_days": days}

@@ -7,11 +7,10 @@ from typing import Any
 
 from runner import rag
 from runner.context import AppContext
-from runner.tasks.base import context, new_id, now, task
+from runner.tasks.base import DAY, context, new_id, now, task
 
 SEGMENT_SIZE = 500
 SEGMENT_OVERLAP = 50
-DAY = 86400
 
 
 def _embedding(db, content: str) -> bytes:

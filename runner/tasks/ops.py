@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 from runner.queue_depth import queue_depths
-from runner.tasks.base import context, new_id, now, task
+from runner.tasks.base import context, delete_older_than, new_id, now, task
 from runner.tasks.mail import send_mail_task
 
-DAY = 86400
 MONITORED_QUEUE = "dataset"
 
 
@@ -25,9 +24,7 @@ def process_trace_tasks(self, app_id: str, name: str, data: dict) -> dict:
 @task("clean_embedding_cache_task")
 def clean_embedding_cache_task(self, days: int = 7) -> dict:
     """Drop cached embeddings older than `days` days."""
-    with context(self).database.transaction() as db:
-        cursor = db.execute("DELETE FROM embedding_cache WHERE created_at < ?", [now() - days * DAY])
-    return {"removed": cursor.rowcount, "older_than_days": days}
+    return delete_older_than(context(self), "embedding_cache", "created_at", days)
 
 
 @task("datasets_queue_monitor")

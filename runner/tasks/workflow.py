@@ -9,7 +9,7 @@ from typing import Any
 
 from runner import cron, workflows
 from runner.context import AppContext
-from runner.tasks.base import context, new_id, now, task
+from runner.tasks.base import context, new_id, now, row_by_id, task
 
 RUN_LOG_FOLDER = "workflow-runs"
 
@@ -45,12 +45,10 @@ def save_workflow_run_log_task(self, run_id: str) -> dict:
     """Write a run and its node executions to the file store as one JSON document."""
     ctx = context(self)
     with ctx.database.connect() as db:
-        runs = list(db.query("SELECT * FROM workflow_runs WHERE id = ?", [run_id]))
-        if not runs:
-            raise LookupError(f"no workflow run {run_id!r}")
+        run = row_by_id(db, "workflow_runs", run_id, "workflow run")
         nodes = list(db.query("SELECT * FROM workflow_node_executions WHERE run_id = ? ORDER BY started_at",
                               [run_id]))
-    document = {**runs[0], "node_executions": nodes}
+    document = {**run, "node_executions": nodes}
     for key in ("graph", "inputs", "outputs"):
         document[key] = json.loads(document[key]) if document[key] else None
     relative = f"{RUN_LOG_FOLDER}/{run_id}.json"
@@ -106,10 +104,7 @@ def run_schedule_trigger(self, schedule_id: str) -> dict:
     """Run the workflow of one due schedule."""
     ctx = context(self)
     with ctx.database.connect() as db:
-        rows = list(db.query("SELECT app_id, graph, inputs FROM workflow_schedules WHERE id = ?", [schedule_id]))
-    if not rows:
-        raise LookupError(f"no workflow schedule {schedule_id!r}")
-    row = rows[0]
+        row = row_by_id(db, "workflow_schedules", schedule_id, "workflow schedule", "app_id, graph, inputs")
     result = execute_workflow(ctx, json.loads(row["graph"]), json.loads(row["inputs"]), row["app_id"], "schedule")
     return {"schedule_id": schedule_id, **result}
 
@@ -119,10 +114,8 @@ def dispatch_triggered_workflow_task(self, trigger_id: str, payload: dict) -> di
     """Record a webhook call and send its trigger's workflow to run with the payload as inputs."""
     ctx = context(self)
     with ctx.database.connect() as db:
-        rows = list(db.query("SELECT app_id, graph FROM workflow_triggers WHERE id = ?", [trigger_id]))
-    if not rows:
-        raise LookupError(f"no workflow trigger {trigger_id!r}")
-    sent = run_workflow_task.delay(json.loads(rows[0]["graph"]), payload, rows[0]["app_id"] or "")
+        trigger = row_by_id(db, "workflow_triggers", trigger_id, "workflow trigger", "app_id, graph")
+    sent = run_workflow_task.delay(json.loads(trigger["graph"]), payload, trigger["app_id"] or "")
     event_id = new_id()
     with ctx.database.transaction() as db:
         db["trigger_events"].insert({"id": event_id, "trigger_id": trigger_id, "payload": json.dumps(payload),
