@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import after_task_publish, task_failure, task_postrun, task_prerun, worker_shutdown
+from celery.signals import (
+    after_task_publish,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from runner.store.task_runs import TaskRunRecorder
 
@@ -35,9 +43,15 @@ def install_task_recording(app: Celery) -> TaskRunRecorder:
     def shutdown(**_):
         recorder.stop()
 
+    def forked(**_):  # a prefork pool child: tasks run here, with their own writer and connections
+        app.dify.database.forget_after_fork()
+        recorder.forget_after_fork()
+
     after_task_publish.connect(sent, weak=False)
     task_prerun.connect(started, weak=False)
     task_failure.connect(failed, weak=False)
     task_postrun.connect(finished, weak=False)
     worker_shutdown.connect(shutdown, weak=False)
+    worker_process_init.connect(forked, weak=False)
+    worker_process_shutdown.connect(shutdown, weak=False)
     return recorder

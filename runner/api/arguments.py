@@ -16,7 +16,11 @@ class ArgumentError(ValueError):
 
 
 def signature_text(name: str, function: Any) -> str:
-    return f"{name}{inspect.signature(function)}"
+    try:
+        signature = inspect.signature(function, eval_str=True)  # `text: str`, not `text: 'str'`
+    except Exception:
+        signature = inspect.signature(function)
+    return f"{name}{signature}"
 
 
 def _fits(value: Any, expected: Any) -> bool:

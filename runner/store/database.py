@@ -107,6 +107,13 @@ class Database:
             with db.conn:
                 yield db
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's connections unused (SQLite connections must not
+        cross a fork, and closing them here could disturb the parent's)."""
+        self._idle = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._open = 0
+
     def close(self) -> None:
         while True:
             try:

@@ -103,6 +103,12 @@ class TaskRunRecorder:
     def finished(self, task_id: str, name: str, state: str) -> None:
         self._put("finished", task_id, {"name": name, "state": state, "finished_at": time.time()})
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's writer thread did not come along; start afresh."""
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._lock = threading.Lock()
+
     def _put(self, kind: str, task_id: str, fields: dict[str, Any]) -> None:
         if self._thread is None:
             self.start()
