@@ -62,7 +62,6 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
         "worker_pool": settings.CELERY_WORKER_CLASS,
         "worker_concurrency": settings.CELERY_WORKER_AMOUNT,
         "worker_prefetch_multiplier": settings.CELERY_WORKER_PREFETCH_MULTIPLIER,
-        "worker_hijack_root_logger": False,
         "beat_schedule": build_beat_schedule(settings),
         "beat_max_interval": settings.CELERY_BEAT_SCHEDULER_TIME,
         "beat_schedule_filename": str(paths.beat_schedule),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
 import sys
 
-from tests.helpers import port_open, wait_until
+from tests.helpers import BIN, port_open, wait_until
 
 
 def test_mode_selects_the_role(project):
@@ -46,3 +48,25 @@ def test_job_runs_a_command_in_the_app_context(project):
     assert failing.returncode == 7
     missing = project.run("job", "--", "no-such-program-here")
     assert missing.returncode == 127 and "no such command" in missing.stderr
+
+
+def test_celerys_own_cli_runs_the_app(project):
+    project.serve_broker()
+    worker = project.start(argv=[str(BIN / "celery"), "-A", "runner.app.celery", "worker", "-P", "threads",
+                                 "-c", "1", "-Q", "mail", "-n", "plain@%h", "-l", "INFO"])
+    worker.wait_for_line(r"ready\.", timeout=60)
+    result = subprocess.run([str(BIN / "celery"), "-A", "runner.app.celery", "inspect", "active_queues", "--json"],
+                            cwd=project.dir, env=project.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    queues = json.loads(result.stdout)
+    assert [queue["name"] for queue in next(iter(queues.values()))] == ["mail"]
+
+
+def test_local_config_typo_is_pointed_out(project):
+    (project.dir / "local_config").mkdir()
+    (project.dir / "local_config" / "local.env").write_text("CELERY_WORKR_AMOUNT=3\nDB_HOST=db\n")
+    result = project.run("config")
+    assert result.returncode == 0
+    assert ("warning: local_config/local.env:1: CELERY_WORKR_AMOUNT is not a setting (ignored); "
+            "did you mean CELERY_WORKER_AMOUNT?") in result.stderr
+    assert "DB_HOST" not in result.stderr  # Dify's other settings are simply not ours

@@ -4,10 +4,14 @@ the request was at fault and 503 when the broker or database is unreachable."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 
+import redis
 from flask import Flask, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
+
+from runner.store.database import DatabaseBusy
 
 log = logging.getLogger("dify_local.api")
 
@@ -36,8 +40,15 @@ def install_error_handlers(app: Flask) -> None:
         return error_response(error.code or 500, error.description or error.name)
 
     @app.errorhandler(OperationalError)
-    def broker_unreachable(error: OperationalError):
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def broker_unreachable(error: Exception):
         return error_response(503, f"the broker is unreachable: {error}")
+
+    @app.errorhandler(DatabaseBusy)
+    @app.errorhandler(sqlite3.OperationalError)
+    def database_unavailable(error: Exception):
+        return error_response(503, f"the metadata database is unavailable: {error}")
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
