@@ -22,3 +22,12 @@ def test_unknown_process_name_is_refused(project):
     result = project.run("up", "api", "workers")
     assert result.returncode == 2
     assert "no process 'workers' in the built-in Procfile; it has: broker, api, worker, beat" in result.stderr
+
+
+def test_passwords_in_procfile_commands_are_masked(project):
+    (project.dir / "Procfile").write_text(
+        f"broker: dify-local serve broker --password s3cret-pw --port {project.broker_port}\n"
+        f"pinger: python3 -c 'import time; time.sleep(60)' redis://:url-pw@127.0.0.1:1/1\n")
+    stack = project.up(env={"REDIS_PASSWORD": "s3cret-pw"})
+    assert "serve broker --password **** --port" in stack.output
+    assert "s3cret-pw" not in stack.output and "url-pw" not in stack.output

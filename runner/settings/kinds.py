@@ -209,9 +209,15 @@ MASK = "****"
 
 
 PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)([^@/;]+)(@)")
+PASSWORD_OPTION = re.compile(r"((?:--[\w-]*password|-a)(?:=|\s+))(\S+)")  # -a: redis-cli
 
 
 def mask_url(url: str) -> str:
     """Hide the password of each `;`-separated URL; everything else stays readable, even in a
     URL too broken to parse."""
     return PASSWORD_IN_URL.sub(rf"\g<1>{MASK}\g<3>", url)
+
+
+def mask_command(command: str) -> str:
+    """A command line with its URL passwords and `--…password VALUE` arguments hidden."""
+    return PASSWORD_OPTION.sub(rf"\g<1>{MASK}", mask_url(command))

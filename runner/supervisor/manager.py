@@ -23,7 +23,7 @@ from honcho.printer import Message, Printer
 from runner.beat_schedule import build_beat_schedule
 from runner.logs import SUPERVISED_VARIABLE
 from runner.roles.common import PROCESS_NAME_VARIABLE
-from runner.settings import Settings, mask_url
+from runner.settings import Settings, mask_command, mask_url
 from runner.supervisor.probes import BrokerClients, probe_for
 from runner.supervisor.process import Exited, ManagedProcess, StopPolicy
 from runner.supervisor.procfile import ProcessSpec, describe
@@ -150,14 +150,14 @@ class Supervisor:
         try:
             process.start()
         except OSError as error:
-            self.say(f"cannot start {process.name} ({process.spec.command}): {error.strerror or error}")
+            self.say(f"cannot start {process.name} ({mask_command(process.spec.command)}): {error.strerror or error}")
             state.failed = True
             return
         state.ready = False
         state.reported_slow = False
         timeout = BROKER_START_TIMEOUT if process.spec.role == "broker" else self.ready_timeout
         state.probe_deadline = time.monotonic() + timeout
-        self.say(f"{process.name} started (pid {process.pid}): {process.spec.command}")
+        self.say(f"{process.name} started (pid {process.pid}): {mask_command(process.spec.command)}")
         threading.Thread(target=self._probe, args=(state, process.pid), name=f"probe-{process.name}",
                          daemon=True).start()
 
