@@ -107,5 +107,17 @@ def tasks_per_second(app, count: int, queue: str) -> float:
     return count / (time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its children so far."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        times = member.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)

@@ -37,7 +37,8 @@ class PoolLimits:
                    settings.SQLALCHEMY_POOL_RECYCLE, settings.SQLALCHEMY_POOL_TIMEOUT)
 
 
-def open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
+def open_connection(path: Path, busy_timeout: float) -> sqlite_utils.Database:
+    """A connection, wrapped by sqlite-utils once (wrapping runs a PRAGMA and plugin hooks)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -46,7 +47,7 @@ def open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-    return conn
+    return sqlite_utils.Database(conn)
 
 
 class Database:
@@ -55,11 +56,11 @@ class Database:
     def __init__(self, path: Path, limits: PoolLimits = PoolLimits()):
         self.path = path
         self.limits = limits
-        self._idle: queue.LifoQueue[tuple[sqlite3.Connection, float]] = queue.LifoQueue()
+        self._idle: queue.LifoQueue[tuple[sqlite_utils.Database, float]] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._open = 0
 
-    def _checkout(self) -> tuple[sqlite3.Connection, float]:
+    def _checkout(self) -> tuple[sqlite_utils.Database, float]:
         try:
             return self._idle.get_nowait()
         except queue.Empty:
@@ -80,25 +81,25 @@ class Database:
                 f"(SQLALCHEMY_POOL_SIZE={self.limits.size}, SQLALCHEMY_MAX_OVERFLOW={self.limits.overflow})"
             ) from None
 
-    def _checkin(self, conn: sqlite3.Connection, opened: float) -> None:
+    def _checkin(self, db: sqlite_utils.Database, opened: float) -> None:
         expired = self.limits.recycle >= 0 and time.monotonic() - opened > self.limits.recycle
         if expired or self._idle.qsize() >= self.limits.size:
-            conn.close()
+            db.conn.close()
             with self._lock:
                 self._open -= 1
             return
-        self._idle.put((conn, opened))
+        self._idle.put((db, opened))
 
     @contextmanager
     def connect(self) -> Iterator[sqlite_utils.Database]:
         """Borrow a connection wrapped by sqlite-utils; uncommitted work is rolled back on return."""
-        conn, opened = self._checkout()
+        db, opened = self._checkout()
         try:
-            yield sqlite_utils.Database(conn)
+            yield db
         finally:
-            if conn.in_transaction:
-                conn.rollback()
-            self._checkin(conn, opened)
+            if db.conn.in_transaction:
+                db.conn.rollback()
+            self._checkin(db, opened)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -117,9 +118,9 @@ class Database:
     def close(self) -> None:
         while True:
             try:
-                conn, _ = self._idle.get_nowait()
+                db, _ = self._idle.get_nowait()
             except queue.Empty:
                 break
-            conn.close()
+            db.conn.close()
             with self._lock:
                 self._open -= 1

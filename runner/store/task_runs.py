@@ -132,22 +132,20 @@ class TaskRunRecorder:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            batch = [item]
-            deadline = time.monotonic() + self.flush_interval
-            while item is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            batch = [self._queue.get()]
+            if batch[0] is not None:
+                # One sleep, then take whatever came meanwhile without blocking: waking for every
+                # event (a thousand times a second under load) costs the pool threads the GIL.
+                time.sleep(self.flush_interval)
+            while True:
                 try:
-                    item = self._queue.get(timeout=remaining)
+                    batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                batch.append(item)
             events = [entry for entry in batch if entry is not None]
             if events:
                 self._write(events)
-            if batch[-1] is None:
+            if None in batch:
                 return
 
     def _write(self, events: list[tuple[str, str, dict]]) -> None:
