@@ -10,9 +10,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
-from celery.schedules import crontab
-
 from runner.topology import ROUTES
+
+
+def crontab(**fields: str) -> Any:
+    """Celery's crontab, imported when a schedule is built: listing the periodic tasks (the
+    supervisor, `topology`) should not load Celery."""
+    from celery.schedules import crontab as celery_crontab
+
+    return celery_crontab(**fields)
 
 
 class _SettingsView(dict):
@@ -64,10 +70,10 @@ PERIODIC_TASKS: tuple[PeriodicTask, ...] = (
 BY_TASK: dict[str, PeriodicTask] = {periodic.task: periodic for periodic in PERIODIC_TASKS}
 
 
+def enabled(settings: Any) -> list[PeriodicTask]:
+    return [periodic for periodic in PERIODIC_TASKS if getattr(settings, periodic.flag)]
+
+
 def build_beat_schedule(settings: Any) -> dict[str, dict[str, Any]]:
     """Celery's beat_schedule for the periodic tasks whose flag is on."""
-    return {
-        periodic.task: {"task": periodic.task, "schedule": periodic.when(settings)}
-        for periodic in PERIODIC_TASKS
-        if getattr(settings, periodic.flag)
-    }
+    return {p.task: {"task": p.task, "schedule": p.when(settings)} for p in enabled(settings)}

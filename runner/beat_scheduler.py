@@ -14,15 +14,11 @@ import time
 
 from celery.beat import PersistentScheduler
 
+from runner.broker_config import BEAT_HEARTBEAT_KEY
+
 log = logging.getLogger("dify_local.beat")
 
-HEARTBEAT_KEY = "dify-local:beat:heartbeat"
 HEARTBEAT_TTL = 60  # seconds; a beat that stopped ticking disappears from the broker after this
-
-
-def read_heartbeat(client) -> dict | None:
-    raw = client.get(HEARTBEAT_KEY)
-    return json.loads(raw) if raw else None
 
 
 class HeartbeatScheduler(PersistentScheduler):
@@ -39,7 +35,7 @@ class HeartbeatScheduler(PersistentScheduler):
             if self._heartbeat_connection is None:
                 self._heartbeat_connection = self.app.connection_for_write()
             client = self._heartbeat_connection.default_channel.client
-            client.set(HEARTBEAT_KEY, value, ex=HEARTBEAT_TTL)
+            client.set(BEAT_HEARTBEAT_KEY, value, ex=HEARTBEAT_TTL)
         except Exception as error:  # the broker may be restarting: retry at the next tick
             log.warning("could not write beat's heartbeat: %s", error)
             self._close_heartbeat()

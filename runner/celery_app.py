@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import ssl
 from typing import Any
 
 from celery import Celery
@@ -11,32 +10,12 @@ from kombu import Queue
 
 from runner import topology
 from runner.beat_schedule import build_beat_schedule
+from runner.broker_config import ssl_options, transport_options
 from runner.context import AppContext
 from runner.results import polling_backend_url
 from runner.settings import Settings
 from runner.state import StatePaths
 from runner.tasks import TASK_MODULES
-
-
-def transport_options(settings: Settings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        # Keep the consumer's queue order instead of rotating it: that order is the priority order
-        # (see runner.topology.consumption_order).
-        "queue_order_strategy": "priority",
-    }
-    if settings.CELERY_USE_SENTINEL:
-        options["master_name"] = settings.CELERY_SENTINEL_MASTER_NAME
-        options["sentinel_kwargs"] = {"socket_timeout": settings.CELERY_SENTINEL_SOCKET_TIMEOUT}
-        if settings.CELERY_SENTINEL_PASSWORD:
-            options["sentinel_kwargs"]["password"] = settings.CELERY_SENTINEL_PASSWORD
-    return options
-
-
-def ssl_options(settings: Settings) -> dict[str, Any] | None:
-    if not settings.uses_ssl:
-        return None
-    # Certificates are verified (Dify ships ssl_cert_reqs=None, which accepts any server).
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, Any]:
@@ -64,6 +43,8 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
         "worker_prefetch_multiplier": settings.CELERY_WORKER_PREFETCH_MULTIPLIER,
         "beat_schedule": build_beat_schedule(settings),
         "beat_max_interval": settings.CELERY_BEAT_SCHEDULER_TIME,
+        # Also under Celery's own `celery -A runner.app.celery beat`: the heartbeat shows it is alive.
+        "beat_scheduler": "runner.beat_scheduler:HeartbeatScheduler",
         "beat_schedule_filename": str(paths.beat_schedule),
         "timezone": "UTC",
         "enable_utc": True,

@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-SUPERVISED_VARIABLE = "DIFY_LOCAL_SUPERVISED"  # set by `up`, whose printer adds the time and name
+from runner.process_env import SUPERVISED
 
 
 def supervised() -> bool:
-    return os.environ.get(SUPERVISED_VARIABLE) == "1"
+    return os.environ.get(SUPERVISED) == "1"
 
 
 def configure_logging(settings, role: str) -> None:

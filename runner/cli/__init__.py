@@ -9,15 +9,18 @@ from pathlib import Path
 import click
 
 from runner import __version__
+from runner.process_env import ENV_FILES
 from runner.settings import Override, Settings, SettingsError, load_settings
 
 CONFIG_ERROR = 2
 
 
+
 class CliState:
-    def __init__(self, project_dir: Path | None, assignments: dict[str, Override]):
+    def __init__(self, project_dir: Path | None, assignments: dict[str, Override], env_files: tuple[str, ...]):
         self.project_dir = project_dir
         self.assignments = assignments
+        self.env_files = env_files
 
 
 def fail(message: str, status: int = 1) -> None:
@@ -33,7 +36,7 @@ def settings_from(ctx: click.Context, **flags: tuple[str, str, object]) -> Setti
         if value is not None:
             overrides[name] = Override(str(value), flag)
     try:
-        return load_settings(state.project_dir, overrides)
+        return load_settings(state.project_dir, overrides, env_files=state.env_files)
     except SettingsError as error:
         for line in error.lines:
             click.echo(f"dify-local: {line}", err=True)
@@ -56,12 +59,14 @@ def _parse_assignments(ctx, param, values) -> dict[str, Override]:
               envvar="DIFY_LOCAL_PROJECT_DIR", help="Folder with the Procfile and local_config/ (default: here).")
 @click.option("-s", "--set", "assignments", multiple=True, metavar="NAME=VALUE", callback=_parse_assignments,
               help="Override a setting for this command (repeatable).")
+@click.option("-e", "--env", "env_files", default=".env", show_default=True, envvar=ENV_FILES,
+              metavar="FILE[,FILE]", help="Environment files of the project, read as honcho reads them.")
 @click.pass_context
-def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Override]) -> None:
+def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Override], env_files: str) -> None:
     """Dify's Celery backend on one machine: API, worker on all 16 queues, beat, embedded broker."""
-    ctx.obj = CliState(project_dir, assignments)
+    ctx.obj = CliState(project_dir, assignments, tuple(name.strip() for name in env_files.split(",") if name.strip()))
 
 
-from runner.cli import inspect_commands, run_commands, serve_commands  # noqa: E402  (register commands)
+from runner.cli import control_commands, inspect_commands, run_commands, serve_commands  # noqa: E402  (register)
 
-__all__ = ["main", "inspect_commands", "run_commands", "serve_commands"]
+__all__ = ["main", "control_commands", "inspect_commands", "run_commands", "serve_commands"]

@@ -1,13 +1,20 @@
-"""`up`: the whole stack from a Procfile, supervised."""
+"""`up`: the processes of a Procfile (ours, or any project's), supervised."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from runner.cli import CONFIG_ERROR, fail, main, settings_from
+from runner.cli import CONFIG_ERROR, CliState, fail, main, settings_from
+
+
+def _echo_all(problems: list[str], status: int) -> None:
+    for problem in problems:
+        click.echo(f"dify-local: {problem}", err=True)
+    sys.exit(status)
 
 
 @main.command()
@@ -19,18 +26,27 @@ from runner.cli import CONFIG_ERROR, fail, main, settings_from
 @click.option("--state-dir", help="State folder (DIFY_LOCAL_STATE_DIR).")
 @click.option("-f", "--procfile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Procfile to run (default: the project's, or the built-in Dify stack).")
+@click.option("--scale", "scale", multiple=True, metavar="NAME=N",
+              help="Run N replicas of a process type (worker.1, worker.2, …); repeatable.")
+@click.option("-c", "--concurrency", "concurrency", multiple=True, metavar="NAME=N[,NAME=N]",
+              help="The same, as honcho's -c takes it.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="Seconds a process may take to become ready before it is reported.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds a process gets to stop before it is forced (workers finish running tasks).")
 @click.pass_context
 def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port, broker_password, state_dir,
-       procfile: Path | None, ready_timeout: float, grace: float) -> None:
-    """Start the stack: broker, api, worker and beat (or NAMES of the Procfile), until Ctrl-C."""
+       procfile: Path | None, scale: tuple[str, ...], concurrency: tuple[str, ...], ready_timeout: float,
+       grace: float) -> None:
+    """Start the processes of the Procfile (broker, api, worker and beat by default; NAMES for some)
+    and keep them running until Ctrl-C or `dify-local down`."""
+    from runner.settings.loader import read_env_files
     from runner.state import StatePaths
+    from runner.supervisor import control
     from runner.supervisor.manager import Supervisor
+    from runner.supervisor.options import ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import port_problems, route_problems
-    from runner.supervisor.procfile import ProcfileError, load_procfile
+    from runner.supervisor.procfile import ProcfileError, expand, load_procfile, parse_scale
 
     settings = settings_from(
         ctx, broker=("--broker", "CELERY_BROKER_URL", broker_url), port=("--port", "DIFY_PORT", port),
@@ -39,25 +55,37 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         state_dir=("--state-dir", "DIFY_LOCAL_STATE_DIR", state_dir))
     try:
         specs, source = load_procfile(settings.project_dir, procfile)
+        types = [spec.process_type for spec in specs]
+        replicas = parse_scale(scale + concurrency, types)
     except ProcfileError as error:
         fail(str(error), CONFIG_ERROR)
     problems = route_problems(specs, settings)
     if names:
-        known = [spec.name for spec in specs]
-        unknown = [name for name in names if name not in known]
+        unknown = [name for name in names if name not in types]
         if unknown:
-            fail(f"no process {unknown[0]!r} in {source}; it has: {', '.join(known)}", CONFIG_ERROR)
-        specs = [spec for spec in specs if spec.name in names]
+            fail(f"no process {unknown[0]!r} in {source}; it has: {', '.join(types)}", CONFIG_ERROR)
+        specs = [spec for spec in specs if spec.process_type in names]
     if problems:
-        for problem in problems:
-            click.echo(f"dify-local: {problem}", err=True)
-        sys.exit(CONFIG_ERROR)
+        _echo_all(problems, CONFIG_ERROR)
+    try:
+        options = load_process_options(settings.project_dir, types)
+    except ProcessOptionsError as error:
+        _echo_all(error.lines, CONFIG_ERROR)
+    try:
+        running = control.request(settings.state_dir, {"command": "ps"}, timeout=5)
+        fail(f"dify-local is already running for {settings.state_dir} (pid {running['supervisor']['pid']}): "
+             "see `dify-local ps`, or stop it with `dify-local down`")
+    except control.NotRunning:
+        pass
     problems = port_problems(specs, settings)
     if problems:
-        for problem in problems:
-            click.echo(f"dify-local: {problem}", err=True)
-        sys.exit(1)
+        _echo_all(problems, 1)
     StatePaths(settings.state_dir).ensure()
-    supervisor = Supervisor(settings, specs, ready_timeout=ready_timeout, grace=grace)
+    dotenv = read_env_files(settings.project_dir, ctx.find_object(CliState).env_files)
+    base_port = dotenv.get("PORT") or os.environ.get("PORT")  # honcho's base for each process's $PORT
+    if base_port is not None and not (base_port.isdigit() and 0 < int(base_port) < 65536):
+        fail(f"PORT={base_port!r} is not allowed: a port number, the base honcho counts $PORT from", CONFIG_ERROR)
+    supervisor = Supervisor(settings, expand(specs, replicas, int(base_port) if base_port else None),
+                            options, dotenv, ready_timeout=ready_timeout, grace=grace)
     supervisor.say(f"dify-local up: {len(supervisor.states)} processes from {source}, state in {settings.state_dir}")
     sys.exit(supervisor.run())

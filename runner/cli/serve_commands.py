@@ -13,18 +13,20 @@ from runner.cli import CONFIG_ERROR, fail, main, settings_from
 from runner.settings import Settings
 
 
-def _run_role(role: str, settings: Settings, **options) -> None:
-    from runner.roles.api import ApiStartError, serve_api
-    from runner.roles.beat import serve_beat
-    from runner.roles.broker import BrokerStartError, serve_broker
-    from runner.roles.worker import serve_worker
-    from runner.store import SchemaOutOfDate
-    from runner.store.database import DatabaseBusy
+ROLE_MODULES = {"api": "runner.roles.api", "worker": "runner.roles.worker", "beat": "runner.roles.beat",
+                "broker": "runner.roles.broker"}
 
-    serve = {"api": serve_api, "worker": serve_worker, "beat": serve_beat, "broker": serve_broker}[role]
+
+def _run_role(role: str, settings: Settings, **options) -> None:
+    """Import only this role's module: the broker runs without Flask or Celery in memory."""
+    import importlib
+
+    from runner.roles.common import RoleStartError
+
+    module = importlib.import_module(ROLE_MODULES[role])
     try:
-        serve(settings, **options)
-    except (ApiStartError, BrokerStartError, SchemaOutOfDate, DatabaseBusy) as error:
+        getattr(module, f"serve_{role}")(settings, **options)
+    except RoleStartError as error:
         fail(str(error))
 
 

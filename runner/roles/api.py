@@ -9,13 +9,13 @@ import threading
 from werkzeug.serving import ThreadedWSGIServer
 
 from runner.api import create_api
-from runner.roles.common import celery_for_role, start_role, stop_on_signals
+from runner.roles.common import RoleStartError, celery_for_role, start_role, stop_on_signals
 from runner.settings import Settings
 
 log = logging.getLogger("dify_local.api")
 
 
-class ApiStartError(Exception):
+class ApiStartError(RoleStartError):
     pass
 
 

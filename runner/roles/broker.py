@@ -8,14 +8,14 @@ import logging
 import fakeredis
 
 from runner.broker.server import EmbeddedBroker
-from runner.roles.common import start_role, stop_on_signals
+from runner.roles.common import RoleStartError, start_role, stop_on_signals
 from runner.settings import Settings
 from runner.settings.kinds import is_loopback, mask_url
 
 log = logging.getLogger("dify_local.broker")
 
 
-class BrokerStartError(Exception):
+class BrokerStartError(RoleStartError):
     pass
 
 

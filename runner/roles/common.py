@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
-from typing import Callable
+import time
+from typing import TYPE_CHECKING, Callable
 
-from celery import Celery
-
-from runner.celery_app import create_celery_app
 from runner.logs import configure_logging
-from runner.recording import install_task_recording
-from runner.settings import Settings
+from runner.process_env import PROCESS_NAME
+from runner.settings import Settings, mask_url
 from runner.state import StatePaths
-from runner.store import prepare_database
-from runner.store.task_runs import TaskRunRecorder
 
-PROCESS_NAME_VARIABLE = "DIFY_LOCAL_PROCESS_NAME"  # set by `up` to the Procfile name (worker, worker.2, …)
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from runner.store.task_runs import TaskRunRecorder
+
+
+log = logging.getLogger("dify_local")
+BROKER_WAIT = 60.0  # seconds a role waits for the broker before giving up
+
+
+class RoleStartError(Exception):
+    """A role cannot start: the message says why and what to do."""
+
+
+class BrokerUnreachable(RoleStartError):
+    pass
 
 
 def process_name(default: str) -> str:
-    return os.environ.get(PROCESS_NAME_VARIABLE) or default
+    return os.environ.get(PROCESS_NAME) or default
 
 
 def start_role(settings: Settings, role: str) -> StatePaths:
@@ -30,10 +42,44 @@ def start_role(settings: Settings, role: str) -> StatePaths:
 
 
 def celery_for_role(settings: Settings, poll_results: bool = False) -> tuple[Celery, TaskRunRecorder]:
-    """The Celery app with its metadata store migrated (or checked) and task recording on."""
+    """The Celery app with its metadata store migrated (or checked) and task recording on.
+
+    Imported here, not at the top: the broker role runs without Celery in memory.
+    """
+    from runner.celery_app import create_celery_app
+    from runner.recording import install_task_recording
+    from runner.store import SchemaOutOfDate, prepare_database
+    from runner.store.database import DatabaseBusy
+
     app = create_celery_app(settings, poll_results)
-    prepare_database(app.dify.database, migrate=settings.MIGRATION_ENABLED)
+    try:
+        prepare_database(app.dify.database, migrate=settings.MIGRATION_ENABLED)
+    except (SchemaOutOfDate, DatabaseBusy) as error:
+        raise RoleStartError(str(error)) from None
+    wait_for_broker(app)
     return app, install_task_recording(app)
+
+
+def wait_for_broker(app: Celery, timeout: float = BROKER_WAIT) -> None:
+    """Return once the broker answers PING. `up` starts the roles together with the broker so
+    their imports overlap its start; this is where they wait for it, polling every 50 ms rather
+    than in Celery's retry steps of seconds."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        try:
+            with app.connection_for_write() as connection:
+                connection.default_channel.client.ping()
+            return
+        except Exception as error:
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(
+                    f"the broker at {mask_url(app.conf.broker_url)} did not answer within {timeout:.0f} s "
+                    f"({error}); is it running (dify-local serve broker)?") from None
+            if not announced and time.monotonic() > deadline - timeout + 1:
+                log.info("waiting for the broker at %s", mask_url(app.conf.broker_url))
+                announced = True
+            time.sleep(0.05)
 
 
 def stop_on_signals(stop: Callable[[], None]) -> None:

@@ -1,5 +1,7 @@
-"""Effective settings: built-in defaults < local_config/ < environment < command line.
+"""Effective settings: built-in defaults < local_config/ < environment < .env < command line.
 
+`.env` (or the files `-e` names) is read as honcho reads it, and as honcho does it wins over the
+process environment, so the values `up` hands its processes are the ones every command sees.
 `load_settings` reads every layer, parses each value with its kind, runs the checks that involve
 more than one setting, and returns a `Settings` that knows each value's source. Any bad value
 raises `SettingsError` whose lines each name the variable, the value and what is allowed.
@@ -16,11 +18,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import quote
 
+from honcho.environ import parse as honcho_parse
+
 from runner.settings.envfile import EnvFileError, read_env_file
 from runner.settings.kinds import MASK, BrokerUrl, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
 
 LOCAL_CONFIG_DIR = "local_config"
+DEFAULT_ENV_FILES = (".env",)
 EMBEDDED_BROKER_DB = 1  # Dify keeps Celery on Redis database 1 and its own cache on 0
 EMBEDDED_CACHE_DB = 0
 
@@ -199,14 +204,30 @@ def _cross_checks(settings: Settings) -> list[str]:
     return problems
 
 
+def read_env_files(project_dir: Path, names: tuple[str, ...] = DEFAULT_ENV_FILES) -> dict[str, str]:
+    """The variables of the project's .env files, parsed by honcho (missing files are skipped)."""
+    values: dict[str, str] = {}
+    for name in names:
+        path = project_dir / name
+        try:
+            values.update(honcho_parse(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise SettingsError([f"cannot read {path}: {error}"]) from None
+    return values
+
+
 def load_settings(
     project_dir: Path | str | None = None,
     overrides: Mapping[str, Override] | None = None,
     environ: Mapping[str, str] | None = None,
+    env_files: tuple[str, ...] = DEFAULT_ENV_FILES,
 ) -> Settings:
     """Read every layer and return the effective settings, or raise `SettingsError`."""
     project = Path(project_dir or os.getcwd()).resolve()
     env = os.environ if environ is None else environ
+    dotenv = read_env_files(project, env_files)
     overrides = overrides or {}
     unknown = [name for name in overrides if name not in BY_NAME]
     if unknown:
@@ -234,7 +255,9 @@ def load_settings(
             else:
                 _warn_unknown(assignment.name, where)
     for setting in SETTINGS:
-        if setting.name in env:
+        if setting.name in dotenv:
+            apply(setting.name, dotenv[setting.name], " or ".join(env_files))
+        elif setting.name in env:
             apply(setting.name, env[setting.name], "environment")
     for name, override in overrides.items():
         apply(name, override.raw, f"command line ({override.flag})")

@@ -1,11 +1,18 @@
-"""The supervision loop: start in stages, wait for real readiness, restart what crashes, stop in
-reverse. Events (output lines, exits, probe results) arrive on one queue, as in honcho's manager;
-the printer knows nothing about processes."""
+"""The supervision loop: start, wait for real readiness, restart what crashes, answer the control
+socket, stop in reverse. Everything that happens (output lines, exits, probe results, control
+requests) arrives as a message on one queue, as in honcho's manager, and only this loop changes
+a process's state; the printer knows nothing about processes.
+
+Start: the broker and dify-local's own roles together (ours wait for the broker to answer before
+they connect, so their imports overlap its start), other projects' processes once the broker
+answers. Stop: other processes, then ours, then the broker.
+"""
 
 from __future__ import annotations
 
 import collections
 import datetime
+import fnmatch
 import logging
 import logging.handlers
 import os
@@ -16,39 +23,58 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 
-from runner.beat_schedule import build_beat_schedule
-from runner.logs import SUPERVISED_VARIABLE
-from runner.roles.common import PROCESS_NAME_VARIABLE
+from runner import __version__
+from runner.beat_schedule import enabled as enabled_periodic_tasks
+from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED
 from runner.settings import Settings, mask_command, mask_url
-from runner.supervisor.probes import BrokerClients, probe_for
-from runner.supervisor.process import Exited, ManagedProcess, StopPolicy
+from runner.supervisor import control
+from runner.supervisor.logfiles import LogLine, ProcessLogFiles
+from runner.supervisor.options import ProcessOptions
+from runner.supervisor.probes import BrokerLink, probe_for
+from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
+from runner.supervisor.tree import become_subreaper, descendants, kill, memory_of, reap_orphans
 
 SYSTEM = "system"
 BROKER_START_TIMEOUT = 15.0
 CRASH_WINDOW = 60.0  # seconds
 CRASHES_BEFORE_FAILED = 5
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 30.0
-PROBE_INTERVAL = 0.1
+PROBE_INTERVAL = 0.05
 TAIL_REPORTED = 20
+HISTORY_LINES = 5000  # kept in memory for `logs -f`, which starts with the latest ones
+CONTROL_TIMEOUT = 10.0
+REAP_INTERVAL = 2.0  # seconds between sweeps for re-parented orphans (a sweep reads /proc)
 POOL_NAMES = {"thread": "threads", "prefork": "prefork", "solo": "solo", "gevent": "gevent", "eventlet": "eventlet"}
+BROKER, OURS, OTHERS = 0, 1, 2  # stages
 
 
 @dataclass
 class ProcessState:
     process: ManagedProcess
     stage: int
-    ready: bool = False
-    failed: bool = False
+    status: str = "pending"  # starting ready backoff stopping restarting stopped failed finished
+    ever_ready: bool = False
+    restarts: int = 0
+    last_exit: int | None = None
     crashes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=CRASHES_BEFORE_FAILED))
     restart_at: float | None = None
     probe_deadline: float = 0.0
     reported_slow: bool = False
-    ever_ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    @property
+    def settled(self) -> bool:
+        """Ready, or in a state that will not become ready by itself."""
+        return self.status in ("ready", "finished", "failed", "stopped")
 
 
 def describe_exit(returncode: int) -> str:
@@ -67,31 +93,42 @@ def executable_dir() -> str:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, specs: list[ProcessSpec], *, ready_timeout: float = 60.0,
-                 grace: float = 10.0, output=None):
+    def __init__(self, settings: Settings, specs: list[ProcessSpec], options: dict[str, ProcessOptions],
+                 dotenv: dict[str, str] | None = None, *, ready_timeout: float = 60.0, grace: float = 10.0,
+                 output=None):
         self.settings = settings
         self.ready_timeout = ready_timeout
-        self.grace = grace
+        self.dotenv = dotenv or {}
         self.events: queue.Queue = queue.Queue()
         self.printer = Printer(output or sys.stdout)
-        self.clients = BrokerClients(settings)
+        self.link = BrokerLink(settings)
         self.stopping = threading.Event()
         self.force = threading.Event()
+        self.broker_ready = threading.Event()  # probes that talk to the broker wait for it
         self.ready_announced = False
         self.started = time.monotonic()
+        self.state_dir = settings.state_dir
         self.log_file = self._open_log_file()
-        colours = get_colours()
-        self.states: list[ProcessState] = []
-        stage_of = {"broker": 0}
+        self.log_files = ProcessLogFiles(self.state_dir / "logs", settings.LOG_FILE_MAX_SIZE * 1024 * 1024,
+                                         settings.LOG_FILE_BACKUP_COUNT)
+        self.history: collections.deque[LogLine] = collections.deque(maxlen=HISTORY_LINES)
+        self.subscribers: list[queue.Queue] = []
+        self.feed_lock = threading.Lock()
+        self.control_server: control.ControlServer | None = None
+        self.next_reap = 0.0
         if settings.uses_embedded_broker and not any(spec.role == "broker" for spec in specs):
             specs = [describe("broker", "dify-local serve broker"), *specs]  # every project gets the broker
         if not settings.uses_embedded_broker:
             specs = [spec for spec in specs if spec.role != "broker"]
+            self.broker_ready.set()
+        colours = get_colours()
+        self.states: list[ProcessState] = []
         for spec in specs:
-            process = ManagedProcess(spec, self._environment(spec), str(settings.project_dir), self.events,
-                                     next(colours), StopPolicy.for_role(spec.role, grace))
-            self.states.append(ProcessState(process, stage_of.get(spec.role or "", 1)))
-        self.printer.width = max([len(SYSTEM)] + [len(state.process.name) for state in self.states])
+            process = ManagedProcess(spec, options.get(spec.process_type, ProcessOptions()), self._environment(spec),
+                                     str(settings.project_dir), self.events, next(colours), grace)
+            stage = BROKER if spec.role == "broker" else OURS if spec.is_ours else OTHERS
+            self.states.append(ProcessState(process, stage))
+        self.printer.width = max([len(SYSTEM)] + [len(state.name) for state in self.states])
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -112,11 +149,15 @@ class Supervisor:
         return logger
 
     def _environment(self, spec: ProcessSpec) -> dict[str, str]:
+        # As honcho builds it: the environment, the .env files, then $PORT and the process name.
         env = dict(os.environ)
+        env.update(self.dotenv)
+        env.update(spec.env)
         env.update(self.settings.command_line_environment())
         env.update({
-            SUPERVISED_VARIABLE: "1",
-            PROCESS_NAME_VARIABLE: spec.name,
+            SUPERVISED: "1",
+            PROCESS_NAME: spec.name,
+            ENV_FILES: "",  # already read into this environment; children must not read them again
             "PYTHONUNBUFFERED": "1",
             "PATH": executable_dir() + os.pathsep + env.get("PATH", ""),
         })
@@ -128,34 +169,89 @@ class Supervisor:
     # -- output ------------------------------------------------------------------------------------
 
     def say(self, text: str) -> None:
+        """Print a line of the supervisor's own (from the loop's thread)."""
         self._print(Message(type="line", data=text, time=datetime.datetime.now(), name=SYSTEM, colour=None))
+
+    def say_later(self, text: str) -> None:
+        """The same, from any other thread: the loop prints it, so output stays in one order."""
+        self.events.put(Message(type="line", data=text, time=datetime.datetime.now(), name=SYSTEM, colour=None))
 
     def _print(self, message: Message) -> None:
         self.printer.write(message)
+        line = LogLine(message.time, message.name, message.data)
+        self.log_files.write(line)
         if self.log_file is not None:
             self.log_file.info("%s %s | %s", message.time.strftime("%H:%M:%S"), message.name, message.data)
+        with self.feed_lock:
+            self.history.append(line)
+            for subscriber in self.subscribers:
+                try:
+                    subscriber.put_nowait(line)
+                except queue.Full:  # a reader too slow to keep up loses lines, never the supervisor
+                    pass
+
+    # -- control socket (called from its threads) ---------------------------------------------------
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        replies: queue.Queue = queue.Queue(maxsize=1)
+        self.events.put(Message("control", (request, replies), datetime.datetime.now(), SYSTEM, None))
+        try:
+            return replies.get(timeout=CONTROL_TIMEOUT)
+        except queue.Empty:
+            return {"ok": False, "error": "the supervisor did not answer in time"}
+
+    def follow(self, request: dict[str, Any], send: Callable[[dict], None]) -> None:
+        wanted = self._matcher(request.get("names") or [])
+        feed: queue.Queue = queue.Queue(maxsize=10000)
+        with self.feed_lock:
+            backlog = [line for line in self.history if wanted(line.name)]
+            self.subscribers.append(feed)
+        try:
+            count = int(request.get("lines", 10))
+            for line in backlog[-count:] if count else []:
+                send({"time": line.time.isoformat(), "name": line.name, "text": line.text})
+            while True:
+                try:
+                    line = feed.get(timeout=1.0)
+                except queue.Empty:
+                    if self.stopping.is_set() and not any(s.process.running() for s in self.states):
+                        return
+                    continue
+                if line is None:
+                    return
+                if wanted(line.name):
+                    send({"time": line.time.isoformat(), "name": line.name, "text": line.text})
+        finally:
+            with self.feed_lock:
+                self.subscribers.remove(feed)
+
+    def _matcher(self, patterns: list[str]) -> Callable[[str], bool]:
+        if not patterns:
+            return lambda name: True
+        names = {state.name for pattern in patterns for state in self._resolve(pattern)}
+        return lambda name: name in names
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
         if self.stopping.is_set():
             self.force.set()
-            self.events.put(Message("wake", None, datetime.datetime.now(), SYSTEM, None))
-            return
         self.stopping.set()
         self.events.put(Message("wake", None, datetime.datetime.now(), SYSTEM, None))
 
     def _start(self, state: ProcessState) -> None:
         process = state.process
+        state.restart_at = None
         try:
             process.start()
         except OSError as error:
+            state.status = "failed"
             self.say(f"cannot start {process.name} ({mask_command(process.spec.command)}): {error.strerror or error}")
-            state.failed = True
             return
-        state.ready = False
+        state.status = "starting"
         state.reported_slow = False
-        timeout = BROKER_START_TIMEOUT if process.spec.role == "broker" else self.ready_timeout
+        timeout = process.options.ready_timeout or (
+            BROKER_START_TIMEOUT if process.spec.role == "broker" else self.ready_timeout)
         state.probe_deadline = time.monotonic() + timeout
         self.say(f"{process.name} started (pid {process.pid}): {mask_command(process.spec.command)}")
         threading.Thread(target=self._probe, args=(state, process.pid), name=f"probe-{process.name}",
@@ -163,74 +259,132 @@ class Supervisor:
 
     def _probe(self, state: ProcessState, pid: int) -> None:
         process = state.process
-        probe = probe_for(process.spec.role, self.settings, self.clients)
-        while not self.stopping.is_set() and process.pid == pid and process.running():
-            if probe(process):
-                self.events.put(Message("ready", pid, datetime.datetime.now(), process.name, None))
-                return
-            time.sleep(PROBE_INTERVAL)
+        link = BrokerLink(self.settings)  # its own connection: one probe's wait never delays another's
+        probe = probe_for(process, self.settings, link)
+        if process.spec.role in ("worker", "beat"):
+            # Asking before the broker answers only lands kombu in its retry back-off.
+            while not self.broker_ready.wait(PROBE_INTERVAL):
+                if self.stopping.is_set() or process.pid != pid:
+                    return
+        try:
+            while not self.stopping.is_set() and process.pid == pid and process.running():
+                if probe(process):
+                    self.events.put(Message("ready", pid, datetime.datetime.now(), process.name, None))
+                    return
+                time.sleep(PROBE_INTERVAL)
+        finally:
+            link.close()
+
+    def _stop_in_background(self, state: ProcessState, then: str) -> None:
+        """Stop a process without blocking the loop; `then` (restart or stop) arrives as a message."""
+        state.status = "restarting" if then == "restart" else "stopping"
+        started = time.monotonic()
+
+        def work() -> None:
+            status = state.process.stop(self.force)
+            self.events.put(Message("stopped", (then, status, time.monotonic() - started),
+                                    datetime.datetime.now(), state.name, None))
+
+        threading.Thread(target=work, name=f"stop-{state.name}", daemon=True).start()
+
+    def _report(self, state: ProcessState, why: str) -> None:
+        self.say(f"{state.name} {why}. Its last lines:")
+        for line in list(state.process.tail)[-TAIL_REPORTED:]:
+            self.say(f"  {line}")
 
     def _report_slow(self, state: ProcessState) -> None:
         process = state.process
         state.reported_slow = True
         waited = time.monotonic() - process.started_at
-        broker_address = f"{self.settings.REDIS_HOST}:{self.settings.REDIS_PORT}"
-        what = {
-            "broker": f"does it answer PING with the password on {broker_address}?",
-            "api": f"does {self.settings.api_url}/health answer?",
-            "worker": "can it reach the broker, and does it answer `celery inspect ping`?",
-            "beat": "can it reach the broker (its heartbeat is written there)?",
-        }.get(process.spec.role or "", "is the command right?")
-        self.say(f"{process.name} is not ready after {waited:.0f} s; {what} Its last lines:")
-        for line in list(process.tail)[-TAIL_REPORTED:]:
-            self.say(f"  {line}")
+        if process.options.ready:
+            what = f"its probe {process.options.ready} has not passed"
+        else:
+            what = {
+                "broker": f"does it answer PING with the password on {self.settings.REDIS_HOST}:"
+                          f"{self.settings.REDIS_PORT}?",
+                "api": f"does {self.settings.api_url}/health answer?",
+                "worker": "can it reach the broker, and does it answer `celery inspect ping`?",
+                "beat": "can it reach the broker (its heartbeat is written there)?",
+            }.get(process.spec.role or "", "is the command right?")
+        self._report(state, f"is not ready after {waited:.0f} s; {what}")
+
+    def _state(self, name: str) -> ProcessState | None:
+        return next((state for state in self.states if state.name == name), None)
 
     def _handle(self, message: Message) -> None:
         if message.type == "line":
             self._print(message)
             return
-        state = next((s for s in self.states if s.process.name == message.name), None)
-        if message.type == "ready" and state and state.process.pid == message.data and not self.stopping.is_set():
-            state.ready = state.ever_ready = True
-            elapsed = time.monotonic() - state.process.started_at
-            self.say(f"{state.process.name} ready ({elapsed:.1f} s)")
-        elif message.type == "exit" and state and not self.stopping.is_set():
-            self._on_exit(state, message.data)
-
-    def _fail(self, state: ProcessState, why: str) -> None:
-        state.failed = True
-        self.say(f"{state.process.name} {why}. Its last lines:")
-        for line in list(state.process.tail)[-TAIL_REPORTED:]:
-            self.say(f"  {line}")
+        if message.type == "control":
+            request, replies = message.data
+            try:
+                replies.put_nowait(self._control(request))
+            except Exception as error:  # a bad request must never take the supervisor down
+                replies.put_nowait({"ok": False, "error": f"{type(error).__name__}: {error}"})
+            return
+        state = self._state(message.name)
+        if state is None:
+            return
+        if message.type == "ready" and state.process.pid == message.data and state.status == "starting":
+            state.status = "ready"
+            state.ever_ready = True
+            if state.stage == BROKER:
+                self.broker_ready.set()
+            self.say(f"{state.name} ready ({time.monotonic() - state.process.started_at:.1f} s)")
+        elif message.type == "exit":
+            state.last_exit = message.data.returncode
+            if state.status in ("starting", "ready") and not self.stopping.is_set():
+                self._on_exit(state, message.data)
+        elif message.type == "stopped":
+            then, status, took = message.data
+            self.say(f"{state.name} stopped (status {status}, {took:.1f} s)")
+            if then == "restart" and not self.stopping.is_set():
+                state.restarts += 1
+                self._start(state)
+            else:
+                state.status = "stopped"
 
     def _on_exit(self, state: ProcessState, exited: Exited) -> None:
-        state.ready = False
         now = time.monotonic()
-        state.crashes.append(now)
-        name = state.process.name
-        if state.stage == 0 and not state.ever_ready:
-            # Nothing else can run without the broker: no point retrying one that never came up.
-            self._fail(state, f"{describe_exit(exited.returncode)} before it was ready")
+        policy = state.process.options.restart
+        if exited.returncode == 0 and policy in ("on-failure", "never"):
+            state.status = "finished"
+            self.say(f"{state.name} finished (status 0)")
             return
+        if state.stage == BROKER and not state.ever_ready:
+            # Nothing else can run without the broker: no point retrying one that never came up.
+            state.status = "failed"
+            self._report(state, f"{describe_exit(exited.returncode)} before it was ready")
+            return
+        if policy == "never":
+            state.status = "failed"
+            self._report(state, f"{describe_exit(exited.returncode)} (restart = never)")
+            return
+        state.crashes.append(now)
         if len(state.crashes) == CRASHES_BEFORE_FAILED and now - state.crashes[0] <= CRASH_WINDOW:
-            self._fail(state, f"{describe_exit(exited.returncode)} and has crashed {CRASHES_BEFORE_FAILED} times "
-                              f"in {CRASH_WINDOW:.0f} s: marked failed, not restarted")
+            state.status = "failed"
+            self._report(state, f"{describe_exit(exited.returncode)} and has crashed {CRASHES_BEFORE_FAILED} times "
+                                f"in {CRASH_WINDOW:.0f} s: marked failed, not restarted "
+                                f"(`dify-local start {state.name}` tries again)")
             return
         recent = sum(1 for moment in state.crashes if now - moment <= CRASH_WINDOW)
         delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (recent - 1))
+        state.status = "backoff"
         state.restart_at = now + delay
-        self.say(f"{name} {describe_exit(exited.returncode)}; restarting in {delay:.0f} s")
+        self.say(f"{state.name} {describe_exit(exited.returncode)}; restarting in {delay:.0f} s")
 
     def _tick(self) -> None:
-        """Restarts that are due, and readiness that is overdue."""
+        """Restarts that are due, readiness that is overdue, orphans to reap."""
         now = time.monotonic()
         for state in self.states:
-            if state.restart_at is not None and now >= state.restart_at and not state.failed:
-                state.restart_at = None
+            if state.status == "backoff" and state.restart_at is not None and now >= state.restart_at:
+                state.restarts += 1
                 self._start(state)
-            if (state.process.running() and not state.ready and not state.reported_slow
-                    and now > state.probe_deadline):
+            if state.status == "starting" and not state.reported_slow and now > state.probe_deadline:
                 self._report_slow(state)
+        if now >= self.next_reap:
+            self.next_reap = now + REAP_INTERVAL
+            reap_orphans({state.process.pid for state in self.states if state.process.pid})
 
     def _pump(self, timeout: float) -> None:
         try:
@@ -244,70 +398,141 @@ class Supervisor:
             except queue.Empty:
                 return
 
-    def _stage_settled(self, stage: int) -> bool:
-        return all(state.ready or state.failed for state in self.states if state.stage == stage)
-
     def run(self) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        become_subreaper()
+        self.control_server = control.ControlServer(self.state_dir / control.SOCKET_NAME, self.answer, self.follow)
+        self.control_server.start()
+        control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
+                                            "project_dir": str(self.settings.project_dir)})
         status = 0
         try:
-            for stage in sorted({state.stage for state in self.states}):
-                if self.stopping.is_set():
-                    break
-                members = [state for state in self.states if state.stage == stage]
-                for state in members:
+            for state in self.states:
+                if state.stage in (BROKER, OURS):
                     self._start(state)
-                while not self.stopping.is_set() and not self._stage_settled(stage):
-                    self._pump(0.1)
-                    self._tick()
-                    if stage == 0 and any(s.reported_slow or s.failed for s in members):
-                        self.say("the broker did not start, so nothing else can: stopping")
-                        self.stopping.set()
-                        status = 1
+            others_started = False
             while not self.stopping.is_set():
-                if not self.ready_announced and all(s.ready for s in self.states if not s.failed):
+                broker = [s for s in self.states if s.stage == BROKER]
+                if broker and broker[0].status == "failed" and not broker[0].ever_ready:
+                    self.say("the broker did not start, so nothing else can: stopping")
+                    status = 1
+                    break
+                if not others_started and all(s.status == "ready" for s in broker):
+                    others_started = True
+                    for state in self.states:
+                        if state.stage == OTHERS:
+                            self._start(state)
+                if not self.ready_announced and others_started and all(s.settled for s in self.states):
                     self._announce_ready()
                 self._pump(0.2)
                 self._tick()
         finally:
             self._stop_all()
-            self.clients.close()
         return status
+
+    # -- control requests --------------------------------------------------------------------------
+
+    def _resolve(self, pattern: str) -> list[ProcessState]:
+        """A process by name, all replicas by process type, or a shell-style glob."""
+        exact = [state for state in self.states if state.name == pattern]
+        if exact:
+            return exact
+        typed = [state for state in self.states if state.process.spec.process_type == pattern]
+        return typed or [state for state in self.states if fnmatch.fnmatchcase(state.name, pattern)]
+
+    def _targets(self, request: dict[str, Any]) -> list[ProcessState] | dict[str, Any]:
+        names = request.get("names") or []
+        if not names:
+            return {"ok": False, "error": "name a process (or a glob such as 'worker*')"}
+        found: list[ProcessState] = []
+        for pattern in names:
+            matched = self._resolve(str(pattern))
+            if not matched:
+                known = ", ".join(state.name for state in self.states)
+                return {"ok": False, "error": f"no process {pattern!r}; the processes are: {known}"}
+            found.extend(state for state in matched if state not in found)
+        return found
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "ps":
+            return {"ok": True, "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started,
+                                               "state_dir": str(self.state_dir), "stopping": self.stopping.is_set()},
+                    "processes": [self._row(state) for state in self.states]}
+        if command == "down":
+            self.stopping.set()
+            return {"ok": True, "pid": os.getpid()}
+        if command not in ("restart", "stop", "start"):
+            return {"ok": False, "error": f"unknown command {command!r}"}
+        if self.stopping.is_set():
+            return {"ok": False, "error": "the stack is stopping"}
+        targets = self._targets(request)
+        if isinstance(targets, dict):
+            return targets
+        done = []
+        for state in targets:
+            running = state.process.running() and state.status in ("starting", "ready")
+            if command == "restart":
+                if running:
+                    self._stop_in_background(state, "restart")
+                elif state.status not in ("stopping", "restarting"):
+                    state.crashes.clear()
+                    state.restarts += 1
+                    self._start(state)
+            elif command == "stop":
+                if running:
+                    self._stop_in_background(state, "stop")
+                elif state.status in ("backoff", "failed", "finished", "pending"):
+                    state.status, state.restart_at = "stopped", None
+            elif not running and state.status in ("stopped", "failed", "finished", "backoff", "pending"):
+                state.crashes.clear()
+                self._start(state)
+            done.append(state.name)
+        return {"ok": True, "processes": done}
+
+    def _row(self, state: ProcessState) -> dict[str, Any]:
+        process = state.process
+        running = process.running()
+        return {
+            "name": state.name, "pid": process.pid if running else None, "status": state.status,
+            "ready": state.status == "ready", "uptime": time.monotonic() - process.started_at if running else None,
+            "restarts": state.restarts, "memory": memory_of(process.pid) if running else None,
+            "last_exit": state.last_exit, "role": process.spec.role, "command": mask_command(process.spec.command),
+        }
 
     # -- the ready line --------------------------------------------------------------------------
 
     def _worker_summary(self, state: ProcessState) -> str:
-        node = state.process.spec.node_name()
+        stats = self.link.stats(state.process.spec.node_name())
         try:
-            stats = self.clients.celery.control.inspect(destination=[node], timeout=1.0).stats() or {}
-            pool = stats[node]["pool"]
+            pool = stats["pool"]
             kind = POOL_NAMES.get(pool["implementation"].split(":")[0].rsplit(".", 1)[-1], pool["implementation"])
-            return f"{state.process.name} {kind}×{pool['max-concurrency']}"
-        except Exception:
-            return state.process.name
+            return f"{state.name} {kind}×{pool['max-concurrency']}"
+        except (TypeError, KeyError):
+            return state.name
 
     def _announce_ready(self) -> None:
         self.ready_announced = True
+        live = [state for state in self.states if state.status in ("ready", "finished")]
         parts = []
-        roles = {state.process.spec.role: state for state in self.states if not state.failed}
-        if "api" in roles:
+        if any(state.process.spec.role == "api" for state in live):
             parts.append(f"API {self.settings.api_url}")
         broker = "embedded" if self.settings.uses_embedded_broker else "external"
         parts.append(f"broker {mask_url(self.settings.broker_url)} ({broker})")
-        workers = [state for state in self.states if state.process.spec.role == "worker" and not state.failed]
+        workers = [state for state in live if state.process.spec.role == "worker"]
         if workers:
             consumed: set[str] = set()
             for state in workers:
                 consumed.update(state.process.spec.queues or self.settings.CELERY_QUEUES)
             parts.append(f"{len(consumed)} queues")
             parts.extend(self._worker_summary(state) for state in workers)
-        if "beat" in roles:
-            parts.append(f"beat with {len(build_beat_schedule(self.settings))} periodic tasks")
-        others = [s.process.name for s in self.states if s.process.spec.role is None and not s.failed]
+        if any(state.process.spec.role == "beat" for state in live):
+            parts.append(f"beat with {len(enabled_periodic_tasks(self.settings))} periodic tasks")
+        others = [state.name for state in live if state.process.spec.role is None]
         if others:
             parts.append("also " + ", ".join(others))
-        failed = [s.process.name for s in self.states if s.failed]
+        failed = [state.name for state in self.states if state.status == "failed"]
         if failed:
             parts.append("FAILED: " + ", ".join(failed))
         elapsed = time.monotonic() - self.started
@@ -319,8 +544,8 @@ class Supervisor:
         self.stopping.set()
         if any(state.process.running() for state in self.states):
             self.say("stopping (Ctrl-C again to force)")
-        for stage in sorted({state.stage for state in self.states}, reverse=True):
-            members = [state for state in reversed(self.states) if state.stage == stage]
+        for stage in (OTHERS, OURS, BROKER):
+            members = [state for state in reversed(self.states) if state.stage == stage and state.process.popen]
             threads = [threading.Thread(target=self._stop_one, args=(state,), daemon=True) for state in members]
             for thread in threads:
                 thread.start()
@@ -329,14 +554,27 @@ class Supervisor:
             for thread in threads:
                 thread.join()
         self._pump(0.05)
+        leftovers = descendants(os.getpid())
+        if leftovers:
+            self.say(f"killing {len(leftovers)} leftover process(es): {', '.join(str(p.pid) for p in leftovers)}")
+            kill(leftovers)
+        reap_orphans(set())
+        self._pump(0.05)
         self.say("stopped")
+        with self.feed_lock:
+            for subscriber in self.subscribers:
+                subscriber.put(None)
+        if self.control_server is not None:
+            self.control_server.close()
+        control.remove_info(self.state_dir)
+        self.link.close()
+        self.log_files.close()
 
     def _stop_one(self, state: ProcessState) -> None:
         process = state.process
-        if process.popen is None:
-            return
         was_running = process.running()
         started = time.monotonic()
         status = process.stop(self.force)
+        state.status = "stopped"
         if was_running:
-            self.say(f"{process.name} stopped (status {status}, {time.monotonic() - started:.1f} s)")
+            self.say_later(f"{process.name} stopped (status {status}, {time.monotonic() - started:.1f} s)")

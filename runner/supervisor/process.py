@@ -18,7 +18,9 @@ from typing import Any
 
 from honcho.printer import Message
 
+from runner.supervisor.options import ProcessOptions
 from runner.supervisor.procfile import ProcessSpec
+from runner.supervisor.tree import descendants, kill
 
 # Quoting is parsed by shlex as sh would; anything else of the shell's needs a real one.
 SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?\[\]#~\n]")
@@ -34,12 +36,14 @@ class StopPolicy:
     steps: tuple[tuple[signal.Signals, float], ...]
 
     @classmethod
-    def for_role(cls, role: str | None, grace: float) -> "StopPolicy":
+    def for_process(cls, role: str | None, options: ProcessOptions, grace: float) -> "StopPolicy":
+        first = options.stop_signal or signal.SIGTERM
+        timeout = options.stop_timeout if options.stop_timeout is not None else grace
         if role == "worker":
             # Celery: TERM is a warm shutdown (running tasks finish, prefetched ones go back to the
             # queue), QUIT a cold one; sent to the main process only, which manages its pool.
-            return cls(((signal.SIGTERM, grace), (signal.SIGQUIT, 5.0)))
-        return cls(((signal.SIGTERM, grace),))
+            return cls(((first, timeout), (signal.SIGQUIT, 5.0)))
+        return cls(((first, timeout),))
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,15 @@ class Exited:
 class ManagedProcess:
     """A Procfile process and the OS process currently running it (if any)."""
 
-    def __init__(self, spec: ProcessSpec, env: dict[str, str], cwd: str, events: Queue, colour: Any,
-                 stop_policy: StopPolicy):
+    def __init__(self, spec: ProcessSpec, options: ProcessOptions, env: dict[str, str], cwd: str, events: Queue,
+                 colour: Any, grace: float):
         self.spec = spec
+        self.options = options
         self.env = env
         self.cwd = cwd
         self.events = events
         self.colour = colour
-        self.stop_policy = stop_policy
+        self.stop_policy = StopPolicy.for_process(spec.role, options, grace)
         self.popen: subprocess.Popen | None = None
         self.started_at: float = 0.0
         self.started_wall: float = 0.0
@@ -130,9 +135,11 @@ class ManagedProcess:
             pass
 
     def stop(self, force: threading.Event | None = None) -> int | None:
-        """Stop with the policy's signals, then clear the group; returns the exit status."""
+        """Stop with the policy's signals, then clear the group and every descendant; returns the
+        exit status."""
         if self.popen is None:
             return None
+        tree = descendants(self.popen.pid) if self.running() else []
         for signum, wait in self.stop_policy.steps:
             if not self.running() or (force and force.is_set()):
                 break
@@ -144,6 +151,7 @@ class ManagedProcess:
             self.kill_group()
         self.popen.wait()
         self.kill_group()  # whatever the process left behind in its group
+        kill(tree)  # and anything of its tree that had left the group (setsid)
         if self._reader is not None:
             self._reader.join(timeout=2)
         return self.popen.returncode

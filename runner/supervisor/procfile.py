@@ -1,4 +1,4 @@
-"""Procfiles: reading one (honcho's parser), the built-in one, and what each line runs.
+"""Procfiles: reading one (honcho's parser), the built-in one, replicas, and what each line runs.
 
 A line's role (broker, api, worker, beat) is read from its command, for `dify-local serve ROLE`
 and for Celery's own `celery … worker|beat`, so the supervisor knows how to probe and stop it and
@@ -7,12 +7,13 @@ which queues a worker consumes. Lines of other projects have no role.
 
 from __future__ import annotations
 
+import re
 import shlex
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from honcho.environ import parse_procfile
+from honcho.environ import expand_processes, parse_procfile
 
 from runner.roles import ROLES
 
@@ -24,6 +25,7 @@ worker: dify-local serve worker
 beat: dify-local serve beat
 """
 OUR_COMMANDS = ("dify-local",)
+HONCHO_BASE_PORT = 5000  # honcho's default for $PORT: 5000, +100 per process type, +1 per replica
 
 
 class ProcfileError(Exception):
@@ -32,12 +34,14 @@ class ProcfileError(Exception):
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    name: str
+    name: str  # the instance: "worker", or "worker.2" when scaled
     command: str
     role: str | None = None
     queues: tuple[str, ...] | None = None  # a worker's -Q; None means its settings decide
     hostname: str | None = None  # a worker's -n, before %h expansion
     argv: tuple[str, ...] = field(default=(), compare=False)
+    process_type: str = ""  # the Procfile name ("worker" for worker.1, worker.2, …)
+    env: dict[str, str] = field(default_factory=dict, compare=False)  # honcho's: PORT, HONCHO_PROCESS_NAME
 
     @property
     def is_ours(self) -> bool:
@@ -45,7 +49,8 @@ class ProcessSpec:
 
     def node_name(self) -> str:
         """The Celery node name this worker answers pings as."""
-        name = self.hostname or f"{self.name}@%h"
+        default = f"{self.name}@%h" if self.is_ours else "celery@%h"
+        name = self.hostname or default
         return name.replace("%h", socket.gethostname()).replace("%n", socket.gethostname().split(".")[0])
 
 
@@ -60,13 +65,14 @@ def _option(argv: list[str], short: str, long: str) -> str | None:
     return None
 
 
-def describe(name: str, command: str) -> ProcessSpec:
+def describe(name: str, command: str, process_type: str = "") -> ProcessSpec:
+    process_type = process_type or name
     try:
         argv = shlex.split(command)
     except ValueError:
-        return ProcessSpec(name, command)
+        return ProcessSpec(name, command, process_type=process_type)
     if not argv:
-        return ProcessSpec(name, command)
+        return ProcessSpec(name, command, process_type=process_type)
     program = Path(argv[0]).name
     role = None
     if program in OUR_COMMANDS and "serve" in argv:
@@ -79,7 +85,53 @@ def describe(name: str, command: str) -> ProcessSpec:
         raw = _option(argv, "-Q", "--queues")
         queues = tuple(q.strip() for q in raw.split(",") if q.strip()) if raw else None
         hostname = _option(argv, "-n", "--hostname")
-    return ProcessSpec(name, command, role, queues, hostname, tuple(argv))
+    return ProcessSpec(name, command, role, queues, hostname, tuple(argv), process_type)
+
+
+HOSTNAME_OPTION = re.compile(r"(-n\s+|--hostname[=\s]+)(\S+)")
+
+
+def _replica_node(spec: ProcessSpec) -> ProcessSpec:
+    """A Celery worker replica with a node name of its own (Celery refuses two alike)."""
+    if spec.role != "worker" or (spec.is_ours and spec.hostname is None):
+        return spec  # ours default to "<instance name>@%h", distinct already
+    if spec.hostname is None:
+        command = f"{spec.command} --hostname {spec.name}@%h"
+    else:
+        base, at, host = spec.hostname.partition("@")
+        unique = f"{base}.{spec.name.rsplit('.', 1)[-1]}{at}{host}"
+        command = HOSTNAME_OPTION.sub(lambda match: match.group(1) + unique, spec.command, count=1)
+    return replace(describe(spec.name, command, spec.process_type), env=spec.env)
+
+
+def parse_scale(items: tuple[str, ...], known: list[str]) -> dict[str, int]:
+    """`worker=3` items (also comma-separated, as honcho's -c takes them) → replicas per process type."""
+    scale: dict[str, int] = {}
+    for item in (part.strip() for value in items for part in value.split(",") if part.strip()):
+        name, sep, count = item.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise ProcfileError(f"--scale {item!r} is not allowed: NAME=COUNT, e.g. worker=3")
+        if name not in known:
+            raise ProcfileError(f"--scale {item!r}: no process type {name!r}; the Procfile has: {', '.join(known)}")
+        scale[name] = int(count)
+    return scale
+
+
+def expand(specs: list[ProcessSpec], scale: dict[str, int], port: int | None = None) -> list[ProcessSpec]:
+    """Instances of each process type (honcho's expansion: names, $PORT), replicas made distinct.
+
+    A type that runs once keeps its plain name; replicas are `name.1`, `name.2`, … as in honcho.
+    """
+    by_type = {spec.process_type: spec for spec in specs}
+    counts = {name: scale.get(name, 1) for name in by_type}
+    instances = []
+    for params in expand_processes({name: spec.command for name, spec in by_type.items()}, concurrency=counts,
+                                   port=port if port is not None else HONCHO_BASE_PORT):
+        process_type = params.name.rsplit(".", 1)[0]
+        name = params.name if counts[process_type] > 1 else process_type
+        spec = replace(by_type[process_type], name=name, env=dict(params.env))
+        instances.append(_replica_node(spec) if counts[process_type] > 1 else spec)
+    return instances
 
 
 def load_procfile(project_dir: Path, path: Path | None = None) -> tuple[list[ProcessSpec], str]:

@@ -1,0 +1,152 @@
+"""The control socket: how `dify-local ps|restart|stop|start|logs|down` reach a running `up`.
+
+A Unix socket in the state folder, readable and writable by its owner only. One JSON object per
+line: the client sends a request, the supervisor answers with one object, or (`logs` with
+follow) with a stream of lines until the client goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+SOCKET_NAME = "control.sock"
+INFO_NAME = "supervisor.json"
+SUN_PATH_LIMIT = 100  # bytes; Linux allows 108 in sockaddr_un
+
+
+class NotRunning(Exception):
+    """No supervisor answers for this state folder."""
+
+
+@contextlib.contextmanager
+def reachable(path: Path) -> Iterator[str]:
+    """A path to bind or connect to, short enough for a Unix socket address.
+
+    A deep state folder (a temporary folder, a long home) can exceed the limit; the socket then
+    goes through /proc/self/fd/N/, N being an open descriptor of its folder.
+    """
+    text = str(path)
+    if len(text.encode()) < SUN_PATH_LIMIT:
+        yield text
+        return
+    descriptor = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{descriptor}/{path.name}"
+    finally:
+        os.close(descriptor)
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message, default=str).encode() + b"\n")
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: "ControlServer"
+
+    def handle(self) -> None:
+        try:
+            request = json.loads(self.rfile.readline() or b"{}")
+        except ValueError:
+            _send(self.connection, {"ok": False, "error": "the request is not JSON"})
+            return
+        if not isinstance(request, dict):
+            _send(self.connection, {"ok": False, "error": "the request must be a JSON object"})
+            return
+        try:
+            if request.get("command") == "logs" and request.get("follow"):
+                self.server.follow(request, lambda line: _send(self.connection, line))
+            else:
+                _send(self.connection, self.server.answer(request))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, answer: Callable[[dict], dict], follow: Callable[[dict, Callable], None]):
+        self.path = path
+        self.answer = answer
+        self.follow = follow
+        if path.exists() or path.is_symlink():
+            path.unlink()  # a stale socket of a supervisor that did not stop cleanly
+        previous = os.umask(0o177)  # the socket is created owner-only: no window where others can connect
+        try:
+            with reachable(path) as address:
+                super().__init__(address, _Handler)
+        finally:
+            os.umask(previous)
+        os.chmod(path, 0o600)
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="control-socket", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _connect(state_dir: Path, timeout: float | None) -> socket.socket:
+    path = state_dir / SOCKET_NAME
+    if not path.exists():
+        raise NotRunning(f"nothing is running for {state_dir} (no control socket)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with reachable(path) as address:
+            sock.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        raise NotRunning(f"nothing is running for {state_dir} (its control socket is stale)") from None
+    except PermissionError:
+        sock.close()
+        raise NotRunning(f"the control socket {path} belongs to another user") from None
+    return sock
+
+
+def request(state_dir: Path, message: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    with _connect(state_dir, timeout) as sock:
+        _send(sock, message)
+        with sock.makefile("rb") as replies:
+            line = replies.readline()
+    if not line:
+        raise NotRunning(f"the supervisor for {state_dir} closed the connection without answering")
+    return json.loads(line)
+
+
+def stream(state_dir: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    with _connect(state_dir, None) as sock:
+        _send(sock, message)
+        with sock.makefile("rb") as replies:
+            for line in replies:
+                yield json.loads(line)
+
+
+def write_info(state_dir: Path, info: dict[str, Any]) -> None:
+    path = state_dir / INFO_NAME
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_info(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((state_dir / INFO_NAME).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def remove_info(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / INFO_NAME).unlink()

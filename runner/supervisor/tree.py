@@ -1,0 +1,70 @@
+"""The process tree under the supervisor: nothing it started, nor any child of one, may outlive it.
+
+On Linux the supervisor becomes a child subreaper, so a grandchild whose parent dies (or that left
+its process group with setsid) is re-parented to the supervisor instead of to init: it stays in
+the tree where `stop` can find it, and the supervisor reaps it when it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+import psutil
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def memory_of(pid: int) -> int:
+    """RSS in bytes of a process and all its descendants (the seed sizes workers by memory)."""
+    total = 0
+    try:
+        members = [psutil.Process(pid), *descendants(pid)]
+    except psutil.Error:
+        return 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def kill(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
+
+
+def reap_orphans(managed: set[int]) -> None:
+    """Collect the exit status of re-parented grandchildren (never of a process we manage:
+    its Popen waits for it)."""
+    for child in descendants(os.getpid()):
+        if child.pid in managed:
+            continue
+        try:
+            if child.ppid() == os.getpid() and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
