@@ -38,6 +38,11 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
         "result_expires": settings.CELERY_RESULT_EXPIRES,
         "task_queues": [Queue(name, routing_key=name) for name in topology.QUEUE_NAMES],
         "task_routes": {task: {"queue": queue} for task, queue in topology.ROUTES.items()},
+        # A task's message is acknowledged when it finishes, not when it starts: a task still running
+        # when its worker is stopped for good (cold shutdown, reload, crash) goes back to its queue
+        # instead of being lost. Tasks may therefore run again after a hard stop.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
         "worker_pool": settings.CELERY_WORKER_CLASS,
         "worker_concurrency": settings.CELERY_WORKER_AMOUNT,
         "worker_prefetch_multiplier": settings.CELERY_WORKER_PREFETCH_MULTIPLIER,

@@ -7,6 +7,8 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def read_until(raw: socket.socket, expected: bytes, timeout: float = 5) -> bytes:
@@ -25,11 +27,14 @@ def broker(project):
     return project.broker_port
 
 
+NO_RETRY = Retry(NoBackoff(), 0)  # redis-py retries an AuthenticationError (a ConnectionError) by default
+
+
 def test_password_is_required(broker):
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=broker, protocol=2).set("key", "value")  # no AUTH: NOAUTH
+        redis.Redis(port=broker, protocol=2, retry=NO_RETRY).set("key", "value")  # no AUTH: NOAUTH
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=broker, password="wrong").ping()
+        redis.Redis(port=broker, password="wrong", retry=NO_RETRY).ping()
     raw = socket.create_connection(("127.0.0.1", broker))
     raw.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
     assert read_until(raw, b"-NOAUTH Authentication required.\r\n") == b"-NOAUTH Authentication required.\r\n"
@@ -55,3 +60,17 @@ def test_lua_scripts_as_kombu_uses_them(broker):
     assert script(keys=["n"], args=[2]) == 2 and script(keys=["n"], args=[3]) == 5  # EVALSHA after NOSCRIPT
     lock = client.lock("unacked_mutex", timeout=5)
     assert lock.acquire(blocking=False) and lock.release() is None
+
+
+def test_a_dead_clients_blocking_pop_does_not_swallow_a_message(broker):
+    """A worker killed while its BRPOP waits must not take the next message with it: Redis drops a
+    disconnected client's blocking state, and so must the embedded broker."""
+    raw = socket.create_connection(("127.0.0.1", broker))
+    raw.sendall(b"*2\r\n$4\r\nAUTH\r\n$12\r\ndifyai123456\r\n*3\r\n$5\r\nBRPOP\r\n$5\r\njobs1\r\n$1\r\n5\r\n")
+    assert read_until(raw, b"+OK\r\n") == b"+OK\r\n"
+    time.sleep(0.2)  # the BRPOP is now blocked in the broker
+    raw.close()  # the client dies (as with kill -9)
+    time.sleep(0.2)
+    client = redis.Redis(port=broker, password="difyai123456")
+    client.lpush("jobs1", "the message")
+    assert client.brpop(["jobs1"], timeout=5) == (b"jobs1", b"the message")

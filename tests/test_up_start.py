@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests.helpers import port_open
 
 
 def test_broker_that_cannot_start_stops_up(project):

@@ -17,7 +17,9 @@ from runner.store.task_runs import get_task_run
 blueprint = Blueprint("tasks", __name__)
 
 SEND_FIELDS = ("args", "kwargs", "countdown", "priority")
-MAX_COUNTDOWN = 30 * 86400  # seconds; Redis' visibility timeout makes longer delays unreliable
+# Seconds. A message a worker holds longer than Redis' visibility timeout (kombu's default: one
+# hour) is delivered again, so a longer delay would run the task twice.
+MAX_COUNTDOWN = 3600
 TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -52,7 +54,8 @@ def _send_options(body: dict) -> tuple[list, dict, dict]:
         countdown = body["countdown"]
         if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not math.isfinite(countdown) \
                 or not 0 <= countdown <= MAX_COUNTDOWN:
-            raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {MAX_COUNTDOWN}")
+            raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {MAX_COUNTDOWN} (longer delays "
+                                "outlive the broker's visibility timeout and would run twice; use a schedule)")
         options["countdown"] = countdown
     if body.get("priority") is not None:
         priority = body["priority"]

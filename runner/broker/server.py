@@ -1,13 +1,16 @@
 """The embedded broker: fakeredis' command core behind a TCP server that behaves as Redis does.
 
-fakeredis' TCP server as shipped (2.x) differs from Redis in three ways that matter to Celery, and
+fakeredis' TCP server as shipped (2.x) differs from Redis in four ways that matter to Celery, and
 this module changes exactly those:
 
 - it never sets TCP_NODELAY, so each pipelined round trip waits for the peer's delayed ACK
   (~40 ms here: about 11 Celery tasks/s end to end);
 - it accepts every command from clients that never sent AUTH, even with a password configured;
 - it closes the connection after any error reply, so the NOSCRIPT that redis-py expects before
-  falling back to EVAL looks to kombu like a lost broker.
+  falling back to EVAL looks to kombu like a lost broker;
+- a client that disconnects while its BRPOP waits stays blocked in the broker, and the next
+  message pushed is popped for it and lost: a worker killed with kill -9 takes one task with it.
+  Redis drops a disconnected client's blocking state; here a blocked pop first checks its peer.
 
 Speed and durability beyond that are the broker issue's work.
 """
@@ -37,13 +40,34 @@ WRONGPASS = "WRONGPASS invalid username-password pair or user is disabled."
 SYNTAX = "ERR syntax error"
 
 
-class AuthenticatingSocket(FakeSocket):
-    """A fake socket that refuses every command but AUTH, HELLO … AUTH and QUIT until AUTH succeeds."""
+def peer_closed(connection: socket.socket) -> bool:
+    """Has the client hung up? (Readable, and reading without consuming finds the end.)"""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
-    def __init__(self, *args: Any, password: bytes, **kwargs: Any):
+
+class BrokerSocket(FakeSocket):
+    """fakeredis' socket for one TCP client: with a password, it refuses every command but AUTH,
+    HELLO … AUTH and QUIT until AUTH succeeds; a blocking pop never serves a client that left."""
+
+    def __init__(self, *args: Any, password: bytes | None, tcp: socket.socket, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._password = password
-        self._authenticated = False
+        self._authenticated = password is None
+        self._tcp = tcp
+
+    def _blocking(self, timeout: Any, func: Any, shape: Any = None) -> Any:
+        def attempt(first_pass: bool) -> Any:
+            # Woken because data arrived: if the client is gone, leave the data for a live one
+            # (None means "nothing yet": the wait goes on until its timeout, then the reply fails).
+            if not first_pass and peer_closed(self._tcp):
+                return None
+            return func(first_pass)
+
+        return super()._blocking(timeout, attempt, shape)
 
     def _check(self, username: bytes | None, password: bytes) -> bool:
         ok = (username in (None, b"default")) and hmac.compare_digest(password, self._password)
@@ -57,6 +81,9 @@ class AuthenticatingSocket(FakeSocket):
 
     def _process_command(self, fields: list[bytes]) -> None:
         if not fields:
+            return
+        if self._password is None:
+            super()._process_command(fields)
             return
         name = fields[0].lower()
         if name == b"auth":
@@ -92,20 +119,20 @@ class AuthenticatingSocket(FakeSocket):
 
 
 class BrokerConnection(FakeRedisConnection):
-    """The server-side connection behind one TCP client; builds an authenticating socket."""
+    """The server-side connection behind one TCP client; builds a BrokerSocket."""
 
     broker_password: bytes | None = None
+    tcp: socket.socket
 
     def _connect(self) -> FakeSocket:
-        if self.broker_password is None:
-            return super()._connect()
-        return AuthenticatingSocket(
+        return BrokerSocket(
             self._server,
             client_class=self._client_class,
             db=self.db,
             lua_modules=self._lua_modules,
             client_info=self._client_info,
             password=self.broker_password,
+            tcp=self.tcp,
         )
 
 
@@ -127,6 +154,7 @@ class BrokerRequestHandler(TCPFakeRequestHandler):
             **_INTERNAL_CONNECTION_KWARGS,
         )
         connection.broker_password = self.server.password
+        connection.tcp = self.connection
         self.current_client = connection
         self.server.clients[self.client_address] = connection
         log.debug("client %s:%s connected", *self.client_address[:2])

@@ -155,12 +155,17 @@ def down(ctx: click.Context) -> None:
         return
     started = time.monotonic()
     click.echo(f"stopping the stack (supervisor pid {reply['pid']}) …")
-    try:
-        psutil.Process(reply["pid"]).wait(timeout=WAIT_LIMIT)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
-        fail(f"the stack is still stopping after {WAIT_LIMIT:.0f} s (supervisor pid {reply['pid']})")
+
+    def gone() -> bool:  # a zombie has exited: only its parent (a shell, a test) has yet to reap it
+        try:
+            return psutil.Process(reply["pid"]).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    while not gone():
+        if time.monotonic() - started > WAIT_LIMIT:
+            fail(f"the stack is still stopping after {WAIT_LIMIT:.0f} s (supervisor pid {reply['pid']})")
+        time.sleep(0.1)
     click.echo(f"stopped in {time.monotonic() - started:.1f} s")
 
 

@@ -38,7 +38,7 @@ from runner.supervisor.options import ProcessOptions
 from runner.supervisor.probes import BrokerLink, probe_for
 from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
-from runner.supervisor.tree import become_subreaper, descendants, kill, memory_of, reap_orphans
+from runner.supervisor.tree import alive, become_subreaper, descendants, kill, memory_of, reap_orphans
 
 SYSTEM = "system"
 BROKER_START_TIMEOUT = 15.0
@@ -554,7 +554,7 @@ class Supervisor:
             for thread in threads:
                 thread.join()
         self._pump(0.05)
-        leftovers = descendants(os.getpid())
+        leftovers = alive(descendants(os.getpid()))
         if leftovers:
             self.say(f"killing {len(leftovers)} leftover process(es): {', '.join(str(p.pid) for p in leftovers)}")
             kill(leftovers)

@@ -22,11 +22,61 @@ from runner.supervisor.options import ProcessOptions
 from runner.supervisor.procfile import ProcessSpec
 from runner.supervisor.tree import descendants, kill
 
-# Quoting is parsed by shlex as sh would; anything else of the shell's needs a real one.
-SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?\[\]#~\n]")
-CONTROL = re.compile(r"&&|\|\||[;&|\n]")
-LEADING_ASSIGNMENT = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*=")
 TAIL_LINES = 200
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def shell_features(command: str) -> tuple[bool, bool]:
+    """(compound, needs a shell): read outside quotes, as sh reads it.
+
+    Compound: control operators (; & | ( ) newline) join several commands. Needs a shell:
+    expansions ($ and backticks, also inside double quotes), globs, ~, redirections, comments.
+    """
+    compound = shell = False
+    quote = ""
+    escaped = False
+    for char in command:
+        if escaped:
+            escaped = False
+            continue
+        if char == "\\" and quote != "'":
+            escaped = True
+            continue
+        if quote:
+            if char == quote:
+                quote = ""
+            elif quote == '"' and char in "$`":
+                shell = True
+            continue
+        if char in "'\"":
+            quote = char
+        elif char in ";&|()\n":
+            compound = True
+        elif char in "$`*?[]~<>#":
+            shell = True
+    return compound, shell
+
+
+def launch(command: str) -> tuple[list[str], dict[str, str]]:
+    """How to run a Procfile command: argv, and variables it assigns before its program.
+
+    A plain command runs directly, and a single command that needs a shell runs through `exec`,
+    so signals reach the program itself rather than a shell around it. Only compound commands
+    keep a shell between the supervisor and their programs.
+    """
+    compound, shell = shell_features(command)
+    if compound:
+        return ["/bin/sh", "-c", command], {}
+    words = shlex.split(command)
+    assignments = {}
+    while words and ASSIGNMENT.match(words[0]):
+        name, _, value = words.pop(0).partition("=")
+        assignments[name] = value
+    if not shell:
+        return words, assignments
+    if assignments:  # `FOO=1 exec …` would need the assignments re-quoted: keep the shell
+        return ["/bin/sh", "-c", command], {}
+    return ["/bin/sh", "-c", f"exec {command}"], {}
 
 
 @dataclass(frozen=True)
@@ -82,20 +132,11 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def _argv(self) -> list[str]:
-        # A plain command runs directly, and a single one through `exec`, so signals reach the
-        # program itself rather than a shell around it.
-        command = self.spec.command
-        if LEADING_ASSIGNMENT.match(command) or CONTROL.search(command):
-            return ["/bin/sh", "-c", command]
-        if not SHELL_SYNTAX.search(command):
-            return shlex.split(command)
-        return ["/bin/sh", "-c", f"exec {command}"]
-
     def start(self) -> None:
         self.returncode = None
+        argv, assignments = launch(self.spec.command)
         self.popen = subprocess.Popen(
-            self._argv(), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            argv, cwd=self.cwd, env={**self.env, **assignments}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.started_at = time.monotonic()
         self.started_wall = time.time()

@@ -34,6 +34,18 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie has exited already; it only waits to be reaped)."""
+    living = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                living.append(process)
+        except psutil.Error:
+            continue
+    return living
+
+
 def memory_of(pid: int) -> int:
     """RSS in bytes of a process and all its descendants (the seed sizes workers by memory)."""
     total = 0
