@@ -67,6 +67,12 @@ def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Ov
     ctx.obj = CliState(project_dir, assignments, tuple(name.strip() for name in env_files.split(",") if name.strip()))
 
 
-from runner.cli import control_commands, inspect_commands, run_commands, serve_commands  # noqa: E402  (register)
+from runner.cli import (  # noqa: E402  (registers the commands)
+    control_commands,
+    export_command,
+    inspect_commands,
+    run_commands,
+    serve_commands,
+)
 
-__all__ = ["main", "control_commands", "inspect_commands", "run_commands", "serve_commands"]
+__all__ = ["main", "control_commands", "export_command", "inspect_commands", "run_commands", "serve_commands"]
