@@ -373,6 +373,18 @@ class Supervisor:
         state.restart_at = now + delay
         self.say(f"{state.name} {describe_exit(exited.returncode)}; restarting in {delay:.0f} s")
 
+    def _next_wake(self) -> float:
+        """Seconds until something is due (a restart, a readiness deadline, a sweep), at most 1:
+        an idle stack wakes the loop once a second, not five times."""
+        now = time.monotonic()
+        moments = [self.next_reap]
+        for state in self.states:
+            if state.status == "backoff" and state.restart_at is not None:
+                moments.append(state.restart_at)
+            if state.status == "starting" and not state.reported_slow:
+                moments.append(state.probe_deadline)
+        return max(0.01, min(1.0, min(moments) - now))
+
     def _tick(self) -> None:
         """Restarts that are due, readiness that is overdue, orphans to reap."""
         now = time.monotonic()
@@ -425,7 +437,7 @@ class Supervisor:
                             self._start(state)
                 if not self.ready_announced and others_started and all(s.settled for s in self.states):
                     self._announce_ready()
-                self._pump(0.2)
+                self._pump(self._next_wake())
                 self._tick()
         finally:
             self._stop_all()
