@@ -131,3 +131,29 @@ def test_bad_process_options_are_named(project):
     assert any("[web] stop_after is not an option" in line for line in lines)
     assert any("[api] names no process of the Procfile" in line for line in lines)
     assert not project.state.exists()
+
+
+def test_a_process_not_ready_in_time_is_reported_with_its_last_lines(project):
+    closed_port = free_port()
+    (project.dir / "Procfile").write_text(
+        "web: python3 -u -c \"import time; [print(f'booting step {n}') for n in range(30)]; time.sleep(300)\"\n")
+    (project.dir / "local_config").mkdir()
+    (project.dir / "local_config" / "processes.toml").write_text(
+        f'[web]\nready = "tcp://127.0.0.1:{closed_port}"\nready_timeout = 2\n')
+    stack = project.start("up")
+    stack.wait_for_line(rf"web is not ready after \d+ s; its probe tcp://127.0.0.1:{closed_port} has not passed. "
+                        r"Its last lines:", timeout=30)
+    stack.wait_for_line(r"system +\|   booting step 29", timeout=10)
+    reported = [line for line in stack.lines if "system |   booting step" in line]
+    assert len(reported) == 20 and "booting step 10" in reported[0]  # the last 20 lines, in order
+
+
+def test_replicas_of_other_projects_celery_workers_get_their_own_node_names():
+    from runner.supervisor.procfile import describe, expand
+
+    specs = [describe("worker", "celery -A tasks worker -l INFO"), describe("mine", "celery -A t worker -n m@%h")]
+    replicas = {spec.name: spec for spec in expand(specs, {"worker": 2, "mine": 2})}
+    assert replicas["worker.1"].command == "celery -A tasks worker -l INFO --hostname worker.1@%h"
+    assert replicas["mine.2"].command == "celery -A t worker -n m.2@%h"
+    assert len({spec.node_name() for spec in replicas.values()}) == 4
+    assert replicas["worker.2"].env["PORT"] == "5001" and replicas["mine.1"].env["PORT"] == "5100"

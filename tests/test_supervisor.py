@@ -149,3 +149,21 @@ def test_down_leaves_no_process_of_the_tree(project):
     assert stack.alive() == [], [psutil.Process(pid).cmdline() for pid in stack.alive()]
     again = project.run("down")
     assert again.returncode == 0 and "nothing was running" in again.stdout
+
+
+def test_second_ctrl_c_forces(project, tmp_path):
+    env = slow_worker(project, "-c 1")
+    stack = project.up(env=env)
+    app = client(project, env)
+    try:
+        app.tasks["tests.sleep"].apply_async((60, str(tmp_path), "long"), queue="dataset")
+        wait_until(lambda: "Task tests.sleep[" in stack.output, 30, "the long task to be received")
+    finally:
+        app.close()
+    stack.signal(signal.SIGINT)
+    stack.wait_for_line("stopping \\(Ctrl-C again to force\\)", timeout=10)
+    began = time.monotonic()
+    stack.signal(signal.SIGINT)
+    assert stack.wait(30) == 0
+    assert time.monotonic() - began < 10  # not the 10 s grace, nor the 60 s task
+    assert stack.alive() == []
