@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from honcho.environ import parse as honcho_parse
 
+from runner.errors import ProblemsError
 from runner.settings.envfile import EnvFileError, read_env_file
 from runner.settings.kinds import MASK, BrokerUrl, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
@@ -30,12 +31,8 @@ EMBEDDED_BROKER_DB = 1  # Dify keeps Celery on Redis database 1 and its own cach
 EMBEDDED_CACHE_DB = 0
 
 
-class SettingsError(Exception):
+class SettingsError(ProblemsError):
     """Bad settings: each line names the variable, the value and what is allowed."""
-
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
 
 
 @dataclass(frozen=True)

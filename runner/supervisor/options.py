@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from runner.errors import ProblemsError
+
 OPTIONS_FILE = Path("local_config") / "processes.toml"
 RESTART_POLICIES = ("always", "on-failure", "never")
 KEYS = ("ready", "ready_timeout", "stop_signal", "stop_timeout", "restart")
 
 
-class ProcessOptionsError(Exception):
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
+class ProcessOptionsError(ProblemsError):
+    """Bad process options: each line names the file, the process, the option and what is allowed."""
 
 
 @dataclass(frozen=True)
