@@ -9,7 +9,7 @@
 3. the supervisor's own CPU while the stack idles against `honcho start` of the same Procfile
    (honcho's main process and the helper process it runs for each line).
 
-    .venv/bin/python bench/supervisor.py [--runs 5] [--idle 20]
+    .venv/bin/python bench/supervisor.py [--runs 5] [--idle 60]
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def supervisor_cpu(idle: float) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idling measured for CPU")
+    parser.add_argument("--idle", type=float, default=60.0,
+                        help="seconds of idling measured for CPU (psutil counts in 10 ms steps)")
     options = parser.parse_args()
     print(f"1. readiness, {options.runs} alternating runs")
     ours, bare = readiness(options.runs)
