@@ -33,18 +33,19 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @contextmanager
-def redis_server():
+def redis_server(password: str | None = None):
     binary = shutil.which("redis-server")
     if not binary:
         raise SystemExit("bench: needs Debian's redis-server (apt-get install redis-server)")
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
+        auth = ["--requirepass", password] if password else []
         proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
+                                 "--appendonly", "no", "--dir", folder, *auth], stdout=subprocess.DEVNULL)
         try:
             import redis
 
-            client = redis.Redis(port=port)
+            client = redis.Redis(port=port, password=password)
 
             def up() -> bool:
                 try:
@@ -53,7 +54,7 @@ def redis_server():
                     return False
             wait_for(up, 20, "redis-server")
             version = client.info()["redis_version"]
-            yield f"redis://127.0.0.1:{port}", version, client
+            yield f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}", version, client
         finally:
             proc.terminate()
             proc.wait(10)

@@ -61,7 +61,7 @@ def test_a_third_party_project_runs_under_up(project):
     assert "also web" in [line for line in stack.lines if "ready in" in line][-1]
     status, body = Http(f"http://127.0.0.1:{web_port}").get("/add?a=2&b=3")
     assert status == 200 and body == {"sum": 5, "redis_url_given": True}  # sent by web, run by its worker
-    assert "Task tasks.add[" in stack.output and "succeeded" in stack.output
+    stack.wait_for_line(r"worker +\| .*Task tasks\.add\[.*\] succeeded", timeout=10)
     stack.signal(signal.SIGINT)
     assert stack.wait(60) == 0
     assert stack.alive() == []

@@ -24,6 +24,7 @@ def _echo_all(problems: list[str], status: int) -> None:
 @click.option("--broker-port", type=int, help="Embedded broker port (REDIS_PORT).")
 @click.option("--broker-password", help="Embedded broker password (REDIS_PASSWORD).")
 @click.option("--state-dir", help="State folder (DIFY_LOCAL_STATE_DIR).")
+@click.option("--no-persist", is_flag=True, help="The embedded broker keeps its data in memory only.")
 @click.option("-f", "--procfile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Procfile to run (default: the project's, or the built-in Dify stack).")
 @click.option("--scale", "scale", multiple=True, metavar="NAME=N",
@@ -36,8 +37,8 @@ def _echo_all(problems: list[str], status: int) -> None:
               help="Seconds a process gets to stop before it is forced (workers finish running tasks).")
 @click.pass_context
 def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port, broker_password, state_dir,
-       procfile: Path | None, scale: tuple[str, ...], concurrency: tuple[str, ...], ready_timeout: float,
-       grace: float) -> None:
+       no_persist: bool, procfile: Path | None, scale: tuple[str, ...], concurrency: tuple[str, ...],
+       ready_timeout: float, grace: float) -> None:
     """Start the processes of the Procfile (broker, api, worker and beat by default; NAMES for some)
     and keep them running until Ctrl-C or `dify-local down`."""
     from runner.settings.loader import read_env_files
@@ -52,7 +53,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         ctx, broker=("--broker", "CELERY_BROKER_URL", broker_url), port=("--port", "DIFY_PORT", port),
         broker_port=("--broker-port", "REDIS_PORT", broker_port),
         broker_password=("--broker-password", "REDIS_PASSWORD", broker_password),
-        state_dir=("--state-dir", "DIFY_LOCAL_STATE_DIR", state_dir))
+        state_dir=("--state-dir", "DIFY_LOCAL_STATE_DIR", state_dir),
+        persist=("--no-persist", "DIFY_LOCAL_BROKER_PERSIST", "false" if no_persist else None))
     try:
         specs, source = load_procfile(settings.project_dir, procfile)
         types = [spec.process_type for spec in specs]

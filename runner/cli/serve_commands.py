@@ -101,12 +101,16 @@ def serve_beat(ctx: click.Context, loglevel: str | None) -> None:
 @click.option("--host", help="Address to listen on (REDIS_HOST).")
 @click.option("--port", type=int, help="Port to listen on (REDIS_PORT).")
 @click.option("--password", help="Password clients must give (REDIS_PASSWORD).")
+@click.option("--no-password", is_flag=True, help="Let clients in without AUTH (loopback only).")
+@click.option("--no-persist", is_flag=True, help="Keep the data in memory only (DIFY_LOCAL_BROKER_PERSIST=false).")
 @click.pass_context
-def serve_broker(ctx: click.Context, host: str | None, port: int | None, password: str | None) -> None:
-    """The embedded Redis-protocol broker (fakeredis), on loopback, password required."""
+def serve_broker(ctx: click.Context, host: str | None, port: int | None, password: str | None, no_password: bool,
+                 no_persist: bool) -> None:
+    """The embedded Redis-protocol broker (fakeredis): durable, on loopback, password required."""
     settings = settings_from(ctx, host=("--host", "REDIS_HOST", host), port=("--port", "REDIS_PORT", port),
-                             password=("--password", "REDIS_PASSWORD", password))
-    _run_role("broker", settings)
+                             password=("--password", "REDIS_PASSWORD", password),
+                             persist=("--no-persist", "DIFY_LOCAL_BROKER_PERSIST", "false" if no_persist else None))
+    _run_role("broker", settings, password=not no_password)
 
 
 @main.command()

@@ -1,42 +1,58 @@
-"""MODE=broker: the embedded Redis-protocol broker on loopback, password required."""
+"""MODE=broker: the embedded Redis-protocol broker on loopback, password required, durable."""
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import logging
 
 import fakeredis
 
+from runner.broker.server import BrokerStartError as ServerStartError
 from runner.broker.server import EmbeddedBroker
-from runner.roles.common import RoleStartError, start_role, stop_on_signals
+from runner.roles.common import RoleStartError, start_role
 from runner.settings import Settings
-from runner.settings.kinds import is_loopback, mask_url
+from runner.settings.kinds import mask_url
 
 log = logging.getLogger("dify_local.broker")
+
+
+def run(coroutine) -> None:
+    """The event loop: uvloop's (libuv, in C) where it is installed, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)
+        return
+    uvloop.run(coroutine)
 
 
 class BrokerStartError(RoleStartError):
     pass
 
 
-def serve_broker(settings: Settings) -> None:
-    start_role(settings, "broker")
-    host, port, password = settings.REDIS_HOST, settings.REDIS_PORT, settings.REDIS_PASSWORD
-    if not is_loopback(host) and not password:
-        raise BrokerStartError(f"REDIS_HOST={host} is not loopback: the embedded broker needs REDIS_PASSWORD there")
+def serve_broker(settings: Settings, password: bool = True) -> None:
+    paths = start_role(settings, "broker")
+    host, port = settings.REDIS_HOST, settings.REDIS_PORT
+    folder = paths.broker if settings.DIFY_LOCAL_BROKER_PERSIST else None
     try:
-        server = EmbeddedBroker(host, port, password)
-    except OSError as error:
-        if error.errno == errno.EADDRINUSE:
-            raise BrokerStartError(
-                f"port {port} on {host} is in use (another Redis or dify-local?): set REDIS_PORT or "
-                f"use --broker-port, or point CELERY_BROKER_URL at that Redis") from None
-        raise BrokerStartError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    stop_on_signals(server.shutdown)
-    log.info("embedded broker (fakeredis %s) listening on %s", fakeredis.__version__,
-             mask_url(settings.embedded_url(0)).rsplit("/", 1)[0])
+        broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder)
+    except ServerStartError as error:
+        raise BrokerStartError(str(error)) from None
+    report = broker.load()
+    if folder is None:
+        log.info("persistence off: the data lives in memory only")
+    elif report.commands:
+        log.info("restored %d writes from %s in %.2f s", report.commands, broker.aof.path, report.seconds)
+    if report.set_aside is not None:
+        log.warning("the append-only log ended with %s: restored everything before it (%d writes); the last %d "
+                    "bytes are kept in %s (look at them, then delete the file)", report.reason, report.commands,
+                    report.set_aside_bytes, report.set_aside)
+    if report.failed:
+        log.warning("%d logged writes failed to replay (listed above)", report.failed)
+    address = mask_url(settings.embedded_url(0)).rsplit("/", 1)[0] if password else f"redis://{host}:{port}"
+    log.info("embedded broker (fakeredis %s) listening on %s", fakeredis.__version__, address)
     try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
+        run(broker.serve())
+    except ServerStartError as error:
+        raise BrokerStartError(str(error)) from None
     log.info("embedded broker stopped")

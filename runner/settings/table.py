@@ -78,6 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
             "port of the embedded broker"),
     Setting("REDIS_PASSWORD", Text(), "difyai123456", "embedded broker",
             "password every client of the embedded broker must give (AUTH)", secret=True),
+    Setting("DIFY_LOCAL_BROKER_PERSIST", Boolean(), True, "embedded broker",
+            "keep the embedded broker's data in an append-only log in the state folder (false: memory only)"),
     # worker
     Setting("CELERY_WORKER_CLASS", Choice(WORKER_CLASSES), "threads", "worker",
             "worker pool: threads (local default, debugger-friendly), prefork, gevent, solo"),

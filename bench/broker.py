@@ -1,0 +1,108 @@
+"""The embedded broker against real redis-server, end to end through Celery.
+
+The same benchmark on both, in one run: a plain Celery worker (threads ×4) and a client, 2,000
+trivial tasks sent and every result collected, results kept on the same server. Both servers
+require a password. Rounds alternate which broker goes first; the figure is the median of the
+per-round ratios embedded / real (target: at least 0.9×).
+
+    .venv/bin/python bench/broker.py [--tasks 2000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    BIN,
+    REPO,
+    client_app,
+    cpu_seconds,
+    env,
+    free_port,
+    median,
+    process,
+    redis_server,
+    tasks_per_second,
+    wait_for,
+    wait_for_worker,
+)
+
+PASSWORD = "bench-pw"
+QUEUE = "celery"
+
+
+@contextmanager
+def embedded_broker(folder: str):
+    import redis
+
+    port = free_port()
+    argv = [str(BIN / "dify-local"), "serve", "broker", "--port", str(port), "--password", PASSWORD]
+    with process(argv, Path(folder), env(DIFY_LOCAL_STATE_DIR=folder)) as proc:
+        client = redis.Redis(port=port, password=PASSWORD)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+        wait_for(up, 30, "the embedded broker")
+        yield f"redis://:{PASSWORD}@127.0.0.1:{port}", client, proc.pid
+
+
+@contextmanager
+def real_broker():
+    with redis_server(password=PASSWORD) as (url, version, client):
+        pid = int(client.info("server")["process_id"])
+        yield url, client, pid, version
+
+
+def one_round(url: str, client, server_pid: int, tasks: int) -> tuple[float, float]:
+    """Tasks per second, and the server's CPU ms per task."""
+    client.flushall()
+    broker_url = f"{url}/1"
+    app = client_app(broker_url)
+    argv = [str(BIN / "celery"), "-A", "bench.plain_app", "worker", "-P", "threads", "-c", "4", "-l", "WARNING"]
+    with process(argv, REPO, env(BENCH_BROKER_URL=broker_url)):
+        wait_for_worker(app)
+        before = cpu_seconds(server_pid)
+        rate = tasks_per_second(app, tasks, QUEUE)
+        server_cpu = (cpu_seconds(server_pid) - before) * 1000 / tasks
+    app.close()
+    return rate, server_cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    rates: dict[str, list[float]] = {"embedded": [], "redis-server": []}
+    cpu: dict[str, list[float]] = {"embedded": [], "redis-server": []}
+    with tempfile.TemporaryDirectory() as folder, embedded_broker(folder) as embedded, real_broker() as real:
+        print(f"broker: {options.tasks} trivial tasks, plain celery worker threads ×4, results on the same server; "
+              f"redis-server {real[3]}; {options.rounds} rounds")
+        brokers = {"embedded": embedded, "redis-server": real[:3]}
+        for number in range(1, options.rounds + 1):
+            order = list(brokers.items()) if number % 2 else list(reversed(brokers.items()))
+            for name, (url, client, pid) in order:
+                rate, server_cpu = one_round(url, client, pid, options.tasks)
+                rates[name].append(rate)
+                cpu[name].append(server_cpu)
+                print(f"  round {number} {name:<12} {rate:7.0f} tasks/s, broker CPU {server_cpu:.3f} ms/task")
+    paired = [mine / anchor for mine, anchor in zip(rates["embedded"], rates["redis-server"], strict=True)]
+    for name in rates:
+        print(f"{name:<12} {median(rates[name]):7.0f} tasks/s (median), broker CPU {median(cpu[name]):.3f} ms/task")
+    ratio = median(paired)
+    print("per round: " + ", ".join(f"{r:.2f}" for r in paired))
+    print(f"ratio embedded / redis-server (median of rounds): {ratio:.2f}× (target ≥ 0.9×) "
+          f"{'OK' if ratio >= 0.9 else 'BELOW TARGET'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Celery's hot commands, run directly on fakeredis' data.
+
+Per task, Celery sends about 21 commands to its broker: LPUSH, BRPOP, GET, SETEX, PUBLISH, HSET,
+HDEL, ZADD, ZREM, mostly inside MULTI/EXEC. Through fakeredis' generic path (argument signatures,
+ACL checks, write-back wrappers, keyspace notifications) each cost about 40 µs here, most of the
+broker's time. These run in a few µs on the same data structures, with Redis' replies and errors.
+
+Anything off the common shape (an option, a subscribed client, keyspace notifications switched
+on, a WATCH) raises `Defer`, and the caller runs the command through fakeredis as usual.
+`tests/test_broker_fast.py` checks these against a real redis-server, reply by reply.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+from fakeredis._core._database import Item
+from fakeredis._helpers import SimpleError, SimpleString
+from fakeredis.model import Hash, ZSet
+
+from runner.broker.core import deliver
+
+WRONGTYPE = SimpleError("WRONGTYPE Operation against a key holding the wrong kind of value")
+OK = SimpleString(b"OK")
+QUEUED = SimpleString(b"QUEUED")
+NO_REPLY = object()  # the command answered the client itself (pub/sub confirmations)
+PUBSUB_ALLOWED = frozenset({b"subscribe", b"unsubscribe", b"ping"})  # what a subscribed RESP2 client may send
+
+
+class Defer(Exception):
+    """Not for the fast path: run it through fakeredis."""
+
+
+Log = Callable[[int, list[bytes]], None]
+
+
+def _positive_int(raw: bytes) -> int:
+    if not raw.isdigit() or raw.startswith(b"0"):
+        raise Defer  # zero, negative, malformed: fakeredis has the exact error
+    return int(raw)
+
+
+class FastPath:
+    def __init__(self, core: Any, log: Log):
+        self.core = core
+        self.log = log  # every write that took effect (the append-only log, parked clients)
+        self.commands: dict[bytes, Callable[[Any, list[bytes]], Any]] = {
+            b"get": self.get, b"set": self.set, b"setex": self.setex, b"del": self.delete,
+            b"lpush": self.lpush, b"rpush": self.rpush, b"llen": self.llen, b"lpop": self.lpop, b"rpop": self.rpop,
+            b"brpop": self.brpop, b"blpop": self.blpop,
+            b"hset": self.hset, b"hdel": self.hdel, b"hget": self.hget,
+            b"zadd": self.zadd, b"zrem": self.zrem, b"publish": self.publish, b"ping": self.ping,
+            b"subscribe": self.subscribe, b"unsubscribe": self.unsubscribe,
+        }
+
+    def usable(self, sock: Any, name: bytes) -> bool:
+        """Whether this command of this client may take the fast path now."""
+        if sock._reply_off or sock._reply_skip or sock._watches or sock._transaction is not None:
+            return False
+        if sock._pubsub and name not in PUBSUB_ALLOWED:
+            return False  # fakeredis knows what a subscribed client may not do
+        return not self.core.config.get(b"notify-keyspace-events")
+
+    def run(self, sock: Any, command: list[bytes]) -> Any:
+        """The reply; raises Defer when fakeredis must run it."""
+        handler = self.commands.get(command[0].lower())
+        if handler is None:
+            raise Defer
+        return handler(sock, command)
+
+    # -- the data ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _item(sock: Any, key: bytes) -> Item | None:
+        db = sock._db
+        db.time = now = time.time()
+        item = db._dict.get(key)
+        if item is not None and item.expireat is not None and item.expireat < now:
+            del db._dict[key]
+            return None
+        return item
+
+    @staticmethod
+    def _changed(sock: Any, key: bytes) -> None:
+        """Tell the clients WATCHing the key that a transaction of theirs must now fail."""
+        watchers = sock._db._watches.get(key)
+        if watchers:
+            for watcher in list(watchers):
+                watcher.notify_watch()
+
+    def _wrote(self, sock: Any, command: list[bytes], key: bytes) -> None:
+        self._changed(sock, key)
+        self.log(sock._db_num, command)
+
+    # -- strings ----------------------------------------------------------------------------------------
+
+    def get(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 2:
+            raise Defer
+        item = self._item(sock, command[1])
+        if item is None:
+            return None
+        return item.value if type(item.value) is bytes else WRONGTYPE
+
+    def _store(self, sock: Any, command: list[bytes], key: bytes, value: bytes, seconds: float | None) -> Any:
+        item = Item(value)
+        if seconds is not None:
+            item.expireat = time.time() + seconds
+        sock._db[key] = item  # through the Database, which schedules the expiry
+        self._wrote(sock, command, key)
+        if item.expireat is not None:
+            self.log(sock._db_num, [b"pexpireat", key, b"%d" % int(item.expireat * 1000)])
+        return OK
+
+    def set(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) == 3:
+            return self._store(sock, command, command[1], command[2], None)
+        if len(command) == 5 and command[3].lower() in (b"ex", b"px"):
+            amount = _positive_int(command[4])
+            return self._store(sock, command, command[1], command[2],
+                               amount if command[3].lower() == b"ex" else amount / 1000)
+        raise Defer
+
+    def setex(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 4:
+            raise Defer
+        return self._store(sock, command, command[1], command[3], _positive_int(command[2]))
+
+    def delete(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) < 2:
+            raise Defer
+        removed = 0
+        for key in command[1:]:
+            if self._item(sock, key) is not None:
+                del sock._db._dict[key]
+                self._changed(sock, key)
+                removed += 1
+        if removed:
+            self.log(sock._db_num, command)
+        return removed
+
+    # -- lists ------------------------------------------------------------------------------------------
+
+    def _push(self, sock: Any, command: list[bytes], left: bool) -> Any:
+        if len(command) < 3:
+            raise Defer
+        key, values = command[1], command[2:]
+        item = self._item(sock, key)
+        if item is None:
+            item = Item([])
+            sock._db._dict[key] = item
+        elif type(item.value) is not list:
+            return WRONGTYPE
+        if left:
+            item.value[0:0] = values[::-1]
+        else:
+            item.value.extend(values)
+        self._wrote(sock, command, key)
+        return len(item.value)
+
+    def lpush(self, sock: Any, command: list[bytes]) -> Any:
+        return self._push(sock, command, left=True)
+
+    def rpush(self, sock: Any, command: list[bytes]) -> Any:
+        return self._push(sock, command, left=False)
+
+    def llen(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 2:
+            raise Defer
+        item = self._item(sock, command[1])
+        if item is None:
+            return 0
+        return len(item.value) if type(item.value) is list else WRONGTYPE
+
+    def _pop(self, sock: Any, key: bytes, left: bool) -> Any:
+        """The value popped, None if there is no list, WRONGTYPE if the key is not one."""
+        item = self._item(sock, key)
+        if item is None:
+            return None
+        if type(item.value) is not list:
+            return WRONGTYPE
+        value = item.value.pop(0 if left else -1)
+        if not item.value:
+            del sock._db._dict[key]
+        return value
+
+    def lpop(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 2:
+            raise Defer
+        value = self._pop(sock, command[1], left=True)
+        if type(value) is bytes:
+            self._wrote(sock, command, command[1])
+        return value
+
+    def rpop(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 2:
+            raise Defer
+        value = self._pop(sock, command[1], left=False)
+        if type(value) is bytes:
+            self._wrote(sock, command, command[1])
+        return value
+
+    def _blocking_pop(self, sock: Any, command: list[bytes], left: bool) -> Any:
+        """One try of BRPOP/BLPOP: [key, value], or None (the server parks the client)."""
+        if len(command) < 3:
+            raise Defer
+        try:
+            timeout = float(command[-1])
+        except ValueError:
+            raise Defer from None
+        if not timeout >= 0 or math.isinf(timeout):
+            raise Defer
+        for key in command[1:-1]:
+            value = self._pop(sock, key, left)
+            if value is WRONGTYPE:
+                return value
+            if value is not None:
+                # logged as what it did (its timeout does not matter to a replay)
+                self._wrote(sock, [b"lpop" if left else b"rpop", key], key)
+                return [key, value]
+        return None
+
+    def brpop(self, sock: Any, command: list[bytes]) -> Any:
+        return self._blocking_pop(sock, command, left=False)
+
+    def blpop(self, sock: Any, command: list[bytes]) -> Any:
+        return self._blocking_pop(sock, command, left=True)
+
+    # -- hashes -----------------------------------------------------------------------------------------
+
+    def _hash(self, sock: Any, key: bytes, create: bool) -> Any:
+        item = self._item(sock, key)
+        if item is None:
+            if not create:
+                return None
+            item = Item(Hash())
+            sock._db._dict[key] = item
+        elif not isinstance(item.value, Hash):
+            return WRONGTYPE
+        return item
+
+    def hset(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) < 4 or len(command) % 2:
+            raise Defer
+        item = self._hash(sock, command[1], create=True)
+        if item is WRONGTYPE:
+            return item
+        before = len(item.value)
+        item.value.update(dict(zip(command[2::2], command[3::2], strict=True)), clear_expiration=True)
+        self._wrote(sock, command, command[1])
+        return len(item.value) - before
+
+    def hdel(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) < 3:
+            raise Defer
+        item = self._hash(sock, command[1], create=False)
+        if item is None or item is WRONGTYPE:
+            return 0 if item is None else item
+        removed = 0
+        for field in command[2:]:
+            if field in item.value:
+                del item.value[field]
+                removed += 1
+        if not item.value:
+            del sock._db._dict[command[1]]
+        if removed:
+            self._wrote(sock, command, command[1])
+        return removed
+
+    def hget(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 3:
+            raise Defer
+        item = self._hash(sock, command[1], create=False)
+        if item is None or item is WRONGTYPE:
+            return item
+        return item.value.get(command[2])
+
+    # -- sorted sets ------------------------------------------------------------------------------------
+
+    def zadd(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) < 4 or len(command) % 2:
+            raise Defer
+        pairs = []
+        for raw, member in zip(command[2::2], command[3::2], strict=True):
+            try:
+                score = float(raw)
+            except ValueError:
+                raise Defer from None  # an option (NX, GT, …) or a bad score: fakeredis
+            if math.isnan(score) or raw.strip() != raw or b"_" in raw or raw.lower().startswith(
+                    (b"0x", b"infinity", b"+infinity", b"-infinity")):
+                raise Defer  # forms Python reads and Redis does not (or reads differently)
+            pairs.append((score, member))
+        item = self._item(sock, command[1])
+        if item is None:
+            item = Item(ZSet())
+            sock._db._dict[command[1]] = item
+        elif not isinstance(item.value, ZSet):
+            return WRONGTYPE
+        zset = item.value
+        added = 0
+        for score, member in pairs:
+            added += member not in zset
+            zset.add(member, score + 0.0)
+        self._wrote(sock, command, command[1])
+        return added
+
+    def zrem(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) < 3:
+            raise Defer
+        item = self._item(sock, command[1])
+        if item is None:
+            return 0
+        if not isinstance(item.value, ZSet):
+            return WRONGTYPE
+        zset = item.value
+        removed = 0
+        for member in command[2:]:
+            if member in zset:
+                zset.discard(member)
+                removed += 1
+        if not zset:
+            del sock._db._dict[command[1]]
+        if removed:
+            self._wrote(sock, command, command[1])
+        return removed
+
+    # -- pub/sub and the rest ---------------------------------------------------------------------------
+
+    def publish(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) != 3:
+            raise Defer
+        return deliver(self.core, command[1], command[2])
+
+    def subscribe(self, sock: Any, command: list[bytes]) -> Any:
+        """SUBSCRIBE: a confirmation pushed per channel (the client's own replies, sent directly)."""
+        if len(command) < 2:
+            raise Defer
+        sock._subscribe(command[1:], self.core.subscribers, b"subscribe")
+        return NO_REPLY
+
+    def unsubscribe(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) < 2:
+            raise Defer  # from every channel: fakeredis works out which
+        sock._unsubscribe(command[1:], self.core.subscribers, b"unsubscribe")
+        return NO_REPLY
+
+    def ping(self, sock: Any, command: list[bytes]) -> Any:
+        if len(command) == 1:
+            return SimpleString(b"PONG")
+        raise Defer

@@ -1,0 +1,147 @@
+"""The Redis protocol (RESP): reading commands, writing replies.
+
+`CommandReader` takes bytes as they arrive and yields complete commands (arrays of bulk strings,
+or inline commands as `redis-cli`-less clients type them), remembering how many bytes each one
+used, so the append-only log can be read with the same parser and cut at the last whole command.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from fakeredis._helpers import SimpleError, SimpleString
+
+CRLF = b"\r\n"
+MAX_BULK = 512 * 1024 * 1024  # Redis' proto-max-bulk-len
+MAX_INLINE = 64 * 1024
+
+
+class Push(list):
+    """A message the server pushes (pub/sub): RESP3's `>` type, an array in RESP2."""
+
+
+class ProtocolError(Exception):
+    """The bytes are not RESP: Redis answers with an error and closes the connection."""
+
+
+class CommandReader:
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._start = 0  # where the next unread command begins in the buffer
+        self.consumed = 0  # bytes of complete commands returned so far
+
+    def feed(self, data: bytes) -> None:
+        if self._start > 65536 and self._start > len(self._buffer) // 2:
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a complete command."""
+        return len(self._buffer) - self._start
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        while True:
+            command = self._next()
+            if command is None:
+                return
+            yield command
+
+    def _next(self) -> list[bytes] | None:
+        buffer, start = self._buffer, self._start
+        if start >= len(buffer):
+            return None
+        if buffer[start] != 0x2A:  # not "*": an inline command, one line of words
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                if len(buffer) - start > MAX_INLINE:
+                    raise ProtocolError("too big inline request")
+                return None
+            words = bytes(buffer[start:end]).rstrip(b"\r").split()
+            self._advance(end + 1)
+            return words if words else self._next()
+        end = buffer.find(CRLF, start)
+        if end < 0:
+            return None
+        try:
+            count = int(buffer[start + 1 : end])
+        except ValueError:
+            raise ProtocolError("invalid multibulk length") from None
+        position = end + 2
+        fields: list[bytes] = []
+        for _ in range(count):
+            if position >= len(buffer):
+                return None
+            if buffer[position] != 0x24:  # "$"
+                raise ProtocolError(f"expected '$', got '{chr(buffer[position])}'")
+            end = buffer.find(CRLF, position)
+            if end < 0:
+                return None
+            try:
+                length = int(buffer[position + 1 : end])
+            except ValueError:
+                raise ProtocolError("invalid bulk length") from None
+            if not 0 <= length <= MAX_BULK:
+                raise ProtocolError("invalid bulk length")
+            data_start = end + 2
+            data_end = data_start + length
+            if data_end + 2 > len(buffer):
+                return None
+            if buffer[data_end : data_end + 2] != CRLF:
+                raise ProtocolError("bulk string not terminated by CRLF")
+            fields.append(bytes(buffer[data_start:data_end]))
+            position = data_end + 2
+        self._advance(position)
+        return fields if fields else self._next()
+
+    def _advance(self, position: int) -> None:
+        self.consumed += position - self._start
+        self._start = position
+
+
+def encode_command(fields: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(fields) + b"".join([b"$%d\r\n%s\r\n" % (len(field), field) for field in fields])
+
+
+def encode(value: Any, protocol: int = 2) -> bytes:
+    """One reply, RESP2 or RESP3; strings are bulk strings unless the command made them simple."""
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, SimpleString):
+        return b"+%s\r\n" % value.value
+    if value is None:
+        return b"_\r\n" if protocol == 3 else b"$-1\r\n"
+    if isinstance(value, bool):  # before int, which bool subclasses
+        if protocol == 3:
+            return b"#t\r\n" if value else b"#f\r\n"
+        return b":1\r\n" if value else b":0\r\n"
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return b":%d\r\n" % value
+        text = b"%d" % value
+        return b"(%s\r\n" % text if protocol == 3 else b"$%d\r\n%s\r\n" % (len(text), text)
+    if isinstance(value, (list, tuple)):
+        head = b">%d\r\n" if protocol == 3 and type(value) is Push else b"*%d\r\n"
+        return head % len(value) + b"".join([encode(item, protocol) for item in value])
+    if isinstance(value, SimpleError):
+        return b"-%s\r\n" % value.value.encode().replace(b"\r", b" ").replace(b"\n", b" ")
+    if isinstance(value, str):
+        return encode(value.encode(), protocol)
+    if isinstance(value, float):
+        text = repr(value).encode() if value == value and abs(value) != float("inf") else (
+            b"nan" if value != value else (b"inf" if value > 0 else b"-inf"))
+        return b",%s\r\n" % text if protocol == 3 else b"$%d\r\n%s\r\n" % (len(text), text)
+    if isinstance(value, dict):
+        items = [part for pair in value.items() for part in pair]
+        head = b"%%%d\r\n" % len(value) if protocol == 3 else b"*%d\r\n" % len(items)
+        return head + b"".join(encode(item, protocol) for item in items)
+    if isinstance(value, (set, frozenset)):
+        head = b"~%d\r\n" if protocol == 3 else b"*%d\r\n"
+        return head % len(value) + b"".join(encode(item, protocol) for item in value)
+    if isinstance(value, Exception):
+        return encode(SimpleError(f"ERR {value}"), protocol)
+    raise TypeError(f"cannot encode a reply of type {type(value).__name__}")
+
+
+NULL_ARRAY = {2: b"*-1\r\n", 3: b"_\r\n"}  # a blocking pop that timed out
