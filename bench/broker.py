@@ -11,6 +11,7 @@ per-round ratios embedded / real (target: at least 0.9×).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ def embedded_broker(folder: str):
     import redis
 
     port = free_port()
-    argv = [str(BIN / "dify-local"), "serve", "broker", "--port", str(port), "--password", PASSWORD]
+    argv = [str(BIN / "dify-local"), "serve", "broker", "--port", str(port), "--password", PASSWORD,
+            *(["--no-persist"] if os.environ.get("BENCH_NO_PERSIST") else [])]
     with process(argv, Path(folder), env(DIFY_LOCAL_STATE_DIR=folder)) as proc:
         client = redis.Redis(port=port, password=PASSWORD)
 

@@ -33,8 +33,8 @@ from fakeredis._helpers import SimpleError, SimpleString
 
 from runner.broker.aof import AppendOnlyLog, LoadReport
 from runner.broker.core import BrokerSocket
-from runner.broker.fast import NO_REPLY, OK, QUEUED, Defer, FastPath
-from runner.broker.resp import NULL_ARRAY, CommandReader, ProtocolError, encode
+from runner.broker.fast import NO_REPLY, OK, PUBSUB_ALLOWED, QUEUED, Defer, FastPath
+from runner.broker.resp import NULL_ARRAY, ProtocolError, encode, reader_for
 from runner.settings.kinds import is_loopback
 
 log = logging.getLogger("dify_local.broker")
@@ -54,6 +54,7 @@ BLOCKING = {b"brpop": -1, b"blpop": -1, b"bzpopmin": -1, b"bzpopmax": -1, b"brpo
             b"blmpop": 1, b"bzmpop": 1}
 NULL_BULK_ON_TIMEOUT = {b"brpoplpush", b"blmove"}
 GROUPED = {b"exec", b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"}  # effects written together
+SUBSCRIPTIONS = {b"subscribe", b"unsubscribe"}  # fast-path commands that change a client's state
 
 
 def keys_of(command: list[bytes]) -> list[bytes]:
@@ -85,11 +86,14 @@ class Parked:
 class Connection(asyncio.Protocol):
     def __init__(self, server: "EmbeddedBroker"):
         self.server = server
-        self.reader = CommandReader()
+        self.reader = None  # chosen by the first byte the client sends
         self.out: list[bytes] = []
         self.parked: Parked | None = None
         self.closing = False
         self.fast_multi: list[list[bytes]] | None = None  # a MULTI the fast path is queueing
+        # FastPath.client_ready(sock), kept up to date by the server: recomputed after anything that
+        # could change it (a command fakeredis ran for this client, a subscription, a CONFIG)
+        self.fast_ready = True
         self.protocol = 2  # RESP version, from the client's HELLO
         self.transport: asyncio.Transport | None = None
         self.sock: BrokerSocket | None = None
@@ -111,27 +115,68 @@ class Connection(asyncio.Protocol):
         log.debug("client %s connected", self.peer)
 
     def reply(self, message: Any) -> None:
-        if message is not NO_REPLY:
+        if message is OK:
+            self.out.append(b"+OK\r\n")
+        elif message is QUEUED:
+            self.out.append(b"+QUEUED\r\n")
+        elif message is not NO_REPLY:
             self.out.append(encode(message, self.protocol))
-            self.server.dirty.add(self)
+        else:
+            return
+        self.server.dirty.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.reader is None:
+            self.reader = reader_for(data[:1])
         self.reader.feed(data)
         self.process()
-        self.server.after_batch()
+        self.server.batch_done()
 
     def process(self) -> None:
-        """Run the complete commands received, until one parks this client."""
+        """Run the complete commands received, until one parks this client.
+
+        The common case, a fast-path command outside a transaction, is handled right here: this
+        loop runs for every command Celery sends, and each call and check it saves counts.
+        """
+        server, sock, out = self.server, self.sock, self.out
+        next_command, execute, handlers = self.reader._next, server.execute, server.fast_handlers
         while self.parked is None and not self.closing:
             try:
-                command = self.reader._next()
+                command = next_command()
             except ProtocolError as error:
                 self.reply(SimpleError(f"ERR Protocol error: {error}"))
                 self.closing = True
                 return
             if command is None:
                 return
-            self.server.execute(self, command)
+            name = command[0].lower()
+            handler = handlers.get(name)
+            if (handler is not None and self.fast_multi is None and self.fast_ready and sock._authenticated
+                    and not sock._pubsub):
+                try:
+                    result = handler(sock, command)
+                except Defer:
+                    pass
+                except Exception:
+                    log.exception("command %r failed", command[0])
+                    self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                    continue
+                else:
+                    server.commands_processed += 1
+                    if type(result) is bytes:
+                        out.append(b"$%d\r\n%s\r\n" % (len(result), result))
+                    elif result is OK:
+                        out.append(b"+OK\r\n")
+                    else:
+                        self.reply(result)
+                        continue
+                    server.dirty.add(self)
+                    continue
+            try:
+                execute(self, command)
+            except Exception:  # a fault of ours (or a malformed argument) costs this command, not the broker
+                log.exception("command %r failed", command[0])
+                self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
 
     def flush(self) -> None:
         if self.out and self.transport is not None:
@@ -167,6 +212,8 @@ class EmbeddedBroker:
         self.parked: collections.OrderedDict[int, Parked] = collections.OrderedDict()
         self.touched: set[tuple[int, bytes]] = set()
         self.loading = False
+        self.check_kills = False  # a CLIENT command ran: a CLIENT KILL may have closed someone
+        self._flush_scheduled = False
         self.started = time.time()
         self.connections_received = 0
         self.commands_processed = 0
@@ -174,6 +221,8 @@ class EmbeddedBroker:
         self._captured: list[Any] = []
         self._internal = BrokerSocket(self.core, password=None, on_reply=self._captured.append, on_write=self.wrote)
         self.fast = FastPath(self.core, self.wrote)
+        # the fast path's commands, but for the blocking pops (tried in _blocking, which can park)
+        self.fast_handlers = {name: handler for name, handler in self.fast.commands.items() if name not in BLOCKING}
         self._server: asyncio.base_events.Server | None = None
         self._stopped: asyncio.Event | None = None
 
@@ -201,6 +250,46 @@ class EmbeddedBroker:
         self.commands_processed += 1
         sock = connection.sock
         name = command[0].lower()
+        queued = connection.fast_multi
+        if queued is not None:  # inside a MULTI the fast path is queueing
+            if name in self.fast_handlers:
+                queued.append(command)
+                connection.reply(QUEUED)
+                return
+            if name in (b"exec", b"discard", b"multi"):
+                self._finish_fast_multi(connection, name)
+                return
+            self._hand_multi_to_core(connection)  # then this command, through fakeredis
+        else:
+            handler = self.fast_handlers.get(name)
+            if handler is not None:
+                if connection.fast_ready and sock._authenticated and (not sock._pubsub or name in PUBSUB_ALLOWED):
+                    try:
+                        connection.reply(handler(sock, command))
+                        if name in SUBSCRIPTIONS:
+                            connection.fast_ready = self.fast.client_ready(sock)
+                        return
+                    except Defer:
+                        pass
+            elif name == b"multi" and len(command) == 1 and connection.fast_ready and sock._authenticated \
+                    and not sock._pubsub:
+                connection.fast_multi = []
+                connection.reply(OK)
+                return
+        try:
+            self._execute_slowly(connection, sock, command, name)
+        finally:
+            # fakeredis may have changed what the fast path depends on (WATCH, MULTI, CLIENT REPLY,
+            # CONFIG SET for everyone)
+            if name == b"config":
+                for other in self.connections:
+                    other.fast_ready = self.fast.client_ready(other.sock)
+            else:
+                connection.fast_ready = self.fast.client_ready(sock)
+
+    def _execute_slowly(self, connection: Connection, sock: BrokerSocket, command: list[bytes], name: bytes) -> None:
+        if name == b"client":
+            self.check_kills = True
         if name == b"quit":
             connection.reply(SimpleString(b"OK"))
             connection.closing = True
@@ -219,19 +308,6 @@ class EmbeddedBroker:
             return
         if not sock._authenticated or sock._transaction is not None:
             sock._process_command(command)  # AUTH/NOAUTH, or queued by fakeredis' MULTI
-            return
-        if connection.fast_multi is not None:
-            if self._queue_fast(connection, command, name):
-                return
-        elif name not in BLOCKING and name in self.fast.commands and self.fast.usable(sock, name):
-            try:
-                connection.reply(self.fast.run(sock, command))
-                return
-            except Defer:
-                pass
-        elif name == b"multi" and len(command) == 1 and self.fast.usable(sock, name):
-            connection.fast_multi = []
-            connection.reply(OK)
             return
         if name in BLOCKING:
             self._blocking(connection, command)
@@ -253,47 +329,41 @@ class EmbeddedBroker:
         else:
             sock._process_command(command)
 
-    def _queue_fast(self, connection: Connection, command: list[bytes], name: bytes) -> bool:
-        """A command inside a fast-path MULTI; False hands the transaction to fakeredis."""
-        if name == b"exec":
-            queued, connection.fast_multi = connection.fast_multi, None
-            if self.aof is not None:
-                self.aof.begin_group()
-            try:
-                # One after another with nothing in between: the loop is single-threaded.
-                connection.reply([self._run_now(connection, entry) for entry in queued])
-            finally:
-                if self.aof is not None:
-                    self.aof.end_group()
-            return True
-        if name == b"discard":
-            connection.fast_multi = None
-            connection.reply(OK)
-            return True
+    def _finish_fast_multi(self, connection: Connection, name: bytes) -> None:
+        """EXEC, DISCARD or a nested MULTI inside a MULTI the fast path is queueing."""
         if name == b"multi":
             connection.reply(SimpleError("ERR MULTI calls can not be nested"))
-            return True
-        if name in self.fast.commands and name not in BLOCKING:
-            connection.fast_multi.append(command)
-            connection.reply(QUEUED)
-            return True
-        # Something fakeredis must queue: give it the transaction so far, then this command.
+            return
+        queued, connection.fast_multi = connection.fast_multi, None
+        if name == b"discard":
+            connection.reply(OK)
+            return
+        if self.aof is not None:
+            self.aof.begin_group()
+        try:
+            # One after another with nothing in between: the loop is single-threaded.
+            sock, handlers, replies = connection.sock, self.fast_handlers, []
+            for entry in queued:
+                try:
+                    replies.append(handlers[entry[0].lower()](sock, entry))
+                except Defer:
+                    replies.append(self._attempt(connection, entry))
+            connection.reply(replies)
+        finally:
+            if self.aof is not None:
+                self.aof.end_group()
+
+    def _hand_multi_to_core(self, connection: Connection) -> None:
+        """A command fakeredis must queue: give it the transaction so far (the client had its OK
+        and QUEUED replies already)."""
         queued, connection.fast_multi = connection.fast_multi, None
         sock = connection.sock
-        sock._on_reply = lambda message: None  # the client had its OK and QUEUED replies already
+        sock._on_reply = lambda message: None
         try:
             for entry in [[b"multi"], *queued]:
                 sock._process_command(entry)
         finally:
             sock._on_reply = connection.reply
-        return False
-
-    def _run_now(self, connection: Connection, command: list[bytes]) -> Any:
-        """One command's reply, through the fast path or else fakeredis."""
-        try:
-            return self.fast.run(connection.sock, command)
-        except Defer:
-            return self._attempt(connection, command)
 
     def _attempt(self, connection: Connection, command: list[bytes]) -> Any:
         """Run a command through the core, capturing its reply (blocking ones never block there);
@@ -362,8 +432,17 @@ class EmbeddedBroker:
                 parked.connection.reply(result)
                 parked.connection.process()
 
+    def batch_done(self) -> None:
+        """The end-of-batch work, once per turn of the event loop however many clients sent
+        something in it: their log writes share one write() (uvloop runs this at the end of the
+        same turn)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.after_batch)
+
     def after_batch(self) -> None:
         """End of a batch: serve parked clients, put the writes in the log, then send replies."""
+        self._flush_scheduled = False
         if self.touched:
             if self.parked:
                 self._serve_parked()
@@ -372,12 +451,14 @@ class EmbeddedBroker:
             self.aof.write_pending()
             if self.aof.needs_rewrite():
                 self.rewrite()
-        for connection in list(self.dirty):
+        for connection in self.dirty:
             connection.flush()
         self.dirty.clear()
-        for connection in list(self.connections):
-            if connection.sock is not None and connection.sock._killed and connection.transport is not None:
-                connection.transport.close()  # CLIENT KILL
+        if self.check_kills:
+            self.check_kills = False
+            for connection in list(self.connections):
+                if connection.sock is not None and connection.sock._killed and connection.transport is not None:
+                    connection.transport.close()  # CLIENT KILL
 
     # -- persistence ------------------------------------------------------------------------------
 
