@@ -19,7 +19,9 @@ def command(rng: random.Random) -> list[bytes]:
     key = rng.choice(KEYS)
     value = rng.choice([b"v", b"longer value", b"", b"\x00binary\r\n"])
     field = rng.choice([b"f1", b"f2", b"f3"])
-    score = rng.choice([b"1", b"2.5", b"-3", b"0", b"10"])
+    score = rng.choice([b"1", b"2.5", b"-3", b"0", b"10", b"+4.", b".5", b"1700000000.123",
+                        # forms Redis and Python read differently, or only one of them reads
+                        b"1e3", b"1e400", b"1" + b"0" * 400, b"0x10", b" 1", b"1_0", b"inf", b"-inf", b"nan", b"x"])
     member = rng.choice([b"m1", b"m2", b"m3"])
     return rng.choice([
         [b"GET", key], [b"SET", key, value], [b"SET", key, value, b"EX", b"100"], [b"SET", key, value, b"PX", b"5000"],

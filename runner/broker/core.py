@@ -20,6 +20,7 @@ from fakeredis._helpers import NoResponse, SimpleError, SimpleString
 from fakeredis._socket import FakeSocket
 
 from runner.broker.resp import Push
+from runner.broker.scores import zadd_scores
 
 NOAUTH = "NOAUTH Authentication required."
 NOAUTH_HELLO = ("NOAUTH HELLO must be called with the client already authenticated, otherwise the "
@@ -110,6 +111,11 @@ class BrokerSocket(FakeSocket):
     # -- the append-only log ----------------------------------------------------------------------
 
     def _run_command(self, func: Any, sig: Any, args: list[Any], from_script: bool) -> Any:
+        if sig.name == "zadd":
+            scores = zadd_scores(args)
+            if scores is None:
+                return SimpleError("ERR value is not a valid float")
+            args = scores
         result = super()._run_command(func, sig, args, from_script)
         if sig.name in BLOCKING_COMMANDS and result is None:
             return result
@@ -182,15 +188,20 @@ def deliver(server: Any, channel: bytes, message: bytes) -> int:
 
     receivers = 0
     subscribers = server.subscribers.get(channel)
-    if subscribers:
+    if subscribers is not None and subscribers.data:
         push = Push([b"message", channel, message])
-        for subscriber in list(subscribers):
-            subscriber.put_response(push)
-            receivers += 1
-    for pattern, subscribers in list(server.psubscribers.items()):
-        if subscribers and compile_pattern(pattern).match(channel):
-            push = Push([b"pmessage", pattern, channel, message])
-            for subscriber in list(subscribers):
+        # fakeredis keeps subscribers in WeakSets, whose Python-level iteration cost more than the
+        # rest of PUBLISH: read the references underneath (a snapshot, as a reply may unsubscribe)
+        for reference in list(subscribers.data):
+            subscriber = reference()
+            if subscriber is not None:
                 subscriber.put_response(push)
                 receivers += 1
+    if server.psubscribers:
+        for pattern, subscribers in list(server.psubscribers.items()):
+            if subscribers and compile_pattern(pattern).match(channel):
+                push = Push([b"pmessage", pattern, channel, message])
+                for subscriber in list(subscribers):
+                    subscriber.put_response(push)
+                    receivers += 1
     return receivers

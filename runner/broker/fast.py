@@ -13,6 +13,7 @@ on, a WATCH) raises `Defer`, and the caller runs the command through fakeredis a
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any, Callable
 
@@ -21,10 +22,16 @@ from fakeredis._helpers import SimpleError, SimpleString
 from fakeredis.model import Hash, ZSet
 
 from runner.broker.core import deliver
+from runner.broker.scores import ZADD_OPTIONS, redis_double
 
 WRONGTYPE = SimpleError("WRONGTYPE Operation against a key holding the wrong kind of value")
 OK = SimpleString(b"OK")
 QUEUED = SimpleString(b"QUEUED")
+# a score in plain decimal, which Python's float() and Redis' strtod read alike (no exponent, short
+# enough that neither overflows nor underflows, where Redis refuses and Python gives inf or 0)
+PLAIN_SCORE = re.compile(rb"[-+]?(?:[0-9]{1,300}(?:\.[0-9]{0,300})?|\.[0-9]{1,300})\Z")
+NOT_A_FLOAT = SimpleError("ERR value is not a valid float")
+NOTHING = object()
 NO_REPLY = object()  # the command answered the client itself (pub/sub confirmations)
 PUBSUB_ALLOWED = frozenset({b"subscribe", b"unsubscribe", b"ping"})  # what a subscribed RESP2 client may send
 
@@ -233,14 +240,20 @@ class FastPath:
     # -- hashes -----------------------------------------------------------------------------------------
 
     def _hash(self, sock: Any, key: bytes, create: bool) -> Any:
+        """The hash's Item, with its due field TTLs applied; None if there is none; WRONGTYPE."""
         item = self._item(sock, key)
         if item is None:
             if not create:
                 return None
             item = Item(Hash())
             sock._db._dict[key] = item
-        elif not isinstance(item.value, Hash):
+        elif type(item.value) is not Hash:
             return WRONGTYPE
+        elif item.value._expiry_heap:
+            item.value._expire_keys()
+            if not item.value._values:  # every field expired: Redis has no such key
+                del sock._db._dict[key]
+                return self._hash(sock, key, create)
         return item
 
     def hset(self, sock: Any, command: list[bytes]) -> Any:
@@ -249,10 +262,15 @@ class FastPath:
         item = self._hash(sock, command[1], create=True)
         if item is WRONGTYPE:
             return item
-        before = len(item.value)
-        item.value.update(dict(zip(command[2::2], command[3::2], strict=True)), clear_expiration=True)
+        # Hash's own dicts: its methods convert and check every field again (fields here are bytes)
+        fields, expirations = item.value._values, item.value._expirations
+        before = len(fields)
+        for at in range(2, len(command), 2):
+            if expirations:
+                expirations.pop(command[at], None)  # HSET clears a field's TTL, as in Redis
+            fields[command[at]] = command[at + 1]
         self._wrote(sock, command, command[1])
-        return len(item.value) - before
+        return len(fields) - before
 
     def hdel(self, sock: Any, command: list[bytes]) -> Any:
         if len(command) < 3:
@@ -260,12 +278,13 @@ class FastPath:
         item = self._hash(sock, command[1], create=False)
         if item is None or item is WRONGTYPE:
             return 0 if item is None else item
+        fields, expirations = item.value._values, item.value._expirations
         removed = 0
         for field in command[2:]:
-            if field in item.value:
-                del item.value[field]
+            if fields.pop(field, NOTHING) is not NOTHING:
+                expirations.pop(field, None)
                 removed += 1
-        if not item.value:
+        if not fields:
             del sock._db._dict[command[1]]
         if removed:
             self._wrote(sock, command, command[1])
@@ -285,15 +304,17 @@ class FastPath:
         if len(command) < 4 or len(command) % 2:
             raise Defer
         pairs = []
-        for raw, member in zip(command[2::2], command[3::2], strict=True):
-            try:
-                score = float(raw)
-            except ValueError:
-                raise Defer from None  # an option (NX, GT, …) or a bad score: fakeredis
-            if math.isnan(score) or raw.strip() != raw or b"_" in raw or raw.lower().startswith(
-                    (b"0x", b"infinity", b"+infinity", b"-infinity")):
-                raise Defer  # forms Python reads and Redis does not (or reads differently)
-            pairs.append((score, member))
+        for at in range(2, len(command), 2):
+            raw = command[at]
+            if PLAIN_SCORE.match(raw) is not None:
+                pairs.append((float(raw), command[at + 1]))
+                continue
+            if raw.upper() in ZADD_OPTIONS:
+                raise Defer  # fakeredis has the options
+            score = redis_double(raw)
+            if score is None:  # Redis reads every score before it looks at the key
+                return NOT_A_FLOAT
+            pairs.append((score, command[at + 1]))
         item = self._item(sock, command[1])
         if item is None:
             item = Item(ZSet())

@@ -35,7 +35,7 @@ from fakeredis._helpers import SimpleError, SimpleString
 from runner.broker.aof import AppendOnlyLog, LoadReport
 from runner.broker.core import BrokerSocket
 from runner.broker.fast import NO_REPLY, OK, PUBSUB_ALLOWED, QUEUED, Defer, FastPath
-from runner.broker.resp import NULL_ARRAY, ProtocolError, encode, reader_for
+from runner.broker.resp import NULL_ARRAY, PROTOCOL_ERRORS, encode, reader_for
 from runner.settings.kinds import is_loopback
 
 log = logging.getLogger("dify_local.broker")
@@ -140,49 +140,75 @@ class Connection(asyncio.Protocol):
         loop runs for every command Celery sends, and each call and check it saves counts.
         """
         server, sock, out = self.server, self.sock, self.out
-        next_command, execute, handlers = self.reader._next, server.execute, server.fast_handlers
-        while self.parked is None and not self.closing:
-            try:
-                command = next_command()
-            except ProtocolError as error:
-                self.reply(SimpleError(f"ERR Protocol error: {error}"))
-                self.closing = True
-                return
-            if command is None:
-                return
-            name = command[0].lower()
-            handler = handlers.get(name)
-            if handler is not None and self.fast_multi is not None:  # queued by a MULTI of the fast path
-                self.fast_multi.append(command)
-                server.commands_processed += 1
-                out.append(b"+QUEUED\r\n")
-                server.dirty.add(self)
-                continue
-            if handler is not None and self.fast_ready and sock._authenticated and not sock._pubsub:
+        next_command, execute, handlers = self.reader.next_command, server.execute, server.fast_handlers
+        replied = False
+        try:
+            while self.parked is None and not self.closing:
                 try:
-                    result = handler(sock, command)
-                except Defer:
-                    pass
-                except Exception:
+                    command = next_command()
+                except PROTOCOL_ERRORS as error:
+                    self.reply(SimpleError(f"ERR Protocol error: {error}"))
+                    self.closing = True
+                    return
+                if command is None or command is False:  # the rest has not arrived yet
+                    return
+                if type(command) is not list or not command or type(command[0]) is not bytes:
+                    if command == []:
+                        continue  # Redis ignores an empty array
+                    self.reply(SimpleError("ERR Protocol error: expected an array of bulk strings"))
+                    self.closing = True
+                    return
+                name = command[0].lower()
+                handler = handlers.get(name)
+                if handler is None:
+                    # MULTI and EXEC of the fast path's transactions (three per Celery task)
+                    if name == b"exec" and self.fast_multi is not None and len(command) == 1:
+                        server.commands_processed += 1
+                        try:
+                            server._finish_fast_multi(self, name)
+                        except Exception:
+                            log.exception("command %r failed", command[0])
+                            self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                        continue
+                    if name == b"multi" and len(command) == 1 and self.fast_multi is None and self.fast_ready \
+                            and sock._authenticated and not sock._pubsub:
+                        server.commands_processed += 1
+                        self.fast_multi = []
+                        out.append(b"+OK\r\n")
+                        replied = True
+                        continue
+                else:
+                    if self.fast_multi is not None:  # queued by a MULTI of the fast path
+                        self.fast_multi.append(command)
+                        server.commands_processed += 1
+                        out.append(b"+QUEUED\r\n")
+                        replied = True
+                        continue
+                    if self.fast_ready and sock._authenticated and not sock._pubsub:
+                        try:
+                            result = handler(sock, command)
+                        except Defer:
+                            pass
+                        except Exception:
+                            log.exception("command %r failed", command[0])
+                            self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                            continue
+                        else:
+                            server.commands_processed += 1
+                            if result is OK:
+                                out.append(b"+OK\r\n")
+                            elif result is not NO_REPLY:
+                                out.append(encode(result, self.protocol))
+                            replied = True
+                            continue
+                try:
+                    execute(self, command)
+                except Exception:  # a fault of ours (or a malformed argument) costs this command, not the broker
                     log.exception("command %r failed", command[0])
                     self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
-                    continue
-                else:
-                    server.commands_processed += 1
-                    if type(result) is bytes:
-                        out.append(b"$%d\r\n%s\r\n" % (len(result), result))
-                    elif result is OK:
-                        out.append(b"+OK\r\n")
-                    else:
-                        self.reply(result)
-                        continue
-                    server.dirty.add(self)
-                    continue
-            try:
-                execute(self, command)
-            except Exception:  # a fault of ours (or a malformed argument) costs this command, not the broker
-                log.exception("command %r failed", command[0])
-                self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+        finally:
+            if replied:
+                server.dirty.add(self)
 
     def flush(self) -> None:
         if self.out and self.transport is not None:
@@ -349,13 +375,16 @@ class EmbeddedBroker:
             self.aof.begin_group()
         try:
             # One after another with nothing in between: the loop is single-threaded.
-            sock, handlers, replies = connection.sock, self.fast_handlers, []
+            sock, handlers, protocol = connection.sock, self.fast_handlers, connection.protocol
+            replies = [b"*%d\r\n" % len(queued)]  # EXEC's array, written as it fills
             for entry in queued:
                 try:
-                    replies.append(handlers[entry[0].lower()](sock, entry))
+                    result = handlers[entry[0].lower()](sock, entry)
                 except Defer:
-                    replies.append(self._attempt(connection, entry))
-            connection.reply(replies)
+                    result = self._attempt(connection, entry)
+                replies.append(b"+OK\r\n" if result is OK else encode(result, protocol))
+            connection.out.append(b"".join(replies))
+            self.dirty.add(connection)
         finally:
             if self.aof is not None:
                 self.aof.end_group()
