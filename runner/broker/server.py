@@ -141,6 +141,7 @@ class Connection(asyncio.Protocol):
         """
         server, sock, out = self.server, self.sock, self.out
         next_command, execute, handlers = self.reader.next_command, server.execute, server.fast_handlers
+        blocking_pops = server.blocking_pops
         replied = False
         try:
             while self.parked is None and not self.closing:
@@ -170,13 +171,27 @@ class Connection(asyncio.Protocol):
                             log.exception("command %r failed", command[0])
                             self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
                         continue
-                    if name == b"multi" and len(command) == 1 and self.fast_multi is None and self.fast_ready \
-                            and sock._authenticated and not sock._pubsub:
-                        server.commands_processed += 1
-                        self.fast_multi = []
-                        out.append(b"+OK\r\n")
-                        replied = True
-                        continue
+                    if self.fast_multi is None and self.fast_ready and sock._authenticated and not sock._pubsub:
+                        if name == b"multi" and len(command) == 1:
+                            server.commands_processed += 1
+                            self.fast_multi = []
+                            out.append(b"+OK\r\n")
+                            replied = True
+                            continue
+                        pop = blocking_pops.get(name)  # the worker's BRPOP: answered, or the client parked
+                        if pop is not None:
+                            try:
+                                result = pop(sock, command)
+                            except Defer:
+                                pass
+                            else:
+                                server.commands_processed += 1
+                                if result is None:
+                                    server.park(self, command)
+                                else:
+                                    out.append(encode(result, self.protocol))
+                                    replied = True
+                                continue
                 else:
                     if self.fast_multi is not None:  # queued by a MULTI of the fast path
                         self.fast_multi.append(command)
@@ -254,6 +269,7 @@ class EmbeddedBroker:
         self.fast = FastPath(self.core, self.wrote)
         # the fast path's commands, but for the blocking pops (tried in _blocking, which can park)
         self.fast_handlers = {name: handler for name, handler in self.fast.commands.items() if name not in BLOCKING}
+        self.blocking_pops = {name: handler for name, handler in self.fast.commands.items() if name in BLOCKING}
         self._server: asyncio.base_events.Server | None = None
         # kept, not asked for: asyncio.get_running_loop() makes a getpid() system call each time
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -424,6 +440,10 @@ class EmbeddedBroker:
         if result is not None:
             connection.reply(result)
             return
+        self.park(connection, command)
+
+    def park(self, connection: Connection, command: list[bytes]) -> None:
+        """The client waits until a write to one of the command's keys, or its timeout."""
         name = command[0].lower()
         try:
             timeout = float(command[BLOCKING[name]])
