@@ -589,6 +589,10 @@ class EmbeddedBroker:
 
     # -- INFO ---------------------------------------------------------------------------------------
 
+    def key_count(self) -> int:
+        """Keys in every database (some may have expired unseen: fakeredis expires them when read)."""
+        return sum(len(db._dict) for db in self.core.dbs.values())
+
     def info(self, sections: list[bytes]) -> bytes:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") \

@@ -40,9 +40,12 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
         raise BrokerStartError(str(error)) from None
     report = broker.load()
     if folder is None:
-        log.info("persistence off: the data lives in memory only")
+        log.info("persistence off (--no-persist): the data lives in memory only and is gone when it stops")
     elif report.commands:
-        log.info("restored %d writes from %s in %.2f s", report.commands, broker.aof.path, report.seconds)
+        log.info("restored %d writes (%d keys) from %s in %.2f s", report.commands, broker.key_count(),
+                 broker.aof.path, report.seconds)
+    else:
+        log.info("append-only log %s: nothing to restore; writes are fsynced every second", broker.aof.path)
     if report.set_aside is not None:
         log.warning("the append-only log ended with %s: restored everything before it (%d writes); the last %d "
                     "bytes are kept in %s (look at them, then delete the file)", report.reason, report.commands,
