@@ -42,8 +42,8 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
     if folder is None:
         log.info("persistence off (--no-persist): the data lives in memory only and is gone when it stops")
     elif report.commands:
-        log.info("restored %d writes (%d keys) from %s in %.2f s", report.commands, broker.key_count(),
-                 broker.aof.path, report.seconds)
+        log.info("restored %d writes from %s in %.2f s: %d keys", report.commands, broker.aof.path, report.seconds,
+                 broker.key_count())
     else:
         log.info("append-only log %s: nothing to restore; writes are fsynced every second", broker.aof.path)
     if report.set_aside is not None:
