@@ -1,10 +1,13 @@
 """How to reach the broker, for Celery and for kombu alone: transport and TLS options from the
-settings, and the keys dify-local itself keeps there. Imports neither Celery nor kombu."""
+settings, the keys dify-local itself keeps there, and what to say when the broker cannot be
+reached. Imports neither Celery nor kombu (kombu only when a connection is asked for)."""
 
 from __future__ import annotations
 
 import ssl
 from typing import Any
+
+from runner.settings.kinds import mask_url
 
 BEAT_HEARTBEAT_KEY = "dify-local:beat:heartbeat"  # written by beat at every tick, read by `up` and doctor
 
@@ -26,5 +29,98 @@ def transport_options(settings: Any) -> dict[str, Any]:
 def ssl_options(settings: Any) -> dict[str, Any] | None:
     if not settings.uses_ssl:
         return None
-    # Certificates are verified (Dify ships ssl_cert_reqs=None, which accepts any server).
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # Certificates are verified (Dify ships ssl_cert_reqs=None, which accepts any server); against
+    # REDIS_SSL_CA_CERTS when it names a CA, else the system's CAs. The same dict serves kombu
+    # (broker_use_ssl) and Celery's Redis result backend (redis_backend_use_ssl).
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    for key, name in (("ssl_ca_certs", "REDIS_SSL_CA_CERTS"), ("ssl_certfile", "REDIS_SSL_CERTFILE"),
+                      ("ssl_keyfile", "REDIS_SSL_KEYFILE")):
+        path = settings.path(name)
+        if path is not None:
+            options[key] = str(path)
+    return options
+
+
+def broker_connection(settings: Any, timeout: float | None = None):
+    """A kombu connection to the broker, opened on first use, with the options the roles use (so a
+    sentinel:// or rediss:// URL that works here works for them). `timeout` bounds every socket
+    operation, for callers that must not hang on a silent host."""
+    from kombu import Connection
+
+    options = transport_options(settings)
+    extra: dict[str, Any] = {}
+    if timeout is not None:
+        options.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+        extra["connect_timeout"] = timeout
+    return Connection(settings.broker_url, transport_options=options, ssl=ssl_options(settings) or False, **extra)
+
+
+# -- why the broker could not be reached ---------------------------------------------------------
+
+UNREACHABLE, WRONG_PASSWORD, NO_PASSWORD, TLS, CERTIFICATE, NO_MASTER, OTHER = (
+    "unreachable", "wrong password", "no password", "tls", "certificate", "no master", "other")
+FINAL = (WRONG_PASSWORD, NO_PASSWORD, CERTIFICATE)  # retrying does not help: the settings must change
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and the errors it was raised from (kombu wraps redis-py's in its own)."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def broker_error_kind(error: BaseException) -> tuple[str, str]:
+    """(kind, the reason in a few words) for an error met while talking to the broker."""
+    import redis
+    from redis.sentinel import MasterNotFoundError
+
+    chain = _chain(error)
+    for link in chain:
+        text = str(link)
+        if isinstance(link, MasterNotFoundError):
+            return NO_MASTER, text.split(" : ")[0]
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return CERTIFICATE, text
+        if isinstance(link, ssl.SSLError) or "[SSL" in text:
+            return TLS, text
+        if "without any password configured" in text:
+            return WRONG_PASSWORD, "the server has no password, yet one was given"
+        if isinstance(link, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
+            if "invalid" in text or "WRONGPASS" in text:
+                return WRONG_PASSWORD, "the password was refused"
+            return NO_PASSWORD, "it asks for a password and none was given"
+    for link in chain:
+        if isinstance(link, (redis.ConnectionError, redis.TimeoutError, OSError)):
+            return UNREACHABLE, str(link)
+    return OTHER, f"{type(chain[-1]).__name__}: {chain[-1]}"
+
+
+def explain_broker_error(error: BaseException, settings: Any, url: str) -> tuple[str, str]:
+    """(kind, one line: what failed, at which URL (password masked), why, and what to do)."""
+    kind, reason = broker_error_kind(error)
+    embedded = settings.uses_embedded_broker
+    if kind == UNREACHABLE:
+        advice = ("is it running? `dify-local up` starts it (or `dify-local serve broker`)" if embedded
+                  else "is that Redis running, and is CELERY_BROKER_URL right (rediss:// for a TLS port)?")
+    elif kind == WRONG_PASSWORD:
+        advice = ("check REDIS_PASSWORD: it must be the password the embedded broker was started with" if embedded
+                  else "check the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db)")
+    elif kind == NO_PASSWORD:
+        advice = ("set REDIS_PASSWORD to the embedded broker's password" if embedded
+                  else "put the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db; "
+                       "for sentinels, the master's password in each sentinel://:PASSWORD@host:port)")
+    elif kind == CERTIFICATE:
+        advice = ("if the server's certificate is signed by a CA of your own, name that CA's PEM file in "
+                  "REDIS_SSL_CA_CERTS (the certificate must also name the host of the URL)")
+    elif kind == TLS:
+        advice = "does that port speak TLS? rediss:// and BROKER_USE_SSL are for a Redis TLS port (tls-port)"
+    elif kind == NO_MASTER:
+        advice = (f"do the sentinels run, and do they watch a master named "
+                  f"{settings.CELERY_SENTINEL_MASTER_NAME!r} (CELERY_SENTINEL_MASTER_NAME)? "
+                  "CELERY_SENTINEL_PASSWORD is the sentinels' own password, if they have one")
+    else:
+        advice = "is CELERY_BROKER_URL a Redis server?"
+    what = "the embedded broker" if embedded else "the broker"
+    return kind, f"cannot use {what} at {mask_url(url)}: {reason.rstrip('. ')}; {advice}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,5 +85,135 @@ def redis_server(tmp_path: Path):
     try:
         wait_until(lambda: port_open(port), 20, "redis-server to listen")
         yield f"redis://:realredispw@127.0.0.1:{port}"
+    finally:
+        proc.cleanup()
+
+
+# -- real Redis in other shapes: behind sentinels, and over TLS ---------------------------------------
+
+REAL_PASSWORD = "realredispw"
+
+
+def _needed(what: str) -> None:
+    """Skip for want of `what`, or fail when DIFY_LOCAL_REQUIRE_REDIS=1 (the `redis_server` rule)."""
+    if os.environ.get("DIFY_LOCAL_REQUIRE_REDIS") == "1":
+        pytest.fail(f"{what} is required here (DIFY_LOCAL_REQUIRE_REDIS=1)")
+    pytest.skip(f"{what} is not available")
+
+
+def _redis_binary() -> str:
+    binary = redis_server_path()
+    if binary is None:
+        _needed("redis-server (apt-get install redis-server)")
+    return binary
+
+
+def _start_redis(argv: list[str], folder: Path, port: int, what: str) -> Proc:
+    """A redis-server process, returned once `port` listens; its output is shown if it gives up."""
+    proc = Proc(argv, folder, base_env())
+    try:
+        wait_until(lambda: port_open(port) or proc.popen.poll() is not None, 20, f"{what} to listen")
+    except AssertionError:
+        proc.cleanup()
+        raise
+    if proc.popen.poll() is not None:
+        proc.cleanup()
+        raise RuntimeError(f"{what} exited ({proc.popen.returncode}):\n{proc.output}")
+    return proc
+
+
+@dataclass
+class SentinelRedis:
+    """A master with a password, watched by two sentinels under the name `master_name`."""
+
+    master_port: int
+    sentinel_ports: list[int]
+    password: str = REAL_PASSWORD
+    master_name: str = "mymaster"
+
+    def broker_url(self, password: str | None = None, db: int = 1) -> str:
+        """Dify's form: each sentinel with the master's password and the database."""
+        auth = f":{self.password if password is None else password}@" if password != "" else ""
+        return ";".join(f"sentinel://{auth}127.0.0.1:{port}/{db}" for port in self.sentinel_ports)
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path):
+    binary = _redis_binary()
+    folder = tmp_path / "sentinel"
+    folder.mkdir()
+    procs: list[Proc] = []
+    try:
+        setup = SentinelRedis(free_port(), [free_port(), free_port()])
+        procs.append(_start_redis([binary, "--port", str(setup.master_port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--requirepass", setup.password, "--dir", str(folder)],
+                                  folder, setup.master_port, "the Redis master"))
+        for port in setup.sentinel_ports:
+            conf = folder / f"sentinel-{port}.conf"  # sentinels rewrite their file: each its own, writable
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                            f"sentinel monitor {setup.master_name} 127.0.0.1 {setup.master_port} 1\n"
+                            f"sentinel auth-pass {setup.master_name} {setup.password}\n")
+            procs.append(_start_redis([binary, str(conf), "--sentinel"], folder, port, f"the sentinel on {port}"))
+        yield setup
+    finally:
+        for proc in procs:
+            proc.cleanup()
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA of our own and a server certificate it signed for 127.0.0.1, made with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        _needed("the openssl command (apt-get install openssl), to make the test certificates,")
+    paths = {name: folder / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key", "csr")}
+    extensions = folder / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                          "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                          "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        ["req", "-x509", *key, "-days", "2", "-subj", "/CN=dify-local test CA",
+         "-keyout", paths["ca-key"], "-out", paths["ca"]],
+        ["req", *key, "-subj", "/CN=127.0.0.1", "-keyout", paths["server-key"], "-out", paths["csr"]],
+        ["x509", "-req", "-in", paths["csr"], "-CA", paths["ca"], "-CAkey", paths["ca-key"], "-CAcreateserial",
+         "-days", "2", "-extfile", extensions, "-out", paths["server"]],
+    ]
+    for step in steps:
+        done = subprocess.run([openssl, *map(str, step)], cwd=folder, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            pytest.fail(f"openssl {step[0]} failed ({done.returncode}): {done.stderr.strip()}")
+    return paths
+
+
+@dataclass
+class TlsRedis:
+    port: int
+    ca: Path
+    password: str = REAL_PASSWORD
+
+    def broker_url(self, db: int = 1) -> str:
+        return f"rediss://:{self.password}@127.0.0.1:{self.port}/{db}"
+
+
+@pytest.fixture
+def redis_tls(tmp_path: Path):
+    """A real redis-server speaking TLS only, with a certificate signed by a CA made for the test."""
+    binary = _redis_binary()
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    paths = make_certificates(folder)
+    port = free_port()
+    argv = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file",
+            str(paths["server"]), "--tls-key-file", str(paths["server-key"]), "--tls-ca-cert-file", str(paths["ca"]),
+            "--tls-auth-clients", "no", "--requirepass", REAL_PASSWORD, "--save", "", "--appendonly", "no",
+            "--dir", str(folder)]
+    try:
+        proc = _start_redis(argv, folder, port, "redis-server with TLS")
+    except RuntimeError as error:
+        if "Bad directive" in str(error) or "not supported" in str(error).lower():  # built without TLS
+            _needed(f"a redis-server built with TLS ({error})")
+        raise
+    try:
+        yield TlsRedis(port, paths["ca"])
     finally:
         proc.cleanup()

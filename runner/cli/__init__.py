@@ -68,6 +68,7 @@ def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Ov
 
 
 from runner.cli import (  # noqa: E402  (registers the commands)
+    broker_commands,
     control_commands,
     export_command,
     inspect_commands,
@@ -75,4 +76,5 @@ from runner.cli import (  # noqa: E402  (registers the commands)
     serve_commands,
 )
 
-__all__ = ["main", "control_commands", "export_command", "inspect_commands", "run_commands", "serve_commands"]
+__all__ = ["main", "broker_commands", "control_commands", "export_command", "inspect_commands", "run_commands",
+           "serve_commands"]

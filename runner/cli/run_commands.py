@@ -46,7 +46,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     from runner.supervisor import control
     from runner.supervisor.manager import Supervisor
     from runner.supervisor.options import ProcessOptionsError, load_process_options
-    from runner.supervisor.preflight import port_problems, route_problems
+    from runner.supervisor.preflight import broker_problems, port_problems, route_problems
     from runner.supervisor.procfile import ProcfileError, expand, load_procfile, parse_scale
 
     settings = settings_from(
@@ -79,7 +79,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
              "see `dify-local ps`, or stop it with `dify-local down`")
     except control.NotRunning:
         pass
-    problems = port_problems(specs, settings)
+    problems = port_problems(specs, settings) + broker_problems(settings)
     if problems:
         _echo_all(problems, 1)
     StatePaths(settings.state_dir).ensure()

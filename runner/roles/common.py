@@ -63,7 +63,11 @@ def celery_for_role(settings: Settings, poll_results: bool = False) -> tuple[Cel
 def wait_for_broker(app: Celery, timeout: float = BROKER_WAIT) -> None:
     """Return once the broker answers PING. `up` starts the roles together with the broker so
     their imports overlap its start; this is where they wait for it, polling every 50 ms rather
-    than in Celery's retry steps of seconds."""
+    than in Celery's retry steps of seconds. A refused password or certificate ends the wait at
+    once: only a change of settings helps."""
+    from runner.broker_config import FINAL, explain_broker_error
+
+    settings = app.dify.settings
     deadline = time.monotonic() + timeout
     announced = False
     while True:
@@ -72,12 +76,13 @@ def wait_for_broker(app: Celery, timeout: float = BROKER_WAIT) -> None:
                 connection.default_channel.client.ping()
             return
         except Exception as error:
+            kind, explained = explain_broker_error(error, settings, app.conf.broker_url)
+            if kind in FINAL:
+                raise BrokerUnreachable(explained) from None
             if time.monotonic() > deadline:
-                raise BrokerUnreachable(
-                    f"the broker at {mask_url(app.conf.broker_url)} did not answer within {timeout:.0f} s "
-                    f"({error}); is it running (dify-local serve broker)?") from None
+                raise BrokerUnreachable(f"{explained} (waited {timeout:.0f} s)") from None
             if not announced and time.monotonic() > deadline - timeout + 1:
-                log.info("waiting for the broker at %s", mask_url(app.conf.broker_url))
+                log.info("waiting for the broker at %s (%s)", mask_url(app.conf.broker_url), error)
                 announced = True
             time.sleep(0.05)
 

@@ -184,6 +184,18 @@ class BrokerUrl(Kind):
         return ";".join(parts)
 
 
+class FilePath(Kind):
+    """A path to a file; a relative one is taken from the project folder (see Settings.path)."""
+
+    allowed = "a path to a file (absolute, or relative to the project folder)"
+
+    def parse(self, raw: str) -> str:
+        text = raw.strip()
+        if "\0" in text or "\n" in text:
+            raise ValueError(self.allowed)
+        return text
+
+
 class BindAddress(Kind):
     allowed = "an IP address to listen on (127.0.0.1, ::1, or another local address)"
 

@@ -24,6 +24,7 @@ from runner.errors import ProblemsError
 from runner.settings.envfile import EnvFileError, read_env_file
 from runner.settings.kinds import MASK, BrokerUrl, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
+from runner.settings.tls_files import tls_file_problems
 
 LOCAL_CONFIG_DIR = "local_config"
 DEFAULT_ENV_FILES = (".env",)
@@ -88,6 +89,14 @@ class Settings:
     @property
     def state_dir(self) -> Path:
         path = Path(self.DIFY_LOCAL_STATE_DIR).expanduser()
+        return path if path.is_absolute() else self.project_dir / path
+
+    def path(self, name: str) -> Path | None:
+        """A file setting as a path (relative ones from the project folder); None when empty."""
+        text = self._values[name].value
+        if not text:
+            return None
+        path = Path(text).expanduser()
         return path if path.is_absolute() else self.project_dir / path
 
     @property
@@ -195,6 +204,8 @@ def _cross_checks(settings: Settings) -> list[str]:
         problems.append(
             "BROKER_USE_SSL=true is not allowed with the embedded broker (CELERY_BROKER_URL empty): "
             "it speaks plain TCP on loopback; set CELERY_BROKER_URL to a TLS Redis")
+    if not (settings.BROKER_USE_SSL and not url):
+        problems.extend(tls_file_problems(settings))
     if settings.CELERY_WORKER_CLASS == "gevent" and importlib.util.find_spec("gevent") is None:
         problems.append("CELERY_WORKER_CLASS='gevent' needs the gevent package, which is not installed: "
                         "pip install gevent, or use threads")

@@ -1,4 +1,5 @@
-"""Checks `up` makes before starting anything: every route consumed, the ports free."""
+"""Checks `up` makes before starting anything: every route consumed, the ports free, a real broker
+that takes our password and certificate."""
 
 from __future__ import annotations
 
@@ -57,3 +58,23 @@ def port_problems(specs: list[ProcessSpec], settings: Settings) -> list[str]:
         problems.append(f"port {settings.DIFY_PORT} on {settings.DIFY_BIND_ADDRESS} is in use, so the API cannot "
                         "listen there: stop what uses it, or pick another with --port or DIFY_PORT")
     return problems
+
+
+def broker_problems(settings: Settings, timeout: float = 5.0) -> list[str]:
+    """A real broker (CELERY_BROKER_URL) that refuses the password or the certificate, named before
+    anything starts; every role would only stop on it. One that does not answer yet is left to the
+    roles, which wait for it."""
+    if settings.uses_embedded_broker:
+        return []
+    from runner.broker_config import FINAL, broker_connection, explain_broker_error
+
+    connection = broker_connection(settings, timeout)
+    try:
+        connection.ensure_connection(max_retries=0)
+        connection.default_channel.client.ping()
+    except Exception as error:
+        kind, explained = explain_broker_error(error, settings, settings.broker_url)
+        return [explained] if kind in FINAL else []
+    finally:
+        connection.release()
+    return []

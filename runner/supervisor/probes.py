@@ -41,15 +41,12 @@ class BrokerLink:
         self._mailbox = None
 
     def _connect(self):
-        from kombu import Connection
         from kombu.pidbox import Mailbox
 
-        from runner.broker_config import ssl_options, transport_options
+        from runner.broker_config import broker_connection
 
         if self._connection is None:
-            options = transport_options(self.settings)
-            self._connection = Connection(self.settings.broker_url, transport_options=options,
-                                          ssl=ssl_options(self.settings) or False)
+            self._connection = broker_connection(self.settings)
             # Celery's control mailbox: exchange "celery", fanout, JSON
             self._mailbox = Mailbox("celery", type="fanout", accept=["json"], serializer="json")(self._connection)
         return self._connection
