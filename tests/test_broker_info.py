@@ -62,7 +62,7 @@ def test_embedded_broker_info_shows_keys_queues_and_persistence(project):
     assert "dify-local embedded broker (fakeredis" in out
     assert re.search(r"^address\s+127\.0\.0\.1:%d$" % project.broker_port, out, re.M)
     assert re.search(r"^clients\s+\d+ connected", out, re.M)
-    assert re.search(r"^persistence\s+append-only log, \d+", out, re.M)
+    assert re.search(r"^persistence\s+append-only log \S+appendonly\.aof, \d+", out, re.M)
     assert re.search(r"^keys\s+db0: 1 · db1: \d+", out, re.M)
     assert queue_row(out, "dataset")[1:] == ["normal", "3", "0"]
     assert queue_row(out, "retention")[1:] == ["low", "1", "0"]

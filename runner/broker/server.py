@@ -50,6 +50,10 @@ def _key_positions() -> dict[bytes, tuple[int, int, int]]:
 
 
 KEYS = _key_positions()
+# fakeredis' table gives these one key (last = 1); in Redis they take several, the timeout last.
+# A client parked on `BRPOP q1 q2 q3 1` must wake for a push to any of them: Celery waits so on
+# every queue and priority list a worker consumes.
+KEYS.update({name: (1, -2, 1) for name in (b"brpop", b"blpop", b"bzpopmin", b"bzpopmax")})
 # Blocking commands: where their timeout is, and what a timeout answers.
 BLOCKING = {b"brpop": -1, b"blpop": -1, b"bzpopmin": -1, b"bzpopmax": -1, b"brpoplpush": -1, b"blmove": -1,
             b"blmpop": 1, b"bzmpop": 1}
@@ -226,9 +230,10 @@ class Connection(asyncio.Protocol):
                 server.dirty.add(self)
 
     def flush(self) -> None:
-        if self.out and self.transport is not None:
-            self.transport.write(b"".join(self.out))
-            self.out.clear()
+        out = self.out
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         if self.closing and self.transport is not None:
             self.transport.close()
 
@@ -603,12 +608,17 @@ class EmbeddedBroker:
                        "fakeredis_version": fakeredis.__version__, "process_id": os.getpid(), "tcp_port": self.port,
                        "uptime_in_seconds": int(time.time() - self.started)},
             "Clients": {"connected_clients": len(self.connections), "blocked_clients": len(self.parked)},
+            "Replication": {"role": "master", "connected_slaves": 0},
             "Memory": {"used_memory": rss, "used_memory_human": f"{rss / 2**20:.1f}M"},
             "Persistence": {
                 "loading": 0, "aof_enabled": int(aof is not None),
                 "aof_current_size": aof.size if aof else 0, "aof_base_size": aof.base_size if aof else 0,
                 "aof_rewrites": aof.rewrites if aof else 0,
                 "aof_last_fsync": int(aof.last_fsync) if aof else 0,
+                "aof_last_write_status": "err" if aof and getattr(aof, "error", "") else "ok",
+                "aof_last_error": getattr(aof, "error", "") if aof else "",
+                "aof_last_rewrite_time": int(aof.last_rewrite or 0) if aof else 0,
+                "aof_path": str(aof.path) if aof else "",
                 "rdb_last_save_time": int(aof.last_rewrite or self.started) if aof else int(self.started),
                 "aof_loaded_commands": self.load_report.commands,
                 "aof_set_aside": str(self.load_report.set_aside or ""),

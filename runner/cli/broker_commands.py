@@ -109,9 +109,11 @@ def _persistence(facts: dict, embedded: bool) -> dict[str, Any]:
     if embedded:
         return {"aof_enabled": aof, "aof_size": facts.get("aof_current_size"),
                 "aof_size_at_last_rewrite": facts.get("aof_base_size"), "aof_rewrites": facts.get("aof_rewrites"),
-                # The embedded broker reports its last rewrite (or its start) as rdb_last_save_time.
-                "last_rewrite": facts.get("rdb_last_save_time") if facts.get("aof_rewrites") else None,
+                "last_rewrite": facts.get("aof_last_rewrite_time") or None,
                 "last_fsync": facts.get("aof_last_fsync") or None,
+                "path": facts.get("aof_path") or None,
+                "write_status": facts.get("aof_last_write_status") or "ok",
+                "write_error": facts.get("aof_last_error") or None,
                 "restored_writes": facts.get("aof_loaded_commands"),
                 "set_aside": facts.get("aof_set_aside") or None}
     return {"aof_enabled": aof, "aof_size": facts.get("aof_current_size") if aof else None,
@@ -176,13 +178,15 @@ def _persistence_rows(p: dict[str, Any], embedded: bool) -> list[tuple[str, str]
         if not p["aof_enabled"]:
             return [("persistence", "off: memory only, the data goes when the broker stops "
                                     "(DIFY_LOCAL_BROKER_PERSIST=false)")]
-        text = (f"append-only log, {_size(p['aof_size'])} ({_size(p['aof_size_at_last_rewrite'])} after the last "
-                f"rewrite or load), {p['aof_rewrites']} rewrites since start")
+        text = (f"append-only log {p['path'] or ''}, {_size(p['aof_size'])} ({_size(p['aof_size_at_last_rewrite'])} "
+                f"after the last rewrite or load), {p['aof_rewrites']} rewrites since start")
+        if p["write_status"] != "ok":
+            text += f"; WRITES FAILING ({p['write_error']}): they are kept in memory and retried"
         if p["restored_writes"]:
             text += f", {p['restored_writes']} writes restored at start"
         rows = [("persistence", text),
                 ("last fsync", _moment(p["last_fsync"])),
-                ("last rewrite", _moment(p["last_rewrite"]) if p["last_rewrite"] else "none since start")]
+                ("last rewrite", _moment(p["last_rewrite"]) if p["last_rewrite"] else "none yet")]
         if p["set_aside"]:
             rows.append(("set aside", f"{p['set_aside']} (a damaged log tail kept aside at load)"))
         return rows
