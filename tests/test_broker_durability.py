@@ -5,7 +5,7 @@ a log cut short or with garbage at its end restores its valid part, sets the res
 the log is compacted and still restores everything; --no-persist writes nothing; and a broker that
 anyone on the network could reach without a password refuses to start. A few failures no process
 can be made to hit on cue (a full disk, two broken tails in one second) are tried on the log
-itself, in-process. Known gaps are strict xfails: they turn red once fixed, to be made plain tests.
+itself, in-process.
 """
 
 from __future__ import annotations
@@ -198,8 +198,6 @@ def test_a_clean_stop_and_start_keeps_every_kind_of_data(project):
     stop(broker)
 
 
-@pytest.mark.xfail(strict=True, reason="server.py: serve() decides on the exit compaction by aof.size, which the "
-                   "writer thread updates every 0.1 s; writes not yet written skip it (patch proposed)")
 def test_a_clean_stop_right_after_writes_still_compacts_the_log(project):
     broker = start_broker(project)
     with connect(project) as db1:
@@ -501,8 +499,6 @@ CHOSEN = {"spop": (_spop, lambda client: sorted(client.smembers("s"))),
           "hexpire": (_hexpire, lambda client: client.hpexpiretime("h", "a", "b"))}
 
 
-@pytest.mark.xfail(strict=True, reason="core.py logs SPOP and XADD * as sent (the replay chooses anew) and HEXPIRE "
-                   "as a relative time; server.py's snapshot drops field expiries (patches proposed)")
 @pytest.mark.parametrize("case", list(CHOSEN))
 def test_results_chosen_by_chance_or_the_clock_come_back_the_same(project, case):
     write, read = CHOSEN[case]

@@ -40,6 +40,33 @@ WRITE_COMMANDS = _write_commands()
 # Writes whose expiry is relative to now: the log adds the absolute time (PEXPIREAT), as Redis'
 # AOF does, so a replay does not give the key a fresh lifetime.
 RELATIVE_EXPIRY = frozenset({"set", "setex", "psetex", "expire", "pexpire", "expireat", "getex", "restore"})
+# Writes whose effect the broker chose (at random, or from the clock): logged as what they did, as
+# Redis' AOF does, so a replay does not choose anew.
+CHOSEN = frozenset({"spop", "xadd"})
+HASH_FIELD_EXPIRY = frozenset({"hexpire", "hpexpire", "hexpireat", "hsetex", "hgetex"})
+
+
+def as_chosen(name: str, command: list[bytes], result: Any) -> list[bytes] | None:
+    if name == "spop":  # SREM of the members it popped (None: it popped nothing)
+        popped = result if isinstance(result, list) else [] if result is None else [result]
+        return [b"srem", command[1], *popped] if popped else None
+    if name == "xadd" and isinstance(result, bytes):  # the ID it gave the entry, for "*" or "ms-*"
+        at = 2
+        while at < len(command):
+            word = command[at].upper()
+            if word == b"NOMKSTREAM":
+                at += 1
+            elif word in (b"MAXLEN", b"MINID"):
+                at += 2 if command[at + 1] in (b"=", b"~") else 1
+                at += 1
+                if at < len(command) and command[at].upper() == b"LIMIT":
+                    at += 2
+            else:
+                break
+        return [*command[:at], result, *command[at + 1:]]
+    return command
+
+
 # Blocking pops are written only when they popped: a parked client is tried after many writes.
 BLOCKING_COMMANDS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax", "brpoplpush", "blmove", "blmpop", "bzmpop"})
 
@@ -122,12 +149,32 @@ class BrokerSocket(FakeSocket):
         if sig.name in WRITE_COMMANDS and not isinstance(result, SimpleError):
             command = [part.encode() for part in sig.name.split(" ")] + [
                 arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
+            if sig.name in CHOSEN:
+                command = as_chosen(sig.name, command, result)
+                if command is None:
+                    return result
             self._on_write(self._db_num, command)
+            if sig.name in HASH_FIELD_EXPIRY and args:
+                self._log_field_expiry(args)
             if sig.name in RELATIVE_EXPIRY and args:
                 item = self._db._dict.get(args[0]) if self._db is not None else None
                 if item is not None and item.expireat is not None:
                     self._on_write(self._db_num, [b"pexpireat", args[0], b"%d" % int(item.expireat * 1000)])
         return result
+
+    def _log_field_expiry(self, args: list[Any]) -> None:
+        """The absolute expiry of the hash fields the command named (HPEXPIREAT), as for keys."""
+        item = self._db._dict.get(args[0]) if self._db is not None else None
+        expirations = getattr(getattr(item, "value", None), "_expirations", None)
+        if not expirations:
+            return
+        upper = [arg.upper() if isinstance(arg, bytes) else arg for arg in args]
+        if b"FIELDS" not in upper:
+            return
+        for field in args[upper.index(b"FIELDS") + 2:]:
+            when = expirations.get(field)
+            if when is not None:
+                self._on_write(self._db_num, [b"hpexpireat", args[0], b"%d" % when, b"FIELDS", b"1", field])
 
     # -- authentication ---------------------------------------------------------------------------
 

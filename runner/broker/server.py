@@ -269,6 +269,7 @@ class EmbeddedBroker:
         self.connections_received = 0
         self.commands_processed = 0
         self.load_report = LoadReport()
+        self.rewrite_refused = ""  # why the last compaction did not happen
         self._captured: list[Any] = []
         self._internal = BrokerSocket(self.core, password=None, on_reply=self._captured.append, on_write=self.wrote)
         self.fast = FastPath(self.core, self.wrote)
@@ -556,6 +557,9 @@ class EmbeddedBroker:
                     flat = self.internal(db, [b"hgetall", key])
                     flat = [part for pair in flat.items() for part in pair] if isinstance(flat, dict) else flat
                     commands.extend((db, [b"hset", key, *flat[i:i + 2000]]) for i in range(0, len(flat), 2000))
+                    fields_expiring = getattr(self.core.dbs[db]._dict[key].value, "_expirations", None) or {}
+                    commands.extend((db, [b"hpexpireat", key, b"%d" % when, b"FIELDS", b"1", field])
+                                    for field, when in fields_expiring.items())
                 elif kind == b"set":
                     members = sorted(self.internal(db, [b"smembers", key]))
                     commands.extend((db, [b"sadd", key, *members[i:i + 1000]]) for i in range(0, len(members), 1000))
@@ -581,15 +585,19 @@ class EmbeddedBroker:
         self.aof.write_pending()
         snapshot = self.snapshot()
         if snapshot is None:
+            self.rewrite_refused = "the data holds a type the log cannot compact; the full log is kept"
             return False
-        self.aof.rewrite(snapshot)
+        if not self.aof.rewrite(snapshot):
+            self.rewrite_refused = "the compacted log could not be written (see the broker's log); the full log is kept"
+            return False
+        self.rewrite_refused = ""
         return True
 
     def _save_command(self, name: bytes) -> Any:
         if self.aof is None:
             return SimpleError("ERR persistence is off (the broker runs with --no-persist)")
         if not self.rewrite():
-            return SimpleError("ERR the data holds a type the log cannot compact; the full log is kept")
+            return SimpleError(f"ERR {self.rewrite_refused}")
         return SimpleString(b"OK" if name == b"save" else b"Background append only file rewriting started")
 
     # -- INFO ---------------------------------------------------------------------------------------
@@ -670,6 +678,8 @@ class EmbeddedBroker:
                 connection.transport.close()
         await self._server.wait_closed()
         if self.aof is not None:
+            self.aof.write_pending()
+            self.aof.flush()  # the writer writes every 0.1 s: until then aof.size does not count the last writes
             if self.aof.size > self.aof.base_size:
                 self.rewrite()  # a compact log makes the next start quick
             self.aof.close()
