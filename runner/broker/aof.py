@@ -234,8 +234,13 @@ class AppendOnlyLog:
 
     def end_group(self) -> None:
         group, self._group = self._group or [], None
-        if sum(1 for entry in group if entry[0] != b"select") > 1:
-            group = [(b"multi",), *group, (b"exec",)]
+        if len(group) > 1:
+            writes = 0
+            for entry in group:
+                if entry[0] != b"select":
+                    writes += 1
+            if writes > 1:
+                group = [(b"multi",), *group, (b"exec",)]
         self._batch.extend(group)
 
     def write_pending(self) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
 import fakeredis
-from fakeredis._helpers import NoResponse, SimpleError, SimpleString
+from fakeredis._helpers import NoResponse, SimpleError, SimpleString, compile_pattern
 from fakeredis._socket import FakeSocket
 
 from runner.broker.resp import Push
@@ -106,9 +107,12 @@ class BrokerSocket(FakeSocket):
     # -- pub/sub: fakeredis' own, but sending its messages as pushes (RESP3's ">") ------------------
 
     def _subscribe(self, channels: Any, subscribers: dict, mtype: bytes) -> Any:
+        # fakeredis' WeakSets, through the set of references underneath (as WeakSet.add does, minus
+        # three Python calls): Celery's result consumer subscribes and unsubscribes once per task
+        me = weakref.ref(self)
         for channel in channels:
             subs = subscribers[channel]
-            if self not in subs:
+            if me not in subs.data:
                 subs.add(self)
                 self._pubsub += 1
             self.put_response(Push([mtype, channel, self._pubsub]))
@@ -119,11 +123,12 @@ class BrokerSocket(FakeSocket):
             channels = [channel for channel, subs in subscribers.items() if self in subs]
             if not channels:
                 self.put_response(Push([mtype, None, 0]))  # as Redis answers a client subscribed to nothing
+        me = weakref.ref(self)
         for channel in channels:
-            subs = subscribers.get(channel, set())
-            if self in subs:
-                subs.remove(self)
-                if not subs:
+            subs = subscribers.get(channel)
+            if subs is not None and me in subs.data:
+                subs.data.discard(me)
+                if not subs.data:
                     del subscribers[channel]
                 self._pubsub -= 1
             self.put_response(Push([mtype, channel, self._pubsub]))
@@ -231,8 +236,6 @@ class BrokerSocket(FakeSocket):
 
 def deliver(server: Any, channel: bytes, message: bytes) -> int:
     """Push a message to the channel's subscribers and to every matching pattern's; how many got it."""
-    from fakeredis._helpers import compile_pattern
-
     receivers = 0
     subscribers = server.subscribers.get(channel)
     if subscribers is not None and subscribers.data:
