@@ -10,6 +10,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.helpers import wait_until
+
 
 def read_until(raw: socket.socket, expected: bytes, timeout: float = 5) -> bytes:
     """Replies may come in several segments: read until `expected` is whole (or time runs out)."""
@@ -74,3 +76,17 @@ def test_a_dead_clients_blocking_pop_does_not_swallow_a_message(broker):
     client = redis.Redis(port=broker, password="difyai123456")
     client.lpush("jobs1", "the message")
     assert client.brpop(["jobs1"], timeout=5) == (b"jobs1", b"the message")
+
+
+def test_expired_keys_leave_memory_without_being_read(broker):
+    """Redis drops keys whose time is up on its own (active expiry); fakeredis only when keys are
+    listed or counted. Nothing here lists them (INFO memory's count does not): the broker's sweep must."""
+    client = redis.Redis(port=broker, password="difyai123456")
+    client.set("short-lived", "x", px=200)
+    client.set("kept", "y")
+
+    def keys_in_memory() -> int:
+        return int(client.info("memory")["keys_in_memory"])
+    assert keys_in_memory() == 2
+    wait_until(lambda: keys_in_memory() == 1, 10, "the expired key to be dropped")
+    assert client.get("kept") == b"y"

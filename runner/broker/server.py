@@ -40,6 +40,7 @@ from runner.settings.kinds import is_loopback
 
 log = logging.getLogger("dify_local.broker")
 
+EXPIRE_INTERVAL = 1.0  # seconds between sweeps for expired keys
 REDIS_VERSION = "7.4.0"  # what the broker tells clients it speaks (fakeredis' 7.4 command set)
 
 
@@ -203,7 +204,7 @@ class Connection(asyncio.Protocol):
                         out.append(b"+QUEUED\r\n")
                         replied = True
                         continue
-                    if self.fast_ready and sock._authenticated and not sock._pubsub:
+                    if self.fast_ready and sock._authenticated and (not sock._pubsub or name in PUBSUB_ALLOWED):
                         try:
                             result = handler(sock, command)
                         except Defer:
@@ -280,6 +281,7 @@ class EmbeddedBroker:
         # kept, not asked for: asyncio.get_running_loop() makes a getpid() system call each time
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -617,7 +619,8 @@ class EmbeddedBroker:
                        "uptime_in_seconds": int(time.time() - self.started)},
             "Clients": {"connected_clients": len(self.connections), "blocked_clients": len(self.parked)},
             "Replication": {"role": "master", "connected_slaves": 0},
-            "Memory": {"used_memory": rss, "used_memory_human": f"{rss / 2**20:.1f}M"},
+            "Memory": {"used_memory": rss, "used_memory_human": f"{rss / 2**20:.1f}M",
+                       "keys_in_memory": self.key_count()},  # expired ones not yet dropped included
             "Persistence": {
                 "loading": 0, "aof_enabled": int(aof is not None),
                 "aof_current_size": aof.size if aof else 0, "aof_base_size": aof.base_size if aof else 0,
@@ -636,12 +639,12 @@ class EmbeddedBroker:
                       "used_cpu_user": round(usage.ru_utime, 3), "used_cpu_sys": round(usage.ru_stime, 3)},
             "Keyspace": {},
         }
-        for db in sorted(self.core.dbs):
-            count = self.internal(db, [b"dbsize"])
+        wanted = {section.decode().lower() for section in sections} - {"all", "everything", "default"}
+        for db in sorted(self.core.dbs) if not wanted or "keyspace" in wanted else ():
+            count = self.internal(db, [b"dbsize"])  # (drops the database's expired keys)
             if count:
                 expiring = sum(1 for item in self.core.dbs[db]._dict.values() if item.expireat is not None)
                 values["Keyspace"][f"db{db}"] = f"keys={count},expires={expiring},avg_ttl=0"
-        wanted = {section.decode().lower() for section in sections} - {"all", "everything", "default"}
         lines = []
         for title, fields in values.items():
             if wanted and title.lower() not in wanted:
@@ -671,7 +674,9 @@ class EmbeddedBroker:
             self.aof.open()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        self._expiry = loop.call_later(EXPIRE_INTERVAL, self._expire)
         await self._stopped.wait()
+        self._expiry.cancel()
         self._server.close()
         for connection in list(self.connections):
             if connection.transport is not None:
@@ -683,6 +688,16 @@ class EmbeddedBroker:
             if self.aof.size > self.aof.base_size:
                 self.rewrite()  # a compact log makes the next start quick
             self.aof.close()
+
+    def _expire(self) -> None:
+        """Drop keys whose time is up, as Redis' active expiry does: fakeredis only drops them when
+        a command lists or counts keys, so result keys and locks nobody reads again would stay."""
+        now = time.time()
+        for db in self.core.dbs.values():
+            if db._expiry_heap and db._expiry_heap[0][0] < now:
+                db.time = now
+                db._remove_expired()
+        self._expiry = self.event_loop().call_later(EXPIRE_INTERVAL, self._expire)
 
     def _bind_error(self, error: OSError) -> str:
         if error.errno == 98:  # EADDRINUSE
