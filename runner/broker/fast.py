@@ -40,7 +40,7 @@ class Defer(Exception):
     """Not for the fast path: run it through fakeredis."""
 
 
-Log = Callable[[int, list[bytes]], None]
+Log = Callable[..., None]  # (db, command[, key]): see EmbeddedBroker.wrote
 
 
 def _positive_int(raw: bytes) -> int:
@@ -100,8 +100,9 @@ class FastPath:
                 watcher.notify_watch()
 
     def _wrote(self, sock: Any, command: list[bytes], key: bytes) -> None:
-        self._changed(sock, key)
-        self.log(sock._db_num, command)
+        if sock._db._watches:
+            self._changed(sock, key)
+        self.log(sock._db_num, command, key)
 
     # -- strings ----------------------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class FastPath:
         sock._db[key] = item  # through the Database, which schedules the expiry
         self._wrote(sock, command, key)
         if item.expireat is not None:
-            self.log(sock._db_num, [b"pexpireat", key, b"%d" % int(item.expireat * 1000)])
+            self.log(sock._db_num, [b"pexpireat", key, b"%d" % int(item.expireat * 1000)], key)
         return OK
 
     def set(self, sock: Any, command: list[bytes]) -> Any:

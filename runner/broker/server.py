@@ -263,7 +263,8 @@ class EmbeddedBroker:
         self.connections: set[Connection] = set()
         self.dirty: set[Connection] = set()
         self.parked: collections.OrderedDict[int, Parked] = collections.OrderedDict()
-        self.touched: set[tuple[int, bytes]] = set()
+        self.touched: set[tuple[int, bytes]] = set()  # written keys someone waits on
+        self.waiting: dict[tuple[int, bytes], int] = {}  # (db, key): how many parked clients wait on it
         self.loading = False
         self.check_kills = False  # a CLIENT command ran: a CLIENT KILL may have closed someone
         self.started = time.time()
@@ -285,11 +286,18 @@ class EmbeddedBroker:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def wrote(self, db: int, command: list[bytes]) -> None:
-        """Every write that took effect: wake clients parked on its keys, and log it."""
-        if self.parked:
-            for key in keys_of(command):
-                self.touched.add((db, key))
+    def wrote(self, db: int, command: list[bytes], key: bytes | None = None) -> None:
+        """Every write that took effect (on `key`, where the caller knows it): wake clients parked
+        on its keys, and log it."""
+        waiting = self.waiting
+        if waiting:
+            if key is not None:
+                if (db, key) in waiting:
+                    self.touched.add((db, key))
+            else:
+                for written in keys_of(command):
+                    if (db, written) in waiting:
+                        self.touched.add((db, written))
         if self.aof is not None and not self.loading:
             self.aof.append(db, command)
 
@@ -429,10 +437,10 @@ class EmbeddedBroker:
         """Run a command through the core, capturing its reply (blocking ones never block there);
         blocking pops try the fast path first. None: nothing to pop yet."""
         sock = connection.sock
-        name = command[0].lower()
-        if name in (b"brpop", b"blpop") and self.fast.usable(sock, name):
+        pop = self.blocking_pops.get(command[0].lower())
+        if pop is not None and connection.fast_ready and sock._authenticated and not sock._pubsub:
             try:
-                return self.fast.run(sock, command)
+                return pop(sock, command)
             except Defer:
                 pass
         captured: list[Any] = []
@@ -463,11 +471,22 @@ class EmbeddedBroker:
             parked.timer = self.event_loop().call_later(timeout, self._time_out, parked)
         connection.parked = parked
         self.parked[id(connection)] = parked
+        waiting = self.waiting
+        for key in parked.keys:
+            waiting[key] = waiting.get(key, 0) + 1
+
+    def _forget(self, parked: Parked) -> None:
+        waiting = self.waiting
+        for key in parked.keys:
+            left = waiting.pop(key, 1) - 1
+            if left:
+                waiting[key] = left
 
     def _time_out(self, parked: Parked) -> None:
         connection = parked.connection
         if self.parked.pop(id(connection), None) is None:
             return
+        self._forget(parked)
         connection.parked = None
         name = parked.command[0].lower()
         protocol = connection.protocol
@@ -478,8 +497,10 @@ class EmbeddedBroker:
 
     def unpark(self, connection: Connection) -> None:
         parked = self.parked.pop(id(connection), None)
-        if parked is not None and parked.timer is not None:
-            parked.timer.cancel()
+        if parked is not None:
+            self._forget(parked)
+            if parked.timer is not None:
+                parked.timer.cancel()
         connection.parked = None
 
     def _serve_parked(self) -> None:
@@ -487,7 +508,7 @@ class EmbeddedBroker:
         while self.touched:
             touched, self.touched = self.touched, set()
             for parked in list(self.parked.values()):
-                if not parked.keys & touched or id(parked.connection) not in self.parked:
+                if parked.keys.isdisjoint(touched) or id(parked.connection) not in self.parked:
                     continue
                 result = self._attempt(parked.connection, parked.command)
                 if result is None:
