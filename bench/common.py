@@ -33,15 +33,18 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @contextmanager
-def redis_server(password: str | None = None):
+def redis_server(password: str | None = None, durable: bool = False):
+    """A redis-server on a free loopback port, memory only, or (`durable`) with the append-only
+    file fsynced every second, Redis' own `appendfsync everysec`."""
     binary = shutil.which("redis-server")
     if not binary:
         raise SystemExit("bench: needs Debian's redis-server (apt-get install redis-server)")
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         auth = ["--requirepass", password] if password else []
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if durable else ["--appendonly", "no"]
         proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", folder, *auth], stdout=subprocess.DEVNULL)
+                                 *persistence, "--dir", folder, *auth], stdout=subprocess.DEVNULL)
         try:
             import redis
 
