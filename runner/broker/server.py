@@ -129,7 +129,7 @@ class Connection(asyncio.Protocol):
             self.out.append(encode(message, self.protocol))
         else:
             return
-        self.server.dirty.add(self)
+        self.server.dirty[self] = None
 
     def data_received(self, data: bytes) -> None:
         if self.reader is None:
@@ -228,7 +228,7 @@ class Connection(asyncio.Protocol):
                     self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
         finally:
             if replied:
-                server.dirty.add(self)
+                server.dirty[self] = None
 
     def flush(self) -> None:
         out = self.out
@@ -241,7 +241,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.unpark(self)
         self.server.connections.discard(self)
-        self.server.dirty.discard(self)
+        self.server.dirty.pop(self, None)
         if self.sock is not None:
             self.sock.close()
         log.debug("client %s disconnected", self.peer)
@@ -261,7 +261,9 @@ class EmbeddedBroker:
         self.aof = AppendOnlyLog(state, **({"rewrite_min_bytes": rewrite_min_bytes} if rewrite_min_bytes else {})) \
             if state is not None else None
         self.connections: set[Connection] = set()
-        self.dirty: set[Connection] = set()
+        # connections with replies to send, in the order they got them (as Redis writes them): a
+        # message published inside a transaction goes out before the transaction's own reply
+        self.dirty: dict[Connection, None] = {}
         self.parked: collections.OrderedDict[int, Parked] = collections.OrderedDict()
         self.touched: set[tuple[int, bytes]] = set()  # written keys someone waits on
         self.waiting: dict[tuple[int, bytes], int] = {}  # (db, key): how many parked clients wait on it
@@ -416,7 +418,7 @@ class EmbeddedBroker:
                     result = self._attempt(connection, entry)
                 replies.append(b"+OK\r\n" if result is OK else encode(result, protocol))
             connection.out.append(b"".join(replies))
-            self.dirty.add(connection)
+            self.dirty[connection] = None
         finally:
             if self.aof is not None:
                 self.aof.end_group()
@@ -491,7 +493,7 @@ class EmbeddedBroker:
         name = parked.command[0].lower()
         protocol = connection.protocol
         connection.out.append(b"$-1\r\n" if name in NULL_BULK_ON_TIMEOUT and protocol == 2 else NULL_ARRAY[protocol])
-        self.dirty.add(connection)
+        self.dirty[connection] = None
         connection.process()  # what it sent meanwhile
         self.after_batch()
 
