@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from runner.broker import aof as aof_module
 from runner.broker.aof import AppendOnlyLog
-from tests.helpers import Proc, port_open, wait_until
+from tests.helpers import Proc, dify_local, port_open, wait_until
 
 PASSWORD = "difyai123456"
 LISTENING = r"embedded broker \(fakeredis [\d.]+\) listening on"
@@ -687,3 +687,40 @@ def test_a_compaction_the_disk_refuses_keeps_the_full_log_and_the_writes_in_flig
     assert log.rewrites == 0 and not list(tmp_path.glob("*.rewrite"))
     assert log.path.read_bytes() == (b"*2\r\n$6\r\nselect\r\n$1\r\n0\r\n*3\r\n$3\r\nset\r\n$1\r\nk\r\n$1\r\n1\r\n"
                                      b"*3\r\n$3\r\nset\r\n$1\r\nk\r\n$1\r\n2\r\n")
+
+
+def test_writes_are_refused_while_the_log_cannot_be_written(project):
+    """A disk that refuses the log's writes (here the file-size limit, `ulimit -f`): what was
+    acknowledged stays readable, further writes get Redis' MISCONF, reads still work, and both
+    INFO and `broker info` say so. Acknowledging writes that can no longer reach the disk would
+    be promising what a crash then loses."""
+    argv = ["bash", "-c", 'ulimit -f 64; exec "$@"', "bash", *dify_local(), "serve", "broker"]
+    broker = project.start(argv=argv)
+    broker.wait_for_line(LISTENING, timeout=60)
+    client = connect(project)
+    accepted = 0
+    value = b"v" * 1000
+
+    def refused() -> bool:
+        nonlocal accepted
+        try:
+            client.set(f"key{accepted}", value)
+        except redis.ResponseError as error:
+            assert str(error).startswith("MISCONF Errors writing to the AOF file"), error
+            return True
+        accepted += 1
+        return False
+    wait_until(refused, 60, "writes to be refused once the log cannot grow past 64 KiB")
+    assert accepted > 10
+    assert persistence(project)["aof_last_write_status"] == "err"
+    with pytest.raises(redis.ResponseError, match="MISCONF"):
+        client.lpush("queue", "message")
+    with pytest.raises(redis.ResponseError, match="MISCONF"):  # a transaction with a write, too
+        with client.pipeline(transaction=True) as pipe:
+            pipe.get("key0").set("other", "x").execute()
+    assert client.get("queue") is None and client.get("other") is None
+    assert all(client.get(f"key{n}") == value for n in range(accepted))  # nothing acknowledged is lost
+    assert client.ping()
+    shown = project.run("broker", "info")
+    assert "WRITES FAILING" in shown.stdout, shown.stdout + shown.stderr
+    assert "writes refused (MISCONF)" in broker.output

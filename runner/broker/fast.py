@@ -53,6 +53,7 @@ class FastPath:
     def __init__(self, core: Any, log: Log):
         self.core = core
         self.log = log  # every write that took effect (the append-only log, parked clients)
+        self.halted = False  # writes refused (the log cannot be written): everything goes to the server
         self.commands: dict[bytes, Callable[[Any, list[bytes]], Any]] = {
             b"get": self.get, b"set": self.set, b"setex": self.setex, b"del": self.delete,
             b"lpush": self.lpush, b"rpush": self.rpush, b"llen": self.llen, b"lpop": self.lpop, b"rpop": self.rpop,
@@ -70,7 +71,7 @@ class FastPath:
         """The client's state allows the fast path (cached by the server between changes of it).
         A subscribed client may still use it for PUBSUB_ALLOWED commands."""
         return not (sock._reply_off or sock._reply_skip or sock._watches or sock._transaction is not None
-                    or self.core.config.get(b"notify-keyspace-events"))
+                    or self.halted or self.core.config.get(b"notify-keyspace-events"))
 
     def run(self, sock: Any, command: list[bytes]) -> Any:
         """The reply; raises Defer when fakeredis must run it."""

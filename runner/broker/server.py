@@ -33,7 +33,7 @@ from fakeredis import FakeServer
 from fakeredis._helpers import SimpleError, SimpleString
 
 from runner.broker.aof import AppendOnlyLog, LoadReport
-from runner.broker.core import BrokerSocket
+from runner.broker.core import WRITE_COMMANDS, BrokerSocket
 from runner.broker.fast import NO_REPLY, OK, PUBSUB_ALLOWED, QUEUED, Defer, FastPath
 from runner.broker.resp import NULL_ARRAY, PROTOCOL_ERRORS, encode, reader_for
 from runner.settings.kinds import is_loopback
@@ -61,6 +61,9 @@ BLOCKING = {b"brpop": -1, b"blpop": -1, b"bzpopmin": -1, b"bzpopmax": -1, b"brpo
 NULL_BULK_ON_TIMEOUT = {b"brpoplpush", b"blmove"}
 GROUPED = {b"exec", b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"}  # effects written together
 SUBSCRIPTIONS = {b"subscribe", b"unsubscribe"}  # fast-path commands that change a client's state
+# refused while the log cannot be written, as Redis refuses them (MISCONF): scripts and
+# transactions may write too
+REFUSED_WHEN_HALTED = frozenset({name.encode() for name in WRITE_COMMANDS if " " not in name}) | GROUPED
 
 
 def keys_of(command: list[bytes]) -> list[bytes]:
@@ -168,7 +171,8 @@ class Connection(asyncio.Protocol):
                 handler = handlers.get(name)
                 if handler is None:
                     # MULTI and EXEC of the fast path's transactions (three per Celery task)
-                    if name == b"exec" and self.fast_multi is not None and len(command) == 1:
+                    if name == b"exec" and self.fast_multi is not None and len(command) == 1 \
+                            and not server.fast.halted:
                         server.commands_processed += 1
                         try:
                             server._finish_fast_multi(self, name)
@@ -317,6 +321,13 @@ class EmbeddedBroker:
         self.commands_processed += 1
         sock = connection.sock
         name = command[0].lower()
+        if self.fast.halted and name in REFUSED_WHEN_HALTED and sock._authenticated:
+            connection.fast_multi = None  # a transaction ends with the refused EXEC
+            if name == b"exec" and sock._transaction is not None:
+                sock._transaction = None
+                sock._clear_watches()
+            connection.reply(self._misconf())
+            return
         queued = connection.fast_multi
         if queued is not None:  # inside a MULTI the fast path is queueing
             if name in self.fast_handlers:
@@ -533,6 +544,8 @@ class EmbeddedBroker:
             self.aof.write_pending()
             if self.aof.needs_rewrite():
                 self.rewrite()
+            if bool(self.aof.error) is not self.fast.halted:
+                self._halt_writes(bool(self.aof.error))
         for connection in self.dirty:
             connection.flush()
         self.dirty.clear()
@@ -712,9 +725,27 @@ class EmbeddedBroker:
                 self.rewrite()  # a compact log makes the next start quick
             self.aof.close()
 
+    def _misconf(self) -> SimpleError:
+        return SimpleError(f"MISCONF Errors writing to the AOF file: {self.aof.error if self.aof else ''}; "
+                           "writes are refused until the append-only log can be written again")
+
+    def _halt_writes(self, halted: bool) -> None:
+        """Refuse writes while the log cannot be written (a full disk), as Redis does: what was
+        acknowledged is kept in memory and retried; nothing more is acknowledged meanwhile."""
+        self.fast.halted = halted
+        for connection in self.connections:
+            if connection.sock is not None:
+                connection.fast_ready = self.fast.client_ready(connection.sock)
+        if halted:
+            log.error("writes refused (MISCONF) until the append-only log can be written again: %s", self.aof.error)
+        else:
+            log.warning("the append-only log is written again: writes accepted")
+
     def _expire(self) -> None:
         """Drop keys whose time is up, as Redis' active expiry does: fakeredis only drops them when
         a command lists or counts keys, so result keys and locks nobody reads again would stay."""
+        if self.aof is not None and bool(self.aof.error) is not self.fast.halted:
+            self._halt_writes(bool(self.aof.error))
         now = time.time()
         for db in self.core.dbs.values():
             if db._expiry_heap and db._expiry_heap[0][0] < now:
