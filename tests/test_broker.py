@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -90,3 +91,22 @@ def test_expired_keys_leave_memory_without_being_read(broker):
     assert keys_in_memory() == 2
     wait_until(lambda: keys_in_memory() == 1, 10, "the expired key to be dropped")
     assert client.get("kept") == b"y"
+
+
+def test_client_list_and_kill_as_redis_shows_them(broker):
+    """Each client with its address as host:port and its database; the broker's own internal
+    client not among them; CLIENT KILL ADDR finds a client by that address."""
+    watcher = redis.Redis(port=broker, password="difyai123456", db=1, single_connection_client=True)
+    other = redis.Redis(port=broker, password="difyai123456", db=3, single_connection_client=True, retry=NO_RETRY)
+    other.ping()
+    clients = watcher.client_list()
+    assert len(clients) == 2, clients
+    me = watcher.client_id()
+    mine = next(entry for entry in clients if int(entry["id"]) == me)
+    theirs = next(entry for entry in clients if int(entry["id"]) != me)
+    assert mine["db"] == "1" and theirs["db"] == "3"
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", theirs["addr"]), theirs
+    assert watcher.client_kill(theirs["addr"]) is True
+    with pytest.raises(redis.ConnectionError):
+        other.ping()
+    other.close()

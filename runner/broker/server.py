@@ -66,6 +66,12 @@ SUBSCRIPTIONS = {b"subscribe", b"unsubscribe"}  # fast-path commands that change
 REFUSED_WHEN_HALTED = frozenset({name.encode() for name in WRITE_COMMANDS if " " not in name}) | GROUPED
 
 
+def address(peer: tuple) -> str:
+    """host:port as Redis writes a client's address ([host]:port for IPv6)."""
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def keys_of(command: list[bytes]) -> list[bytes]:
     name = command[0].lower()
     if name in (b"blmpop", b"bzmpop"):  # timeout numkeys key …
@@ -118,7 +124,8 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}"
         self.sock = BrokerSocket(self.server.core, password=self.server.password, on_reply=self.reply,
                                  on_write=self.server.wrote,
-                                 client_info={"addr": peer[:2], "laddr": local[:2], "fd": raw.fileno() if raw else 0})
+                                 client_info={"addr": address(peer), "laddr": address(local),
+                                              "fd": raw.fileno() if raw else 0})
         self.server.connections.add(self)
         self.server.connections_received += 1
         log.debug("client %s connected", self.peer)
@@ -280,6 +287,7 @@ class EmbeddedBroker:
         self.rewrite_refused = ""  # why the last compaction did not happen
         self._captured: list[Any] = []
         self._internal = BrokerSocket(self.core, password=None, on_reply=self._captured.append, on_write=self.wrote)
+        self.core.sockets.remove(self._internal)  # the broker's own: not a client (CLIENT LIST, KILL)
         self.fast = FastPath(self.core, self.wrote)
         # the fast path's commands, but for the blocking pops (tried in _blocking, which can park)
         self.fast_handlers = {name: handler for name, handler in self.fast.commands.items() if name not in BLOCKING}
@@ -368,6 +376,9 @@ class EmbeddedBroker:
     def _execute_slowly(self, connection: Connection, sock: BrokerSocket, command: list[bytes], name: bytes) -> None:
         if name == b"client":
             self.check_kills = True
+            for other in self.connections:  # CLIENT LIST shows each client's database, as Redis does
+                if other.sock is not None:
+                    other.sock._client_info["db"] = other.sock._db_num
         if name == b"quit":
             connection.reply(SimpleString(b"OK"))
             connection.closing = True
