@@ -605,12 +605,24 @@ def test_no_password_is_refused_off_loopback(project, args, env, address):
     assert not port_open(project.broker_port)
 
 
-def test_a_password_allows_a_non_loopback_address(project):
-    broker = start_broker(project, "--host", "0.0.0.0")
+def test_the_default_password_is_refused_off_loopback(project):
+    """difyai123456 is printed in Dify's documentation: off loopback it protects nothing."""
+    done = project.run("serve", "broker", "--host", "0.0.0.0")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in output, output
+    assert "refusing to listen on 0.0.0.0 with the default password" in output
+    assert "REDIS_PASSWORD" in output and "127.0.0.1" in output
+    assert not port_open(project.broker_port)
+
+
+def test_a_password_of_ones_own_allows_a_non_loopback_address(project):
+    secret = "a-secret-of-our-own"
+    broker = start_broker(project, "--host", "0.0.0.0", "--password", secret)
     assert f"listening on redis://:****@0.0.0.0:{project.broker_port}" in broker.output
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=project.broker_port, retry=NO_RETRY).set("key", "value")
-    assert connect(project).ping() and connect(project).set("key", "value") and connect(project).get("key") == b"value"
+    client = redis.Redis(host="127.0.0.1", port=project.broker_port, password=secret, db=1)
+    assert client.ping() and client.set("key", "value") and client.get("key") == b"value"
     stop(broker)
 
 
