@@ -117,12 +117,14 @@ class FastPath:
 
     def _store(self, sock: Any, command: list[bytes], key: bytes, value: bytes, seconds: float | None) -> Any:
         item = Item(value)
-        if seconds is not None:
-            item.expireat = time.time() + seconds
+        if seconds is None:
+            sock._db[key] = item
+            self._wrote(sock, command, key)
+            return OK
+        item.expireat = time.time() + seconds
         sock._db[key] = item  # through the Database, which schedules the expiry
-        self._wrote(sock, command, key)
-        if item.expireat is not None:
-            self.log(sock._db_num, [b"pexpireat", key, b"%d" % int(item.expireat * 1000)], key)
+        # logged with its absolute expiry, as Redis' AOF writes it: a replay keeps the time it had
+        self._wrote(sock, [b"set", key, value, b"pxat", b"%d" % int(item.expireat * 1000)], key)
         return OK
 
     def set(self, sock: Any, command: list[bytes]) -> Any:
