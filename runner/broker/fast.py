@@ -121,10 +121,10 @@ class FastPath:
             sock._db[key] = item
             self._wrote(sock, command, key)
             return OK
-        item.expireat = time.time() + seconds
+        item.expireat = expireat = time.time() + seconds
         sock._db[key] = item  # through the Database, which schedules the expiry
         # logged with its absolute expiry, as Redis' AOF writes it: a replay keeps the time it had
-        self._wrote(sock, [b"set", key, value, b"pxat", b"%d" % int(item.expireat * 1000)], key)
+        self._wrote(sock, [b"set", key, value, b"pxat", b"%d" % int(expireat * 1000)], key)
         return OK
 
     def set(self, sock: Any, command: list[bytes]) -> Any:
