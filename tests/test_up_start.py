@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 def test_broker_that_cannot_start_stops_up(project):
-    # 192.0.2.1 (TEST-NET-1) is no address of this machine, so the broker cannot bind it
-    (project.dir / "Procfile").write_text("broker: dify-local serve broker --host 192.0.2.1\n"
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine, so the broker cannot bind it (a password
+    # of its own: the default one is refused off loopback before any bind)
+    (project.dir / "Procfile").write_text("broker: dify-local serve broker --host 192.0.2.1 --password secret\n"
                                           "api: dify-local serve api\nworker: dify-local serve worker\n"
                                           "web: python3 -m http.server 0\n")
     proc = project.start("up")
