@@ -110,3 +110,13 @@ def test_client_list_and_kill_as_redis_shows_them(broker):
     with pytest.raises(redis.ConnectionError):
         other.ping()
     other.close()
+
+
+def test_info_keyspace_counts_keys_expiring_and_their_average_ttl(broker):
+    client = redis.Redis(port=broker, password="difyai123456", db=2)
+    client.set("forever", "x")
+    client.set("a", "x", ex=100)
+    client.set("b", "x", ex=300)
+    db2 = client.info("keyspace")["db2"]
+    assert db2["keys"] == 3 and db2["expires"] == 2
+    assert 150_000 <= db2["avg_ttl"] <= 200_000  # ms, as Redis reports it (counting down meanwhile)

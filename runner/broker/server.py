@@ -690,8 +690,10 @@ class EmbeddedBroker:
         for db in sorted(self.core.dbs) if not wanted or "keyspace" in wanted else ():
             count = self.internal(db, [b"dbsize"])  # (drops the database's expired keys)
             if count:
-                expiring = sum(1 for item in self.core.dbs[db]._dict.values() if item.expireat is not None)
-                values["Keyspace"][f"db{db}"] = f"keys={count},expires={expiring},avg_ttl=0"
+                ttls = [item.expireat for item in self.core.dbs[db]._dict.values() if item.expireat is not None]
+                now = time.time()
+                average = int(sum(max(0.0, at - now) for at in ttls) * 1000 / len(ttls)) if ttls else 0  # ms
+                values["Keyspace"][f"db{db}"] = f"keys={count},expires={len(ttls)},avg_ttl={average}"
         lines = []
         for title, fields in values.items():
             if wanted and title.lower() not in wanted:

@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds to wait for a sentinel to answer"),
     # embedded broker (Dify's Redis names, so Dify's own .env points at it unchanged)
     Setting("REDIS_HOST", BindAddress(), "127.0.0.1", "embedded broker",
-            "address the embedded broker listens on; other than loopback only with a password"),
+            "address the embedded broker listens on; other than loopback only with a password of your own"),
     Setting("REDIS_PORT", Integer(minimum=1, maximum=65535), 6379, "embedded broker",
             "port of the embedded broker"),
     Setting("REDIS_PASSWORD", Text(), "difyai123456", "embedded broker",
