@@ -200,6 +200,10 @@ class Connection(asyncio.Protocol):
                                 result = pop(sock, command)
                             except Defer:
                                 pass
+                            except Exception:
+                                log.exception("command %r failed", command[0])
+                                self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                                continue
                             else:
                                 server.commands_processed += 1
                                 if result is None:
