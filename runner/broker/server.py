@@ -60,6 +60,8 @@ BLOCKING = {b"brpop": -1, b"blpop": -1, b"bzpopmin": -1, b"bzpopmax": -1, b"brpo
             b"blmpop": 1, b"bzmpop": 1}
 NULL_BULK_ON_TIMEOUT = {b"brpoplpush", b"blmove"}
 GROUPED = {b"exec", b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"}  # effects written together
+# what a client gets when a command fails by a fault of ours: that command fails, nothing else
+INTERNAL_ERROR = SimpleError("ERR internal error in the embedded broker (see its log)")
 SUBSCRIPTIONS = {b"subscribe", b"unsubscribe"}  # fast-path commands that change a client's state
 # refused while the log cannot be written, as Redis refuses them (MISCONF): scripts and
 # transactions may write too
@@ -185,7 +187,7 @@ class Connection(asyncio.Protocol):
                             server._finish_fast_multi(self, name)
                         except Exception:
                             log.exception("command %r failed", command[0])
-                            self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                            self.reply(INTERNAL_ERROR)
                         continue
                     if self.fast_multi is None and self.fast_ready and sock._authenticated and not sock._pubsub:
                         if name == b"multi" and len(command) == 1:
@@ -202,7 +204,7 @@ class Connection(asyncio.Protocol):
                                 pass
                             except Exception:
                                 log.exception("command %r failed", command[0])
-                                self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                                self.reply(INTERNAL_ERROR)
                                 continue
                             else:
                                 server.commands_processed += 1
@@ -226,7 +228,7 @@ class Connection(asyncio.Protocol):
                             pass
                         except Exception:
                             log.exception("command %r failed", command[0])
-                            self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                            self.reply(INTERNAL_ERROR)
                             continue
                         else:
                             server.commands_processed += 1
@@ -240,7 +242,7 @@ class Connection(asyncio.Protocol):
                     execute(self, command)
                 except Exception:  # a fault of ours (or a malformed argument) costs this command, not the broker
                     log.exception("command %r failed", command[0])
-                    self.reply(SimpleError("ERR internal error in the embedded broker (see its log)"))
+                    self.reply(INTERNAL_ERROR)
         finally:
             if replied:
                 server.dirty[self] = None
