@@ -71,25 +71,7 @@ def project(tmp_path: Path):
         proc.cleanup()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    """A real redis-server on a free loopback port (Debian's package; CI installs it)."""
-    binary = redis_server_path()
-    if binary is None:
-        if os.environ.get("DIFY_LOCAL_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is required here (DIFY_LOCAL_REQUIRE_REDIS=1) but not installed")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    proc = Proc([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--requirepass", "realredispw", "--dir", str(tmp_path)], tmp_path, base_env())
-    try:
-        wait_until(lambda: port_open(port), 20, "redis-server to listen")
-        yield f"redis://:realredispw@127.0.0.1:{port}"
-    finally:
-        proc.cleanup()
-
-
-# -- real Redis in other shapes: behind sentinels, and over TLS ---------------------------------------
+# -- real Redis: plain, behind sentinels, and over TLS ----------------------------------------------
 
 REAL_PASSWORD = "realredispw"
 
@@ -122,6 +104,25 @@ def _start_redis(argv: list[str], folder: Path, port: int, what: str) -> Proc:
     return proc
 
 
+def start_real_redis(folder: Path, port: int | None = None) -> tuple[str, Proc]:
+    """A memory-only redis-server on loopback requiring REAL_PASSWORD: its URL (no database) and process."""
+    binary = _redis_binary()
+    port = port or free_port()
+    proc = _start_redis([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                         "--requirepass", REAL_PASSWORD, "--dir", str(folder)], folder, port, f"redis-server on {port}")
+    return f"redis://:{REAL_PASSWORD}@127.0.0.1:{port}", proc
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    """A real redis-server on a free loopback port (Debian's package; CI installs it)."""
+    url, proc = start_real_redis(tmp_path)
+    try:
+        yield url
+    finally:
+        proc.cleanup()
+
+
 @dataclass
 class SentinelRedis:
     """A master with a password, watched by two sentinels under the name `master_name`."""
@@ -145,9 +146,7 @@ def redis_sentinel(tmp_path: Path):
     procs: list[Proc] = []
     try:
         setup = SentinelRedis(free_port(), [free_port(), free_port()])
-        procs.append(_start_redis([binary, "--port", str(setup.master_port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--requirepass", setup.password, "--dir", str(folder)],
-                                  folder, setup.master_port, "the Redis master"))
+        procs.append(start_real_redis(folder, setup.master_port)[1])
         for port in setup.sentinel_ports:
             conf = folder / f"sentinel-{port}.conf"  # sentinels rewrite their file: each its own, writable
             conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\n"

@@ -14,7 +14,6 @@ worker guarantee (a task never runs before its ETA), never upper bounds a slow m
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -28,8 +27,8 @@ import redis
 from celery import Celery, chain, chord, group
 from celery.result import AsyncResult
 
-from tests.conftest import Project
-from tests.helpers import BIN, REPO, Proc, base_env, free_port, port_open, redis_server_path, wait_until
+from tests.conftest import Project, start_real_redis
+from tests.helpers import BIN, REPO, Proc, base_env, free_port, wait_until
 from tests.support.compat_app import BEAT_INTERVAL, create_app
 
 CELERY = str(BIN / "celery")
@@ -111,16 +110,8 @@ def broker(request, tmp_path_factory):
             project.serve_broker()
             base_url = project.broker_url.rsplit("/", 1)[0]
         else:
-            binary = redis_server_path()
-            if binary is None:
-                if os.environ.get("DIFY_LOCAL_REQUIRE_REDIS") == "1":
-                    pytest.fail("redis-server is required here (DIFY_LOCAL_REQUIRE_REDIS=1) but not installed")
-                pytest.skip("redis-server is not installed (apt-get install redis-server)")
-            port = free_port()
-            procs.append(Proc([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                               "no", "--requirepass", "realredispw", "--dir", str(folder)], folder, base_env()))
-            wait_until(lambda: port_open(port), 20, "redis-server to listen")
-            base_url = f"redis://:realredispw@127.0.0.1:{port}"
+            base_url, proc = start_real_redis(folder)
+            procs.append(proc)
         made = Broker(request.param, base_url, folder)
         try:
             yield made
