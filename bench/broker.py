@@ -31,7 +31,7 @@ from bench.common import (  # noqa: E402
     process,
     redis_server,
     tasks_per_second,
-    wait_for,
+    wait_for_ping,
     wait_for_worker,
 )
 
@@ -48,13 +48,7 @@ def embedded_broker(folder: str, durable: bool):
             *([] if durable else ["--no-persist"])]
     with process(argv, Path(folder), env(DIFY_LOCAL_STATE_DIR=folder)) as proc:
         client = redis.Redis(port=port, password=PASSWORD)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-        wait_for(up, 30, "the embedded broker")
+        wait_for_ping(client, 30, "the embedded broker")
         yield f"redis://:{PASSWORD}@127.0.0.1:{port}", client, proc.pid
 
 

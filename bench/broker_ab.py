@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.broker import PASSWORD, one_round  # noqa: E402
-from bench.common import BIN, env, free_port, median, process, wait_for  # noqa: E402
+from bench.common import BIN, env, free_port, median, process, wait_for_ping  # noqa: E402
 
 
 @contextmanager
@@ -36,13 +36,7 @@ def broker_from(tree: Path, folder: str, persist: bool):
             *([] if persist else ["--no-persist"])]
     with process(argv, Path(folder), env(DIFY_LOCAL_STATE_DIR=folder)) as proc:
         client = redis.Redis(port=port, password=PASSWORD)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-        wait_for(up, 30, f"the embedded broker from {tree}")
+        wait_for_ping(client, 30, f"the embedded broker from {tree}")
         yield f"redis://:{PASSWORD}@127.0.0.1:{port}", client, proc.pid
 
 

@@ -32,6 +32,18 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_for_ping(client, timeout: float, what: str) -> None:
+    """Until the Redis-protocol server behind `client` (redis-py) answers PING."""
+    import redis
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+    wait_for(answers, timeout, what)
+
+
 @contextmanager
 def redis_server(password: str | None = None, durable: bool = False):
     """A redis-server on a free loopback port, memory only, or (`durable`) with the append-only
@@ -49,13 +61,7 @@ def redis_server(password: str | None = None, durable: bool = False):
             import redis
 
             client = redis.Redis(port=port, password=password)
-
-            def up() -> bool:
-                try:
-                    return bool(client.ping())
-                except redis.RedisError:
-                    return False
-            wait_for(up, 20, "redis-server")
+            wait_for_ping(client, 20, "redis-server")
             version = client.info()["redis_version"]
             yield f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}", version, client
         finally:
