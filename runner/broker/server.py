@@ -143,6 +143,12 @@ class Connection(asyncio.Protocol):
             return
         self.server.dirty[self] = None
 
+    def failed(self, command: list[bytes]) -> None:
+        """A fault of ours (or a malformed argument) costs this command, not the connection or the
+        broker: logged with its traceback, and an error reply. Called inside the `except`."""
+        log.exception("command %r failed", command[0])
+        self.reply(INTERNAL_ERROR)
+
     def data_received(self, data: bytes) -> None:
         if self.reader is None:
             self.reader = reader_for(data[:1])
@@ -186,8 +192,7 @@ class Connection(asyncio.Protocol):
                         try:
                             server._finish_fast_multi(self, name)
                         except Exception:
-                            log.exception("command %r failed", command[0])
-                            self.reply(INTERNAL_ERROR)
+                            self.failed(command)
                         continue
                     if self.fast_multi is None and self.fast_ready and sock._authenticated and not sock._pubsub:
                         if name == b"multi" and len(command) == 1:
@@ -203,8 +208,7 @@ class Connection(asyncio.Protocol):
                             except Defer:
                                 pass
                             except Exception:
-                                log.exception("command %r failed", command[0])
-                                self.reply(INTERNAL_ERROR)
+                                self.failed(command)
                                 continue
                             else:
                                 server.commands_processed += 1
@@ -227,8 +231,7 @@ class Connection(asyncio.Protocol):
                         except Defer:
                             pass
                         except Exception:
-                            log.exception("command %r failed", command[0])
-                            self.reply(INTERNAL_ERROR)
+                            self.failed(command)
                             continue
                         else:
                             server.commands_processed += 1
@@ -240,9 +243,8 @@ class Connection(asyncio.Protocol):
                             continue
                 try:
                     execute(self, command)
-                except Exception:  # a fault of ours (or a malformed argument) costs this command, not the broker
-                    log.exception("command %r failed", command[0])
-                    self.reply(INTERNAL_ERROR)
+                except Exception:
+                    self.failed(command)
         finally:
             if replied:
                 server.dirty[self] = None
