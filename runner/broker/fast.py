@@ -63,22 +63,11 @@ class FastPath:
             b"subscribe": self.subscribe, b"unsubscribe": self.unsubscribe,
         }
 
-    def usable(self, sock: Any, name: bytes) -> bool:
-        """Whether this command of this client may take the fast path now."""
-        return self.client_ready(sock) and (not sock._pubsub or name in PUBSUB_ALLOWED)
-
     def client_ready(self, sock: Any) -> bool:
         """The client's state allows the fast path (cached by the server between changes of it).
         A subscribed client may still use it for PUBSUB_ALLOWED commands."""
         return not (sock._reply_off or sock._reply_skip or sock._watches or sock._transaction is not None
                     or self.halted or self.core.config.get(b"notify-keyspace-events"))
-
-    def run(self, sock: Any, command: list[bytes]) -> Any:
-        """The reply; raises Defer when fakeredis must run it."""
-        handler = self.commands.get(command[0].lower())
-        if handler is None:
-            raise Defer
-        return handler(sock, command)
 
     # -- the data ------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class FastCommandReader:
 
     `next_command` is hiredis' own `gets`, called for every command without a wrapper: it gives
     False while a command is incomplete, and anything RESP can hold, so the caller checks that
-    the command is an array of bulk strings (`is_command`)."""
+    the command is an array of bulk strings (the server's read loop does)."""
 
     def __init__(self) -> None:
         import hiredis
@@ -38,10 +38,6 @@ class FastCommandReader:
         self._reader = hiredis.Reader()
         self.feed = self._reader.feed
         self.next_command = self._reader.gets
-
-
-def is_command(parsed: Any) -> bool:
-    return type(parsed) is list and bool(parsed) and type(parsed[0]) is bytes
 
 
 def _protocol_errors() -> tuple[type[Exception], ...]:
