@@ -62,7 +62,6 @@ NULL_BULK_ON_TIMEOUT = {b"brpoplpush", b"blmove"}
 GROUPED = {b"exec", b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"}  # effects written together
 # what a client gets when a command fails by a fault of ours: that command fails, nothing else
 INTERNAL_ERROR = SimpleError("ERR internal error in the embedded broker (see its log)")
-SUBSCRIPTIONS = {b"subscribe", b"unsubscribe"}  # fast-path commands that change a client's state
 # refused while the log cannot be written, as Redis refuses them (MISCONF): scripts and
 # transactions may write too
 REFUSED_WHEN_HALTED = frozenset({name.encode() for name in WRITE_COMMANDS if " " not in name}) | GROUPED
@@ -344,32 +343,13 @@ class EmbeddedBroker:
                 sock._clear_watches()
             connection.reply(self._misconf())
             return
-        queued = connection.fast_multi
-        if queued is not None:  # inside a MULTI the fast path is queueing
-            if name in self.fast_handlers:
-                queued.append(command)
-                connection.reply(QUEUED)
-                return
+        # The read loop ran whatever the fast path takes (or the fast path deferred it): what comes
+        # here goes to fakeredis, ending a MULTI the fast path was queueing if there is one.
+        if connection.fast_multi is not None:
             if name in (b"exec", b"discard", b"multi"):
                 self._finish_fast_multi(connection, name)
                 return
             self._hand_multi_to_core(connection)  # then this command, through fakeredis
-        else:
-            handler = self.fast_handlers.get(name)
-            if handler is not None:
-                if connection.fast_ready and sock._authenticated and (not sock._pubsub or name in PUBSUB_ALLOWED):
-                    try:
-                        connection.reply(handler(sock, command))
-                        if name in SUBSCRIPTIONS:
-                            connection.fast_ready = self.fast.client_ready(sock)
-                        return
-                    except Defer:
-                        pass
-            elif name == b"multi" and len(command) == 1 and connection.fast_ready and sock._authenticated \
-                    and not sock._pubsub:
-                connection.fast_multi = []
-                connection.reply(OK)
-                return
         try:
             self._execute_slowly(connection, sock, command, name)
         finally:
