@@ -543,8 +543,7 @@ class EmbeddedBroker:
             self.aof.write_pending()
             if self.aof.needs_rewrite():
                 self.rewrite()
-            if bool(self.aof.error) is not self.fast.halted:
-                self._halt_writes(bool(self.aof.error))
+            self._follow_log_health()
         for connection in self.dirty:
             connection.flush()
         self.dirty.clear()
@@ -730,9 +729,12 @@ class EmbeddedBroker:
         return SimpleError(f"MISCONF Errors writing to the AOF file: {self.aof.error if self.aof else ''}; "
                            "writes are refused until the append-only log can be written again")
 
-    def _halt_writes(self, halted: bool) -> None:
+    def _follow_log_health(self) -> None:
         """Refuse writes while the log cannot be written (a full disk), as Redis does: what was
         acknowledged is kept in memory and retried; nothing more is acknowledged meanwhile."""
+        halted = bool(self.aof.error) if self.aof is not None else False
+        if halted is self.fast.halted:
+            return
         self.fast.halted = halted
         for connection in self.connections:
             if connection.sock is not None:
@@ -745,8 +747,8 @@ class EmbeddedBroker:
     def _expire(self) -> None:
         """Drop keys whose time is up, as Redis' active expiry does: fakeredis only drops them when
         a command lists or counts keys, so result keys and locks nobody reads again would stay."""
-        if self.aof is not None and bool(self.aof.error) is not self.fast.halted:
-            self._halt_writes(bool(self.aof.error))
+        if self.aof is not None:
+            self._follow_log_health()  # a quiet broker notices a failed or recovered log too
         now = time.time()
         for db in self.core.dbs.values():
             if db._expiry_heap and db._expiry_heap[0][0] < now:
