@@ -1,13 +1,13 @@
 """The Redis protocol (RESP): reading commands, writing replies.
 
-`CommandReader` takes bytes as they arrive and yields complete commands (arrays of bulk strings,
-or inline commands as `redis-cli`-less clients type them), remembering how many bytes each one
-used, so the append-only log can be read with the same parser and cut at the last whole command.
+Clients' commands are parsed by hiredis (`FastCommandReader`); `CommandReader` is ours, for a
+client typing inline commands (telnet) or where hiredis is missing. The append-only log has a
+stricter parser of its own (`aof.read_commands`): text there is corruption, not a command.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 from fakeredis._helpers import SimpleError, SimpleString
 
@@ -62,10 +62,11 @@ def reader_for(first_byte: bytes) -> "CommandReader | FastCommandReader":
 
 
 class CommandReader:
+    """Commands as they arrive: arrays of bulk strings, or inline commands (a line of words)."""
+
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._start = 0  # where the next unread command begins in the buffer
-        self.consumed = 0  # bytes of complete commands returned so far
         self.next_command = self._next
 
     def feed(self, data: bytes) -> None:
@@ -73,18 +74,6 @@ class CommandReader:
             del self._buffer[: self._start]
             self._start = 0
         self._buffer += data
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet make a complete command."""
-        return len(self._buffer) - self._start
-
-    def __iter__(self) -> Iterator[list[bytes]]:
-        while True:
-            command = self._next()
-            if command is None:
-                return
-            yield command
 
     def _next(self) -> list[bytes] | None:
         buffer, start = self._buffer, self._start
@@ -134,7 +123,6 @@ class CommandReader:
         return fields if fields else self._next()
 
     def _advance(self, position: int) -> None:
-        self.consumed += position - self._start
         self._start = position
 
 
