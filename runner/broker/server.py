@@ -37,9 +37,11 @@ from runner.broker.core import WRITE_COMMANDS, BrokerSocket
 from runner.broker.fast import NO_REPLY, OK, PUBSUB_ALLOWED, QUEUED, Defer, FastPath
 from runner.broker.resp import NULL_ARRAY, PROTOCOL_ERRORS, encode, reader_for
 from runner.settings.kinds import is_loopback
+from runner.settings.table import BY_NAME
 
 log = logging.getLogger("dify_local.broker")
 
+PUBLISHED_PASSWORD = BY_NAME["REDIS_PASSWORD"].default  # Dify's own default: no secret off loopback
 EXPIRE_INTERVAL = 1.0  # seconds between sweeps for expired keys
 REDIS_VERSION = "7.4.0"  # what the broker tells clients it speaks (fakeredis' 7.4 command set)
 
@@ -273,6 +275,10 @@ class EmbeddedBroker:
         if not is_loopback(host) and not password:
             raise BrokerStartError(f"refusing to listen on {host} without a password: anyone who can reach it "
                                    "could read and change every queue; set REDIS_PASSWORD or listen on 127.0.0.1")
+        if not is_loopback(host) and password == PUBLISHED_PASSWORD:
+            raise BrokerStartError(f"refusing to listen on {host} with the default password: it is printed in "
+                                   "Dify's documentation, so anyone who can reach the port could use the broker; set "
+                                   "REDIS_PASSWORD (or --password) to a secret of your own, or listen on 127.0.0.1")
         self.host, self.port = host, port
         self.password = password.encode() if password else None
         self.core = FakeServer(version=(7, 4))

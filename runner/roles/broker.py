@@ -11,8 +11,7 @@ from runner.broker.server import BrokerStartError as ServerStartError
 from runner.broker.server import EmbeddedBroker
 from runner.roles.common import RoleStartError, start_role
 from runner.settings import Settings
-from runner.settings.kinds import is_loopback, mask_url
-from runner.settings.table import BY_NAME
+from runner.settings.kinds import mask_url
 
 log = logging.getLogger("dify_local.broker")
 
@@ -35,10 +34,6 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
     paths = start_role(settings, "broker")
     host, port = settings.REDIS_HOST, settings.REDIS_PORT
     folder = paths.broker if settings.DIFY_LOCAL_BROKER_PERSIST else None
-    if password and not is_loopback(host) and settings.REDIS_PASSWORD == BY_NAME["REDIS_PASSWORD"].default:
-        raise BrokerStartError(f"refusing to listen on {host} with the default password: it is printed in Dify's "
-                               "documentation, so anyone who can reach the port could use the broker; set "
-                               "REDIS_PASSWORD (or --password) to a secret of your own, or listen on 127.0.0.1")
     try:
         broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder)
     except ServerStartError as error:
