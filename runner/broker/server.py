@@ -36,7 +36,7 @@ from runner.broker.aof import AppendOnlyLog, LoadReport
 from runner.broker.core import WRITE_COMMANDS, BrokerSocket
 from runner.broker.fast import NO_REPLY, OK, PUBSUB_ALLOWED, QUEUED, Defer, FastPath
 from runner.broker.resp import NULL_ARRAY, PROTOCOL_ERRORS, encode, reader_for
-from runner.settings.kinds import is_loopback
+from runner.settings.kinds import host_port, is_loopback
 from runner.settings.table import BY_NAME
 
 log = logging.getLogger("dify_local.broker")
@@ -67,12 +67,6 @@ INTERNAL_ERROR = SimpleError("ERR internal error in the embedded broker (see its
 # refused while the log cannot be written, as Redis refuses them (MISCONF): scripts and
 # transactions may write too
 REFUSED_WHEN_HALTED = frozenset({name.encode() for name in WRITE_COMMANDS if " " not in name}) | GROUPED
-
-
-def address(peer: tuple) -> str:
-    """host:port as Redis writes a client's address ([host]:port for IPv6)."""
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def keys_of(command: list[bytes]) -> list[bytes]:
@@ -127,7 +121,7 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}"
         self.sock = BrokerSocket(self.server.core, password=self.server.password, on_reply=self.reply,
                                  on_write=self.server.wrote,
-                                 client_info={"addr": address(peer), "laddr": address(local),
+                                 client_info={"addr": host_port(*peer[:2]), "laddr": host_port(*local[:2]),
                                               "fd": raw.fileno() if raw else 0})
         self.server.connections.add(self)
         self.server.connections_received += 1

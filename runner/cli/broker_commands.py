@@ -17,6 +17,7 @@ import click
 from runner import topology
 from runner.cli import fail, main, settings_from
 from runner.settings import Settings, mask_url
+from runner.settings.kinds import host_port
 
 CONNECT_TIMEOUT = 5.0  # seconds; bounds each socket operation, so a silent host cannot hang the command
 UNACKED_PARSE_LIMIT = 10_000  # unacked messages read one by one to count them per queue; beyond: total only
@@ -101,7 +102,7 @@ def _address(client) -> str:
         host, port = pool.get_master_address()
     else:
         host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _persistence(facts: dict, embedded: bool) -> dict[str, Any]:

@@ -210,6 +210,11 @@ class BindAddress(Kind):
         return text
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port as URLs and Redis write it ([host]:port for IPv6)."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback

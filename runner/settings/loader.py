@@ -22,7 +22,7 @@ from honcho.environ import parse as honcho_parse
 
 from runner.errors import ProblemsError
 from runner.settings.envfile import EnvFileError, read_env_file
-from runner.settings.kinds import MASK, BrokerUrl, mask_url
+from runner.settings.kinds import MASK, BrokerUrl, host_port, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
 from runner.settings.tls_files import tls_file_problems
 
@@ -104,10 +104,7 @@ class Settings:
         return not self.CELERY_BROKER_URL
 
     def embedded_url(self, db: int) -> str:
-        host = self.REDIS_HOST
-        if ":" in host:
-            host = f"[{host}]"
-        return f"redis://:{quote(self.REDIS_PASSWORD, safe='')}@{host}:{self.REDIS_PORT}/{db}"
+        return f"redis://:{quote(self.REDIS_PASSWORD, safe='')}@{host_port(self.REDIS_HOST, self.REDIS_PORT)}/{db}"
 
     @property
     def broker_url(self) -> str:
@@ -127,9 +124,7 @@ class Settings:
         host = self.DIFY_BIND_ADDRESS
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.DIFY_PORT}"
+        return f"http://{host_port(host, self.DIFY_PORT)}"
 
     @property
     def autoscale(self) -> tuple[int, int] | None:
