@@ -60,15 +60,19 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
     return config
 
 
-def create_celery_app(settings: Settings, poll_results: bool = False) -> Celery:
+def create_celery_app(settings: Settings, poll_results: bool = False, register_tasks: bool = True) -> Celery:
     """A Celery app configured from `settings`, with every task module registered.
 
     `poll_results`: this process reads results by id and never waits on them (see runner.results).
+    `register_tasks`: import the task modules. Only a process that runs tasks needs them; one that
+    only sends (the API, beat) sends by name, routed by `task_routes`, and so does not restart when
+    a task module changes.
     """
     app = Celery("dify-local", set_as_current=True)
     app.conf.update(celery_config(settings, poll_results))
     app.dify = AppContext(settings)
-    for module in TASK_MODULES:
-        importlib.import_module(module)
+    if register_tasks:
+        for module in TASK_MODULES:
+            importlib.import_module(module)
     app.finalize(auto=True)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any
+from typing import Any, Mapping
 
 JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                    dict: "an object", list: "an array"}
@@ -15,11 +15,7 @@ class ArgumentError(ValueError):
     pass
 
 
-def signature_text(name: str, function: Any) -> str:
-    try:
-        signature = inspect.signature(function, eval_str=True)  # `text: str`, not `text: 'str'`
-    except Exception:
-        signature = inspect.signature(function)
+def signature_text(name: str, signature: inspect.Signature) -> str:
     return f"{name}{signature}"
 
 
@@ -50,21 +46,18 @@ def _json_type(value: Any) -> str:
     return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def check_arguments(name: str, function: Any, args: list, kwargs: dict) -> None:
-    """Raise ArgumentError naming the argument and what it should be."""
-    signature = inspect.signature(function)
+def check_arguments(name: str, signature: inspect.Signature, hints: Mapping[str, Any], args: list,
+                    kwargs: dict) -> None:
+    """Raise ArgumentError naming the argument and what it should be.
+
+    `signature` and `hints` are the task's as its source defines them (runner.task_catalogue)."""
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:
-        raise ArgumentError(f"{error}; the task is {signature_text(name, function)}") from None
-    target = getattr(function, "__func__", function)
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:
-        hints = {}
+        raise ArgumentError(f"{error}; the task is {signature_text(name, signature)}") from None
     for parameter, value in bound.arguments.items():
         expected = hints.get(parameter)
         if expected is not None and not _fits(value, expected):
             raise ArgumentError(
                 f"argument {parameter!r} must be {_describe(expected)}, got {_json_type(value)}; "
-                f"the task is {signature_text(name, function)}")
+                f"the task is {signature_text(name, signature)}")

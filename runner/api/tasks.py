@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from runner import topology
 from runner.api.arguments import ArgumentError, check_arguments, signature_text
 from runner.api.errors import ApiError
+from runner.task_catalogue import read_catalogue
 from runner.store.task_runs import get_task_run
 
 blueprint = Blueprint("tasks", __name__)
@@ -67,29 +68,42 @@ def _send_options(body: dict) -> tuple[list, dict, dict]:
 
 @blueprint.get("/v1/tasks")
 def list_tasks():
-    celery = _celery()
-    return jsonify({"tasks": [
-        {"name": name, "queue": queue, "signature": signature_text(name, celery.tasks[name].run),
-         "description": (celery.tasks[name].__doc__ or "").strip().split("\n")[0]}
-        for name, queue in topology.ROUTES.items()
-    ]})
+    catalogue = read_catalogue()
+    listed = []
+    for name, queue in topology.ROUTES.items():
+        definition = catalogue.lookup(name)
+        if definition is None:  # routed, but no module defines it: it cannot be sent
+            continue
+        entry = {"name": name, "queue": queue,
+                 "signature": None if definition.signature is None else signature_text(name, definition.signature),
+                 "description": definition.description}
+        if definition.signature is None:
+            entry["unchecked"] = definition.unknown_because
+        listed.append(entry)
+    return jsonify({"tasks": listed})
 
 
 @blueprint.post("/v1/tasks/<name>")
 def send_task(name: str):
-    celery = _celery()
-    if name not in topology.ROUTES or name not in celery.tasks:
+    # The definition comes from the task's source, read now (runner.task_catalogue): this process
+    # never imports the task modules, so editing one restarts only the worker.
+    definition = read_catalogue().lookup(name) if name in topology.ROUTES else None
+    if definition is None:
         raise ApiError(404, f"unknown task {name!r}; GET /v1/tasks lists the tasks that can be sent")
     args, kwargs, options = _send_options(_read_json_object())
-    task = celery.tasks[name]
-    try:
-        check_arguments(name, task.run, args, kwargs)
-    except ArgumentError as error:
-        raise ApiError(400, str(error)) from None
-    result = task.apply_async(args=args, kwargs=kwargs, **options)
+    if definition.signature is not None:
+        try:
+            check_arguments(name, definition.signature, definition.hints, args, kwargs)
+        except ArgumentError as error:
+            raise ApiError(400, str(error)) from None
+    # By name: the route (task_routes in runner.celery_app) picks the queue, as apply_async would.
+    result = _celery().send_task(name, args=args, kwargs=kwargs, **options)
     queue = topology.ROUTES[name]
-    return jsonify({"id": result.id, "task": name, "queue": queue, "state": "PENDING",
-                    "poll": url_for("tasks.get_task", task_id=result.id)}), 202
+    body = {"id": result.id, "task": name, "queue": queue, "state": "PENDING",
+            "poll": url_for("tasks.get_task", task_id=result.id)}
+    if definition.signature is None:
+        body["unchecked"] = definition.unknown_because
+    return jsonify(body), 202
 
 
 @blueprint.get("/v1/tasks/<task_id>")

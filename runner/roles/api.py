@@ -5,12 +5,18 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from werkzeug.serving import ThreadedWSGIServer
 
 from runner.api import create_api
 from runner.roles.common import RoleStartError, celery_for_role, start_role, stop_on_signals
 from runner.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from runner.store.task_runs import TaskRunRecorder
 
 log = logging.getLogger("dify_local.api")
 
@@ -32,9 +38,15 @@ class LimitedThreadedServer(ThreadedWSGIServer):
             super().process_request_thread(request, client_address)
 
 
+def api_celery(settings: Settings) -> tuple[Celery, TaskRunRecorder]:
+    """The API's Celery app: it polls results and sends tasks by name, without importing a task
+    module (their signatures come from their source, runner.task_catalogue)."""
+    return celery_for_role(settings, poll_results=True, register_tasks=False)
+
+
 def serve_api(settings: Settings) -> None:
     start_role(settings, "api")
-    celery, recorder = celery_for_role(settings, poll_results=True)
+    celery, recorder = api_celery(settings)
     app = create_api(settings, celery)
     host, port = settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT
     try:

@@ -11,7 +11,9 @@ from runner.settings import Settings
 def serve_beat(settings: Settings) -> None:
     start_role(settings, "beat")
     setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
-    celery, recorder = celery_for_role(settings)
+    # Beat sends its entries by name (Celery's scheduler falls back to send_task for a task it has
+    # not registered), so it leaves the task modules out: editing one does not restart it.
+    celery, recorder = celery_for_role(settings, register_tasks=False)
     try:
         celery.Beat(
             scheduler="runner.beat_scheduler:HeartbeatScheduler",

@@ -41,9 +41,11 @@ def start_role(settings: Settings, role: str) -> StatePaths:
     return StatePaths(settings.state_dir).ensure()
 
 
-def celery_for_role(settings: Settings, poll_results: bool = False) -> tuple[Celery, TaskRunRecorder]:
+def celery_for_role(settings: Settings, poll_results: bool = False,
+                    register_tasks: bool = True) -> tuple[Celery, TaskRunRecorder]:
     """The Celery app with its metadata store migrated (or checked) and task recording on.
 
+    `register_tasks`: import the task modules (see create_celery_app); roles that only send leave them out.
     Imported here, not at the top: the broker role runs without Celery in memory.
     """
     from runner.celery_app import create_celery_app
@@ -51,7 +53,7 @@ def celery_for_role(settings: Settings, poll_results: bool = False) -> tuple[Cel
     from runner.store import SchemaOutOfDate, prepare_database
     from runner.store.database import DatabaseBusy
 
-    app = create_celery_app(settings, poll_results)
+    app = create_celery_app(settings, poll_results, register_tasks)
     try:
         prepare_database(app.dify.database, migrate=settings.MIGRATION_ENABLED)
     except (SchemaOutOfDate, DatabaseBusy) as error:
