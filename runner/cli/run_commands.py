@@ -11,6 +11,31 @@ import click
 from runner.cli import CONFIG_ERROR, CliState, fail, main, settings_from
 
 
+def watch_plan(settings, specs, watch: tuple[str, ...], ignore: tuple[str, ...]):
+    """What `up` watches: --watch folders (checked), or the defaults; never the state folder or logs."""
+    from runner.reload.watcher import WatchPlan, default_roots
+
+    roots = []
+    for text in watch:
+        path = Path(text).expanduser()
+        path = (path if path.is_absolute() else Path.cwd() / path).resolve()
+        if not path.is_dir():
+            fail(f"--watch {text}: no such folder; name a folder of code to watch", CONFIG_ERROR)
+        roots.append(path)
+    if not roots:
+        roots = default_roots(settings.project_dir, any(spec.is_ours for spec in specs))
+    state_dir = settings.state_dir.resolve()
+    for root in roots:
+        if root.is_relative_to(state_dir):
+            fail(f"--watch {root}: that is inside the state folder {state_dir}, which is never watched",
+                 CONFIG_ERROR)
+    excluded = [state_dir]
+    if settings.LOG_FILE:
+        log_file = Path(settings.LOG_FILE).expanduser()
+        excluded.append((log_file if log_file.is_absolute() else settings.project_dir / log_file).resolve())
+    return WatchPlan(tuple(roots), tuple(ignore), tuple(excluded))
+
+
 def _echo_all(problems: list[str], status: int) -> None:
     for problem in problems:
         click.echo(f"dify-local: {problem}", err=True)
@@ -35,19 +60,26 @@ def _echo_all(problems: list[str], status: int) -> None:
               help="Seconds a process may take to become ready before it is reported.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds a process gets to stop before it is forced (workers finish running tasks).")
+@click.option("--reload/--no-reload", default=True, show_default=True,
+              help="Reload the processes whose code changed (never the broker).")
+@click.option("--watch", "watch", multiple=True, metavar="PATH",
+              help="Folder to watch instead of the defaults (the Procfile's folder and dify-local's own code); "
+                   "repeatable.")
+@click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
+              help="Changes to leave alone, e.g. 'data/*' or '*.csv'; repeatable.")
 @click.pass_context
 def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port, broker_password, state_dir,
        no_persist: bool, procfile: Path | None, scale: tuple[str, ...], concurrency: tuple[str, ...],
-       ready_timeout: float, grace: float) -> None:
+       ready_timeout: float, grace: float, reload: bool, watch: tuple[str, ...], ignore: tuple[str, ...]) -> None:
     """Start the processes of the Procfile (broker, api, worker and beat by default; NAMES for some)
-    and keep them running until Ctrl-C or `dify-local down`."""
+    and keep them running until Ctrl-C or `dify-local down`. Edited code is reloaded: see --no-reload."""
     from runner.settings.loader import read_env_files
     from runner.state import StatePaths
     from runner.supervisor import control
     from runner.supervisor.manager import Supervisor
-    from runner.supervisor.options import ProcessOptionsError, load_process_options
+    from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import broker_problems, port_problems, route_problems
-    from runner.supervisor.procfile import ProcfileError, expand, load_procfile, parse_scale
+    from runner.supervisor.procfile import PROCFILE, ProcfileError, expand, load_procfile, parse_scale
 
     settings = settings_from(
         ctx, broker=("--broker", "CELERY_BROKER_URL", broker_url), port=("--port", "DIFY_PORT", port),
@@ -87,7 +119,14 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     base_port = dotenv.get("PORT") or os.environ.get("PORT")  # honcho's base for each process's $PORT
     if base_port is not None and not (base_port.isdigit() and 0 < int(base_port) < 65536):
         fail(f"PORT={base_port!r} is not allowed: a port number, the base honcho counts $PORT from", CONFIG_ERROR)
+    env_files = ctx.find_object(CliState).env_files
+    plan = watch_plan(settings, specs, watch, ignore) if reload else None
+    read_by_up = {(settings.project_dir / name).resolve() for name in env_files} | {
+        (settings.project_dir / OPTIONS_FILE).resolve(), (procfile or settings.project_dir / PROCFILE).resolve()}
     supervisor = Supervisor(settings, expand(specs, replicas, int(base_port) if base_port else None),
-                            options, dotenv, ready_timeout=ready_timeout, grace=grace)
+                            options, dotenv, ready_timeout=ready_timeout, grace=grace, watch=plan,
+                            read_by_up=read_by_up)
     supervisor.say(f"dify-local up: {len(supervisor.states)} processes from {source}, state in {settings.state_dir}")
+    if plan is not None:
+        supervisor.say(f"reloading on changes in {plan.describe()} (--no-reload turns it off)")
     sys.exit(supervisor.run())

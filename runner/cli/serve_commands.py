@@ -18,16 +18,29 @@ ROLE_MODULES = {"api": "runner.roles.api", "worker": "runner.roles.worker", "bea
 
 
 def _run_role(role: str, settings: Settings, **options) -> None:
-    """Import only this role's module: the broker runs without Flask or Celery in memory."""
+    """Import only this role's module: the broker runs without Flask or Celery in memory.
+
+    A failure before the role has loaded is also reported to `up` (with its file and line), which
+    then keeps the process this one was to replace."""
     import importlib
 
-    from runner.roles.common import RoleStartError
+    from runner.reload import child
 
-    module = importlib.import_module(ROLE_MODULES[role])
+    try:
+        from runner.roles.common import RoleStartError
+
+        module = importlib.import_module(ROLE_MODULES[role])
+    except Exception as error:
+        child.failed(error)
+        raise
     try:
         getattr(module, f"serve_{role}")(settings, **options)
     except RoleStartError as error:
+        child.failed(error, code=False)
         fail(str(error))
+    except Exception as error:
+        child.failed(error)
+        raise
 
 
 @main.group(invoke_without_command=True)
@@ -37,6 +50,9 @@ def serve(ctx: click.Context) -> None:
 
     With no role named, MODE decides, as in Dify's entrypoint.
     """
+    from runner.reload import child
+
+    child.stand_by()  # a spare started by `up` for the next reload waits here, before reading settings
     if ctx.invoked_subcommand is not None:
         return
     settings = settings_from(ctx)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from werkzeug.serving import ThreadedWSGIServer
 
 from runner.api import create_api
+from runner.reload import child
 from runner.roles.common import RoleStartError, celery_for_role, start_role, stop_on_signals
 from runner.settings import Settings
 
@@ -49,6 +50,7 @@ def serve_api(settings: Settings) -> None:
     celery, recorder = api_celery(settings)
     app = create_api(settings, celery)
     host, port = settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT
+    child.loaded()  # taking over, this waits until the API it replaces has let go of the port
     try:
         server = LimitedThreadedServer(host, port, app, connections=settings.SERVER_WORKER_CONNECTIONS)
     except OSError as error:
@@ -57,6 +59,7 @@ def serve_api(settings: Settings) -> None:
         raise ApiStartError(f"cannot listen on {host}:{port}: {error.strerror}") from None
     stop_on_signals(server.shutdown)
     log.info("API listening on %s", settings.api_url)
+    child.serving()
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

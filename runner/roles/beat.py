@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from celery.signals import setup_logging
+from celery.signals import beat_init, setup_logging
 
+from runner.reload import child
 from runner.roles.common import celery_for_role, start_role
 from runner.settings import Settings
 
@@ -14,6 +15,8 @@ def serve_beat(settings: Settings) -> None:
     # Beat sends its entries by name (Celery's scheduler falls back to send_task for a task it has
     # not registered), so it leaves the task modules out: editing one does not restart it.
     celery, recorder = celery_for_role(settings, register_tasks=False)
+    child.loaded()  # taking over, this waits until the beat it replaces has saved its schedule and stopped
+    beat_init.connect(lambda **_: child.serving(), weak=False)
     try:
         celery.Beat(
             scheduler="runner.beat_scheduler:HeartbeatScheduler",

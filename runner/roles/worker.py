@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_ready
 
 from runner import topology
+from runner.reload import child
 from runner.roles.common import celery_for_role, process_name, start_role
 from runner.settings import Settings
 
@@ -39,7 +40,12 @@ def serve_worker(settings: Settings, hostname: str | None = None, include: tuple
     celery, recorder = celery_for_role(settings)
     for module in include:  # extra task modules (a project's own, or a benchmark's)
         importlib.import_module(module)
+    child.loaded()
+    worker_ready.connect(lambda **_: child.serving(), weak=False)
+    argv = worker_argv(settings, hostname or f"{process_name('worker')}@%h")
+    if child.taking_over():
+        argv.insert(0, "--quiet")  # the banner was shown when the stack started; a reload says so in one line
     try:
-        celery.worker_main(worker_argv(settings, hostname or f"{process_name('worker')}@%h"))
+        celery.worker_main(argv)
     finally:
         recorder.stop()

@@ -30,12 +30,14 @@ from honcho.printer import Message, Printer
 
 from runner import __version__
 from runner.beat_schedule import enabled as enabled_periodic_tasks
-from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED
+from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, WATCH_ROOTS
+from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
 from runner.supervisor import control
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
 from runner.supervisor.options import ProcessOptions
 from runner.supervisor.probes import BrokerLink, probe_for
+from runner.supervisor.reloads import Reloads
 from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
 from runner.supervisor.tree import alive, become_subreaper, descendants, kill, memory_of, reap_orphans
@@ -66,6 +68,7 @@ class ProcessState:
     restart_at: float | None = None
     probe_deadline: float = 0.0
     reported_slow: bool = False
+    failure: dict | None = None  # what the current process reported when it failed to load
 
     @property
     def name(self) -> str:
@@ -95,7 +98,7 @@ def executable_dir() -> str:
 class Supervisor:
     def __init__(self, settings: Settings, specs: list[ProcessSpec], options: dict[str, ProcessOptions],
                  dotenv: dict[str, str] | None = None, *, ready_timeout: float = 60.0, grace: float = 10.0,
-                 output=None):
+                 output=None, watch: WatchPlan | None = None, read_by_up: set[Path] | None = None):
         self.settings = settings
         self.ready_timeout = ready_timeout
         self.dotenv = dotenv or {}
@@ -116,6 +119,7 @@ class Supervisor:
         self.feed_lock = threading.Lock()
         self.control_server: control.ControlServer | None = None
         self.next_reap = 0.0
+        self.watch = watch
         if settings.uses_embedded_broker and not any(spec.role == "broker" for spec in specs):
             specs = [describe("broker", "dify-local serve broker"), *specs]  # every project gets the broker
         if not settings.uses_embedded_broker:
@@ -125,10 +129,12 @@ class Supervisor:
         self.states: list[ProcessState] = []
         for spec in specs:
             process = ManagedProcess(spec, options.get(spec.process_type, ProcessOptions()), self._environment(spec),
-                                     str(settings.project_dir), self.events, next(colours), grace)
+                                     str(settings.project_dir), self.events, next(colours), grace,
+                                     with_channel=watch is not None and Reloads.speaks_channel(spec))
             stage = BROKER if spec.role == "broker" else OURS if spec.is_ours else OTHERS
             self.states.append(ProcessState(process, stage))
         self.printer.width = max([len(SYSTEM)] + [len(state.name) for state in self.states])
+        self.reloads = Reloads(self, watch, read_by_up or set()) if watch is not None else None
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -164,6 +170,8 @@ class Supervisor:
         if self.settings.uses_embedded_broker:
             env["CELERY_BROKER_URL"] = self.settings.broker_url
             env["REDIS_URL"] = self.settings.embedded_url(0)
+        if self.watch is not None:
+            env[WATCH_ROOTS] = os.pathsep.join(str(root) for root in self.watch.roots)
         return env
 
     # -- output ------------------------------------------------------------------------------------
@@ -239,9 +247,10 @@ class Supervisor:
         self.stopping.set()
         self.events.put(Message("wake", None, datetime.datetime.now(), SYSTEM, None))
 
-    def _start(self, state: ProcessState) -> None:
+    def _start(self, state: ProcessState, quiet: bool = False) -> None:
         process = state.process
         state.restart_at = None
+        state.failure = None
         try:
             process.start()
         except OSError as error:
@@ -253,7 +262,8 @@ class Supervisor:
         timeout = process.options.ready_timeout or (
             BROKER_START_TIMEOUT if process.spec.role == "broker" else self.ready_timeout)
         state.probe_deadline = time.monotonic() + timeout
-        self.say(f"{process.name} started (pid {process.pid}): {mask_command(process.spec.command)}")
+        if not quiet:
+            self.say(f"{process.name} started (pid {process.pid}): {mask_command(process.spec.command)}")
         threading.Thread(target=self._probe, args=(state, process.pid), name=f"probe-{process.name}",
                          daemon=True).start()
 
@@ -322,6 +332,10 @@ class Supervisor:
             except Exception as error:  # a bad request must never take the supervisor down
                 replies.put_nowait({"ok": False, "error": f"{type(error).__name__}: {error}"})
             return
+        if message.type == "changes":
+            if self.reloads is not None:
+                self.reloads.changes(message.data)
+            return
         state = self._state(message.name)
         if state is None:
             return
@@ -330,8 +344,21 @@ class Supervisor:
             state.ever_ready = True
             if state.stage == BROKER:
                 self.broker_ready.set()
-            self.say(f"{state.name} ready ({time.monotonic() - state.process.started_at:.1f} s)")
+            if self.reloads is None or not self.reloads.busy(state):  # a reload says so in its own line
+                self.say(f"{state.name} ready ({time.monotonic() - state.process.started_at:.1f} s)")
+            if self.reloads is not None:
+                self.reloads.on_ready(state)
+        elif message.type == "said":
+            if self.reloads is not None:
+                self.reloads.said(state, message.data)
+        elif message.type == "retired":
+            if self.reloads is not None:
+                self.reloads.retired(state, message.data)
         elif message.type == "exit":
+            if self.reloads is not None and self.reloads.exited(state, message.data):
+                return
+            if message.data.pid != state.process.pid:
+                return
             state.last_exit = message.data.returncode
             if state.status in ("starting", "ready") and not self.stopping.is_set():
                 self._on_exit(state, message.data)
@@ -360,6 +387,8 @@ class Supervisor:
             state.status = "failed"
             self._report(state, f"{describe_exit(exited.returncode)} (restart = never)")
             return
+        if self.reloads is not None and self.reloads.broken_code(state, exited):
+            return
         state.crashes.append(now)
         if len(state.crashes) == CRASHES_BEFORE_FAILED and now - state.crashes[0] <= CRASH_WINDOW:
             state.status = "failed"
@@ -377,7 +406,7 @@ class Supervisor:
         """Seconds until something is due (a restart, a readiness deadline, a sweep), at most 1:
         an idle stack wakes the loop once a second, not five times."""
         now = time.monotonic()
-        moments = [self.next_reap]
+        moments = [self.next_reap, *(self.reloads.next_due() if self.reloads is not None else ())]
         for state in self.states:
             if state.status == "backoff" and state.restart_at is not None:
                 moments.append(state.restart_at)
@@ -394,9 +423,12 @@ class Supervisor:
                 self._start(state)
             if state.status == "starting" and not state.reported_slow and now > state.probe_deadline:
                 self._report_slow(state)
+        if self.reloads is not None:
+            self.reloads.tick(now)
         if now >= self.next_reap:
             self.next_reap = now + REAP_INTERVAL
-            reap_orphans({state.process.pid for state in self.states if state.process.pid})
+            managed = {state.process.pid for state in self.states if state.process.pid}
+            reap_orphans(managed | (self.reloads.pids() if self.reloads is not None else set()))
 
     def _pump(self, timeout: float) -> None:
         try:
@@ -416,6 +448,8 @@ class Supervisor:
         become_subreaper()
         self.control_server = control.ControlServer(self.state_dir / control.SOCKET_NAME, self.answer, self.follow)
         self.control_server.start()
+        if self.reloads is not None:
+            self.reloads.start()
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
                                             "project_dir": str(self.settings.project_dir)})
         status = 0
@@ -482,6 +516,9 @@ class Supervisor:
         targets = self._targets(request)
         if isinstance(targets, dict):
             return targets
+        busy = [state.name for state in targets if self.reloads is not None and self.reloads.busy(state)]
+        if busy:
+            return {"ok": False, "error": f"{', '.join(busy)} is being reloaded; try again in a moment"}
         done = []
         for state in targets:
             running = state.process.running() and state.status in ("starting", "ready")
@@ -556,6 +593,13 @@ class Supervisor:
         self.stopping.set()
         if any(state.process.running() for state in self.states):
             self.say("stopping (Ctrl-C again to force)")
+        if self.reloads is not None:  # spares, successors, processes being replaced: stopped together, first
+            extra = [threading.Thread(target=process.stop, args=(self.force,), daemon=True)
+                     for process in self.reloads.stop()]
+            for thread in extra:
+                thread.start()
+            for thread in extra:
+                thread.join()
         for stage in (OTHERS, OURS, BROKER):
             members = [state for state in reversed(self.states) if state.stage == stage and state.process.popen]
             threads = [threading.Thread(target=self._stop_one, args=(state,), daemon=True) for state in members]

@@ -8,6 +8,8 @@ Read from `local_config/processes.toml`, one table per process type, every key o
     stop_signal = "SIGINT"                   # what asks it to stop (default SIGTERM)
     stop_timeout = 20                        # seconds before it is forced (default: up --grace)
     restart = "always"                       # always | on-failure | never (one-off jobs: never)
+    reload = ["*.py", "templates/*"]          # changed files that restart it under `up` (default *.py;
+                                             # false: never). dify-local's own roles reload by their imports.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from runner.errors import ProblemsError
 
 OPTIONS_FILE = Path("local_config") / "processes.toml"
 RESTART_POLICIES = ("always", "on-failure", "never")
-KEYS = ("ready", "ready_timeout", "stop_signal", "stop_timeout", "restart")
+KEYS = ("ready", "ready_timeout", "stop_signal", "stop_timeout", "restart", "reload")
 
 
 class ProcessOptionsError(ProblemsError):
@@ -37,6 +39,7 @@ class ProcessOptions:
     stop_signal: signal.Signals | None = None
     stop_timeout: float | None = None
     restart: str = "always"
+    reload: tuple[str, ...] | None = None  # globs of changed files that restart it; None: the default
 
 
 def _probe(value: object) -> str:
@@ -84,8 +87,18 @@ def _restart(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+def _reload(value: object) -> tuple[str, ...] | None:
+    if value is True:
+        return None
+    if value is False:
+        return ()
+    if isinstance(value, list) and value and all(isinstance(item, str) and item for item in value):
+        return tuple(value)
+    raise ValueError('true, false, or a list of file globs such as ["*.py", "templates/*.html"]')
+
+
 PARSERS = {"ready": _probe, "ready_timeout": _seconds, "stop_signal": _signal, "stop_timeout": _seconds,
-           "restart": _restart}
+           "restart": _restart, "reload": _reload}
 
 
 def load_process_options(project_dir: Path, process_types: list[str]) -> dict[str, ProcessOptions]:

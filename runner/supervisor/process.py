@@ -18,6 +18,8 @@ from typing import Any
 
 from honcho.printer import Message
 
+from runner.process_env import CHANNEL_FD
+from runner.reload.channel import Channel
 from runner.supervisor.options import ProcessOptions
 from runner.supervisor.procfile import ProcessSpec
 from runner.supervisor.tree import descendants, kill
@@ -100,19 +102,31 @@ class StopPolicy:
 class Exited:
     name: str
     returncode: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Said:
+    """A message a process of ours sent over its channel (runner.reload.child)."""
+
+    pid: int
+    message: dict
 
 
 class ManagedProcess:
     """A Procfile process and the OS process currently running it (if any)."""
 
     def __init__(self, spec: ProcessSpec, options: ProcessOptions, env: dict[str, str], cwd: str, events: Queue,
-                 colour: Any, grace: float):
+                 colour: Any, grace: float, with_channel: bool = False):
         self.spec = spec
         self.options = options
         self.env = env
         self.cwd = cwd
         self.events = events
         self.colour = colour
+        self.grace = grace
+        self.with_channel = with_channel
+        self.channel: Channel | None = None
         self.stop_policy = StopPolicy.for_process(spec.role, options, grace)
         self.popen: subprocess.Popen | None = None
         self.started_at: float = 0.0
@@ -132,17 +146,48 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def start(self) -> None:
+    def twin(self) -> "ManagedProcess":
+        """Another process for the same Procfile line (one to take over from this one)."""
+        return ManagedProcess(self.spec, self.options, self.env, self.cwd, self.events, self.colour, self.grace,
+                              self.with_channel)
+
+    def start(self, extra_env: dict[str, str] | None = None) -> None:
         self.returncode = None
         argv, assignments = launch(self.spec.command)
-        self.popen = subprocess.Popen(
-            argv, cwd=self.cwd, env={**self.env, **assignments}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        env = {**self.env, **(extra_env or {}), **assignments}
+        theirs = None
+        if self.with_channel:
+            self.channel, theirs = Channel.pair()
+            env[CHANNEL_FD] = str(theirs.fileno())
+        try:
+            self.popen = subprocess.Popen(
+                argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                pass_fds=(theirs.fileno(),) if theirs else ())
+        except OSError:
+            if self.channel is not None:
+                self.channel.close()
+            raise
+        finally:
+            if theirs is not None:
+                theirs.close()
         self.started_at = time.monotonic()
         self.started_wall = time.time()
         self._reader = threading.Thread(target=self._read, args=(self.popen,), name=f"read-{self.name}",
                                         daemon=True)
         self._reader.start()
+        if self.channel is not None:
+            threading.Thread(target=self._listen, args=(self.channel, self.popen.pid), name=f"listen-{self.name}",
+                             daemon=True).start()
+
+    def tell(self, event: str, **data: Any) -> bool:
+        """Send a message over the channel; False if there is none or the process is gone."""
+        return self.channel is not None and self.channel.send(event, **data)
+
+    def _listen(self, channel: Channel, pid: int) -> None:
+        for message in channel.messages():
+            self._emit(Said(pid, message), kind="said")
+        channel.close()
 
     def _emit(self, data: Any, kind: str = "line") -> None:
         self.events.put(Message(type=kind, data=data, time=datetime.datetime.now(), name=self.name,
@@ -157,7 +202,7 @@ class ManagedProcess:
         popen.stdout.close()
         returncode = popen.wait()
         self.returncode = returncode
-        self._emit(Exited(self.name, returncode), kind="exit")
+        self._emit(Exited(self.name, returncode, popen.pid), kind="exit")
 
     def signal(self, signum: int) -> None:
         if self.running():

@@ -1,0 +1,270 @@
+"""Hot reload under `up`: a change restarts only the processes that import it, the broker never;
+tasks are neither lost nor run twice; broken code keeps the previous process serving.
+
+dify-local's own code is edited in a copy of the `runner` package put first on PYTHONPATH (the
+stack then runs, and `up` watches, the copy); a project's own task module sits in the project."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tests.helpers import REPO, wait_until
+
+PROJECT_TASKS = '''\
+import os
+import sqlite3
+import time
+
+from celery import shared_task
+
+VALUE = 1
+
+
+@shared_task(name="reload.value")
+def value():
+    return VALUE
+
+
+@shared_task(name="reload.record")
+def record(number, database, seconds):
+    """Record this run in SQLite (the test counts runs per number), after `seconds` of work."""
+    time.sleep(seconds)
+    connection = sqlite3.connect(database, timeout=60)
+    with connection:
+        connection.execute("INSERT INTO runs (number, pid, value) VALUES (?, ?, ?)", (number, os.getpid(), VALUE))
+    connection.close()
+    return number
+'''
+STACK = ("broker: dify-local serve broker\napi: dify-local serve api\n"
+         "worker: dify-local serve worker -I reload_tasks\nbeat: dify-local serve beat\n")
+RELOADED = re.compile(r"reloaded (.+?) — (.+)$", re.M)
+
+
+@pytest.fixture
+def stack_source(tmp_path: Path, project):
+    """A copy of the runner package, run and watched instead of the installed one; the project's
+    Procfile runs the stack with `reload_tasks` in the worker."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "runner", source / "runner", ignore=shutil.ignore_patterns("__pycache__"))
+    (project.dir / "Procfile").write_text(STACK)
+    (project.dir / "reload_tasks.py").write_text(PROJECT_TASKS)
+    return {"PYTHONPATH": f"{source}:{project.dir}", "source": source}
+
+
+def up(project, source, *args: str):
+    env = {"PYTHONPATH": source["PYTHONPATH"]}
+    return project.up(*args, env=env)
+
+
+def ps(project) -> dict[str, dict]:
+    result = project.run("ps", "--json")
+    assert result.returncode == 0, result.stderr
+    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
+
+
+def client(project) -> Celery:
+    app = Celery("reload-test", broker=project.broker_url, backend=project.broker_url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    return app
+
+
+def value_now(app: Celery) -> int:
+    return app.send_task("reload.value", queue="mail").get(timeout=30)
+
+
+def finished(api, poll: str) -> dict:
+    def body():
+        status, body = api.get(poll)
+        return body if body["state"] in ("SUCCESS", "FAILURE") else None
+    return wait_until(body, 60, f"{poll} to finish")
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new))
+
+
+def reloads(proc) -> list[tuple[str, str]]:
+    return RELOADED.findall(proc.output)
+
+
+def wait_for_reloads(proc, count: int, timeout: float = 60) -> list[tuple[str, str]]:
+    try:
+        wait_until(lambda: len(reloads(proc)) >= count, timeout, f"{count} reload line(s)")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n--- output ---\n{proc.output}") from None
+    return reloads(proc)
+
+
+def test_editing_a_task_module_reloads_only_the_worker(project, stack_source):
+    stack = up(project, stack_source)
+    api = project.api
+    before = ps(project)
+    status, sent = api.post("/v1/tasks/send_mail_task", {"args": ["a@example.com", "hello", "first"]})
+    assert status == 202
+    assert "edited" not in finished(api, sent["poll"])["result"]
+
+    mail = stack_source["source"] / "runner" / "tasks" / "mail.py"
+    edit(mail, '    return {"to": to, "subject": subject,', '    return {"edited": True, "to": to, "subject": subject,')
+    processes, files = wait_for_reloads(stack, 1)[0]
+    assert processes.startswith("worker in ") and files == "runner/tasks/mail.py"
+
+    def edited_result():
+        status, sent = api.post("/v1/tasks/send_mail_task", {"args": ["a@example.com", "hello", "again"]})
+        assert status == 202
+        return finished(api, sent["poll"])["result"].get("edited")
+    wait_until(edited_result, 30, "the worker to run the edited task")
+    after = ps(project)
+    assert after["worker"]["pid"] != before["worker"]["pid"]
+    for name in ("broker", "api", "beat"):
+        assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
+    assert after["worker"]["status"] == "ready"
+
+
+def test_editing_an_api_module_reloads_only_the_api(project, stack_source):
+    stack = up(project, stack_source)
+    before = ps(project)
+    status_module = stack_source["source"] / "runner" / "api" / "status.py"
+    edit(status_module, 'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
+         'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
+    wait_for_reloads(stack, 1)
+    assert reloads(stack)[0][0].startswith("api in ")
+    assert reloads(stack)[0][1] == "runner/api/status.py"
+    wait_until(lambda: project.api.get("/health")[1].get("edited"), 30, "the API to serve the edited code")
+    after = ps(project)
+    assert after["api"]["pid"] != before["api"]["pid"]
+    for name in ("broker", "worker", "beat"):
+        assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
+
+
+def test_settings_change_reloads_every_role_but_the_broker(project, stack_source):
+    stack = up(project, stack_source)
+    before = ps(project)
+    (project.dir / "local_config").mkdir(exist_ok=True)
+    (project.dir / "local_config" / "local.env").write_text("QUEUE_MONITOR_THRESHOLD=300\n")
+    wait_until(lambda: reloads(stack) and all(name in reloads(stack)[0][0] for name in ("api", "worker", "beat")),
+               60, "api, worker and beat to reload")
+    after = ps(project)
+    assert after["broker"]["pid"] == before["broker"]["pid"]
+    for name in ("api", "worker", "beat"):
+        assert after[name]["pid"] != before[name]["pid"] and after[name]["status"] == "ready"
+    assert len(reloads(stack)) == 1, stack.output
+
+
+def test_a_syntax_error_keeps_the_old_worker_and_the_fix_reloads(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    assert value_now(app) == 1
+    worker = ps(project)["worker"]["pid"]
+    tasks = project.dir / "reload_tasks.py"
+    edit(tasks, "VALUE = 1\n", "VALUE = (2\n")
+    line = stack.wait_for_line(r"worker not reloaded: reload_tasks\.py:\d+: SyntaxError.*", timeout=60)
+    assert "keeps serving" in line.group(0)
+    assert value_now(app) == 1  # the previous worker still answers
+    assert ps(project)["worker"]["pid"] == worker
+    edit(tasks, "VALUE = (2\n", "VALUE = 3\n")
+    wait_for_reloads(stack, 1)
+    wait_until(lambda: value_now(app) == 3, 30, "the fixed code to run")
+    assert ps(project)["worker"]["pid"] != worker
+    assert "crash" not in stack.output and "restarting in" not in stack.output
+
+
+def test_a_burst_of_300_changed_files_gives_one_reload(project, stack_source):
+    package = project.dir / "burst"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    names = [f"module_{number:03d}" for number in range(299)]
+    for name in names:
+        (package / f"{name}.py").write_text("VALUE = 1\n")
+    (project.dir / "reload_tasks.py").write_text(
+        PROJECT_TASKS + "".join(f"import burst.{name}  # noqa\n" for name in names))
+    stack = up(project, stack_source)
+    app = client(project)
+    assert value_now(app) == 1
+    for name in names:  # as a `git checkout` does: hundreds of files rewritten at once
+        (package / f"{name}.py").write_text("VALUE = 2\n")
+    edit(project.dir / "reload_tasks.py", "VALUE = 1\n", "VALUE = 2\n")
+    wait_for_reloads(stack, 1)
+    wait_until(lambda: value_now(app) == 2, 30, "the new code to run")
+    assert "and 297 more" in reloads(stack)[0][1]
+    # Nothing else comes: the watcher would have reported a split burst within its 50 ms step.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert len(reloads(stack)) == 1, stack.output
+        time.sleep(0.1)
+
+
+def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    database = project.dir / "runs.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE runs (number INTEGER, pid INTEGER, value INTEGER)")
+    total = 2000
+    sent: list = []
+
+    def send() -> None:
+        for number in range(total):
+            sent.append(app.send_task("reload.record", args=[number, str(database), 0.01], queue="mail"))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    tasks = project.dir / "reload_tasks.py"
+    for edition in range(2, 22):  # 20 reloads while the tasks run
+        edit(tasks, f"VALUE = {edition - 1}\n", f"VALUE = {edition}\n")
+        wait_for_reloads(stack, edition - 1, timeout=60)
+    sender.join()
+    for result in sent:
+        result.get(timeout=120)
+    with sqlite3.connect(database) as connection:
+        counts = dict(connection.execute("SELECT number, COUNT(*) FROM runs GROUP BY number"))
+        values = {value for (value,) in connection.execute("SELECT DISTINCT value FROM runs")}
+    assert len(reloads(stack)) == 20
+    assert sorted(counts) == list(range(total)), f"{total - len(counts)} tasks never ran"
+    twice = {number: count for number, count in counts.items() if count != 1}
+    assert not twice, f"tasks run more than once: {twice}"
+    assert len(values) > 1  # the runs did straddle reloads
+
+
+def test_a_running_task_finishes_when_its_worker_reloads(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    database = project.dir / "runs.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE runs (number INTEGER, pid INTEGER, value INTEGER)")
+    long = app.send_task("reload.record", args=[1, str(database), 3.0], queue="mail")
+    wait_until(lambda: _started(app), 30, "the task to start")
+    edit(project.dir / "reload_tasks.py", "VALUE = 1\n", "VALUE = 2\n")
+    wait_for_reloads(stack, 1)
+    assert long.get(timeout=60) == 1
+    with sqlite3.connect(database) as connection:
+        rows = list(connection.execute("SELECT number, value FROM runs"))
+    assert rows == [(1, 1)]  # ran once, by the old code, to the end
+
+
+def _started(app) -> bool:
+    active = app.control.inspect(timeout=1).active() or {}
+    return any(task["name"] == "reload.record" for tasks in active.values() for task in tasks)
+
+
+def test_no_reload_leaves_the_stack_alone(project, stack_source):
+    stack = up(project, stack_source, "--no-reload")
+    app = client(project)
+    worker = ps(project)["worker"]["pid"]
+    edit(project.dir / "reload_tasks.py", "VALUE = 1\n", "VALUE = 2\n")
+    deadline = time.monotonic() + 2  # a reload would have come within this (they take a fraction of it)
+    while time.monotonic() < deadline:
+        assert value_now(app) == 1
+    assert ps(project)["worker"]["pid"] == worker
+    assert not reloads(stack)
