@@ -268,3 +268,67 @@ def test_no_reload_leaves_the_stack_alone(project, stack_source):
         assert value_now(app) == 1
     assert ps(project)["worker"]["pid"] == worker
     assert not reloads(stack)
+
+
+def test_code_broken_at_start_waits_for_a_fix_instead_of_crash_looping(project, stack_source):
+    tasks = project.dir / "reload_tasks.py"
+    edit(tasks, "VALUE = 1\n", "VALUE = (1\n")
+    stack = up(project, stack_source)
+    assert re.search(r"worker cannot load its code: reload_tasks\.py:\d+: SyntaxError", stack.output), stack.output
+    assert ps(project)["worker"]["status"] == "failed"
+    edit(tasks, "VALUE = (1\n", "VALUE = 4\n")
+    wait_for_reloads(stack, 1)
+    assert value_now(client(project)) == 4
+    row = ps(project)["worker"]
+    assert row["status"] == "ready" and row["restarts"] == 1
+    assert "restarting in" not in stack.output
+
+
+PROBE_ENTRY = '''
+
+_schedule_without_probe = build_beat_schedule
+
+
+def build_beat_schedule(settings):
+    """The test's entry on top: every {interval} s, a run recorded in SQLite."""
+    schedule = _schedule_without_probe(settings)
+    schedule["reload-probe"] = {{"task": "reload.stamp", "schedule": {interval},
+                                "args": [{database!r}], "options": {{"queue": "mail"}}}}
+    return schedule
+'''
+STAMP_TASK = '''
+
+@shared_task(name="reload.stamp")
+def stamp(database):
+    connection = sqlite3.connect(database, timeout=60)
+    with connection:
+        connection.execute("INSERT INTO stamps (at) VALUES (?)", (time.time(),))
+    connection.close()
+'''
+
+
+def test_beat_neither_skips_nor_doubles_an_entry_across_reloads(project, stack_source):
+    interval = 2.0
+    database = project.dir / "stamps.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE stamps (at REAL)")
+    schedule = stack_source["source"] / "runner" / "beat_schedule.py"
+    schedule.write_text(schedule.read_text() + PROBE_ENTRY.format(interval=interval, database=str(database)))
+    (project.dir / "reload_tasks.py").write_text(PROJECT_TASKS + STAMP_TASK)
+    stack = up(project, stack_source)
+
+    def stamps() -> list[float]:
+        with sqlite3.connect(database) as connection:
+            return [at for (at,) in connection.execute("SELECT at FROM stamps ORDER BY at")]
+    wait_until(lambda: len(stamps()) >= 2, 30, "beat to send the probe entry twice")
+    for number in range(1, 4):  # the schedule's module changes: beat (and the worker) reload
+        schedule.write_text(schedule.read_text() + f"# edit {number}\n")
+        wait_for_reloads(stack, number)
+        assert "beat" in reloads(stack)[-1][0]
+        wanted = len(stamps()) + 2
+        wait_until(lambda wanted=wanted: len(stamps()) >= wanted, 30, "two more runs of the entry")
+    runs = stamps()
+    gaps = [later - earlier for earlier, later in zip(runs, runs[1:], strict=False)]
+    # A double is a second run well inside one interval; a skip, a gap of two intervals or more.
+    assert min(gaps) > interval / 2, f"an entry ran twice: gaps {gaps}"
+    assert max(gaps) < 2 * interval, f"an entry was skipped: gaps {gaps}"

@@ -239,7 +239,9 @@ class Reloads:
             self.supervisor.say(f"{self._show(path)} changed: `up` reads it at start, so restart `up` to apply it")
         texts = {str(path) for path in changed}
         for name, spare in list(self.spares.items()):
-            if spare.files & texts or not spare.ready:
+            # A spare that imported a changed file would run stale code; one still importing its
+            # libraries is not worth waiting for when its process is to be replaced now.
+            if spare.files & texts or (not spare.ready and name in plan.reload):
                 self._drop_spare(name)
         if not plan.reload:
             return
@@ -269,6 +271,8 @@ class Reloads:
                 self._retire(state, process)
             return
         self.spare_due.pop(state.name, None)
+        if state.status == "backoff":  # crashed, due to restart: the successor is that restart
+            state.status, state.restart_at = "reloading", None
         spare = self.spares.pop(state.name, None)
         if spare is not None and spare.ready and spare.process.tell("load"):
             incoming = spare.process
