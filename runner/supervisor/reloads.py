@@ -10,7 +10,9 @@ old process never noticed. Nothing retries until the next change.
 
 The successor is usually a *spare*: a process started in advance that has imported the libraries
 the last one used (most of a start-up) and waits to be told to load. A spare that imported one of
-the changed files is discarded and a fresh process is started instead.
+the changed files is discarded and a fresh process is started instead. Spares cost the memory of
+a process each, so one is kept only for a process that has been reloaded once: a stack that is
+only run stays as small as it was, and editing is fast from the second save on.
 
 Other projects' processes are restarted (stopped, then started) when a change concerns them.
 Everything here runs on the supervisor's loop thread, as the rest of its state changes do.
@@ -89,6 +91,7 @@ class Reloads:
         self.spares: dict[str, Spare] = {}
         self.spare_due: dict[str, float] = {}
         self.retiring: dict[int, ManagedProcess] = {}
+        self.edited: set[str] = set()  # processes reloaded at least once: they are kept a spare
 
     # -- set-up and the watcher's thread ----------------------------------------------------------
 
@@ -260,6 +263,7 @@ class Reloads:
     def _begin(self, state: ProcessState, batch: Batch) -> None:
         process = state.process
         old_pid = process.pid if process.running() else None
+        self.edited.add(state.name)
         if not self.speaks_channel(process):
             takeover = Takeover(state, None, batch, old_pid, phase="releasing")
             self.takeovers[state.name] = takeover
@@ -365,7 +369,7 @@ class Reloads:
 
     def _schedule_spare(self, state: ProcessState) -> None:
         if state.process.spec.role in SPARE_ROLES and self.speaks_channel(state.process) \
-                and state.name not in self.spares:
+                and state.name in self.edited and state.name not in self.spares:
             self.spare_due[state.name] = time.monotonic() + SPARE_DELAY
 
     def _start_spare(self, name: str) -> None:
