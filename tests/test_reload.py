@@ -12,12 +12,13 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from celery import Celery
 
-from tests.helpers import REPO, wait_until
+from tests.helpers import REPO, free_port, wait_until
 
 PROJECT_TASKS = '''\
 import os
@@ -332,3 +333,67 @@ def test_beat_neither_skips_nor_doubles_an_entry_across_reloads(project, stack_s
     # A double is a second run well inside one interval; a skip, a gap of two intervals or more.
     assert min(gaps) > interval / 2, f"an entry ran twice: gaps {gaps}"
     assert max(gaps) < 2 * interval, f"an entry was skipped: gaps {gaps}"
+
+
+OTHER_WEB = '''
+import os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+VALUE = "one"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(VALUE.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
+
+def test_another_projects_process_restarts_on_python_changes_only(project):
+    port = free_port()
+    (project.dir / "web.py").write_text(OTHER_WEB)
+    (project.dir / "Procfile").write_text("web: python web.py\nquiet: python -c 'import time; time.sleep(600)'\n")
+    (project.dir / ".env").write_text(f"PORT={port}\n")
+    (project.dir / "local_config").mkdir()
+    (project.dir / "local_config" / "processes.toml").write_text(
+        f'[web]\nready = "tcp://127.0.0.1:{port}"\n[quiet]\nreload = false\n')
+    stack = project.up()
+    before = ps(project)
+    (project.dir / "notes.md").write_text("not code\n")
+    edit(project.dir / "web.py", 'VALUE = "one"', 'VALUE = "two"')
+    processes, files = wait_for_reloads(stack, 1)[0]
+    assert processes.startswith("web in ") and files == "web.py"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        assert response.read() == b"two"
+    after = ps(project)
+    assert after["web"]["pid"] != before["web"]["pid"]
+    assert after["quiet"]["pid"] == before["quiet"]["pid"]  # reload = false
+    assert after["broker"]["pid"] == before["broker"]["pid"]
+    assert len(reloads(stack)) == 1  # notes.md is not code
+
+
+def test_what_is_never_watched(tmp_path: Path):
+    from runner.reload.watcher import SourceFilter, WatchPlan, watch_targets
+
+    root = tmp_path / "project"
+    for folder in ("app", ".venv/lib", "venv2/lib", ".git", "build/lib", "dist", "pkg.egg-info", "data", "state"):
+        (root / folder).mkdir(parents=True)
+    (root / "venv2" / "pyvenv.cfg").write_text("home = /usr\n")
+    plan = WatchPlan((root,), ignore=("data/*", "*.csv"), excluded=(root / "state",))
+    keep = SourceFilter(plan)
+    assert keep(None, str(root / "app" / "tasks.py")) and keep(None, str(root / "Procfile"))
+    for path in ("app/__pycache__/tasks.cpython-311.pyc", ".venv/lib/x.py", "venv2/lib/x.py", ".git/HEAD",
+                 "build/lib/x.py", "pkg.egg-info/PKG-INFO", "data/x.py", "app/table.csv", "state/metadata.db",
+                 "app/.tasks.py.swp", "app/tasks.py~"):
+        assert not keep(None, str(root / path)), path
+    recursive, shallow = watch_targets(plan, keep)
+    assert shallow == [root]
+    # Never walked: .venv, venv2 (a virtualenv by its pyvenv.cfg), .git, build, dist, *.egg-info, state.
+    assert sorted(path.name for path in recursive) == ["app", "data"]
