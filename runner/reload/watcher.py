@@ -27,7 +27,7 @@ from watchfiles import DefaultFilter, watch
 
 log = logging.getLogger("dify_local.reload")
 
-STEP_MS = 50  # a batch ends after this long without a change
+STEP_MS = 30  # a batch ends after this long without a change (files of a checkout come ms apart)
 DEBOUNCE_MS = 1600  # and is cut after this long even if changes keep coming
 IGNORED_DIRS = frozenset(DefaultFilter.ignore_dirs) | {
     ".ruff_cache", ".eggs", ".nox", "htmlcov", ".dify-local", "venv", "site-packages"}

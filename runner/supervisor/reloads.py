@@ -1,11 +1,12 @@
 """Hot reload, the supervisor's part: from a batch of changed files to new processes serving.
 
 A process of ours is replaced by a *takeover*: its successor loads the new code while the old one
-keeps serving; only once it has loaded does the old one step aside. A worker's successor starts
-consuming before the old worker is asked for a warm shutdown (which finishes its running tasks and
-returns the prefetched ones to their queue). The API and beat must not overlap (a port, beat's
-schedule), so their old process stops once the successor has loaded, and the successor then
-serves. If the successor fails to load, it exits, its error is shown with file and line, and the
+keeps serving; only once it has loaded does the old one step aside. A worker's old process is then
+asked for a warm shutdown (it stops consuming at once, finishes its running tasks and returns the
+prefetched ones to their queue) and its successor starts consuming without waiting for it: no task
+sent after the reload runs the old code, and none waits for the old tasks to finish. The API and
+beat must not overlap at all (a port, beat's schedule): their successor serves once the old process
+has exited. If the successor fails to load, it exits, its error is shown with file and line, and the
 old process never noticed. Nothing retries until the next change.
 
 The successor is usually a *spare*: a process started in advance that has imported the libraries
@@ -40,9 +41,9 @@ if TYPE_CHECKING:
 
 RELOADED_ROLES = ("api", "worker", "beat")  # our roles that speak the channel; never the broker
 SPARE_ROLES = ("api", "worker")  # the reloads a developer waits on: kept a spare
-STOP_FIRST_ROLES = ("api", "beat")  # a port, a schedule: the old one lets go before the new one serves
+STOP_FIRST_ROLES = ("api", "beat")  # a port, a schedule: the old one has exited before the new one serves
 SPARE_DELAY = 1.0  # seconds after a process serves before its spare starts: start-up is busy enough
-MERGE_WINDOW = 0.02  # the two watch threads' reports of one burst arrive within this
+MERGE_WINDOW = 0.01  # the two watch threads' reports of one burst arrive within this
 FILES_SHOWN = 3
 TRACEBACK_PLACE = re.compile(r'File "([^"]+)", line (\d+)')
 
@@ -214,7 +215,7 @@ class Reloads:
             self.supervisor._start(state, quiet=True)
             return
         state.process = takeover.incoming
-        state.status = "starting"
+        state.status = "reloading"
         takeover.incoming.tell("serve")
 
     # -- acting on changes --------------------------------------------------------------------------
@@ -301,20 +302,18 @@ class Reloads:
             self._retire(state, state.process)
             return
         takeover.phase = "serving-soon"
-        if not old_running:  # nothing to hand over from (it was down): the successor is the process
-            state.process = takeover.incoming
-            state.status = "starting"
+        if old_running:  # a worker: the old one stops consuming now, the successor starts
+            self._retire(state, state.process)
+        state.process = takeover.incoming
+        state.status = "reloading"
         takeover.incoming.tell("serve")
 
     def _serving(self, takeover: Takeover) -> None:
         state = takeover.state
-        old = state.process
         state.process = takeover.incoming
         state.status = "ready"
         state.ever_ready = True
         state.crashes.clear()
-        if old is not takeover.incoming and old.running():
-            self._retire(state, old)
         self._finish(takeover)
         self._schedule_spare(state)
 
@@ -322,6 +321,12 @@ class Reloads:
         state = takeover.state
         del self.takeovers[state.name]
         takeover.batch.waiting.discard(state.name)
+        if exited.pid in self.loaded_pids:  # its code loaded: a crash like any other, restarted with backoff
+            state.last_exit = exited.returncode
+            state.status = "ready"
+            self.supervisor._on_exit(state, exited)
+            self._report_batch(takeover.batch)
+            return
         failure = takeover.failure or self._failure_from_tail(takeover.incoming)
         if state.process is takeover.incoming:  # it was already the process (nothing else serves)
             state.last_exit = exited.returncode
