@@ -11,7 +11,10 @@ mechanism differs):
             watchfiles --filter python 'celery -A app worker -P threads -c 4 -Q baseline
                                         --without-mingle --without-gossip -l WARNING' <folder>
             on Redis db 2. Without mingle and gossip the plain worker starts about a second sooner
-            than Celery's default: the faster, fairer anchor.
+            than Celery's default: the faster, fairer anchor, which the target is checked against.
+  default   the same with Celery's default start-up (mingle and gossip on), as the issue's
+            `watchfiles --filter python 'celery -A app worker …'` ran it: printed for reference
+            (queue `baseline_default`, Redis db 3).
   ours      a project folder whose Procfile is only
                 worker: dify-local serve worker -I probe_tasks -P threads -c 4 -l WARNING
             (`probe_tasks.py` defines `probe_value` the same way), run by
@@ -22,8 +25,8 @@ mechanism differs):
 A round, for one side: check the side answers with its current value; t0; rewrite the module with
 `VALUE = <new number>` (a plain write, as an editor saves); then send `probe_value` and wait for its
 result (3 s per call; a task sent while no worker consumes waits in its queue), again and again,
-until a result carries the new value. Latency = that result's arrival − t0. The sides alternate
-round by round (which goes first alternates too) and both stacks run the whole time. Rounds are
+until a result carries the new value. Latency = that result's arrival − t0. The sides take turns
+round by round (each goes first in turn) and all three stacks run the whole time. Rounds are
 3 s apart: `up` starts a pre-loaded spare worker about 1 s after each reload, and a developer's
 saves are seconds apart too. Nothing is discarded: `up` keeps a spare only for a process reloaded
 once, so ours' first round is a cold start, as a developer's first save is.
@@ -64,6 +67,7 @@ ROUND_TIMEOUT = 30.0  # seconds a reload may take before the run stops with an e
 SETTLE = 3.0  # seconds between rounds
 AFTER = 1.0  # seconds of probes after the new value, each of which must return it too
 BASELINE_QUEUE = "baseline"
+DEFAULT_QUEUE = "baseline_default"
 OURS_QUEUE = "mail"
 
 BASELINE_APP = """\
@@ -262,10 +266,10 @@ def shielded():
 
 
 @contextmanager
-def baseline_stack(folder: Path, log: Path, findings: list[str]):
+def baseline_stack(folder: Path, log: Path, findings: list[str], queue: str, fast_start: bool = True):
     celery = BIN / "celery"
-    command = (f"{celery} -A app worker -P threads -c 4 -Q {BASELINE_QUEUE} --without-mingle --without-gossip "
-               "-l WARNING")
+    command = (f"{celery} -A app worker -P threads -c 4 -Q {queue} -l WARNING"
+               + (" --without-mingle --without-gossip" if fast_start else ""))
     argv = [str(BIN / "watchfiles"), "--filter", "python", command, str(folder)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=folder, env=env(PYTHONPATH=str(folder)), stdout=out,
@@ -310,17 +314,22 @@ def run(rounds: int) -> int:
             redis_server(password=PASSWORD) as (server_url, version, _client):
         temp = Path(temp)
         print(f"  redis-server {version} on {server_url.replace(PASSWORD, '****')}")
-        base_dir, project, state = temp / "baseline", temp / "project", temp / "state"
-        base_dir.mkdir()
-        project.mkdir()
+        base_dir, default_dir, project, state = temp / "baseline", temp / "default", temp / "project", temp / "state"
+        for folder in (base_dir, default_dir, project):
+            folder.mkdir()
         (project / "Procfile").write_text("worker: dify-local serve worker -I probe_tasks -P threads -c 4 -l WARNING\n")
         baseline = Side("baseline", base_dir / "app.py", BASELINE_APP, f"{server_url}/2", BASELINE_QUEUE)
+        default = Side("default", default_dir / "app.py", BASELINE_APP, f"{server_url}/3", DEFAULT_QUEUE)
         ours = Side("ours", project / "probe_tasks.py", OURS_TASKS, f"{server_url}/1", OURS_QUEUE)
-        base_log = temp / "baseline.log"
+        sides = (baseline, default, ours)
+        base_log, default_log = temp / "baseline.log", temp / "default.log"
         up_out = None
-        print("  starting the baseline (watchfiles + celery worker) and ours (dify-local up) …")
+        print("  starting the baselines (watchfiles + celery worker, with and without Celery's default start-up) "
+              "and ours (dify-local up) …")
         try:
-            with baseline_stack(base_dir, base_log, findings) as (base_proc, base_seen), \
+            with baseline_stack(base_dir, base_log, findings, BASELINE_QUEUE) as (base_proc, base_seen), \
+                    baseline_stack(default_dir, default_log, findings, DEFAULT_QUEUE, fast_start=False) \
+                    as (default_proc, default_seen), \
                     ours_stack(project, state, ours.url, findings) as (up_proc, up_out, up_seen):
                 try:
                     wait_for(lambda: up_out.has(READY) or up_proc.poll() is not None, 120,
@@ -330,20 +339,21 @@ def run(rounds: int) -> int:
                 if up_proc.poll() is not None:
                     raise Failure(f"dify-local up exited with status {up_proc.returncode}:\n{tail(up_out.since(0))}")
                 print("  ours: " + next(line for line in up_out.since(0) if READY.search(line)).strip())
-                try:
-                    baseline.answers(60)
-                except Failure as error:
-                    raise Failure(f"{error}; the baseline's output:\n{tail(base_log.read_text().splitlines())}") \
-                        from None
+                for side, log in ((baseline, base_log), (default, default_log)):
+                    try:
+                        side.answers(60)
+                    except Failure as error:
+                        raise Failure(f"{error}; its output:\n{tail(log.read_text().splitlines())}") from None
                 ours.answers(60)
-                print("  both answer probe_value; measuring")
+                print("  all three answer probe_value; measuring")
                 value = 100000
                 for number in range(1, rounds + 1):
-                    order = (baseline, ours) if number % 2 else (ours, baseline)
+                    order = sides[number % 3:] + sides[:number % 3]  # each side goes first in turn
                     for side in order:
                         time.sleep(SETTLE)
                         up_seen |= descendants(up_proc.pid)
                         base_seen |= descendants(base_proc.pid)
+                        default_seen |= descendants(default_proc.pid)
                         side.answers(30)
                         value += 1
                         mark = up_out.count()
@@ -359,7 +369,7 @@ def run(rounds: int) -> int:
                             note += f"  OLD VALUE AGAIN until +{side.old_again[-1]:.3f} s"
                         print(f"  round {number} {side.name:<8} {latency:6.3f} s{note}", flush=True)
                 time.sleep(SETTLE)
-                lost = {side.name: side.lost() for side in (baseline, ours)}
+                lost = {side.name: side.lost() for side in sides}
         except KeyboardInterrupt:
             print("\nreload: interrupted; every process it started has been stopped", file=sys.stderr)
             for line in findings:
@@ -373,11 +383,11 @@ def run(rounds: int) -> int:
                 print("reload: dify-local up's output:\n" + tail(up_out.since(0), 60), file=sys.stderr)
             return 1
     up_lines = up_out.since(0)  # all of it, `up`'s stop included
-    for side in (baseline, ours):
+    for side in sides:
         print(f"  {side.name:<8} per round: " + ", ".join(f"{x:.3f}" for x in side.latencies))
         print(f"  {side.name:<8} median {median(side.latencies):.3f} s, min {min(side.latencies):.3f}, "
               f"max {max(side.latencies):.3f}; probes sent {len(side.sent)}, without a result {lost[side.name]}")
-    odd = [f"{side.name}: {text}" for side in (baseline, ours) for text in side.odd] + findings
+    odd = [f"{side.name}: {text}" for side in sides for text in side.odd] + findings
     odd += [f"{side}: {count} probe(s) never got a result" for side, count in lost.items() if count]
     odd += [f"ours: up said: {line.strip()}" for line in up_lines if TROUBLE.search(line)]
     requeued = sum(1 for line in up_lines if REQUEUED.search(line))
@@ -395,6 +405,8 @@ def run(rounds: int) -> int:
     if any(old is not None for old in ours.old_again):
         print(f"  ours until the old code also stopped answering: median {median(late):.3f} s "
               f"(ratio {median(late) / median(baseline.latencies):.3f}×)")
+    print(f"  ratio ours / default-start baseline (the issue's form, for reference): "
+          f"{median(ours.latencies) / median(default.latencies):.3f}×")
     ratio = median(ours.latencies) / median(baseline.latencies)
     print(f"ratio ours / baseline (medians): {ratio:.3f}× (target ≤ {TARGET}×) "
           f"{'OK' if ratio <= TARGET else 'ABOVE TARGET'}")
