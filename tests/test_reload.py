@@ -132,6 +132,28 @@ def test_editing_a_task_module_reloads_only_the_worker(project, stack_source):
     assert after["worker"]["status"] == "ready"
 
 
+def spares(project) -> dict[str, dict]:
+    result = project.run("ps", "--json")
+    return {spare["name"]: spare for spare in json.loads(result.stdout)["reload"]["spares"]}
+
+
+def test_the_second_reload_uses_the_spare(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    tasks = project.dir / "reload_tasks.py"
+    assert not spares(project)  # none until a process has been reloaded once
+    edit(tasks, "VALUE = 1\n", "VALUE = 2\n")
+    wait_for_reloads(stack, 1)
+    spare = wait_until(lambda: spares(project).get("worker", {}).get("ready") and spares(project)["worker"], 30,
+                       "a loaded spare for the worker")
+    assert "spares for fast reloads: worker (pid" in project.run("ps").stdout
+    edit(tasks, "VALUE = 2\n", "VALUE = 3\n")
+    wait_for_reloads(stack, 2)
+    # Once the reload is reported, no task runs the old code (the old worker stopped consuming).
+    assert [value_now(app) for _ in range(10)] == [3] * 10
+    assert ps(project)["worker"]["pid"] == spare["pid"]  # the spare became the worker
+
+
 def test_editing_an_api_module_reloads_only_the_api(project, stack_source):
     stack = up(project, stack_source)
     before = ps(project)
@@ -275,7 +297,7 @@ def test_code_broken_at_start_waits_for_a_fix_instead_of_crash_looping(project, 
     tasks = project.dir / "reload_tasks.py"
     edit(tasks, "VALUE = 1\n", "VALUE = (1\n")
     stack = up(project, stack_source)
-    assert re.search(r"worker cannot load its code: reload_tasks\.py:\d+: SyntaxError", stack.output), stack.output
+    assert re.search(r"worker cannot start: reload_tasks\.py:\d+: SyntaxError", stack.output), stack.output
     assert ps(project)["worker"]["status"] == "failed"
     edit(tasks, "VALUE = (1\n", "VALUE = 4\n")
     wait_for_reloads(stack, 1)
@@ -380,7 +402,7 @@ def test_another_projects_process_restarts_on_python_changes_only(project):
 
 
 def test_what_is_never_watched(tmp_path: Path):
-    from runner.reload.watcher import SourceFilter, WatchPlan, watch_targets
+    from runner.reload.watcher import SourceFilter, WatchPlan, watched_folders
 
     root = tmp_path / "project"
     for folder in ("app", ".venv/lib", "venv2/lib", ".git", "build/lib", "dist", "pkg.egg-info", "data", "state"):
@@ -393,7 +415,6 @@ def test_what_is_never_watched(tmp_path: Path):
                  "build/lib/x.py", "pkg.egg-info/PKG-INFO", "data/x.py", "app/table.csv", "state/metadata.db",
                  "app/.tasks.py.swp", "app/tasks.py~"):
         assert not keep(None, str(root / path)), path
-    recursive, shallow = watch_targets(plan, keep)
-    assert shallow == [root]
     # Never walked: .venv, venv2 (a virtualenv by its pyvenv.cfg), .git, build, dist, *.egg-info, state.
-    assert sorted(path.name for path in recursive) == ["app", "data"]
+    assert sorted(path.relative_to(root).as_posix() for path in watched_folders(plan, keep)) == [".", "app", "data"]
+

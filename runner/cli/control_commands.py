@@ -73,6 +73,14 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     supervisor = reply["supervisor"]
     click.echo(f"supervisor pid {supervisor['pid']}, up {_duration(supervisor['uptime'])}, "
                f"state in {supervisor['state_dir']}")
+    reload = reply.get("reload")
+    if reload:
+        spares = ", ".join(f"{spare['name']} (pid {spare['pid']}, {_memory(spare['memory'])}"
+                           f"{'' if spare['ready'] else ', loading'})" for spare in reload["spares"])
+        click.echo(f"reloading on changes in {', '.join(reload['watching'])}"
+                   + (f"; spares for fast reloads: {spares}" if spares else ""))
+    else:
+        click.echo("reload off")
 
 
 def _wait(state_dir: Path, names: list[str], before: dict[str, dict], done) -> None:

@@ -2,10 +2,9 @@
 
 By default: the folder of the Procfile and, when it is not installed in a virtualenv, the
 `runner` package itself. Never: the state folder, log files, virtualenvs, `.git`, caches, build
-output, nor anything `--ignore` names. A folder is watched by setting up an inotify watch on each
-of its sub-folders, so a project's top level is watched in two parts: its files (not recursively)
-and each of its folders that is not ignored (recursively). A `.venv` with thousands of folders is
-then never walked at all, rather than walked and filtered.
+output, nor anything `--ignore` names. Those folders are never even walked: each folder that is
+watched gets its own watch (inotify's way anyway), so a `.venv` with thousands of folders costs
+nothing, where a recursive watch of the project would walk it and filter its events.
 
 watchfiles groups changes until none has arrived for `STEP_MS`, so an editor's save or a `git
 checkout` of hundreds of files arrives as one batch.
@@ -21,7 +20,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from watchfiles import DefaultFilter, watch
 
@@ -104,54 +103,65 @@ class SourceFilter(DefaultFilter):
         return in_virtualenv(path if folder else path.parent)
 
 
-def watch_targets(plan: WatchPlan, source_filter: SourceFilter) -> tuple[list[Path], list[Path]]:
-    """(folders watched recursively, folders watched for their own entries only)."""
-    recursive: list[Path] = []
-    shallow: list[Path] = []
+def watched_folders(plan: WatchPlan, source_filter: SourceFilter) -> list[Path]:
+    """Every folder under the roots that is not left out, walked without entering the left-out ones."""
+    folders: list[Path] = []
     for root in plan.roots:
-        shallow.append(root)
-        try:
-            entries = list(os.scandir(root))
-        except OSError as error:
-            log.warning("cannot watch %s: %s", root, error.strerror)
-            continue
-        for entry in entries:
-            path = Path(entry.path)
+        for current, names, _ in os.walk(root, onerror=lambda error: log.warning(
+                "cannot watch %s: %s", error.filename, error.strerror)):
+            folder = Path(current)
+            folders.append(folder)
             # Hidden folders are left out (.venv, .git, editors' own): a project keeps no code in one.
-            if entry.is_dir(follow_symlinks=False) and not path.name.startswith(".") \
-                    and not source_filter.ignored(path, folder=True):
-                recursive.append(path)
-    return recursive, shallow
+            names[:] = [name for name in names if not name.startswith(".")
+                        and not (folder / name).is_symlink()
+                        and not source_filter.ignored(folder / name, folder=True)]
+    return folders
 
 
 class SourceWatcher:
-    """Threads running watchfiles; each batch of changed paths goes to `on_change`."""
+    """A thread running watchfiles over every watched folder, each on its own (not recursively):
+    one watcher, so a burst anywhere is one batch. A folder created later is added (the watch is
+    set up again). Each batch of changed files goes to `on_change`."""
 
     def __init__(self, plan: WatchPlan, on_change: Callable[[set[Path]], None]):
         self.plan = plan
         self.on_change = on_change
         self.filter = SourceFilter(plan)
         self.stop_event = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._run, name="watch", daemon=True)
 
     def start(self) -> None:
-        recursive, shallow = watch_targets(self.plan, self.filter)
-        for paths, deep in ((recursive, True), (shallow, False)):
-            if paths:
-                thread = threading.Thread(target=self._run, args=(paths, deep), daemon=True,
-                                          name="watch-" + ("tree" if deep else "top"))
-                thread.start()
-                self.threads.append(thread)
+        self.thread.start()
 
-    def _run(self, paths: Iterable[Path], deep: bool) -> None:
+    def _run(self) -> None:
         try:
-            for changes in watch(*paths, watch_filter=self.filter, debounce=DEBOUNCE_MS, step=STEP_MS,
-                                 stop_event=self.stop_event, recursive=deep, raise_interrupt=False,
-                                 ignore_permission_denied=True):
-                self.on_change({Path(path) for _, path in changes})
+            while not self.stop_event.is_set():
+                folders = set(watched_folders(self.plan, self.filter))
+                for changes in watch(*folders, watch_filter=self.filter, debounce=DEBOUNCE_MS, step=STEP_MS,
+                                     stop_event=self.stop_event, recursive=False, raise_interrupt=False,
+                                     ignore_permission_denied=True):
+                    paths = {Path(path) for _, path in changes}
+                    files = {path for path in paths if not path.is_dir()}
+                    new = [path for path in paths if path.is_dir() and path not in folders]
+                    if new:  # their files may be written before their watch is set up: count them in
+                        files |= self._files_in(new)
+                    if files:
+                        self.on_change(files)
+                    if new:
+                        break  # watch the new folders too
+                else:
+                    return
         except Exception as error:  # the stack keeps running without reload rather than going down
             log.warning("file watching stopped (%s: %s); reload is off until `up` restarts",
                         type(error).__name__, error)
+
+    def _files_in(self, new: list[Path]) -> set[Path]:
+        found = set()
+        for folder in watched_folders(WatchPlan(tuple(new)), self.filter):
+            with os.scandir(folder) as entries:
+                found |= {Path(entry.path) for entry in entries
+                          if entry.is_file() and self.filter(None, entry.path)}
+        return found
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import threading
 
 from celery.signals import setup_logging, worker_ready
 
@@ -34,6 +37,35 @@ def worker_argv(settings: Settings, hostname: str) -> list[str]:
     return argv
 
 
+class PromptShutdown:
+    """Celery acts on a warm shutdown at its event loop's next turn, which can be a second after the
+    signal: its handler runs in the main thread, blocked in the loop's poll while the kernel hands
+    the signal to any thread. A task arriving meanwhile still starts here, and when a reload's
+    successor is consuming already, it would run the old code. Python's wakeup fd, written by the
+    signal's C handler in whichever thread gets it, is put in the event loop: the poll returns at
+    once, Celery's handler runs, and the loop's next turn begins the shutdown."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        worker_ready.connect(self._attach, weak=False)
+
+    def _attach(self, sender=None, **_) -> None:
+        hub = getattr(sender, "hub", None)  # the consumer's event loop (none with the solo pool)
+        if hub is None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        hub.add_reader(self.read_fd, self._drain)
+
+    def _drain(self, *_) -> None:
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
 def serve_worker(settings: Settings, hostname: str | None = None, include: tuple[str, ...] = ()) -> None:
     start_role(settings, "worker")
     setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
@@ -41,6 +73,7 @@ def serve_worker(settings: Settings, hostname: str | None = None, include: tuple
     for module in include:  # extra task modules (a project's own, or a benchmark's)
         importlib.import_module(module)
     child.loaded()
+    PromptShutdown()
     worker_ready.connect(lambda **_: child.serving(), weak=False)
     argv = worker_argv(settings, hostname or f"{process_name('worker')}@%h")
     if child.taking_over():

@@ -505,7 +505,8 @@ class Supervisor:
         if command == "ps":
             return {"ok": True, "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started,
                                                "state_dir": str(self.state_dir), "stopping": self.stopping.is_set()},
-                    "processes": [self._row(state) for state in self.states]}
+                    "processes": [self._row(state) for state in self.states],
+                    "reload": self.reloads.describe() if self.reloads is not None else None}
         if command == "down":
             self.stopping.set()
             return {"ok": True, "pid": os.getpid()}
@@ -530,6 +531,8 @@ class Supervisor:
                     state.restarts += 1
                     self._start(state)
             elif command == "stop":
+                if self.reloads is not None:
+                    self.reloads.forget(state)
                 if running:
                     self._stop_in_background(state, "stop")
                 elif state.status in ("backoff", "failed", "finished", "pending"):

@@ -35,6 +35,7 @@ from runner.process_env import HANDOVER, STANDBY
 from runner.reload.plan import DEFAULT_PATTERNS, Candidate, plan_reload
 from runner.reload.watcher import SourceWatcher, WatchPlan
 from runner.supervisor.process import Exited, ManagedProcess, Said
+from runner.supervisor.tree import memory_of
 
 if TYPE_CHECKING:
     from runner.supervisor.manager import ProcessState, Supervisor
@@ -43,7 +44,6 @@ RELOADED_ROLES = ("api", "worker", "beat")  # our roles that speak the channel; 
 SPARE_ROLES = ("api", "worker")  # the reloads a developer waits on: kept a spare
 STOP_FIRST_ROLES = ("api", "beat")  # a port, a schedule: the old one has exited before the new one serves
 SPARE_DELAY = 1.0  # seconds after a process serves before its spare starts: start-up is busy enough
-MERGE_WINDOW = 0.01  # the two watch threads' reports of one burst arrive within this
 FILES_SHOWN = 3
 TRACEBACK_PLACE = re.compile(r'File "([^"]+)", line (\d+)')
 
@@ -134,13 +134,13 @@ class Reloads:
     def changes(self, paths: set[Path]) -> None:
         self.changed |= paths
         if self.due is None:
-            self.due = time.monotonic() + MERGE_WINDOW
+            self.due = time.monotonic()  # the loop acts on it after draining its queue
 
     def said(self, state: ProcessState, said: Said) -> None:
         event = said.message["event"]
         spare = self.spares.get(state.name)
         takeover = self.takeovers.get(state.name)
-        if spare is not None and spare.process.pid == said.pid and takeover is None:
+        if spare is not None and spare.process.pid == said.pid:
             if event == "standby":
                 spare.ready = True
                 spare.files = frozenset(said.message.get("files", []))
@@ -186,14 +186,14 @@ class Reloads:
     def broken_code(self, state: ProcessState, exited: Exited) -> bool:
         """A process of ours that exited before it loaded, over its code: it waits for a fix
         rather than crash-looping."""
-        if not self.speaks_channel(state.process) or exited.pid in self.loaded_pids:
-            return False
+        if not self.speaks_channel(state.process) or exited.pid in self.loaded_pids or exited.returncode < 0:
+            return False  # not ours, or it had loaded, or a signal stopped it: the usual crash handling
         failure = state.failure or self._failure_from_tail(state.process)
         if failure.get("code") is False:
             return False
         state.status = "failed"
-        self.supervisor.say(f"{state.name} cannot load its code: {self._where(failure)}. It starts again when a "
-                            "saved change fixes it.")
+        self.supervisor.say(f"{state.name} cannot start: {self._where(failure)}. It starts again when a saved change "
+                            "fixes it.")
         return True
 
     def on_ready(self, state: ProcessState) -> None:
@@ -414,6 +414,19 @@ class Reloads:
             supervisor.events.put(Message("retired", pid, datetime.datetime.now(), state.name, None))
 
         threading.Thread(target=work, name=f"retire-{state.name}", daemon=True).start()
+
+    def forget(self, state: ProcessState) -> None:
+        """The process was stopped from the control socket: no spare, no pending reload for it."""
+        self._drop_spare(state.name)
+        self.spare_due.pop(state.name, None)
+        self.pending.pop(state.name, None)
+
+    def describe(self) -> dict:
+        """For `ps`: what is watched, and the spares kept (each a process's worth of memory)."""
+        return {"watching": [str(root) for root in self.plan.roots],
+                "spares": [{"name": name, "pid": spare.process.pid, "ready": spare.ready,
+                            "memory": memory_of(spare.process.pid) if spare.process.pid else None}
+                           for name, spare in self.spares.items()]}
 
     def stop(self) -> list[ManagedProcess]:
         """Stop watching; the processes the supervisor must stop besides the current ones."""
