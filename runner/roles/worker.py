@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import threading
 
-from celery.signals import setup_logging, worker_ready
+from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from runner import topology
 from runner.reload import child
@@ -66,6 +67,13 @@ class PromptShutdown:
             pass
 
 
+def _quiet_requeues(**_) -> None:
+    """Stopping, this worker hands back to its queue a message its last BRPOP had already taken;
+    kombu warns about each ("Requeuing undeliverable message … No consumers"), which on a reload
+    reads like trouble when it is the designed path."""
+    logging.getLogger("kombu.transport.virtual.base").setLevel(logging.ERROR)
+
+
 def serve_worker(settings: Settings, hostname: str | None = None, include: tuple[str, ...] = ()) -> None:
     start_role(settings, "worker")
     setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
@@ -74,6 +82,7 @@ def serve_worker(settings: Settings, hostname: str | None = None, include: tuple
         importlib.import_module(module)
     child.loaded()
     PromptShutdown()
+    worker_shutting_down.connect(_quiet_requeues, weak=False)
     worker_ready.connect(lambda **_: child.serving(), weak=False)
     argv = worker_argv(settings, hostname or f"{process_name('worker')}@%h")
     if child.taking_over():
