@@ -28,10 +28,20 @@ def dify_local() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "runner"]
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free loopback port never handed out before in this session: two picks in a row can
+    otherwise be the same port (a project's broker and API on one port), or one a previous test's
+    lingering process still holds."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
