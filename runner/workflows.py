@@ -5,7 +5,12 @@ Graph: {"nodes": [{"id": "start", "type": "start", "variables": ["name"]},
                   {"id": "end", "type": "end", "outputs": ["greeting"]}],
         "edges": [{"source": "start", "target": "greet"}, {"source": "greet", "target": "end"}]}
 
-Templates render in Jinja's sandbox, so a graph cannot reach Python objects.
+Node types: start (checks `variables` are given), template (renders `template` into `output`),
+condition (evaluates the Jinja expression `expression`; its edges carry "branch": "true" or
+"false" and only the taken branch runs), http (a request to an allowed host, see
+runner.workflow_http; its response into `output`) and end (the run's outputs: `outputs` named, or
+every variable). Templates and expressions run in Jinja's sandbox, so a graph cannot reach Python
+objects.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
-NODE_TYPES = ("start", "template", "end")
+from runner import workflow_http
+
+NODE_TYPES = ("start", "template", "condition", "http", "end")
+BRANCHES = ("true", "false")
+MAX_NODES = 200
 _jinja = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 
@@ -45,10 +54,13 @@ class WorkflowResult:
     error: str | None = None
 
 
-def _order(graph: Any) -> list[dict[str, Any]]:
-    """The nodes reachable from the start node, in an order that respects every edge."""
+def _order(graph: Any) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The nodes reachable from the start node, in an order that respects every edge, and the
+    edges into each node."""
     if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
         raise WorkflowError("a workflow graph is an object with a list of nodes and a list of edges")
+    if len(graph["nodes"]) > MAX_NODES:
+        raise WorkflowError(f"a workflow has at most {MAX_NODES} nodes, this one has {len(graph['nodes'])}")
     nodes: dict[str, dict[str, Any]] = {}
     for node in graph["nodes"]:
         if not isinstance(node, dict) or not isinstance(node.get("id"), str) or not node["id"]:
@@ -65,10 +77,19 @@ def _order(graph: Any) -> list[dict[str, Any]]:
     if not isinstance(edges, list):
         raise WorkflowError("edges must be a list of {source, target}")
     following: dict[str, list[str]] = {node_id: [] for node_id in nodes}
+    incoming: dict[str, list[dict[str, Any]]] = {node_id: [] for node_id in nodes}
     for edge in edges:
         if not isinstance(edge, dict) or edge.get("source") not in nodes or edge.get("target") not in nodes:
             raise WorkflowError(f"edge {edge!r} must join two existing nodes")
+        branch = edge.get("branch")
+        if nodes[edge["source"]]["type"] == "condition":
+            if branch not in BRANCHES:
+                raise WorkflowError(f"edge {edge!r} leaves condition {edge['source']!r}: its 'branch' must be "
+                                    "\"true\" or \"false\"")
+        elif branch is not None:
+            raise WorkflowError(f"edge {edge!r}: only an edge leaving a condition node has a 'branch'")
         following[edge["source"]].append(edge["target"])
+        incoming[edge["target"]].append(edge)
     order: list[str] = []
     state: dict[str, str] = {}
 
@@ -84,44 +105,131 @@ def _order(graph: Any) -> list[dict[str, Any]]:
         order.append(node_id)
 
     visit(starts[0]["id"])
-    return [nodes[node_id] for node_id in reversed(order)]
+    return [nodes[node_id] for node_id in reversed(order)], incoming
+
+
+def _check_node(node: dict[str, Any]) -> None:
+    """The fields each node type needs, checked before anything runs."""
+    where = f"node {node['id']!r}"
+    kind = node["type"]
+    if kind == "start":
+        variables = node.get("variables", [])
+        if not isinstance(variables, list) or not all(isinstance(name, str) for name in variables):
+            raise WorkflowError(f"{where}: 'variables' must be a list of names")
+    elif kind == "template":
+        if not isinstance(node.get("template"), str):
+            raise WorkflowError(f"{where}: a template node needs a 'template' string")
+        _compile(where, node["template"])
+    elif kind == "condition":
+        if not isinstance(node.get("expression"), str) or not node["expression"].strip():
+            raise WorkflowError(f"{where}: a condition node needs an 'expression' string, e.g. \"count > 3\"")
+        try:
+            _jinja.compile_expression(node["expression"])
+        except TemplateError as error:
+            raise WorkflowError(f"{where}: expression {node['expression']!r} does not parse: {error}") from None
+    elif kind == "http":
+        if not isinstance(node.get("url"), str):
+            raise WorkflowError(f"{where}: an http node needs a 'url' string")
+        method = node.get("method", "GET")
+        if method not in workflow_http.METHODS:
+            raise WorkflowError(f"{where}: 'method' must be one of {', '.join(workflow_http.METHODS)}")
+        headers = node.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise WorkflowError(f"{where}: 'headers' must be an object of strings")
+        if "body" in node and not isinstance(node["body"], str):
+            raise WorkflowError(f"{where}: 'body' must be a template string")
+        timeout = node.get("timeout", 10)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout <= workflow_http.MAX_TIMEOUT:
+            raise WorkflowError(f"{where}: 'timeout' must be a number of seconds above 0, at most "
+                                f"{workflow_http.MAX_TIMEOUT:g}")
+        for text in (node["url"], node.get("body", "")):
+            _compile(where, text)
+    elif kind == "end":
+        outputs = node.get("outputs")
+        if outputs is not None and (not isinstance(outputs, list) or not all(isinstance(n, str) for n in outputs)):
+            raise WorkflowError(f"{where}: 'outputs' must be a list of variable names")
+    output = node.get("output")
+    if output is not None and (not isinstance(output, str) or not output):
+        raise WorkflowError(f"{where}: 'output' must be a non-empty variable name")
+
+
+def _compile(where: str, text: str) -> None:
+    try:
+        _jinja.from_string(text)
+    except TemplateError as error:
+        raise WorkflowError(f"{where}: template {text!r} does not parse: {error}") from None
 
 
 def validate(graph: Any) -> None:
+    """Raise WorkflowError naming what is wrong with the graph."""
     _order(graph)
+    for node in graph["nodes"]:  # unreachable ones too: a mistake there is still a mistake
+        _check_node(node)
 
 
-def run(graph: Any, inputs: dict[str, Any]) -> WorkflowResult:
-    """Run every node reachable from start; a failing node stops the run."""
-    nodes = _order(graph)
+def _run_node(node: dict[str, Any], variables: dict[str, Any], execution: NodeExecution,
+              http_allowed: frozenset[str]) -> Any:
+    """Run one node: its outputs recorded on `execution`; returns the branch a condition took."""
+    kind = node["type"]
+    name = node.get("output") or node["id"]
+    if kind == "start":
+        missing = [name for name in node.get("variables", []) if name not in variables]
+        if missing:
+            raise WorkflowError(f"missing input(s): {', '.join(missing)}")
+        execution.inputs = dict(variables)
+    elif kind == "template":
+        execution.inputs = {"template": node["template"]}
+        variables[name] = _jinja.from_string(node["template"]).render(**variables)
+        execution.outputs = {name: variables[name]}
+    elif kind == "condition":
+        execution.inputs = {"expression": node["expression"]}
+        taken = bool(_jinja.compile_expression(node["expression"], undefined_to_none=False)(**variables))
+        variables[name] = taken
+        execution.outputs = {"result": taken, "branch": "true" if taken else "false"}
+        return "true" if taken else "false"
+    elif kind == "http":
+        method = node.get("method", "GET")
+        url = _jinja.from_string(node["url"]).render(**variables)
+        body = _jinja.from_string(node["body"]).render(**variables) if "body" in node else None
+        execution.inputs = {"method": method, "url": url, "body": body}
+        try:
+            response = workflow_http.send(method, url, node.get("headers", {}), body, node.get("timeout", 10),
+                                          http_allowed)
+        except workflow_http.HttpNodeError as error:
+            raise WorkflowError(str(error)) from None
+        variables[name] = response
+        execution.outputs = {name: response}
+    else:  # end
+        wanted = node.get("outputs")
+        execution.outputs = {key: variables.get(key) for key in wanted} if wanted else dict(variables)
+    return None
+
+
+def run(graph: Any, inputs: dict[str, Any], http_allowed: frozenset[str] = frozenset()) -> WorkflowResult:
+    """Run the nodes reachable from start; a node runs when an edge into it is taken, a failing
+    node stops the run. Nodes on a branch not taken are not run (and not recorded)."""
+    validate(graph)
+    nodes, incoming = _order(graph)
     variables: dict[str, Any] = dict(inputs)
     outputs: dict[str, Any] = {}
     executions: list[NodeExecution] = []
+    branches: dict[str, Any] = {}  # node id -> the branch it took (None: every outgoing edge)
     for node in nodes:
+        if node["type"] != "start" and not any(
+                edge["source"] in branches and edge.get("branch") in (None, branches[edge["source"]])
+                for edge in incoming[node["id"]]):
+            continue
         execution = NodeExecution(node["id"], node["type"], "running", {}, started_at=time.time())
         executions.append(execution)
         try:
-            if node["type"] == "start":
-                missing = [name for name in node.get("variables", []) if name not in variables]
-                if missing:
-                    raise WorkflowError(f"missing input(s): {', '.join(missing)}")
-                execution.inputs = dict(inputs)
-            elif node["type"] == "template":
-                text = node.get("template")
-                if not isinstance(text, str):
-                    raise WorkflowError("a template node needs a template string")
-                execution.inputs = {"template": text}
-                name = node.get("output") or node["id"]
-                variables[name] = _jinja.from_string(text).render(**variables)
-                execution.outputs = {name: variables[name]}
-            else:  # end
-                wanted = node.get("outputs")
-                outputs = {name: variables.get(name) for name in wanted} if wanted else dict(variables)
-                execution.outputs = outputs
-            execution.status = "succeeded"
-        except (WorkflowError, TemplateError) as error:
+            branches[node["id"]] = _run_node(node, variables, execution, http_allowed)
+        except (WorkflowError, TemplateError, TypeError, ValueError, ArithmeticError) as error:
             execution.status, execution.error = "failed", f"{type(error).__name__}: {error}"
             execution.finished_at = time.time()
             return WorkflowResult("failed", {}, executions, f"node {node['id']!r}: {error}")
+        if node["type"] == "end":
+            outputs = execution.outputs
+        execution.status = "succeeded"
         execution.finished_at = time.time()
     return WorkflowResult("succeeded", outputs, executions)

@@ -124,6 +124,13 @@ SETTINGS: tuple[Setting, ...] = (
             "due schedules claimed per poll"),
     Setting("WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK", Integer(minimum=0), 0, "beat",
             "schedules dispatched per poll at most (0: no limit)"),
+    Setting("DIFY_LOCAL_WORKFLOW_HTTP_ALLOWED_HOSTS", Text(), "", "workflows",
+            "hosts (name or name:port, comma-separated) a workflow's http node may reach; empty: none"),
+    # plugins
+    Setting("PLUGIN_MAX_PACKAGE_SIZE", Integer(minimum=1), 15 * 1024 * 1024, "plugins",
+            "bytes a plugin package (zip) may have"),
+    Setting("DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE", Integer(minimum=1), 50 * 1024 * 1024, "plugins",
+            "bytes a plugin package may unpack to (the sum of its entries' sizes)"),
     # monitor
     Setting("QUEUE_MONITOR_THRESHOLD", Integer(minimum=1), 200, "monitor",
             "dataset queue depth that triggers an alert mail"),

@@ -112,6 +112,31 @@ def _domain(db) -> None:
         db.execute(statement)
 
 
+@migrations(name="0005_flows")
+def _flows(db) -> None:
+    statements = [
+        # one row per (schedule, due time) ever dispatched: the primary key makes a second dispatch of
+        # the same due time impossible, whatever number of pollers run
+        """CREATE TABLE schedule_dispatches (
+            schedule_id TEXT NOT NULL REFERENCES workflow_schedules(id) ON DELETE CASCADE,
+            due_at REAL NOT NULL, task_id TEXT NOT NULL, dispatched_at REAL NOT NULL, run_id TEXT,
+            PRIMARY KEY (schedule_id, due_at))""",
+        # what started a run: the schedule's id, the webhook event's id (NULL when sent directly)
+        "ALTER TABLE workflow_runs ADD COLUMN source_id TEXT",
+        "CREATE INDEX workflow_runs_source ON workflow_runs (source_id)",
+        "ALTER TABLE workflow_schedules ADD COLUMN created_at REAL",
+        # a refresh sent and not yet done: the poller does not send another before this time
+        "ALTER TABLE trigger_subscriptions ADD COLUMN refresh_claimed_until REAL",
+        "ALTER TABLE trigger_subscriptions ADD COLUMN ttl_seconds INTEGER NOT NULL DEFAULT 3600",
+        # what an installed plugin's package said about itself, and where it was unpacked
+        "ALTER TABLE plugins ADD COLUMN manifest TEXT",
+        "ALTER TABLE plugins ADD COLUMN package_size INTEGER",
+        "ALTER TABLE plugins ADD COLUMN path TEXT",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 @dataclass(frozen=True)
 class SchemaState:
     applied: list[str]

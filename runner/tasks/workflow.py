@@ -7,23 +7,33 @@ import json
 import os
 from typing import Any
 
-from runner import cron, workflows
+from runner import workflow_http, workflows
 from runner.context import AppContext
+from runner.schedules import claim_due_schedules, claim_expiring_subscriptions
 from runner.tasks.base import context, new_id, now, row_by_id, task
 
 RUN_LOG_FOLDER = "workflow-runs"
 
 
-def execute_workflow(ctx: AppContext, graph: Any, inputs: dict, app_id: str | None, triggered_by: str) -> dict:
+def run_log_relative(run_id: str) -> str:
+    """Where a run's log lives in the file store (by id, so a clean-up finds it without the row)."""
+    return f"{RUN_LOG_FOLDER}/{run_id}.json"
+
+
+def execute_workflow(ctx: AppContext, graph: Any, inputs: dict, app_id: str | None, triggered_by: str,
+                     source_id: str | None = None) -> dict:
     """Run a graph, record the run and each node's execution, and hand the log to storage."""
     workflows.validate(graph)  # a graph that cannot run fails the task itself
     run_id = new_id()
-    result = workflows.run(graph, inputs)
+    allowed = workflow_http.allowed_hosts(ctx.settings.DIFY_LOCAL_WORKFLOW_HTTP_ALLOWED_HOSTS)
+    result = workflows.run(graph, inputs, allowed)
     with ctx.database.transaction() as db:
         db["workflow_runs"].insert({
             "id": run_id, "app_id": app_id or None, "status": result.status, "triggered_by": triggered_by,
-            "graph": json.dumps(graph), "inputs": json.dumps(inputs), "outputs": json.dumps(result.outputs),
-            "error": result.error, "created_at": result.executions[0].started_at, "finished_at": now()})
+            "graph": json.dumps(graph), "inputs": json.dumps(inputs),
+            "outputs": json.dumps(result.outputs, default=str),
+            "error": result.error, "created_at": result.executions[0].started_at, "finished_at": now(),
+            "source_id": source_id})
         db["workflow_node_executions"].insert_all({
             "id": new_id(), "run_id": run_id, "node_id": execution.node_id, "node_type": execution.node_type,
             "status": execution.status, "inputs": json.dumps(execution.inputs, default=str),
@@ -35,8 +45,10 @@ def execute_workflow(ctx: AppContext, graph: Any, inputs: dict, app_id: str | No
 
 
 @task("run_workflow_task")
-def run_workflow_task(self, graph: dict, inputs: dict, app_id: str = "") -> dict:
+def run_workflow_task(self, graph: dict, inputs: dict, app_id: str = "", trigger_event_id: str = "") -> dict:
     """Execute a workflow graph with the given inputs."""
+    if trigger_event_id:
+        return execute_workflow(context(self), graph, inputs, app_id, "webhook", trigger_event_id)
     return execute_workflow(context(self), graph, inputs, app_id, "api")
 
 
@@ -51,62 +63,58 @@ def save_workflow_run_log_task(self, run_id: str) -> dict:
     document = {**run, "node_executions": nodes}
     for key in ("graph", "inputs", "outputs"):
         document[key] = json.loads(document[key]) if document[key] else None
-    relative = f"{RUN_LOG_FOLDER}/{run_id}.json"
+    relative = run_log_relative(run_id)
     path = ctx.paths.files / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
     os.replace(partial, path)
     with ctx.database.transaction() as db:
-        db.execute("UPDATE workflow_runs SET log_path = ? WHERE id = ?", [relative, run_id])
+        updated = db.execute("UPDATE workflow_runs SET log_path = ? WHERE id = ?", [relative, run_id]).rowcount
+    if not updated:  # the run was deleted (its app removed) while the log was written: no orphan file
+        path.unlink(missing_ok=True)
+        raise LookupError(f"workflow run {run_id!r} was deleted while its log was written")
     return {"run_id": run_id, "log_path": relative, "bytes": path.stat().st_size}
 
 
 @task("workflow_schedule_poller_task")
 def workflow_schedule_poller_task(self) -> dict:
-    """Claim due schedules and send each to the executor once.
+    """Claim due schedules and send each due time to the executor exactly once; send refreshes
+    for trigger subscriptions about to expire.
 
-    The claim moves a schedule's next run forward inside one write transaction, so two pollers
-    (two beats by mistake, or a slow poll overlapping the next) never claim the same due time.
+    A claim moves the schedule's next run forward and records (schedule, due time) in one write
+    transaction (runner.schedules), so two pollers (two beats by mistake, or a slow poll
+    overlapping the next) never send the same due time twice.
     """
     ctx = context(self)
     settings = ctx.settings
-    limit = settings.WORKFLOW_SCHEDULE_POLLER_BATCH_SIZE
-    if settings.WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK:
-        limit = min(limit, settings.WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK)
-    stamp = now()
-    claimed: list[str] = []
-    with ctx.database.connect() as db:
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
-            due = list(db.query("SELECT id, cron FROM workflow_schedules WHERE enabled = 1 AND next_run_at <= ? "
-                                "ORDER BY next_run_at LIMIT ?", [stamp, limit]))
-            for row in due:
-                try:
-                    following = cron.next_fire(row["cron"], stamp)
-                except cron.CronError:
-                    db.execute("UPDATE workflow_schedules SET enabled = 0 WHERE id = ?", [row["id"]])
-                    continue
-                db.execute("UPDATE workflow_schedules SET next_run_at = ?, last_run_at = ? WHERE id = ?",
-                           [following, stamp, row["id"]])
-                claimed.append(row["id"])
-            db.conn.execute("COMMIT")
-        except BaseException:
-            db.conn.execute("ROLLBACK")
-            raise
-    for schedule_id in claimed:
-        run_schedule_trigger.delay(schedule_id)
-    return {"dispatched": len(claimed), "schedules": claimed}
+
+    def send(claim) -> None:
+        run_schedule_trigger.apply_async(args=[claim.schedule_id], kwargs={"due_at": claim.due_at},
+                                         task_id=claim.task_id)
+
+    dispatched = claim_due_schedules(ctx.database, settings.WORKFLOW_SCHEDULE_POLLER_BATCH_SIZE,
+                                     settings.WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK, new_id, send)
+    refreshes = claim_expiring_subscriptions(ctx.database)
+    for subscription_id in refreshes:
+        refresh_trigger_subscription_task.delay(subscription_id)
+    return {"dispatched": len(dispatched), "schedules": [claim.schedule_id for claim in dispatched],
+            "refreshes": refreshes}
 
 
 @task("run_schedule_trigger")
-def run_schedule_trigger(self, schedule_id: str) -> dict:
+def run_schedule_trigger(self, schedule_id: str, due_at: float | None = None) -> dict:
     """Run the workflow of one due schedule."""
     ctx = context(self)
     with ctx.database.connect() as db:
         row = row_by_id(db, "workflow_schedules", schedule_id, "workflow schedule", "app_id, graph, inputs")
-    result = execute_workflow(ctx, json.loads(row["graph"]), json.loads(row["inputs"]), row["app_id"], "schedule")
-    return {"schedule_id": schedule_id, **result}
+    result = execute_workflow(ctx, json.loads(row["graph"]), json.loads(row["inputs"]), row["app_id"], "schedule",
+                              schedule_id)
+    if due_at is not None:
+        with ctx.database.transaction() as db:
+            db.execute("UPDATE schedule_dispatches SET run_id = ? WHERE schedule_id = ? AND due_at = ?",
+                       [result["run_id"], schedule_id, due_at])
+    return {"schedule_id": schedule_id, "due_at": due_at, **result}
 
 
 @task("dispatch_triggered_workflow_task")
@@ -115,22 +123,23 @@ def dispatch_triggered_workflow_task(self, trigger_id: str, payload: dict) -> di
     ctx = context(self)
     with ctx.database.connect() as db:
         trigger = row_by_id(db, "workflow_triggers", trigger_id, "workflow trigger", "app_id, graph")
-    sent = run_workflow_task.delay(json.loads(trigger["graph"]), payload, trigger["app_id"] or "")
-    event_id = new_id()
-    with ctx.database.transaction() as db:
+    event_id, run_task_id = new_id(), new_id()
+    with ctx.database.transaction() as db:  # recorded before it is sent: the run can always find its event
         db["trigger_events"].insert({"id": event_id, "trigger_id": trigger_id, "payload": json.dumps(payload),
-                                     "run_task_id": sent.id, "received_at": now()})
-    return {"event_id": event_id, "trigger_id": trigger_id, "run_task_id": sent.id}
+                                     "run_task_id": run_task_id, "received_at": now()})
+    run_workflow_task.apply_async(args=[json.loads(trigger["graph"]), payload, trigger["app_id"] or "", event_id],
+                                  task_id=run_task_id)
+    return {"event_id": event_id, "trigger_id": trigger_id, "run_task_id": run_task_id}
 
 
 @task("refresh_trigger_subscription_task")
-def refresh_trigger_subscription_task(self, subscription_id: str, ttl_seconds: int = 3600) -> dict:
-    """Extend a trigger subscription before it expires."""
+def refresh_trigger_subscription_task(self, subscription_id: str, ttl_seconds: int = 0) -> dict:
+    """Extend a trigger subscription before it expires (by ttl_seconds, or its own TTL when 0)."""
     stamp = now()
     with context(self).database.transaction() as db:
-        cursor = db.execute("UPDATE trigger_subscriptions SET expires_at = ?, refreshed_at = ?, "
-                            "refresh_count = refresh_count + 1 WHERE id = ?",
-                            [stamp + ttl_seconds, stamp, subscription_id])
-        if cursor.rowcount == 0:
-            raise LookupError(f"no trigger subscription {subscription_id!r}")
-    return {"subscription_id": subscription_id, "expires_at": stamp + ttl_seconds}
+        row = row_by_id(db, "trigger_subscriptions", subscription_id, "trigger subscription", "ttl_seconds")
+        ttl = ttl_seconds if ttl_seconds > 0 else row["ttl_seconds"]
+        db.execute("UPDATE trigger_subscriptions SET expires_at = ?, refreshed_at = ?, "
+                   "refresh_count = refresh_count + 1, refresh_claimed_until = NULL WHERE id = ?",
+                   [stamp + ttl, stamp, subscription_id])
+    return {"subscription_id": subscription_id, "expires_at": stamp + ttl}
