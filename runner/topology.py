@@ -75,6 +75,7 @@ ROUTES: dict[str, str] = {
     "datasets_queue_monitor": "ops_trace",
     "remove_app_and_related_data_task": "app_deletion",
     "check_upgradable_plugin_task": "plugin",
+    "install_plugin_task": "plugin",
     # conversations
     "save_message_task": "conversation",
     "clean_messages": "conversation",

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from runner.tasks.base import context, delete_older_than, new_id, now, task
+from runner.tasks.workflow import run_log_relative
 
 ROLES = ("user", "assistant", "system")
 
@@ -36,7 +35,8 @@ def clean_messages(self, days: int = 30) -> dict:
 
 @task("remove_app_and_related_data_task")
 def remove_app_and_related_data_task(self, app_id: str) -> dict:
-    """Delete an app with its conversations, messages, workflow runs, run logs and traces."""
+    """Delete an app with its conversations, messages, workflow runs (and their node executions),
+    run logs, schedules, triggers (and their events) and traces."""
     ctx = context(self)
     with ctx.database.transaction() as db:
         def count(sql: str) -> int:
@@ -48,18 +48,38 @@ def remove_app_and_related_data_task(self, app_id: str) -> dict:
             "messages": count("SELECT COUNT(*) FROM messages JOIN conversations c ON c.id = conversation_id "
                               "WHERE c.app_id = ?"),
             "workflow_runs": count("SELECT COUNT(*) FROM workflow_runs WHERE app_id = ?"),
+            "node_executions": count("SELECT COUNT(*) FROM workflow_node_executions n JOIN workflow_runs r "
+                                     "ON r.id = n.run_id WHERE r.app_id = ?"),
             "traces": count("SELECT COUNT(*) FROM traces WHERE app_id = ?"),
+            "schedules": count("SELECT COUNT(*) FROM workflow_schedules WHERE app_id = ?"),
+            "triggers": count("SELECT COUNT(*) FROM workflow_triggers WHERE app_id = ?"),
         }
-        log_paths = [row[0] for row in db.execute(
-            "SELECT log_path FROM workflow_runs WHERE app_id = ? AND log_path IS NOT NULL", [app_id])]
-        # conversations and messages go with the app (ON DELETE CASCADE); the rest name it by id
-        for table in ("workflow_runs", "traces", "workflow_schedules", "workflow_triggers"):
-            db.execute(f"DELETE FROM {table} WHERE app_id = ?", [app_id])
-        db.execute("DELETE FROM apps WHERE id = ?", [app_id])
+        runs = [(row[0], row[1]) for row in db.execute("SELECT id, log_path FROM workflow_runs WHERE app_id = ?",
+                                                        [app_id])]
+        # Explicit, child tables first, rather than relying on each ON DELETE CASCADE: a connection
+        # without PRAGMA foreign_keys would otherwise leave orphans.
+        statements = [
+            "DELETE FROM messages WHERE conversation_id IN (SELECT id FROM conversations WHERE app_id = ?)",
+            "DELETE FROM conversations WHERE app_id = ?",
+            "DELETE FROM workflow_node_executions WHERE run_id IN (SELECT id FROM workflow_runs WHERE app_id = ?)",
+            "DELETE FROM workflow_runs WHERE app_id = ?",
+            "DELETE FROM schedule_dispatches WHERE schedule_id IN (SELECT id FROM workflow_schedules WHERE app_id = ?)",
+            "DELETE FROM workflow_schedules WHERE app_id = ?",
+            "DELETE FROM trigger_events WHERE trigger_id IN (SELECT id FROM workflow_triggers WHERE app_id = ?)",
+            "DELETE FROM workflow_triggers WHERE app_id = ?",
+            "DELETE FROM traces WHERE app_id = ?",
+            "DELETE FROM apps WHERE id = ?",
+        ]
+        for statement in statements:
+            db.execute(statement, [app_id])
     files = 0
-    for relative in log_paths:
-        path = ctx.paths.files / relative
-        if Path(path).resolve().is_relative_to(ctx.paths.files.resolve()) and path.exists():
-            path.unlink()
-            files += 1
+    root = ctx.paths.files.resolve()
+    for run_id, log_path in runs:
+        # by id as well as by the recorded path: a log written just before its run was deleted
+        # may not have had its path recorded yet
+        for relative in {run_log_relative(run_id), log_path} - {None}:
+            path = (ctx.paths.files / relative).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                path.unlink()
+                files += 1
     return {"app_id": app_id, "removed": {**removed, "files": files}}

@@ -1,0 +1,107 @@
+"""Reading and checking request bodies: every mistake is a 400 naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from flask import current_app, request
+
+from runner.api.errors import ApiError
+
+ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ID_RULE = "1 to 128 letters, digits and . _ : -"
+
+
+def json_object(allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> dict:
+    """The body as a JSON object (empty body: {}), with only `allowed` fields and all `required` ones."""
+    raw = request.get_data(cache=False)
+    body: Any = {}
+    if raw.strip():
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if allowed is not None:
+        unknown = sorted(set(body) - set(allowed))
+        if unknown:
+            raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}", field=unknown[0])
+    for name in required:
+        if name not in body:
+            raise ApiError(400, f"the field {name!r} is required", field=name)
+    return body
+
+
+def identifier(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not ID.match(value):
+        raise ApiError(400, f"{field!r} must be {ID_RULE}", field=field)
+    return value
+
+
+def optional_identifier(body: dict, field: str) -> str | None:
+    value = body.get(field)
+    return None if value in (None, "") else identifier(value, field)
+
+
+def text(body: dict, field: str, max_length: int, default: str | None = None) -> str:
+    value = body.get(field, default)
+    if not isinstance(value, str) or not value.strip() or len(value) > max_length:
+        raise ApiError(400, f"{field!r} must be a non-empty string of at most {max_length} characters", field=field)
+    return value
+
+
+def obj(body: dict, field: str) -> dict:
+    value = body.get(field, {})
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{field!r} must be a JSON object", field=field)
+    return value
+
+
+def integer(body: dict, field: str, default: int, minimum: int, maximum: int) -> int:
+    value = body.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value or not minimum <= value <= maximum:
+        raise ApiError(400, f"{field!r} must be an integer from {minimum} to {maximum}", field=field)
+    return int(value)
+
+
+def boolean(body: dict, field: str, default: bool) -> bool:
+    value = body.get(field, default)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{field!r} must be true or false", field=field)
+    return value
+
+
+def query_integer(name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if not minimum <= value <= maximum:
+        raise ApiError(400, f"the query parameter {name!r} must be an integer from {minimum} to {maximum}",
+                       field=name)
+    return value
+
+
+def celery():
+    return current_app.extensions["celery"]
+
+
+def database():
+    return celery().dify.database
+
+
+def settings():
+    return current_app.extensions["dify_settings"]
+
+
+def sent(result, task: str, **extra) -> dict:
+    """The body of a 202 for a task sent: its id and where to poll it."""
+    return {"task_id": result.id, "task": task, "state": "PENDING", "poll": f"/v1/tasks/{result.id}", **extra}

@@ -1,0 +1,196 @@
+"""Workflows: run a graph, read runs with their node executions, cron schedules, webhook triggers
+and trigger subscriptions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from flask import Blueprint, jsonify
+
+from runner import cron, workflows
+from runner.api.errors import ApiError
+from runner.api.validation import (
+    boolean,
+    celery,
+    database,
+    identifier,
+    integer,
+    json_object,
+    obj,
+    optional_identifier,
+    query_integer,
+    sent,
+    text,
+)
+
+blueprint = Blueprint("workflows", __name__)
+
+MAX_TTL = 30 * 86400  # seconds a subscription may be extended by
+
+
+def _graph(body: dict) -> dict:
+    graph = body.get("graph")
+    try:
+        workflows.validate(graph)
+    except workflows.WorkflowError as error:
+        raise ApiError(400, f"'graph' is not a runnable workflow: {error}", field="graph") from None
+    return graph
+
+
+def _decoded(row: dict, *fields: str) -> dict:
+    return {**row, **{field: json.loads(row[field]) if row.get(field) else None for field in fields}}
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@blueprint.post("/v1/workflows/run")
+def run_workflow():
+    body = json_object(("graph", "inputs", "app_id"), required=("graph",))
+    graph, inputs, app_id = _graph(body), obj(body, "inputs"), optional_identifier(body, "app_id") or ""
+    result = celery().send_task("run_workflow_task", args=[graph, inputs, app_id])
+    return jsonify(sent(result, "run_workflow_task")), 202
+
+
+@blueprint.get("/v1/workflow-runs")
+def list_runs():
+    limit = query_integer("limit", 50, 1, 500)
+    with database().connect() as db:
+        rows = list(db.query("SELECT id, app_id, status, triggered_by, source_id, error, log_path, created_at, "
+                             "finished_at FROM workflow_runs ORDER BY created_at DESC LIMIT ?", [limit]))
+    return jsonify({"runs": rows})
+
+
+@blueprint.get("/v1/workflow-runs/<run_id>")
+def get_run(run_id: str):
+    identifier(run_id, "run_id")
+    with database().connect() as db:
+        rows = list(db.query("SELECT * FROM workflow_runs WHERE id = ?", [run_id]))
+        if not rows:
+            raise ApiError(404, f"no workflow run {run_id!r}")
+        nodes = [_decoded(row, "inputs", "outputs") for row in db.query(
+            "SELECT node_id, node_type, status, inputs, outputs, error, started_at, finished_at "
+            "FROM workflow_node_executions WHERE run_id = ? ORDER BY started_at, rowid", [run_id])]
+    return jsonify({**_decoded(rows[0], "graph", "inputs", "outputs"), "node_executions": nodes})
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+@blueprint.post("/v1/schedules")
+def create_schedule():
+    body = json_object(("graph", "cron", "inputs", "app_id", "enabled"), required=("graph", "cron"))
+    graph, inputs = _graph(body), obj(body, "inputs")
+    expression = text(body, "cron", 200)
+    stamp = time.time()
+    try:
+        next_run_at = cron.next_fire(expression, stamp)
+    except cron.CronError as error:
+        raise ApiError(400, f"'cron' is not a five-field cron expression (minute hour day month weekday, UTC): "
+                            f"{error}", field="cron") from None
+    row = {"id": _new_id(), "app_id": optional_identifier(body, "app_id"), "graph": json.dumps(graph),
+           "inputs": json.dumps(inputs), "cron": expression, "enabled": int(boolean(body, "enabled", True)),
+           "next_run_at": next_run_at, "created_at": stamp}
+    with database().transaction() as db:
+        db["workflow_schedules"].insert(row)
+    return jsonify(_decoded(row, "graph", "inputs")), 201
+
+
+@blueprint.get("/v1/schedules")
+def list_schedules():
+    with database().connect() as db:
+        rows = list(db.query("SELECT id, app_id, cron, enabled, next_run_at, last_run_at, created_at "
+                             "FROM workflow_schedules ORDER BY created_at"))
+    return jsonify({"schedules": rows})
+
+
+@blueprint.get("/v1/schedules/<schedule_id>")
+def get_schedule(schedule_id: str):
+    identifier(schedule_id, "schedule_id")
+    with database().connect() as db:
+        rows = list(db.query("SELECT * FROM workflow_schedules WHERE id = ?", [schedule_id]))
+        if not rows:
+            raise ApiError(404, f"no schedule {schedule_id!r}")
+        dispatches = list(db.query("SELECT due_at, task_id, dispatched_at, run_id FROM schedule_dispatches "
+                                   "WHERE schedule_id = ? ORDER BY due_at", [schedule_id]))
+    return jsonify({**_decoded(rows[0], "graph", "inputs"), "dispatches": dispatches})
+
+
+@blueprint.delete("/v1/schedules/<schedule_id>")
+def delete_schedule(schedule_id: str):
+    identifier(schedule_id, "schedule_id")
+    with database().transaction() as db:
+        if not db.execute("DELETE FROM workflow_schedules WHERE id = ?", [schedule_id]).rowcount:
+            raise ApiError(404, f"no schedule {schedule_id!r}")
+    return jsonify({"deleted": schedule_id})
+
+
+# -- webhook triggers -----------------------------------------------------------------------------
+
+@blueprint.post("/v1/triggers")
+def create_trigger():
+    body = json_object(("graph", "app_id"), required=("graph",))
+    row = {"id": _new_id(), "app_id": optional_identifier(body, "app_id"), "graph": json.dumps(_graph(body)),
+           "created_at": time.time()}
+    with database().transaction() as db:
+        db["workflow_triggers"].insert(row)
+    return jsonify({**_decoded(row, "graph"), "webhook": f"/v1/webhooks/{row['id']}"}), 201
+
+
+@blueprint.get("/v1/triggers/<trigger_id>")
+def get_trigger(trigger_id: str):
+    identifier(trigger_id, "trigger_id")
+    with database().connect() as db:
+        rows = list(db.query("SELECT * FROM workflow_triggers WHERE id = ?", [trigger_id]))
+        if not rows:
+            raise ApiError(404, f"no trigger {trigger_id!r}")
+        events = [_decoded(row, "payload") for row in db.query(
+            "SELECT e.id, e.payload, e.run_task_id, e.received_at, r.id AS run_id, r.status AS run_status "
+            "FROM trigger_events e LEFT JOIN workflow_runs r ON r.source_id = e.id "
+            "WHERE e.trigger_id = ? ORDER BY e.received_at DESC LIMIT 100", [trigger_id])]
+    return jsonify({**_decoded(rows[0], "graph"), "webhook": f"/v1/webhooks/{trigger_id}", "events": events})
+
+
+@blueprint.delete("/v1/triggers/<trigger_id>")
+def delete_trigger(trigger_id: str):
+    identifier(trigger_id, "trigger_id")
+    with database().transaction() as db:
+        if not db.execute("DELETE FROM workflow_triggers WHERE id = ?", [trigger_id]).rowcount:
+            raise ApiError(404, f"no trigger {trigger_id!r}")
+    return jsonify({"deleted": trigger_id})
+
+
+@blueprint.post("/v1/webhooks/<trigger_id>")
+def webhook(trigger_id: str):
+    identifier(trigger_id, "trigger_id")
+    payload = json_object()  # any object: it becomes the workflow's inputs
+    with database().connect() as db:
+        if not db.execute("SELECT 1 FROM workflow_triggers WHERE id = ?", [trigger_id]).fetchone():
+            raise ApiError(404, f"no trigger {trigger_id!r}; POST /v1/triggers creates one")
+    result = celery().send_task("dispatch_triggered_workflow_task", args=[trigger_id, payload])
+    return jsonify(sent(result, "dispatch_triggered_workflow_task", trigger_id=trigger_id)), 202
+
+
+# -- trigger subscriptions ------------------------------------------------------------------------
+
+@blueprint.post("/v1/trigger-subscriptions")
+def create_subscription():
+    body = json_object(("provider", "ttl_seconds"), required=("provider",))
+    provider = identifier(body["provider"], "provider")
+    ttl = integer(body, "ttl_seconds", 3600, 60, MAX_TTL)
+    stamp = time.time()
+    row = {"id": _new_id(), "provider": provider, "expires_at": stamp + ttl, "ttl_seconds": ttl,
+           "refresh_count": 0}
+    with database().transaction() as db:
+        db["trigger_subscriptions"].insert(row)
+    return jsonify(row), 201
+
+
+@blueprint.get("/v1/trigger-subscriptions")
+def list_subscriptions():
+    with database().connect() as db:
+        rows = list(db.query("SELECT id, provider, expires_at, ttl_seconds, refreshed_at, refresh_count "
+                             "FROM trigger_subscriptions ORDER BY expires_at"))
+    return jsonify({"subscriptions": rows})

@@ -1,0 +1,178 @@
+"""Plugin packages: a zip with a manifest at its root, checked before anything is unpacked.
+
+The manifest is Dify's `manifest.yaml` (or `manifest.json`) with at least `name`, `version` and
+`author`. A package is refused, naming the entry, when an entry would land outside the plugin's
+folder (`../`, an absolute path, a drive letter, a backslash), is a symlink or other special
+file, or repeats a name; and when the package or the sum of its unpacked sizes is over the limits.
+Unpacking counts the bytes it writes, so an entry lying about its size cannot exceed them either.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from packaging.version import InvalidVersion, Version
+
+MANIFESTS = ("manifest.yaml", "manifest.yml", "manifest.json")
+REQUIRED = ("name", "version", "author")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+MAX_ENTRIES = 2000
+MAX_MANIFEST = 64 * 1024  # bytes
+
+
+class PluginPackageError(ValueError):
+    """The package is refused; `entry` names the zip entry at fault, `field` the manifest field."""
+
+    def __init__(self, message: str, entry: str | None = None, field: str | None = None, too_large: bool = False):
+        super().__init__(message)
+        self.entry = entry
+        self.field = field
+        self.too_large = too_large
+
+    def details(self) -> dict[str, Any]:
+        return {key: value for key, value in (("entry", self.entry), ("field", self.field)) if value is not None}
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    manifest: dict[str, Any]
+    unpacked_size: int
+    entries: int
+
+
+def is_newer(latest: str | None, installed: str) -> bool:
+    """Whether the index's `latest` is a newer version than `installed`."""
+    if not latest:
+        return False
+    try:
+        return Version(latest) > Version(installed)
+    except InvalidVersion:
+        return latest != installed
+
+
+def _check_entry(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    if not name or "\x00" in name or "\\" in name:
+        raise PluginPackageError(f"entry {name!r}: a name may not be empty or hold a backslash or NUL", entry=name)
+    path = PurePosixPath(name)
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise PluginPackageError(f"entry {name!r} is an absolute path; entries must stay inside the plugin folder",
+                                 entry=name)
+    if ".." in path.parts:
+        raise PluginPackageError(f"entry {name!r} escapes the plugin folder ('..'); entries must stay inside it",
+                                 entry=name)
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and mode:  # made on Unix: the file type is in the high bits
+        if stat.S_ISLNK(mode):
+            raise PluginPackageError(f"entry {name!r} is a symlink; a plugin package may not hold links", entry=name)
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise PluginPackageError(f"entry {name!r} is not a regular file or folder", entry=name)
+
+
+def _check_manifest(manifest: Any, entry: str) -> tuple[str, str]:
+    if not isinstance(manifest, dict):
+        raise PluginPackageError(f"{entry} must be a mapping of fields", entry=entry)
+    for field in REQUIRED:
+        if field not in manifest or manifest[field] in (None, ""):
+            raise PluginPackageError(f"{entry}: the field {field!r} is required ({', '.join(REQUIRED)})",
+                                     entry=entry, field=field)
+    name, version = manifest["name"], manifest["version"]
+    if not isinstance(name, str) or not NAME.match(name):
+        raise PluginPackageError(f"{entry}: 'name' {name!r} must be 1-128 lowercase letters, digits, _ or -, "
+                                 "starting with a letter or digit", entry=entry, field="name")
+    if not isinstance(version, str):
+        raise PluginPackageError(f"{entry}: 'version' must be a string such as \"1.0.0\", got {version!r}",
+                                 entry=entry, field="version")
+    try:
+        Version(version)
+    except InvalidVersion:
+        raise PluginPackageError(f"{entry}: 'version' {version!r} is not a version such as \"1.0.0\"",
+                                 entry=entry, field="version") from None
+    if not isinstance(manifest["author"], str):
+        raise PluginPackageError(f"{entry}: 'author' must be a string", entry=entry, field="author")
+    return name, version
+
+
+def inspect_package(data: bytes, max_package: int, max_unpacked: int) -> Package:
+    """Check a package without unpacking it; raise PluginPackageError saying what is wrong."""
+    if len(data) > max_package:
+        raise PluginPackageError(f"the package is {len(data)} bytes; PLUGIN_MAX_PACKAGE_SIZE allows {max_package}",
+                                 too_large=True)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError, EOFError) as error:
+        raise PluginPackageError(f"the package is not a zip file ({error})") from None
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_ENTRIES:
+            raise PluginPackageError(f"the package has {len(infos)} entries; at most {MAX_ENTRIES} are allowed",
+                                     too_large=True)
+        seen: set[str] = set()
+        total = 0
+        for info in infos:
+            _check_entry(info)
+            normal = str(PurePosixPath(info.filename))
+            if normal in seen:
+                raise PluginPackageError(f"entry {info.filename!r} appears twice", entry=info.filename)
+            seen.add(normal)
+            total += info.file_size
+            if total > max_unpacked:
+                raise PluginPackageError(
+                    f"the package unpacks to more than {max_unpacked} bytes (DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)",
+                    entry=info.filename, too_large=True)
+        found = [name for name in MANIFESTS if name in seen]
+        if not found:
+            raise PluginPackageError(f"the package has no manifest at its root ({' or '.join(MANIFESTS)})",
+                                     field="manifest")
+        entry = found[0]
+        if archive.getinfo(entry).file_size > MAX_MANIFEST:
+            raise PluginPackageError(f"{entry} is over {MAX_MANIFEST} bytes", entry=entry, too_large=True)
+        try:
+            text = archive.read(entry).decode("utf-8")
+            manifest = json.loads(text) if entry.endswith(".json") else yaml.safe_load(text)
+        except (UnicodeDecodeError, ValueError, yaml.YAMLError, zipfile.BadZipFile, RuntimeError) as error:
+            raise PluginPackageError(f"{entry} does not parse: {error}", entry=entry) from None
+        name, version = _check_manifest(manifest, entry)
+        return Package(name, version, json.loads(json.dumps(manifest, default=str)), total, len(infos))
+
+
+def unpack(data: bytes, destination: Path, max_unpacked: int) -> int:
+    """Unpack a checked package into `destination` (created; must not exist); the bytes written."""
+    destination.mkdir(parents=True)
+    root = destination.resolve()
+    written = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            _check_entry(info)
+            target = (root / info.filename).resolve()
+            if not target.is_relative_to(root):  # belt and braces over _check_entry
+                raise PluginPackageError(f"entry {info.filename!r} escapes the plugin folder", entry=info.filename)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as source, open(target, "xb") as sink:
+                while chunk := source.read(64 * 1024):
+                    written += len(chunk)
+                    if written > max_unpacked:
+                        raise PluginPackageError(f"the package unpacks to more than {max_unpacked} bytes",
+                                                 entry=info.filename, too_large=True)
+                    sink.write(chunk)
+    return written
+
+
+def remove_folder(folder: Path, inside: Path) -> None:
+    """Remove a plugin's folder, only ever below `inside`."""
+    if folder.resolve().is_relative_to(inside.resolve()) and folder.resolve() != inside.resolve() and folder.exists():
+        shutil.rmtree(folder)
