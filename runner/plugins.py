@@ -72,11 +72,11 @@ def _check_entry(info: zipfile.ZipInfo) -> None:
     if ".." in path.parts:
         raise PluginPackageError(f"entry {name!r} escapes the plugin folder ('..'); entries must stay inside it",
                                  entry=name)
-    mode = info.external_attr >> 16
-    if info.create_system == 3 and mode:  # made on Unix: the file type is in the high bits
-        if stat.S_ISLNK(mode):
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if info.create_system == 3 and kind:  # made on Unix, with a file type in the high bits
+        if kind == stat.S_IFLNK:
             raise PluginPackageError(f"entry {name!r} is a symlink; a plugin package may not hold links", entry=name)
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise PluginPackageError(f"entry {name!r} is not a regular file or folder", entry=name)
 
 
