@@ -81,7 +81,8 @@ def test_up_runs_a_task_on_every_queue_and_ctrl_c_leaves_nothing(project):
     log = json.loads((project.state / "files" / stored["log_path"]).read_text())
     assert [node["node_id"] for node in log["node_executions"]] == ["start", "greet", "end"]
     removed = run("remove_app_and_related_data_task", "app-1")["removed"]
-    assert removed == {"apps": 1, "conversations": 1, "messages": 1, "workflow_runs": 1, "traces": 1, "files": 1}
+    assert removed == {"apps": 1, "conversations": 1, "messages": 1, "workflow_runs": 1, "node_executions": 3,
+                       "traces": 1, "schedules": 0, "triggers": 0, "files": 1}
     assert run("check_upgradable_plugin_task")["upgradable"] == [
         {"name": "translator", "installed": "1.0.0", "latest": "1.2.0"}]
     assert run("workflow_schedule_poller_task")["schedules"] == ["sched-1"]
