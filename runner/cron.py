@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from celery.schedules import crontab
+from celery.schedules import ParseException, crontab
 
 SEARCH_DAYS = 366 * 5  # long enough for 29 February on a given weekday
 
@@ -23,7 +23,7 @@ def parse(expression: str) -> crontab:
         # By keyword: crontab's positional order is not cron's.
         return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
                        month_of_year=month_of_year, day_of_week=day_of_week)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ParseException) as error:  # ParseException: '1,,2', '*/-1'
         raise CronError(f"{expression!r}: {error}") from None
 
 

@@ -79,7 +79,9 @@ def _order(graph: Any) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, A
     following: dict[str, list[str]] = {node_id: [] for node_id in nodes}
     incoming: dict[str, list[dict[str, Any]]] = {node_id: [] for node_id in nodes}
     for edge in edges:
-        if not isinstance(edge, dict) or edge.get("source") not in nodes or edge.get("target") not in nodes:
+        if not isinstance(edge, dict) or not isinstance(edge.get("source"), str) \
+                or not isinstance(edge.get("target"), str) or edge["source"] not in nodes \
+                or edge["target"] not in nodes:
             raise WorkflowError(f"edge {edge!r} must join two existing nodes")
         branch = edge.get("branch")
         if nodes[edge["source"]]["type"] == "condition":
