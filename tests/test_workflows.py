@@ -102,9 +102,14 @@ def test_webhook_run_is_recorded_with_its_node_executions_and_run_log(project):
 
 
 def test_schedules_fire_once_per_due_time_with_pollers_running_at_once(project):
+    """Five due schedules, six pollers sent at once to two workers: each due time runs once."""
     # Beat's own poller is off so the test knows every poll; batches of 2, at most 3 per poll.
     project.up(env={"ENABLE_WORKFLOW_SCHEDULE_POLLER_TASK": "false", "WORKFLOW_SCHEDULE_POLLER_BATCH_SIZE": "2",
                     "WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK": "3", "CELERY_WORKER_AMOUNT": "6"})
+    # A second worker process consuming schedule_poller: pollers run in two processes as well as
+    # in two threads of one.
+    second = project.start("serve", "worker", "-Q", "schedule_poller", "-c", "2", "-n", "poller2@%h")
+    second.wait_for_line(r"ready\.", timeout=60)
     ids = []
     for n in range(5):
         status, body = project.api.post("/v1/schedules", {"graph": GREETING, "cron": YEARLY,
@@ -121,13 +126,13 @@ def test_schedules_fire_once_per_due_time_with_pollers_running_at_once(project):
     def poll():
         answers.append(accepted(project.api.post("/v1/tasks/workflow_schedule_poller_task", {})))
 
-    pollers = [threading.Thread(target=poll) for _ in range(4)]
+    pollers = [threading.Thread(target=poll) for _ in range(6)]
     for thread in pollers:
         thread.start()
     for thread in pollers:
         thread.join(30)
     results = [task_result(project, answer["poll"]) for answer in answers]
-    assert len(results) == 4
+    assert len(results) == 6
     assert all(result["dispatched"] <= 3 for result in results), results
     assert sorted(s for result in results for s in result["schedules"]) == sorted(ids), results
 
