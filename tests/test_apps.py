@@ -78,6 +78,10 @@ def test_deleting_an_app_removes_its_rows_and_files_and_nothing_else(project):
     assert other["holds"] == {"conversations": 2, "messages": 3, "workflow_runs": 3, "traces": 1,
                               "schedules": 1, "triggers": 1}
     assert rows(project, "SELECT COUNT(*) FROM workflow_node_executions")[0][0] == 9
+    # a run log task arriving after the cascade (it raced the deletion) writes nothing back
+    late = run_task(project, "save_workflow_run_log_task", doomed[0])
+    assert late["log_path"] is None and "deleted" in late["skipped"]
+    assert not (logs / f"{doomed[0]}.json").exists()
     assert project.api.get("/v1/apps/doomed")[0] == 404
     assert project.api.request("DELETE", "/v1/apps/doomed")[0] == 404
 

@@ -56,8 +56,12 @@ def run_workflow_task(self, graph: dict, inputs: dict, app_id: str = "", trigger
 def save_workflow_run_log_task(self, run_id: str) -> dict:
     """Write a run and its node executions to the file store as one JSON document."""
     ctx = context(self)
+    deleted = {"run_id": run_id, "log_path": None, "skipped": "the run was deleted (its app removed)"}
     with ctx.database.connect() as db:
-        run = row_by_id(db, "workflow_runs", run_id, "workflow run")
+        found = list(db.query("SELECT * FROM workflow_runs WHERE id = ?", [run_id]))
+        if not found:  # deleted before its log was written: nothing to keep, and not a failure
+            return deleted
+        run = found[0]
         nodes = list(db.query("SELECT * FROM workflow_node_executions WHERE run_id = ? ORDER BY started_at",
                               [run_id]))
     document = {**run, "node_executions": nodes}
@@ -71,9 +75,9 @@ def save_workflow_run_log_task(self, run_id: str) -> dict:
     os.replace(partial, path)
     with ctx.database.transaction() as db:
         updated = db.execute("UPDATE workflow_runs SET log_path = ? WHERE id = ?", [relative, run_id]).rowcount
-    if not updated:  # the run was deleted (its app removed) while the log was written: no orphan file
+    if not updated:  # the run was deleted while its log was written: no orphan file
         path.unlink(missing_ok=True)
-        raise LookupError(f"workflow run {run_id!r} was deleted while its log was written")
+        return deleted
     return {"run_id": run_id, "log_path": relative, "bytes": path.stat().st_size}
 
 
