@@ -212,3 +212,38 @@ def test_bad_workflow_requests_are_4xx_naming_the_field(project):
     for method, path, raw, expected, words in BAD_REQUESTS:
         status, body = project.api.request(method, path, raw=raw)
         assert status == expected and words in body["error"], (method, path, raw, status, body)
+
+
+def test_claims_from_many_threads_never_overlap(tmp_path):
+    """Eight pollers over one SQLite file, each with its own connection: 60 due schedules, each
+    claimed exactly once, in batches of 3, at most 10 per poll."""
+    from runner.schedules import claim_due_schedules
+    from runner.store.database import Database
+    from runner.store.migrations import apply_migrations
+
+    database = Database(tmp_path / "metadata.db")
+    apply_migrations(database)
+    with database.transaction() as db:
+        db["workflow_schedules"].insert_all({"id": f"s{n:02d}", "graph": "{}", "cron": YEARLY,
+                                             "next_run_at": time.time() - 60} for n in range(60))
+    counter = iter(range(10 ** 6))
+    claims: list[list] = []
+    lock = threading.Lock()
+
+    def poll():
+        sent = claim_due_schedules(database, 3, 10, lambda: f"t{next(counter)}", lambda claim: None)
+        with lock:
+            claims.append(sent)
+
+    threads = [threading.Thread(target=poll) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(len(sent) <= 10 for sent in claims)
+    claimed = sorted(claim.schedule_id for sent in claims for claim in sent)
+    assert claimed == [f"s{n:02d}" for n in range(60)]  # all of them, none twice
+    with database.connect() as db:
+        assert db.execute("SELECT COUNT(*) FROM schedule_dispatches").fetchone()[0] == 60
+    assert claim_due_schedules(database, 3, 0, lambda: "x", lambda claim: None) == []
+    database.close()
