@@ -15,9 +15,15 @@ import re
 import shutil
 import stat
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: installs are not serialised across processes there
+    fcntl = None
 
 import yaml
 from packaging.version import InvalidVersion, Version
@@ -176,3 +182,18 @@ def remove_folder(folder: Path, inside: Path) -> None:
     """Remove a plugin's folder, only ever below `inside`."""
     if folder.resolve().is_relative_to(inside.resolve()) and folder.resolve() != inside.resolve() and folder.exists():
         shutil.rmtree(folder)
+
+
+@contextmanager
+def folder_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the plugins folder: one install or removal at a time, across
+    worker threads and processes."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)

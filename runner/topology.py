@@ -76,6 +76,7 @@ ROUTES: dict[str, str] = {
     "remove_app_and_related_data_task": "app_deletion",
     "check_upgradable_plugin_task": "plugin",
     "install_plugin_task": "plugin",
+    "uninstall_plugin_task": "plugin",
     # conversations
     "save_message_task": "conversation",
     "clean_messages": "conversation",

@@ -118,6 +118,11 @@ def test_upload_refuses_an_escaping_entry_installs_a_good_package_and_checks_upg
     [listed] = project.api.get("/v1/plugins")[1]["plugins"]
     assert listed["upgradable"] and listed["latest_version"] == "1.2.0" and listed["manifest"]["author"] == "langgenius"
 
+    removed = task_result(project, accepted(project.api.request("DELETE", "/v1/plugins/translator"))["poll"])
+    assert removed == {"name": "translator", "removed": True} and not folder.exists()
+    assert project.api.get("/v1/plugins")[1] == {"plugins": []}
+    assert project.api.request("DELETE", "/v1/plugins/translator")[0] == 404
+
     status, body = project.api.request("PUT", "/v1/plugin-index/translator", {"version": "latest"})
     assert status == 400 and body["field"] == "version"
     status, body = project.api.request("PUT", "/v1/plugin-index/Bad%20Name", {"version": "1.0"})

@@ -102,3 +102,15 @@ def put_index(name: str):
         db.execute("INSERT INTO plugin_index (name, version) VALUES (?, ?) "
                    "ON CONFLICT (name) DO UPDATE SET version = excluded.version", [name, version])
     return jsonify({"name": name, "version": version})
+
+
+@blueprint.delete("/v1/plugins/<name>")
+def uninstall_plugin(name: str):
+    if not plugins.NAME.match(name):
+        raise ApiError(400, "a plugin name is 1-128 lowercase letters, digits, _ or -, starting with a letter or "
+                            "digit", field="name")
+    with database().connect() as db:
+        if not db.execute("SELECT 1 FROM plugins WHERE name = ?", [name]).fetchone():
+            raise ApiError(404, f"no installed plugin {name!r}")
+    result = celery().send_task("uninstall_plugin_task", args=[name])
+    return jsonify(sent(result, "uninstall_plugin_task", name=name)), 202

@@ -29,28 +29,47 @@ def install_plugin_task(self, package_file: str) -> dict:
                                       settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
     installed_root = ctx.paths.files / PLUGIN_FOLDER
     staging = installed_root / f".{package.name}.{new_id()}"
-    try:
-        size = plugins.unpack(data, staging, settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
-        final = installed_root / package.name
-        previous = installed_root / f".{package.name}.old.{new_id()}"
-        if final.exists():
-            final.rename(previous)
-        staging.rename(final)
-        plugins.remove_folder(previous, installed_root)
-    except BaseException:
-        plugins.remove_folder(staging, installed_root)
-        raise
     relative = f"{PLUGIN_FOLDER}/{package.name}"
+    with plugins.folder_lock(installed_root):
+        try:
+            size = plugins.unpack(data, staging, settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
+            final = installed_root / package.name
+            previous = installed_root / f".{package.name}.old.{new_id()}"
+            if final.exists():
+                final.rename(previous)
+            staging.rename(final)
+            plugins.remove_folder(previous, installed_root)
+        except BaseException:
+            plugins.remove_folder(staging, installed_root)
+            raise
+        _record(ctx, package, len(data), relative)
+    source.unlink(missing_ok=True)
+    return {"name": package.name, "version": package.version, "path": relative, "unpacked_bytes": size,
+            "entries": package.entries}
+
+
+def _record(ctx, package: plugins.Package, package_size: int, relative: str) -> None:
     with ctx.database.transaction() as db:
         db.execute("INSERT INTO plugins (name, version, installed_at, manifest, package_size, path) "
                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
                    "installed_at = excluded.installed_at, manifest = excluded.manifest, "
                    "package_size = excluded.package_size, path = excluded.path, latest_version = NULL, "
                    "checked_at = NULL",
-                   [package.name, package.version, now(), json.dumps(package.manifest), len(data), relative])
-    source.unlink(missing_ok=True)
-    return {"name": package.name, "version": package.version, "path": relative, "unpacked_bytes": size,
-            "entries": package.entries}
+                   [package.name, package.version, now(), json.dumps(package.manifest), package_size, relative])
+
+
+@task("uninstall_plugin_task")
+def uninstall_plugin_task(self, name: str) -> dict:
+    """Remove an installed plugin: its folder and its row."""
+    if not plugins.NAME.match(name):
+        raise ValueError(f"{name!r} is not a plugin name")
+    ctx = context(self)
+    installed_root = ctx.paths.files / PLUGIN_FOLDER
+    with plugins.folder_lock(installed_root):
+        with ctx.database.transaction() as db:
+            removed = db.execute("DELETE FROM plugins WHERE name = ?", [name]).rowcount
+        plugins.remove_folder(installed_root / name, installed_root)
+    return {"name": name, "removed": bool(removed)}
 
 
 @task("check_upgradable_plugin_task")
