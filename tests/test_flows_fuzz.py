@@ -7,8 +7,10 @@ are not JSON at all.
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import zipfile
 
 from tests.flows_support import GREETING
 
@@ -28,7 +30,19 @@ ENDPOINTS = [
     ("GET", "/v1/triggers/{id}", ()),
     ("DELETE", "/v1/apps/{id}", ()),
     ("GET", "/v1/apps/{id}", ()),
+    ("DELETE", "/v1/plugins/{id}", ()),
+    ("POST", "/v1/plugins", ("package",)),  # JSON, not a zip: refused by type
+    ("ZIP", "/v1/plugins", ()),  # random bytes and truncated zips as application/zip
 ]
+def _zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("manifest.yaml", "name: fuzz\nversion: 1.0.0\nauthor: me\n")
+        archive.writestr("a.py", "x = 1\n")
+    return buffer.getvalue()
+
+
+ZIP = _zip()
 STRINGS = ["", " ", "a", "x" * 300, "../../etc/passwd", "a b", "é", "\u0000", "{{ 7*7 }}", "{% for %}",
            "* * * * *", "0 0 1 1 *", "1,,2 * * * *", "*/0 * * * *", "1.0.0", "user", "start", "%2e%2e", "null"]
 
@@ -56,8 +70,9 @@ def value(rng: random.Random, depth: int = 0):
 def mangle_graph(rng: random.Random, graph):
     if isinstance(graph, dict) and isinstance(graph.get("nodes"), list) and graph["nodes"] and rng.random() < 0.7:
         node = rng.choice(graph["nodes"])
-        node[rng.choice(["id", "type", "template", "variables", "outputs", "output", "expression", "url"])] = \
-            value(rng, 2)
+        if isinstance(node, dict):
+            node[rng.choice(["id", "type", "template", "variables", "outputs", "output", "expression", "url"])] = \
+                value(rng, 2)
     return graph
 
 
@@ -81,7 +96,12 @@ def test_no_request_to_the_flow_endpoints_is_a_5xx(project):
         method, path, fields = rng.choice(ENDPOINTS)
         path = path.replace("{id}", rng.choice(["a", "no-such", "x" * 129, "a.b", "%20", "..", "a%2Fb"]))
         raw = body(rng, fields) if method in ("POST", "PUT") else None
-        status, answer = project.api.request(method, path, raw=raw)
+        headers = None
+        if method == "ZIP":
+            method, headers = "POST", {"Content-Type": "application/zip"}
+            whole = b"PK\x03\x04" + rng.randbytes(rng.randrange(200)) if rng.random() < 0.5 else ZIP
+            raw = whole[:rng.randrange(1, len(whole) + 1)]
+        status, answer = project.api.request(method, path, raw=raw, headers=headers)
         if status >= 500 or not isinstance(answer, dict):
             failures.append((n, method, path, raw, status, answer))
     assert failures == []
