@@ -27,7 +27,28 @@ from runner import workflow_http
 NODE_TYPES = ("start", "template", "condition", "http", "end")
 BRANCHES = ("true", "false")
 MAX_NODES = 200
-_jinja = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+MAX_VALUE_SIZE = 1_000_000  # items of a string or list, or bits of an integer, one operator may make
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """Jinja's sandbox, with `*` and `**` refused when their result would be huge: a graph must not
+    be able to make the worker allocate gigabytes ("{{ 'a' * 10**10 }}")."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for sized, count in ((left, right), (right, left)):
+                if isinstance(sized, (str, list, tuple)) and isinstance(count, int) \
+                        and len(sized) * count > MAX_VALUE_SIZE:
+                    raise WorkflowError(f"'*' would make a value of more than {MAX_VALUE_SIZE} items")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                and max(left.bit_length(), 1) * right > MAX_VALUE_SIZE:
+            raise WorkflowError(f"'**' would make a number of more than {MAX_VALUE_SIZE} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+_jinja = _BoundedSandbox(undefined=StrictUndefined, autoescape=False)
 
 
 class WorkflowError(ValueError):

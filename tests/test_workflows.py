@@ -56,6 +56,11 @@ def test_engine_runs_only_the_branch_taken_and_refuses_hosts_not_allowed():
             "edges": [{"source": "start", "target": "get"}]}
     refused = workflows.run(http, {}, frozenset({"127.0.0.1"}))
     assert refused.status == "failed" and "host 'example.com'" in refused.error and "127.0.0.1" in refused.error
+    huge = {"nodes": [{"id": "start", "type": "start"},
+                      {"id": "t", "type": "template", "template": "{{ 'a' * 10 ** 10 }}"}],
+            "edges": [{"source": "start", "target": "t"}]}
+    refused = workflows.run(huge, {})
+    assert refused.status == "failed" and "more than 1000000 items" in refused.error
     with pytest.raises(workflows.WorkflowError, match="'branch' must be"):
         workflows.validate({**graph, "edges": [{"source": "start", "target": "c"}, {"source": "c", "target": "big"}]})
     with pytest.raises(workflows.WorkflowError, match="does not parse"):
