@@ -109,11 +109,12 @@ def test_webhook_run_is_recorded_with_its_node_executions_and_run_log(project):
 def test_schedules_fire_once_per_due_time_with_pollers_running_at_once(project):
     """Five due schedules, six pollers sent at once to two workers: each due time runs once."""
     # Beat's own poller is off so the test knows every poll; batches of 2, at most 3 per poll.
-    project.up(env={"ENABLE_WORKFLOW_SCHEDULE_POLLER_TASK": "false", "WORKFLOW_SCHEDULE_POLLER_BATCH_SIZE": "2",
-                    "WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK": "3", "CELERY_WORKER_AMOUNT": "6"})
+    env = {"ENABLE_WORKFLOW_SCHEDULE_POLLER_TASK": "false", "WORKFLOW_SCHEDULE_POLLER_BATCH_SIZE": "2",
+           "WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK": "3", "CELERY_WORKER_AMOUNT": "6"}
+    project.up(env=env)
     # A second worker process consuming schedule_poller: pollers run in two processes as well as
     # in two threads of one.
-    second = project.start("serve", "worker", "-Q", "schedule_poller", "-c", "2", "-n", "poller2@%h")
+    second = project.start("serve", "worker", "-Q", "schedule_poller", "-c", "2", "-n", "poller2@%h", env=env)
     second.wait_for_line(r"ready\.", timeout=60)
     ids = []
     for n in range(5):
