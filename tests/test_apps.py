@@ -85,6 +85,17 @@ def test_deleting_an_app_removes_its_rows_and_files_and_nothing_else(project):
     assert project.api.get("/v1/apps/doomed")[0] == 404
     assert project.api.request("DELETE", "/v1/apps/doomed")[0] == 404
 
+    # work for the app still in flight when it was deleted is discarded, not left as an orphan
+    late_run = run_task(project, "run_workflow_task", GREETING, {"name": "late"}, "doomed")
+    assert late_run["status"] == "discarded" and late_run["run_id"] is None
+    assert run_task(project, "save_message_task", "doomed", "doomed-c3", "user", "late")["message_id"] is None
+    assert rows(project, "SELECT COUNT(*) FROM workflow_runs WHERE app_id = 'doomed'") == [(0,)]
+    assert rows(project, "SELECT COUNT(*) FROM conversations WHERE app_id = 'doomed'") == [(0,)]
+    assert rows(project, "SELECT COUNT(*) FROM apps WHERE id = 'doomed'") == [(0,)]
+    # creating it again through the API lifts that
+    assert project.api.post("/v1/apps", {"id": "doomed", "name": "Again"})[0] == 201
+    assert run_task(project, "save_message_task", "doomed", "doomed-c3", "user", "back")["message_id"]
+
 
 def test_clean_messages_removes_only_messages_past_retention(project):
     project.up()

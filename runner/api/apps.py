@@ -40,6 +40,7 @@ def create_app():
         if db.execute("SELECT 1 FROM apps WHERE id = ?", [app_id]).fetchone():
             raise ApiError(409, f"an app {app_id!r} exists already", field="id")
         db["apps"].insert({"id": app_id, "name": name, "created_at": time.time()})
+        db.execute("DELETE FROM deleted_apps WHERE app_id = ?", [app_id])  # created again on purpose
     return jsonify({"id": app_id, "name": name}), 201
 
 

@@ -132,6 +132,9 @@ def _flows(db) -> None:
         "ALTER TABLE plugins ADD COLUMN manifest TEXT",
         "ALTER TABLE plugins ADD COLUMN package_size INTEGER",
         "ALTER TABLE plugins ADD COLUMN path TEXT",
+        # apps deleted: work for one still in flight (a run, a message) is discarded, not recorded
+        # as an orphan; creating the app again through the API lifts it
+        "CREATE TABLE deleted_apps (app_id TEXT PRIMARY KEY, deleted_at REAL NOT NULL)",
     ]
     for statement in statements:
         db.execute(statement)

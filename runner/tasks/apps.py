@@ -16,6 +16,9 @@ def save_message_task(self, app_id: str, conversation_id: str, role: str, conten
     message_id = new_id()
     stamp = now()
     with context(self).database.transaction() as db:
+        if db.execute("SELECT 1 FROM deleted_apps WHERE app_id = ?", [app_id]).fetchone():
+            return {"message_id": None, "conversation_id": conversation_id,
+                    "discarded": f"app {app_id!r} was deleted; POST /v1/apps creates it again"}
         db.execute("INSERT OR IGNORE INTO apps (id, name, created_at) VALUES (?, ?, ?)", [app_id, app_id, stamp])
         db.execute("INSERT OR IGNORE INTO conversations (id, app_id, created_at) VALUES (?, ?, ?)",
                    [conversation_id, app_id, stamp])
@@ -72,6 +75,7 @@ def remove_app_and_related_data_task(self, app_id: str) -> dict:
         ]
         for statement in statements:
             db.execute(statement, [app_id])
+        db.execute("INSERT OR REPLACE INTO deleted_apps (app_id, deleted_at) VALUES (?, ?)", [app_id, now()])
     files = 0
     root = ctx.paths.files.resolve()
     for run_id, log_path in runs:

@@ -28,6 +28,10 @@ def execute_workflow(ctx: AppContext, graph: Any, inputs: dict, app_id: str | No
     allowed = workflow_http.allowed_hosts(ctx.settings.DIFY_LOCAL_WORKFLOW_HTTP_ALLOWED_HOSTS)
     result = workflows.run(graph, inputs, allowed)
     with ctx.database.transaction() as db:
+        if app_id and db.execute("SELECT 1 FROM deleted_apps WHERE app_id = ?", [app_id]).fetchone():
+            # the app was deleted while this run was in flight: recording it would leave an orphan
+            return {"run_id": None, "status": "discarded", "outputs": result.outputs,
+                    "error": f"app {app_id!r} was deleted; the run is not recorded"}
         db["workflow_runs"].insert({
             "id": run_id, "app_id": app_id or None, "status": result.status, "triggered_by": triggered_by,
             "graph": json.dumps(graph), "inputs": json.dumps(inputs),
