@@ -154,20 +154,45 @@ def test_the_second_reload_uses_the_spare(project, stack_source):
     assert ps(project)["worker"]["pid"] == spare["pid"]  # the spare became the worker
 
 
-def test_editing_an_api_module_reloads_only_the_api(project, stack_source):
+def test_editing_an_api_module_reloads_only_the_api_and_refuses_no_request(project, stack_source):
     stack = up(project, stack_source)
     before = ps(project)
-    status_module = stack_source["source"] / "runner" / "api" / "status.py"
-    edit(status_module, 'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
-         'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
-    wait_for_reloads(stack, 1)
+    answers: list = []
+    done = threading.Event()
+
+    def poll_health() -> None:  # a client polling all along: the reload must never refuse it
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{project.api_port}/health", timeout=10) as response:
+                    answers.append(json.loads(response.read()).get("edited", False))
+            except Exception as error:  # noqa: BLE001 - any failure is what the test looks for
+                answers.append(error)
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    try:
+        wait_until(lambda: answers, 10, "the first answer")
+        status_module = stack_source["source"] / "runner" / "api" / "status.py"
+        edit(status_module, 'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
+             'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
+        wait_for_reloads(stack, 1)
+        wait_until(lambda: answers[-1] is True, 30, "the API to serve the edited code")
+    finally:
+        done.set()
+        poller.join()
     assert reloads(stack)[0][0].startswith("api in ")
     assert reloads(stack)[0][1] == "runner/api/status.py"
-    wait_until(lambda: project.api.get("/health")[1].get("edited"), 30, "the API to serve the edited code")
+    failures = [answer for answer in answers if not isinstance(answer, bool)]
+    assert not failures, failures[:3]
+    assert answers.index(True) > 0 and all(answers[answers.index(True):])  # old, then only new
     after = ps(project)
     assert after["api"]["pid"] != before["api"]["pid"]
     for name in ("broker", "worker", "beat"):
         assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
+    assert project.run("stop", "api").returncode == 0  # stopped on purpose: refused, not kept waiting
+    from tests.helpers import port_open
+    wait_until(lambda: not port_open(project.api_port), 30, "the API's port to close")
+    assert project.run("start", "api").returncode == 0
+    wait_until(lambda: project.api.get("/health")[0] == 200, 30, "the API to answer again")
 
 
 def test_settings_change_reloads_every_role_but_the_broker(project, stack_source):
