@@ -252,13 +252,19 @@ def test_a_burst_of_300_changed_files_gives_one_reload(project, stack_source):
         time.sleep(0.1)
 
 
-def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
-    stack = up(project, stack_source)
-    app = client(project)
+def runs_database(project) -> Path:
+    """The SQLite file where reload.record writes one row per run."""
     database = project.dir / "runs.db"
     with sqlite3.connect(database) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("CREATE TABLE runs (number INTEGER, pid INTEGER, value INTEGER)")
+    return database
+
+
+def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    database = runs_database(project)
     total = 2000
     sent: list = []
 
@@ -288,9 +294,7 @@ def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
 def test_a_running_task_finishes_when_its_worker_reloads(project, stack_source):
     stack = up(project, stack_source)
     app = client(project)
-    database = project.dir / "runs.db"
-    with sqlite3.connect(database) as connection:
-        connection.execute("CREATE TABLE runs (number INTEGER, pid INTEGER, value INTEGER)")
+    database = runs_database(project)
     long = app.send_task("reload.record", args=[1, str(database), 3.0], queue="mail")
     wait_until(lambda: _started(app), 30, "the task to start")
     edit(project.dir / "reload_tasks.py", "VALUE = 1\n", "VALUE = 2\n")
