@@ -447,3 +447,15 @@ def test_what_is_never_watched(tmp_path: Path):
     # Never walked: .venv, venv2 (a virtualenv by its pyvenv.cfg), .git, build, dist, *.egg-info, state.
     assert sorted(path.relative_to(root).as_posix() for path in watched_folders(plan, keep)) == [".", "app", "data"]
 
+
+
+def test_a_save_during_a_reload_is_applied_after_it(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    tasks = project.dir / "reload_tasks.py"
+    edit(tasks, "VALUE = 1\n", "VALUE = 2\n")
+    wait_until(lambda: "reloading" in project.run("ps").stdout or reloads(stack), 30, "the reload to begin")
+    edit(tasks, "VALUE = 2\n", "VALUE = 3\n")  # while the first one is under way (or just done)
+    wait_until(lambda: value_now(app) == 3, 60, "the second save to be running")
+    assert 1 <= len(reloads(stack)) <= 2, stack.output
+    assert ps(project)["worker"]["status"] == "ready"
