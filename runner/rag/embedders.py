@@ -7,8 +7,9 @@ arguments, e.g. a wrapper around a local sentence-transformers model.
 
 The hashing embedder hashes tokens into a fixed number of signed buckets (feature hashing) and
 normalises the vector, so texts that share words are near each other. Latin-script words are
-tokens; Chinese, Japanese and Korean runs (written without spaces) give their characters and
-character pairs, so a Chinese query finds the segments that share its words.
+tokens (the commonest English ones left out); Chinese, Japanese and Korean runs (written without
+spaces) give their characters and character pairs, so a Chinese query finds the segments that
+share its words.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from typing import Protocol, Sequence, runtime_checkable
 EMBEDDING_DIMENSIONS = 256
 WORD = re.compile(r"\w+", re.UNICODE)
 CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+# Words too common to tell texts apart (no corpus statistics here to learn them from): left out, so
+# that "where does the okapi live" is near the text about okapis, not the one with most "the".
+STOPWORDS = frozenset("""
+a an and are as at be been but by can could did do does for from had has have he her his how i if in into is it
+its me my no not of on or our she so such than that the their them then there these they this those to too us
+was we were what when where which who whom why will with would you your
+的 了 和 是 在 也 就 都 而 及 与 或 一个 这 那 有 我 你 他 她 它 们 吗 呢 吧
+""".split())
 SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -44,7 +53,8 @@ def tokens(text: str) -> list[str]:
     for word in WORD.findall(text.lower()):
         runs = CJK_RUN.findall(word)
         if not runs:
-            found.append(word)
+            if word not in STOPWORDS:
+                found.append(word)
             continue
         rest = CJK_RUN.sub(" ", word).split()
         found.extend(rest)
