@@ -15,8 +15,9 @@ import pytest
 from fpdf import FPDF
 
 from runner.rag import extract, files
-from tests.helpers import wait_until
+from tests.helpers import REPO, wait_until
 
+SEED = next(iter(sorted((REPO.parent / "shared" / "seed").glob("*.txt"))), None)  # Dify's Celery page, in Chinese
 STATUSES = ["waiting", "parsing", "splitting", "indexing", "completed"]
 FILLER = "This paragraph is filler about nothing in particular, written to make the document longer. "
 
@@ -150,6 +151,23 @@ def test_every_file_type_is_uploaded_indexed_and_found(project):
     # the files are in the file store under generated ids, not under the names sent
     stored = sorted(p.name for p in (project.state / "files" / "datasets" / dataset_id).iterdir())
     assert len(stored) == len(DOCUMENTS) and not set(stored) & set(DOCUMENTS)
+
+
+@pytest.mark.skipif(SEED is None, reason="the Dify seed document (shared/seed) is not beside this checkout")
+def test_the_chinese_seed_document_is_searchable(project):
+    project.up()
+    dataset_id = create_dataset(project)
+    status, body = upload(project, dataset_id, "celery.md", SEED.read_bytes())
+    assert status == 202, body
+    document = settled(project, dataset_id, body["document"]["id"])
+    assert document["status"] == "completed" and document["segment_count"] > 10, document
+    assert document["metadata"]["title"] == "使用 Celery 进行异步任务处理"
+    assert document["metadata"]["letters"]["cjk"] > 1000
+    for query, expected in [("移除未使用的知识库", "clean_unused_datasets_task"),
+                            ("clean_unused_datasets_task", "clean_unused_datasets_task"),
+                            ("Worker 内存限制", "内存限制"), ("CELERY_SENTINEL_MASTER_NAME", "Sentinel")]:
+        results = search(project, dataset_id, query)
+        assert expected in results[0]["content"], (query, [result["content"][:80] for result in results])
 
 
 def test_bad_requests_are_refused_with_a_message_naming_the_field(project):

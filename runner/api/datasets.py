@@ -274,13 +274,13 @@ def add_document(dataset_id: str):
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+    with ctx.database.connect() as db:  # as queued: the worker may have moved it on before we answer
+        document = _document_view(db, index.get_document(db, document_id))
     try:
         task = _send("priority_document_pipeline_task", [document_id])
     except Exception as error:
         index.set_status(ctx.database, document_id, "error", f"the document could not be queued: {error}")
         raise
-    with ctx.database.connect() as db:
-        document = _document_view(db, index.get_document(db, document_id))
     document["poll"] = url_for("datasets.get_document", dataset_id=dataset_id, document_id=document_id)
     return jsonify({"document": document, "task": task}), 202
 

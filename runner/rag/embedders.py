@@ -8,8 +8,8 @@ arguments, e.g. a wrapper around a local sentence-transformers model.
 The hashing embedder hashes tokens into a fixed number of signed buckets (feature hashing) and
 normalises the vector, so texts that share words are near each other. Latin-script words are
 tokens (the commonest English ones left out); Chinese, Japanese and Korean runs (written without
-spaces) give their characters and character pairs, so a Chinese query finds the segments that
-share its words.
+spaces) give their character pairs, so a Chinese query finds the segments that share its words.
+A token repeated counts 1 + log(count).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import importlib
 import math
 import re
 from array import array
+from collections import Counter
 from typing import Protocol, Sequence, runtime_checkable
 
-EMBEDDING_DIMENSIONS = 256
+EMBEDDING_DIMENSIONS = 1024
 WORD = re.compile(r"\w+", re.UNICODE)
 CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 # Words too common to tell texts apart (no corpus statistics here to learn them from): left out, so
@@ -58,9 +59,8 @@ def tokens(text: str) -> list[str]:
             continue
         rest = CJK_RUN.sub(" ", word).split()
         found.extend(rest)
-        for run in runs:
-            found.extend(run)
-            found.extend(run[i:i + 2] for i in range(len(run) - 1))
+        for run in runs:  # character pairs (a lone character by itself): CJK words are mostly two characters
+            found.extend([run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)])
     return found
 
 
@@ -73,9 +73,10 @@ class HashingEmbedder:
 
     def embed_one(self, text: str) -> list[float]:
         vector = [0.0] * self.dimensions
-        for token in tokens(text):
+        for token, count in Counter(tokens(text)).items():
             digest = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "big")
-            vector[digest % self.dimensions] += 1.0 if digest >> 63 else -1.0
+            weight = 1.0 + math.log(count)  # a word said ten times is not ten times the topic
+            vector[digest % self.dimensions] += weight if digest >> 63 else -weight
         norm = math.sqrt(sum(value * value for value in vector))
         return [value / norm for value in vector] if norm else vector
 

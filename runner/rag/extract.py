@@ -45,7 +45,8 @@ MD_FENCE = re.compile(r"^[ \t]*(```|~~~).*$", re.MULTILINE)
 MD_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.MULTILINE)
 MD_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
 MD_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-MD_EMPHASIS = re.compile(r"(\*\*|__|\*|_|~~|`)(?=\S)(.+?)(?<=\S)\1")
+# `_` emphasises only at word edges (CommonMark): CELERY_BROKER_URL keeps its underscores
+MD_EMPHASIS = re.compile(r"(\*\*|\*|~~|`)(?=\S)(.+?)(?<=\S)\1|(?<!\w)(__|_)(?=\S)(.+?)(?<=\S)\3(?!\w)")
 MD_BULLET = re.compile(r"^[ \t]*(?:[-*+]|\d+[.)])[ \t]+", re.MULTILINE)
 MD_QUOTE = re.compile(r"^[ \t]*>[ \t]?", re.MULTILINE)
 
@@ -57,7 +58,7 @@ def _md(data: bytes) -> Extracted:
     text = MD_HEADING.sub(r"\1", text)
     text = MD_IMAGE.sub(r"\1", text)
     text = MD_LINK.sub(r"\1", text)
-    text = MD_EMPHASIS.sub(r"\2", text)
+    text = MD_EMPHASIS.sub(lambda match: match.group(2) or match.group(4), text)
     text = MD_BULLET.sub("", text)
     text = MD_QUOTE.sub("", text)
     return Extracted(text, {"title": headings[0]} if headings else {})

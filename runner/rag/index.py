@@ -49,21 +49,31 @@ def get_document(db, document_id: str) -> dict | None:
     return rows[0] if rows else None
 
 
+def _insert(db, table: str, row: dict) -> None:
+    """One row in the caller's transaction (sqlite-utils' insert would commit it on its own)."""
+    db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+
+def _update(db, table: str, row_id: str, values: dict) -> None:
+    db.execute(f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in values)} WHERE id = ?",
+               [*values.values(), row_id])
+
+
 def create_document(db, dataset_id: str, name: str, *, source: str, file_path: str, file_type: str, size: int,
                     chunk_size: int, chunk_overlap: int, document_id: str | None = None) -> str:
     document_id = document_id or new_id()
     stamp = now()
-    db["documents"].insert({
+    _insert(db, "documents", {
         "id": document_id, "dataset_id": dataset_id, "name": name, "status": "waiting", "segment_count": 0,
         "created_at": stamp, "updated_at": stamp, "source": source, "file_path": file_path,
         "file_type": file_type, "size": size, "chunk_size": chunk_size, "chunk_overlap": chunk_overlap})
-    db["document_events"].insert({"document_id": document_id, "status": "waiting", "at": stamp})
+    _insert(db, "document_events", {"document_id": document_id, "status": "waiting", "at": stamp})
     db.execute("UPDATE datasets SET updated_at = ? WHERE id = ?", [stamp, dataset_id])
     return document_id
 
 
 def set_status(database, document_id: str, status: str, message: str | None = None, **fields: Any) -> None:
-    """Move a document to `status` (and record it), with `error` set to `message` for 'error'."""
+    """Move a document to `status` and record it, in one transaction; `error` is `message` for 'error'."""
     assert status in STATUSES, status
     stamp = now()
     values = {"status": status, "updated_at": stamp, **fields}
@@ -71,9 +81,9 @@ def set_status(database, document_id: str, status: str, message: str | None = No
     if status == "completed":
         values["completed_at"] = stamp
     with database.transaction() as db:
-        db["documents"].update(document_id, values)
-        db["document_events"].insert({"document_id": document_id, "status": status, "at": stamp,
-                                      "message": message})
+        _update(db, "documents", document_id, values)
+        _insert(db, "document_events", {"document_id": document_id, "status": status, "at": stamp,
+                                        "message": message})
 
 
 def history(db, document_id: str) -> list[dict]:
@@ -81,70 +91,88 @@ def history(db, document_id: str) -> list[dict]:
         "SELECT status, at, message FROM document_events WHERE document_id = ? ORDER BY id", [document_id])]
 
 
+def _segment_rows(db, rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    if rows:
+        columns = list(rows[0])
+        db.conn.executemany(f"INSERT INTO segments ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                            [[row[column] for column in columns] for row in rows])
+
+
 def replace_segments(database, document: dict, chunks: Sequence[str], metadata: dict) -> None:
     """The document's segments become `chunks`, not yet embedded (an empty vector)."""
     stamp = now()
     with database.transaction() as db:
         db.execute("DELETE FROM segments WHERE document_id = ?", [document["id"]])
-        db["segments"].insert_all({
+        _segment_rows(db, ({
             "id": new_id(), "document_id": document["id"], "dataset_id": document["dataset_id"],
             "position": position, "content": chunk, "embedding": b"", "created_at": stamp,
-            "word_count": len(WORD.findall(chunk))} for position, chunk in enumerate(chunks))
-        db["documents"].update(document["id"], {"segment_count": len(chunks), "updated_at": stamp,
-                                                "metadata": json.dumps(metadata, ensure_ascii=False)})
+            "word_count": len(WORD.findall(chunk))} for position, chunk in enumerate(chunks)))
+        _update(db, "documents", document["id"], {"segment_count": len(chunks), "updated_at": stamp,
+                                                  "metadata": json.dumps(metadata, ensure_ascii=False)})
 
 
-def _embeddings(db, embedder: Embedder, contents: Sequence[str]) -> list[bytes]:
-    """Packed vectors for `contents`, from the embedding cache where the same text was embedded before."""
+def _embeddings(database, embedder: Embedder, contents: Sequence[str]) -> tuple[list[bytes], list[list]]:
+    """Packed vectors for `contents`, from the embedding cache where the same text was embedded
+    before, and the cache rows to add. No write lock is held while the embedder works."""
     keys = [text_hash(content, embedder.name) for content in contents]
     found: dict[str, bytes] = {}
-    for start in range(0, len(keys), 500):
-        part = keys[start:start + 500]
-        found.update((row[0], row[1]) for row in db.execute(
-            f"SELECT text_hash, embedding FROM embedding_cache WHERE text_hash IN ({','.join('?' * len(part))})",
-            part).fetchall())
-    missing = [index for index, key in enumerate(keys) if key not in found]
+    with database.connect() as db:
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            found.update((row[0], row[1]) for row in db.execute(
+                f"SELECT text_hash, embedding FROM embedding_cache WHERE text_hash IN ({','.join('?' * len(part))})",
+                part).fetchall())
+    missing = list(dict.fromkeys(key for key in keys if key not in found))
+    first = {key: index for index, key in reversed(list(enumerate(keys)))}
     stamp = now()
+    new_rows = []
     for start in range(0, len(missing), EMBED_BATCH):
         batch = missing[start:start + EMBED_BATCH]
-        vectors = embed_checked(embedder, [contents[index] for index in batch])
-        for index, vector in zip(batch, vectors, strict=True):
-            found[keys[index]] = pack(vector)
-            db.execute("INSERT OR IGNORE INTO embedding_cache (text_hash, embedding, created_at) VALUES (?, ?, ?)",
-                       [keys[index], found[keys[index]], stamp])
-    return [found[key] for key in keys]
+        vectors = embed_checked(embedder, [contents[first[key]] for key in batch])
+        for key, vector in zip(batch, vectors, strict=True):
+            found[key] = pack(vector)
+            new_rows.append([key, found[key], stamp])
+    return [found[key] for key in keys], new_rows
+
+
+def _cache(db, rows: list[list]) -> None:
+    db.conn.executemany("INSERT OR IGNORE INTO embedding_cache (text_hash, embedding, created_at) VALUES (?, ?, ?)",
+                        rows)
 
 
 def embed_segments(database, document_id: str, embedder: Embedder) -> int:
     """Embed every segment of the document; returns how many."""
+    with database.connect() as db:
+        rows = [dict(row) for row in db.query(
+            "SELECT id, content FROM segments WHERE document_id = ? ORDER BY position", [document_id])]
+    blobs, cache_rows = _embeddings(database, embedder, [row["content"] for row in rows])
     with database.transaction() as db:
-        rows = list(db.query("SELECT id, content FROM segments WHERE document_id = ? ORDER BY position",
-                             [document_id]))
-        blobs = _embeddings(db, embedder, [row["content"] for row in rows])
-        for row, blob in zip(rows, blobs, strict=True):
-            db.execute("UPDATE segments SET embedding = ?, embedding_model = ? WHERE id = ?",
-                       [blob, embedder.name, row["id"]])
+        _cache(db, cache_rows)
+        db.conn.executemany("UPDATE segments SET embedding = ?, embedding_model = ? WHERE id = ?",
+                            [[blob, embedder.name, row["id"]] for row, blob in zip(rows, blobs, strict=True)])
     return len(rows)
 
 
 def add_segments(database, document_id: str, contents: Sequence[str], embedder: Embedder) -> list[str]:
     """Append segments to a document, embedded at once; returns their ids."""
+    blobs, cache_rows = _embeddings(database, embedder, contents)
     stamp = now()
     with database.transaction() as db:
         document = get_document(db, document_id)
         if document is None:
             raise LookupError(f"no document {document_id!r}")
+        _cache(db, cache_rows)
         start = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM segments WHERE document_id = ?",
                            [document_id]).fetchone()[0]
-        blobs = _embeddings(db, embedder, contents)
         ids = [new_id() for _ in contents]
-        db["segments"].insert_all({
+        _segment_rows(db, ({
             "id": segment_id, "document_id": document_id, "dataset_id": document["dataset_id"],
             "position": start + offset, "content": content, "embedding": blob, "embedding_model": embedder.name,
             "created_at": stamp, "word_count": len(WORD.findall(content))}
-            for offset, (segment_id, content, blob) in enumerate(zip(ids, contents, blobs, strict=True)))
+            for offset, (segment_id, content, blob) in enumerate(zip(ids, contents, blobs, strict=True))))
         count = db.execute("SELECT COUNT(*) FROM segments WHERE document_id = ?", [document_id]).fetchone()[0]
-        db["documents"].update(document_id, {"segment_count": count, "updated_at": stamp})
+        _update(db, "documents", document_id, {"segment_count": count, "updated_at": stamp})
         db.execute("UPDATE datasets SET updated_at = ? WHERE id = ?", [stamp, document["dataset_id"]])
     return ids
 

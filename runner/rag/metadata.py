@@ -1,4 +1,4 @@
-"""Metadata of a cleaned text: counts, and the script most of it is written in."""
+"""Metadata of a cleaned text: counts, and the letters of each script it is written in."""
 
 from __future__ import annotations
 
@@ -17,14 +17,11 @@ def text_metadata(text: str) -> dict[str, int]:
     }
 
 
-def script(text: str) -> str:
-    """'cjk', 'latin' or 'other': which letters most of the text is written in."""
-    cjk, latin = len(CJK.findall(text)), len(LATIN.findall(text))
-    if not cjk and not latin:
-        return "other"
-    return "cjk" if cjk >= latin else "latin"
+def letters(text: str) -> dict[str, int]:
+    """How many letters the text has of each script: CJK (Chinese, Japanese, Korean) and Latin."""
+    return {"cjk": len(CJK.findall(text)), "latin": len(LATIN.findall(text))}
 
 
 def document_metadata(text: str, extracted: dict, file_type: str, size: int) -> dict:
     """What is stored with a document: the format's own metadata (title, pages …), then counts."""
-    return {**extracted, "file_type": file_type, "bytes": size, "script": script(text), **text_metadata(text)}
+    return {**extracted, "file_type": file_type, "bytes": size, "letters": letters(text), **text_metadata(text)}
