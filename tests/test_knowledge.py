@@ -308,3 +308,38 @@ def test_extractors_read_real_files(tmp_path):
     chinese = tmp_path / "zh.txt"
     chinese.write_bytes("知识库的文档".encode("gb18030"))
     assert extract.extract(chinese, "txt").text == "知识库的文档"
+
+
+def test_random_requests_never_get_a_5xx(project):
+    """Every endpoint with fields of every JSON kind, odd ids and odd multipart parts: 4xx, never 5xx."""
+    import random
+
+    project.up()
+    dataset_id = create_dataset(project)
+    status, body = project.api.post(f"/v1/datasets/{dataset_id}/documents", {"name": "a.txt", "text": "alpha beta"})
+    document_id = body["document"]["id"]
+    settled(project, dataset_id, document_id)
+    chooser = random.Random(6)
+    values = [None, True, 0, -1, 1, 49, 50, 4001, 1e309, -0.5, 2.0, "", " ", "x", "10", "ten", "../x", "\x00",
+              "a" * 3000, [], ["x"], [1], [{"content": 1}], [{"content": "ok", "extra": 1}], {}, {"a": 1}]
+    fields = ["name", "description", "chunk_size", "chunk_overlap", "text", "query", "top_k", "segments", "zzz"]
+    ids = [dataset_id, "nope", "..", "%2e%2e", "a" * 80, "x%00y", "-x"]
+    paths = ["/v1/datasets", "/v1/datasets/{d}/documents", "/v1/datasets/{d}/search",
+             "/v1/datasets/{d}/documents/{doc}/segments", "/v1/datasets/{d}/documents/{doc}/reindex"]
+    seen = set()
+    for _ in range(300):
+        path = chooser.choice(paths).format(d=chooser.choice(ids), doc=chooser.choice([document_id, "nope", ".."]))
+        body = {field: chooser.choice(values) for field in chooser.sample(fields, chooser.randint(0, 3))}
+        status, answer = project.api.post(path, body)
+        assert status < 500 and isinstance(answer, dict) and ("error" in answer) == (status >= 400), \
+            (path, body, status, answer)
+        seen.add(status)
+        status, answer = project.api.get(path.replace("/search", "").replace("/reindex", "")
+                                         + chooser.choice(["", "?limit=0", "?limit=x", "?offset=-1", "?limit=5"]))
+        assert status < 500, (path, status, answer)
+    for name in ["a.txt", "", "a.TXT", "noext", "a.pdf", "x" * 400 + ".txt", "a\".txt"]:
+        for fields_sent in [{}, {"chunk_size": "1e3"}, {"chunk_overlap": "-1"}]:
+            status, answer = upload(project, dataset_id, name, b"%PDF" if name.endswith("pdf") else b"hello",
+                                    **fields_sent)
+            assert status < 500, (name, fields_sent, status, answer)
+    assert seen >= {400, 404}
