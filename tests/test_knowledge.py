@@ -180,6 +180,7 @@ def test_bad_requests_are_refused_with_a_message_naming_the_field(project):
         (upload(project, dataset_id, "..\\x.txt", b"escape"), 400, "not a plain file name"),
         (upload(project, dataset_id, ".hidden.txt", b"dot"), 400, "not a plain file name"),
         (upload(project, dataset_id, "big.txt", b"a" * (1024 * 1024 + 1)), 413, "UPLOAD_FILE_SIZE_LIMIT (1 MB)"),
+        (upload(project, dataset_id, "huge.txt", b"a" * (8 * 1024 * 1024)), 413, "UPLOAD_FILE_SIZE_LIMIT (1 MB)"),
         (upload(project, dataset_id, "empty.txt", b""), 400, "the file is empty"),
         (upload(project, dataset_id, None, b""), 400, "'file' is missing"),
         (upload(project, dataset_id, "a.txt", b"x", chunk_size="ten"), 400, "'chunk_size' must be an integer"),
@@ -343,3 +344,48 @@ def test_random_requests_never_get_a_5xx(project):
                                     **fields_sent)
             assert status < 500, (name, fields_sent, status, answer)
     assert seen >= {400, 404}
+
+
+PLUGGED_EMBEDDER = '''
+class Letters:
+    """A toy embedder: how often each letter a-z occurs."""
+    name = "letters-26"
+
+    def embed(self, texts):
+        return [[text.lower().count(chr(ord("a") + i)) + 0.0 for i in range(26)] for text in texts]
+'''
+
+
+def test_another_embedder_plugs_in_and_a_broken_one_is_reported(project):
+    import os
+
+    (project.dir / "my_embedders.py").write_text(PLUGGED_EMBEDDER)
+    path = os.pathsep.join(filter(None, [str(project.dir), os.environ.get("PYTHONPATH")]))
+    project.up(env={"DIFY_LOCAL_EMBEDDER": "my_embedders:Letters", "PYTHONPATH": path})
+    dataset_id = create_dataset(project)
+    status, body = upload(project, dataset_id, "z.txt", b"zzz zigzag zebra")
+    document = settled(project, dataset_id, body["document"]["id"])
+    assert document["status"] == "completed", document
+    status, found = project.api.post(f"/v1/datasets/{dataset_id}/search", {"query": "zzz"})
+    assert status == 200 and found["embedder"] == "letters-26" and found["results"][0]["document_name"] == "z.txt"
+    with sqlite3.connect(project.database) as db:
+        assert {row[0] for row in db.execute("SELECT embedding_model FROM segments")} == {"letters-26"}
+        # a segment an earlier embedder made is not compared with this one's vectors, but counted
+        db.execute("INSERT INTO segments (id, document_id, dataset_id, position, content, embedding, created_at, "
+                   "embedding_model) VALUES ('old', ?, ?, 9, 'zzz', x'0000803f', 0, 'hashing-1024')",
+                   [document["id"], dataset_id])
+    status, found = project.api.post(f"/v1/datasets/{dataset_id}/search", {"query": "zzz", "top_k": 10})
+    assert status == 200 and found["skipped_segments"] == 1 and "re-index" in found["note"]
+    assert [result["segment_id"] for result in found["results"]] != ["old"] and len(found["results"]) == 1
+
+
+def test_an_embedder_that_cannot_be_loaded_fails_the_document_with_a_message(project):
+    project.up(env={"DIFY_LOCAL_EMBEDDER": "no_such_module_here:Embedder"})
+    dataset_id = create_dataset(project)
+    status, body = upload(project, dataset_id, "a.txt", b"some text")
+    document = settled(project, dataset_id, body["document"]["id"])
+    assert document["status"] == "error" and "no_such_module_here" in document["error"], document
+    assert [event["status"] for event in document["history"]] == ["waiting", "parsing", "splitting", "indexing",
+                                                                  "error"]
+    status, found = project.api.post(f"/v1/datasets/{dataset_id}/search", {"query": "text"})
+    assert status == 503 and "cannot be loaded" in found["error"]
