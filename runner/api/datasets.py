@@ -254,6 +254,9 @@ def add_document(dataset_id: str):
         files.check_file_name(name)
         upload, file_type, data, options = None, "txt", text.encode(), body
         size = len(data)
+        if size > _upload_limit():
+            raise UploadRefused("text", f"the text is {size} bytes in UTF-8, more than UPLOAD_FILE_SIZE_LIMIT "
+                                        f"({_settings().UPLOAD_FILE_SIZE_LIMIT} MB)", status=413)
     else:
         raise ApiError(415, f"send the document as multipart/form-data (field 'file') or a text as JSON "
                             f"{{\"name\", \"text\"}}, not {request.mimetype!r}")
