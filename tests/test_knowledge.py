@@ -138,7 +138,7 @@ def test_every_file_type_is_uploaded_indexed_and_found(project):
     assert metadata["report.pdf"]["pages"] == 1 and metadata["report.pdf"]["title"] == "Okapi"
     assert metadata["memo.docx"]["title"] == "Memo on burrows"
     assert metadata["page.html"]["title"] == "Sea" and metadata["guide.md"]["title"] == "Field guide"
-    assert metadata["table.csv"]["rows"] == 2
+    assert metadata["table.csv"]["rows"] == 2 and "axolotl" in metadata["table.csv"]["keywords"]
     html = search(project, dataset_id, "narwhal tusk")[0]["content"]
     assert "hidden" not in html and "color" not in html  # scripts and styles are not text
     # the segments came through the priority pipeline and the priority dataset queue
