@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import openapi, status, tasks
+from runner.api import datasets, openapi, status, tasks
 from runner.api.errors import install_error_handlers
 from runner.settings import Settings
 
@@ -24,7 +24,7 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.json.sort_keys = False
     app.extensions["celery"] = celery
     app.extensions["dify_settings"] = settings
-    modules = [status, tasks, openapi]  # each a blueprint with its routes' OpenAPI description (PATHS)
+    modules = [status, tasks, datasets, openapi]  # each a blueprint with its routes' OpenAPI description (PATHS)
     for module in modules:
         app.register_blueprint(module.blueprint)
     app.extensions["openapi"] = openapi.build_document(modules)
