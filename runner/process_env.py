@@ -9,3 +9,4 @@ CHANNEL_FD = "DIFY_LOCAL_CHANNEL_FD"  # file descriptor of the child's end of it
 WATCH_ROOTS = "DIFY_LOCAL_WATCH_ROOTS"  # watched folders (os.pathsep-separated): imports under them are reported
 STANDBY = "DIFY_LOCAL_STANDBY"  # "1": import libraries, then wait to be told to load (a spare for the next reload)
 HANDOVER = "DIFY_LOCAL_HANDOVER"  # "1": once loaded, wait to be told to serve (the old process may still run)
+LISTEN_FD = "DIFY_LOCAL_LISTEN_FD"  # the API's listening socket, held by `up` across the API's restarts

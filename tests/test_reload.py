@@ -154,20 +154,45 @@ def test_the_second_reload_uses_the_spare(project, stack_source):
     assert ps(project)["worker"]["pid"] == spare["pid"]  # the spare became the worker
 
 
-def test_editing_an_api_module_reloads_only_the_api(project, stack_source):
+def test_editing_an_api_module_reloads_only_the_api_and_refuses_no_request(project, stack_source):
     stack = up(project, stack_source)
     before = ps(project)
-    status_module = stack_source["source"] / "runner" / "api" / "status.py"
-    edit(status_module, 'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
-         'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
-    wait_for_reloads(stack, 1)
+    answers: list = []
+    done = threading.Event()
+
+    def poll_health() -> None:  # a client polling all along: the reload must never refuse it
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{project.api_port}/health", timeout=10) as response:
+                    answers.append(json.loads(response.read()).get("edited", False))
+            except Exception as error:  # noqa: BLE001 - any failure is what the test looks for
+                answers.append(error)
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    try:
+        wait_until(lambda: answers, 10, "the first answer")
+        status_module = stack_source["source"] / "runner" / "api" / "status.py"
+        edit(status_module, 'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
+             'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
+        wait_for_reloads(stack, 1)
+        wait_until(lambda: answers[-1] is True, 30, "the API to serve the edited code")
+    finally:
+        done.set()
+        poller.join()
     assert reloads(stack)[0][0].startswith("api in ")
     assert reloads(stack)[0][1] == "runner/api/status.py"
-    wait_until(lambda: project.api.get("/health")[1].get("edited"), 30, "the API to serve the edited code")
+    failures = [answer for answer in answers if not isinstance(answer, bool)]
+    assert not failures, failures[:3]
+    assert answers.index(True) > 0 and all(answers[answers.index(True):])  # old, then only new
     after = ps(project)
     assert after["api"]["pid"] != before["api"]["pid"]
     for name in ("broker", "worker", "beat"):
         assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
+    assert project.run("stop", "api").returncode == 0  # stopped on purpose: refused, not kept waiting
+    from tests.helpers import port_open
+    wait_until(lambda: not port_open(project.api_port), 30, "the API's port to close")
+    assert project.run("start", "api").returncode == 0
+    wait_until(lambda: project.api.get("/health")[0] == 200, 30, "the API to answer again")
 
 
 def test_settings_change_reloads_every_role_but_the_broker(project, stack_source):
@@ -227,13 +252,19 @@ def test_a_burst_of_300_changed_files_gives_one_reload(project, stack_source):
         time.sleep(0.1)
 
 
-def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
-    stack = up(project, stack_source)
-    app = client(project)
+def runs_database(project) -> Path:
+    """The SQLite file where reload.record writes one row per run."""
     database = project.dir / "runs.db"
     with sqlite3.connect(database) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("CREATE TABLE runs (number INTEGER, pid INTEGER, value INTEGER)")
+    return database
+
+
+def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    database = runs_database(project)
     total = 2000
     sent: list = []
 
@@ -263,9 +294,7 @@ def test_every_task_runs_exactly_once_across_20_reloads(project, stack_source):
 def test_a_running_task_finishes_when_its_worker_reloads(project, stack_source):
     stack = up(project, stack_source)
     app = client(project)
-    database = project.dir / "runs.db"
-    with sqlite3.connect(database) as connection:
-        connection.execute("CREATE TABLE runs (number INTEGER, pid INTEGER, value INTEGER)")
+    database = runs_database(project)
     long = app.send_task("reload.record", args=[1, str(database), 3.0], queue="mail")
     wait_until(lambda: _started(app), 30, "the task to start")
     edit(project.dir / "reload_tasks.py", "VALUE = 1\n", "VALUE = 2\n")
@@ -418,3 +447,15 @@ def test_what_is_never_watched(tmp_path: Path):
     # Never walked: .venv, venv2 (a virtualenv by its pyvenv.cfg), .git, build, dist, *.egg-info, state.
     assert sorted(path.relative_to(root).as_posix() for path in watched_folders(plan, keep)) == [".", "app", "data"]
 
+
+
+def test_a_save_during_a_reload_is_applied_after_it(project, stack_source):
+    stack = up(project, stack_source)
+    app = client(project)
+    tasks = project.dir / "reload_tasks.py"
+    edit(tasks, "VALUE = 1\n", "VALUE = 2\n")
+    wait_until(lambda: "reloading" in project.run("ps").stdout or reloads(stack), 30, "the reload to begin")
+    edit(tasks, "VALUE = 2\n", "VALUE = 3\n")  # while the first one is under way (or just done)
+    wait_until(lambda: value_now(app) == 3, 60, "the second save to be running")
+    assert 1 <= len(reloads(stack)) <= 2, stack.output
+    assert ps(project)["worker"]["status"] == "ready"

@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import apps, plugins, status, tasks, workflows
+from runner.api import apps, datasets, openapi, plugins, status, tasks, workflows
 from runner.api.errors import install_error_handlers
 from runner.settings import Settings
 
@@ -24,11 +24,11 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.json.sort_keys = False
     app.extensions["celery"] = celery
     app.extensions["dify_settings"] = settings
-    app.register_blueprint(status.blueprint)
-    app.register_blueprint(tasks.blueprint)
-    app.register_blueprint(workflows.blueprint)
-    app.register_blueprint(apps.blueprint)
-    app.register_blueprint(plugins.blueprint)
+    # each a blueprint with its routes' OpenAPI description (PATHS)
+    modules = [status, tasks, datasets, workflows, apps, plugins, openapi]
+    for module in modules:
+        app.register_blueprint(module.blueprint)
+    app.extensions["openapi"] = openapi.build_document(modules)
     install_error_handlers(app)
 
     @app.before_request

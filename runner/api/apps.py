@@ -8,7 +8,8 @@ import uuid
 from flask import Blueprint, jsonify
 
 from runner.api.errors import ApiError
-from runner.api.validation import celery, database, identifier, json_object, sent, text
+from runner.api.openapi import errors, json_body, json_response
+from runner.api.validation import ID, celery, database, identifier, json_object, sent, text
 
 blueprint = Blueprint("apps", __name__)
 
@@ -79,3 +80,34 @@ def delete_app(app_id: str):
             raise ApiError(404, f"no app {app_id!r}")
     result = celery().send_task("remove_app_and_related_data_task", args=[app_id])
     return jsonify(sent(result, "remove_app_and_related_data_task", app_id=app_id)), 202
+
+
+def _path_id(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": ID.pattern}}
+
+
+PATHS = {
+    "/v1/apps": {
+        "post": {"summary": "Create an app", "operationId": "createApp",
+                 "requestBody": json_body({"type": "object", "required": ["name"], "additionalProperties": False,
+                                           "properties": {"name": {"type": "string", "maxLength": 200},
+                                                          "id": {"type": "string", "pattern": ID.pattern}}}),
+                 "responses": {"201": json_response("created"), **errors(400, 409, 413)}}},
+    "/v1/apps/{app_id}": {
+        "parameters": [_path_id("app_id")],
+        "get": {"summary": "An app with counts of what it holds", "operationId": "getApp",
+                "responses": {"200": json_response("the app"), **errors(400, 404)}},
+        "delete": {"summary": "Delete an app with everything it owns (app_deletion queue)", "operationId": "deleteApp",
+                   "responses": {"202": json_response("accepted: poll the task"), **errors(400, 404)}}},
+    "/v1/apps/{app_id}/messages": {
+        "parameters": [_path_id("app_id")],
+        "post": {"summary": "Store a message in a conversation of the app (conversation queue)",
+                 "operationId": "addMessage",
+                 "requestBody": json_body({"type": "object", "required": ["conversation_id", "role", "content"],
+                                           "additionalProperties": False,
+                                           "properties": {"conversation_id": {"type": "string",
+                                                                              "pattern": ID.pattern},
+                                                          "role": {"type": "string", "enum": list(ROLES)},
+                                                          "content": {"type": "string", "maxLength": MAX_MESSAGE}}}),
+                 "responses": {"202": json_response("accepted: poll the task"), **errors(400, 409, 413)}}},
+}

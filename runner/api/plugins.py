@@ -12,6 +12,7 @@ from packaging.version import InvalidVersion, Version
 
 from runner import plugins
 from runner.api.errors import ApiError
+from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import celery, database, json_object, sent, settings
 
 blueprint = Blueprint("plugins", __name__)
@@ -114,3 +115,36 @@ def uninstall_plugin(name: str):
             raise ApiError(404, f"no installed plugin {name!r}")
     result = celery().send_task("uninstall_plugin_task", args=[name])
     return jsonify(sent(result, "uninstall_plugin_task", name=name)), 202
+
+
+NAME_PARAMETER = {"name": "name", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": plugins.NAME.pattern}}
+PATHS = {
+    "/v1/plugins": {
+        "get": {"summary": "Installed plugins, with whether the local index has a newer version",
+                "operationId": "listPlugins", "responses": {"200": json_response("the plugins")}},
+        "post": {"summary": "Upload a plugin package (zip with manifest.yaml): checked now, installed on the "
+                            "plugin queue", "operationId": "uploadPlugin",
+                 "requestBody": {"required": True, "content": {
+                     "application/zip": {"schema": {"type": "string", "format": "binary"}},
+                     "multipart/form-data": {"schema": {"type": "object", "required": ["package"], "properties": {
+                         "package": {"type": "string", "format": "binary"}}}}}},
+                 "responses": {"202": json_response("accepted: poll the install task"),
+                               **errors(400, 413, 415)}}},
+    "/v1/plugins/check-upgrades": {
+        "post": {"summary": "Compare installed plugins with the local index now", "operationId": "checkUpgrades",
+                 "responses": {"202": json_response("accepted: poll the task"), **errors(400, 413)}}},
+    "/v1/plugins/{name}": {
+        "parameters": [NAME_PARAMETER],
+        "delete": {"summary": "Uninstall a plugin (plugin queue)", "operationId": "uninstallPlugin",
+                   "responses": {"202": json_response("accepted: poll the task"), **errors(400, 404)}}},
+    "/v1/plugin-index": {
+        "get": {"summary": "The local index of latest plugin versions", "operationId": "getPluginIndex",
+                "responses": {"200": json_response("the index")}}},
+    "/v1/plugin-index/{name}": {
+        "parameters": [NAME_PARAMETER],
+        "put": {"summary": "Set a plugin's latest version in the local index", "operationId": "putPluginIndex",
+                "requestBody": json_body({"type": "object", "required": ["version"], "additionalProperties": False,
+                                          "properties": {"version": {"type": "string"}}}),
+                "responses": {"200": json_response("stored"), **errors(400, 413)}}},
+}

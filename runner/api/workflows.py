@@ -11,7 +11,9 @@ from flask import Blueprint, jsonify
 
 from runner import cron, workflows
 from runner.api.errors import ApiError
+from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import (
+    ID,
     boolean,
     celery,
     database,
@@ -194,3 +196,79 @@ def list_subscriptions():
         rows = list(db.query("SELECT id, provider, expires_at, ttl_seconds, refreshed_at, refresh_count "
                              "FROM trigger_subscriptions ORDER BY expires_at"))
     return jsonify({"subscriptions": rows})
+
+
+# -- OpenAPI description of these routes ----------------------------------------------------------
+
+def _path_id(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": ID.pattern}}
+
+
+ID_SCHEMA = {"type": "string", "pattern": ID.pattern}
+GRAPH = {"type": "object", "description": "nodes (start, template, condition, http, end) and edges",
+         "required": ["nodes"],
+         "properties": {"nodes": {"type": "array", "items": {"type": "object"}},
+                        "edges": {"type": "array", "items": {"type": "object"}}}}
+PATHS = {
+    "/v1/workflows/run": {
+        "post": {"summary": "Run a workflow graph on the workflow queue", "operationId": "runWorkflow",
+                 "requestBody": json_body({"type": "object", "required": ["graph"], "additionalProperties": False,
+                                           "properties": {"graph": GRAPH, "inputs": {"type": "object"},
+                                                          "app_id": ID_SCHEMA}}),
+                 "responses": {"202": json_response("accepted: poll the task for its run id"),
+                               **errors(400, 413)}}},
+    "/v1/workflow-runs": {
+        "get": {"summary": "The latest workflow runs", "operationId": "listWorkflowRuns",
+                "parameters": [{"name": "limit", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+                "responses": {"200": json_response("the runs"), **errors(400)}}},
+    "/v1/workflow-runs/{run_id}": {
+        "parameters": [_path_id("run_id")],
+        "get": {"summary": "A run with its node executions and run log path", "operationId": "getWorkflowRun",
+                "responses": {"200": json_response("the run"), **errors(400, 404)}}},
+    "/v1/schedules": {
+        "get": {"summary": "The workflow schedules", "operationId": "listSchedules",
+                "responses": {"200": json_response("the schedules")}},
+        "post": {"summary": "Schedule a workflow with a five-field cron expression (UTC)",
+                 "operationId": "createSchedule",
+                 "requestBody": json_body({"type": "object", "required": ["graph", "cron"],
+                                           "additionalProperties": False,
+                                           "properties": {"graph": GRAPH, "cron": {"type": "string"},
+                                                          "inputs": {"type": "object"}, "app_id": ID_SCHEMA,
+                                                          "enabled": {"type": "boolean"}}}),
+                 "responses": {"201": json_response("created"), **errors(400, 413)}}},
+    "/v1/schedules/{schedule_id}": {
+        "parameters": [_path_id("schedule_id")],
+        "get": {"summary": "A schedule and each due time dispatched", "operationId": "getSchedule",
+                "responses": {"200": json_response("the schedule"), **errors(400, 404)}},
+        "delete": {"summary": "Delete a schedule", "operationId": "deleteSchedule",
+                   "responses": {"200": json_response("deleted"), **errors(400, 404)}}},
+    "/v1/triggers": {
+        "post": {"summary": "Create a webhook trigger for a workflow", "operationId": "createTrigger",
+                 "requestBody": json_body({"type": "object", "required": ["graph"], "additionalProperties": False,
+                                           "properties": {"graph": GRAPH, "app_id": ID_SCHEMA}}),
+                 "responses": {"201": json_response("created, with its webhook URL"), **errors(400, 413)}}},
+    "/v1/triggers/{trigger_id}": {
+        "parameters": [_path_id("trigger_id")],
+        "get": {"summary": "A trigger with its latest events and their runs", "operationId": "getTrigger",
+                "responses": {"200": json_response("the trigger"), **errors(400, 404)}},
+        "delete": {"summary": "Delete a trigger and its events", "operationId": "deleteTrigger",
+                   "responses": {"200": json_response("deleted"), **errors(400, 404)}}},
+    "/v1/webhooks/{trigger_id}": {
+        "parameters": [_path_id("trigger_id")],
+        "post": {"summary": "Call a trigger's webhook: the JSON object becomes the run's inputs",
+                 "operationId": "callWebhook",
+                 "requestBody": json_body({"type": "object"}, required=False),
+                 "responses": {"202": json_response("accepted: the dispatcher records the event and sends the run"),
+                               **errors(400, 404, 413)}}},
+    "/v1/trigger-subscriptions": {
+        "get": {"summary": "Trigger subscriptions and their expiry", "operationId": "listTriggerSubscriptions",
+                "responses": {"200": json_response("the subscriptions")}},
+        "post": {"summary": "Create a trigger subscription, refreshed by the poller before it expires",
+                 "operationId": "createTriggerSubscription",
+                 "requestBody": json_body({"type": "object", "required": ["provider"], "additionalProperties": False,
+                                           "properties": {"provider": ID_SCHEMA,
+                                                          "ttl_seconds": {"type": "integer", "minimum": 60,
+                                                                          "maximum": MAX_TTL}}}),
+                 "responses": {"201": json_response("created"), **errors(400, 413)}}},
+}

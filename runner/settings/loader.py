@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import re
 import os
 import sys
 from dataclasses import dataclass
@@ -201,6 +202,18 @@ def _cross_checks(settings: Settings) -> list[str]:
             "it speaks plain TCP on loopback; set CELERY_BROKER_URL to a TLS Redis")
     if not (settings.BROKER_USE_SSL and not url):
         problems.extend(tls_file_problems(settings))
+    size, overlap = settings.DIFY_LOCAL_CHUNK_SIZE, settings.DIFY_LOCAL_CHUNK_OVERLAP
+    if overlap >= size:
+        problems.append(f"DIFY_LOCAL_CHUNK_OVERLAP={overlap} is not allowed with DIFY_LOCAL_CHUNK_SIZE={size}: "
+                        "the overlap must be less than the segment size")
+    if size > settings.INDEXING_MAX_SEGMENTATION_TOKENS_LENGTH:
+        problems.append(f"DIFY_LOCAL_CHUNK_SIZE={size} is more than INDEXING_MAX_SEGMENTATION_TOKENS_LENGTH="
+                        f"{settings.INDEXING_MAX_SEGMENTATION_TOKENS_LENGTH}: the default segment size must be "
+                        "within the largest allowed")
+    embedder = settings.DIFY_LOCAL_EMBEDDER
+    if embedder not in ("", "hashing") and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", embedder):
+        problems.append(f"DIFY_LOCAL_EMBEDDER={embedder!r} is not allowed: hashing, or package.module:attribute "
+                        "(a class or factory of an object with 'name' and 'embed(texts)')")
     if settings.CELERY_WORKER_CLASS == "gevent" and importlib.util.find_spec("gevent") is None:
         problems.append("CELERY_WORKER_CLASS='gevent' needs the gevent package, which is not installed: "
                         "pip install gevent, or use threads")

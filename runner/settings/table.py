@@ -161,6 +161,17 @@ SETTINGS: tuple[Setting, ...] = (
     # api (Dify's names for the API server's address)
     Setting("DIFY_BIND_ADDRESS", BindAddress(), "127.0.0.1", "api", "address the API listens on"),
     Setting("DIFY_PORT", Integer(minimum=1, maximum=65535), 5001, "api", "port the API listens on"),
+    # knowledge base
+    Setting("UPLOAD_FILE_SIZE_LIMIT", Integer(minimum=1, maximum=1024), 15, "knowledge base",
+            "megabytes an uploaded document may have (Dify's name and default)"),
+    Setting("DIFY_LOCAL_CHUNK_SIZE", Integer(minimum=50), 500, "knowledge base",
+            "characters per segment when a dataset or upload names none"),
+    Setting("DIFY_LOCAL_CHUNK_OVERLAP", Integer(minimum=0), 50, "knowledge base",
+            "characters a segment repeats from the one before (less than the segment size)"),
+    Setting("INDEXING_MAX_SEGMENTATION_TOKENS_LENGTH", Integer(minimum=50), 4000, "knowledge base",
+            "largest segment size a dataset or upload may ask for (Dify counts tokens; here characters)"),
+    Setting("DIFY_LOCAL_EMBEDDER", Text(), "hashing", "knowledge base",
+            "embedder of segments and queries: hashing (local, no download) or package.module:attribute"),
     # state
     Setting("DIFY_LOCAL_STATE_DIR", Text(), ".dify-local", "state",
             "folder for the database, files, logs, beat schedule and broker data (relative to the project)"),

@@ -112,6 +112,35 @@ def _domain(db) -> None:
         db.execute(statement)
 
 
+@migrations(name="0003_knowledge")
+def _knowledge(db) -> None:
+    """Uploaded documents (file, type, size, segmenting, metadata), each document's status history,
+    and which embedder made each segment's vector (vectors of different embedders are never compared)."""
+    statements = [
+        "ALTER TABLE datasets ADD COLUMN description TEXT",
+        "ALTER TABLE datasets ADD COLUMN chunk_size INTEGER",
+        "ALTER TABLE datasets ADD COLUMN chunk_overlap INTEGER",
+        "ALTER TABLE documents ADD COLUMN source TEXT NOT NULL DEFAULT 'text'",
+        "ALTER TABLE documents ADD COLUMN file_type TEXT",
+        "ALTER TABLE documents ADD COLUMN file_path TEXT",
+        "ALTER TABLE documents ADD COLUMN size INTEGER",
+        "ALTER TABLE documents ADD COLUMN chunk_size INTEGER",
+        "ALTER TABLE documents ADD COLUMN chunk_overlap INTEGER",
+        "ALTER TABLE documents ADD COLUMN metadata TEXT",
+        "CREATE INDEX documents_dataset ON documents (dataset_id, created_at)",
+        "ALTER TABLE segments ADD COLUMN word_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE segments ADD COLUMN embedding_model TEXT",
+        "CREATE INDEX segments_document ON segments (document_id, position)",
+        """CREATE TABLE document_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            status TEXT NOT NULL, at REAL NOT NULL, message TEXT)""",
+        "CREATE INDEX document_events_document ON document_events (document_id, id)",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 @migrations(name="0005_flows")
 def _flows(db) -> None:
     statements = [

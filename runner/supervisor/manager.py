@@ -34,6 +34,7 @@ from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, WATCH_ROOTS
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
 from runner.supervisor import control
+from runner.supervisor.listeners import ApiListener
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
 from runner.supervisor.options import ProcessOptions
 from runner.supervisor.probes import BrokerLink, probe_for
@@ -134,6 +135,13 @@ class Supervisor:
             stage = BROKER if spec.role == "broker" else OURS if spec.is_ours else OTHERS
             self.states.append(ProcessState(process, stage))
         self.printer.width = max([len(SYSTEM)] + [len(state.name) for state in self.states])
+        self.api_listener = ApiListener(settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT)
+        for state in self.states:
+            spec = state.process.spec
+            # Our API, on the address of the settings (a Procfile line naming its own keeps binding it).
+            if watch is not None and spec.is_ours and spec.role == "api" \
+                    and not any(flag in spec.argv for flag in ("--host", "--port")):
+                state.process.listener = self.api_listener
         self.reloads = Reloads(self, watch, read_by_up or set()) if watch is not None else None
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -533,6 +541,10 @@ class Supervisor:
             elif command == "stop":
                 if self.reloads is not None:
                     self.reloads.forget(state)
+                if state.process.listener is not None and not any(
+                        other.process.listener is not None and other.process.running() and other is not state
+                        for other in self.states):
+                    state.process.listener.close()  # stopped on purpose: clients are refused, not kept waiting
                 if running:
                     self._stop_in_background(state, "stop")
                 elif state.status in ("backoff", "failed", "finished", "pending"):
@@ -626,6 +638,7 @@ class Supervisor:
         if self.control_server is not None:
             self.control_server.close()
         control.remove_info(self.state_dir)
+        self.api_listener.close()
         self.link.close()
         self.log_files.close()
 

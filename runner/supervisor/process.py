@@ -18,8 +18,9 @@ from typing import Any
 
 from honcho.printer import Message
 
-from runner.process_env import CHANNEL_FD
+from runner.process_env import CHANNEL_FD, LISTEN_FD
 from runner.reload.channel import Channel
+from runner.supervisor.listeners import ApiListener
 from runner.supervisor.options import ProcessOptions
 from runner.supervisor.procfile import ProcessSpec
 from runner.supervisor.tree import descendants, kill
@@ -127,6 +128,7 @@ class ManagedProcess:
         self.grace = grace
         self.with_channel = with_channel
         self.channel: Channel | None = None
+        self.listener: ApiListener | None = None  # the API's socket, held by the supervisor
         self.stop_policy = StopPolicy.for_process(spec.role, options, grace)
         self.popen: subprocess.Popen | None = None
         self.started_at: float = 0.0
@@ -148,22 +150,29 @@ class ManagedProcess:
 
     def twin(self) -> "ManagedProcess":
         """Another process for the same Procfile line (one to take over from this one)."""
-        return ManagedProcess(self.spec, self.options, self.env, self.cwd, self.events, self.colour, self.grace,
+        twin = ManagedProcess(self.spec, self.options, self.env, self.cwd, self.events, self.colour, self.grace,
                               self.with_channel)
+        twin.listener = self.listener
+        return twin
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         self.returncode = None
         argv, assignments = launch(self.spec.command)
         env = {**self.env, **(extra_env or {}), **assignments}
         theirs = None
+        passed = []
         if self.with_channel:
             self.channel, theirs = Channel.pair()
             env[CHANNEL_FD] = str(theirs.fileno())
+            passed.append(theirs.fileno())
+        listening = self.listener.open() if self.listener is not None else None
+        if listening is not None:
+            env[LISTEN_FD] = str(listening.fileno())
+            passed.append(listening.fileno())
         try:
             self.popen = subprocess.Popen(
                 argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                pass_fds=(theirs.fileno(),) if theirs else ())
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=tuple(passed))
         except OSError:
             if self.channel is not None:
                 self.channel.close()

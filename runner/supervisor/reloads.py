@@ -203,7 +203,7 @@ class Reloads:
             self._finish(takeover)
         self._schedule_spare(state)
         if state.name in self.pending and state.name not in self.takeovers:
-            self._act(self.pending.pop(state.name))
+            self._act(self.pending.pop(state.name), only=state.name)
 
     def retired(self, state: ProcessState, pid: int) -> None:
         self.retiring.pop(pid, None)
@@ -235,10 +235,12 @@ class Reloads:
                                             else tuple(patterns)))
         return candidates
 
-    def _act(self, changed: set[Path]) -> None:
+    def _act(self, changed: set[Path], only: str | None = None) -> None:
+        """Reload what `changed` concerns (`only` one process: changes it had to wait for)."""
         if self.supervisor.stopping.is_set():
             return
-        plan = plan_reload(changed, self._candidates(), self.plan.roots, self.config_dir, self.read_by_up)
+        candidates = [candidate for candidate in self._candidates() if only in (None, candidate.name)]
+        plan = plan_reload(changed, candidates, self.plan.roots, self.config_dir, self.read_by_up)
         for path in plan.read_by_up:
             self.supervisor.say(f"{self._show(path)} changed: `up` reads it at start, so restart `up` to apply it")
         texts = {str(path) for path in changed}
@@ -353,7 +355,7 @@ class Reloads:
     def _continue_pending(self, state: ProcessState) -> None:
         files = self.pending.pop(state.name, None)
         if files:
-            self._act(files)
+            self._act(files, only=state.name)
 
     def _report_batch(self, batch: Batch) -> None:
         if batch.waiting or not batch.took:

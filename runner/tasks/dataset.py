@@ -3,87 +3,136 @@ Dify runs from beat. User-triggered indexing goes to priority_dataset, backgroun
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from runner import rag
 from runner.context import AppContext
+from runner.rag import files, index
+from runner.rag.embedders import EmbedderError, configured_embedder
 from runner.tasks.base import DAY, context, new_id, now, task
-
-SEGMENT_SIZE = 500
-SEGMENT_OVERLAP = 50
+from runner.tasks.pipeline import prepare_document
 
 
-def _embedding(db, content: str) -> bytes:
-    """The segment's embedding, from the cache when the same text was embedded before."""
-    digest = rag.text_hash(content)
-    row = db.execute("SELECT embedding FROM embedding_cache WHERE text_hash = ?", [digest]).fetchone()
-    if row:
-        return row[0]
-    blob = rag.pack(rag.embed(content))
-    db.execute("INSERT OR IGNORE INTO embedding_cache (text_hash, embedding, created_at) VALUES (?, ?, ?)",
-               [digest, blob, now()])
-    return blob
+def _store_text(ctx: AppContext, dataset_id: str, document_id: str, text: str) -> tuple[str, int]:
+    """Keep a text document in the file store like an upload, so it can be re-indexed from it."""
+    path = files.document_path(ctx.paths.files, dataset_id, document_id, "txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode()
+    path.write_bytes(data)
+    return files.relative_to_store(ctx.paths.files, path), len(data)
 
 
-def _set_status(ctx: AppContext, document_id: str, status: str, **fields: Any) -> None:
-    with ctx.database.transaction() as db:
-        db["documents"].update(document_id, {"status": status, "updated_at": now(), **fields})
+def index_segments(ctx: AppContext, document_id: str) -> dict[str, Any]:
+    """Embed a split document's segments with the configured embedder: indexing → completed."""
+    index.set_status(ctx.database, document_id, "indexing")
+    try:
+        embedder = configured_embedder(ctx.settings)
+        count = index.embed_segments(ctx.database, document_id, embedder)
+    except EmbedderError as error:
+        index.set_status(ctx.database, document_id, "error", str(error))
+        return {"document_id": document_id, "status": "error", "error": str(error)}
+    except Exception as error:
+        index.set_status(ctx.database, document_id, "error", f"{type(error).__name__}: {error}")
+        raise
+    index.set_status(ctx.database, document_id, "completed")
+    return {"document_id": document_id, "status": "completed", "segments": count, "embedder": embedder.name}
 
 
 def index_document(ctx: AppContext, dataset_id: str, name: str, text: str) -> dict[str, Any]:
-    """Dify's statuses in order: waiting → parsing → splitting → indexing → completed (or error)."""
-    document_id = new_id()
-    stamp = now()
+    """Index a text as a document of `dataset_id` (made if missing), every stage in this task:
+    waiting → parsing → splitting → indexing → completed (or error)."""
+    files.check_id(dataset_id, "dataset id")
+    settings = ctx.settings
+    document_id = index.new_id()
+    file_path, size = _store_text(ctx, dataset_id, document_id, text)
     with ctx.database.transaction() as db:
-        db.execute("INSERT INTO datasets (id, name, created_at, updated_at) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at",
-                   [dataset_id, dataset_id, stamp, stamp])
-        db["documents"].insert({"id": document_id, "dataset_id": dataset_id, "name": name, "status": "waiting",
-                                "segment_count": 0, "created_at": stamp, "updated_at": stamp})
-    try:
-        _set_status(ctx, document_id, "parsing")
-        cleaned = rag.clean_text(text)
-        _set_status(ctx, document_id, "splitting")
-        chunks = rag.chunk_text(cleaned, SEGMENT_SIZE, SEGMENT_OVERLAP)
-        if not chunks:
-            raise ValueError("the document has no text to index")
-        _set_status(ctx, document_id, "indexing")
-        with ctx.database.transaction() as db:
-            rows = [{"id": new_id(), "document_id": document_id, "dataset_id": dataset_id, "position": position,
-                     "content": chunk, "embedding": _embedding(db, chunk), "created_at": now()}
-                    for position, chunk in enumerate(chunks)]
-            db["segments"].insert_all(rows)
-            db["documents"].update(document_id, {"status": "completed", "segment_count": len(rows),
-                                                 "updated_at": now(), "completed_at": now()})
-    except Exception as error:
-        _set_status(ctx, document_id, "error", error=f"{type(error).__name__}: {error}")
-        raise
-    return {"dataset_id": dataset_id, "document_id": document_id, "status": "completed", "segments": len(chunks)}
+        index.ensure_dataset(db, dataset_id)
+        dataset = index.get_dataset(db, dataset_id)
+        index.create_document(
+            db, dataset_id, name, source="text", file_path=file_path, file_type="txt", size=size,
+            chunk_size=dataset.get("chunk_size") or settings.DIFY_LOCAL_CHUNK_SIZE,
+            chunk_overlap=dataset.get("chunk_overlap") if dataset.get("chunk_overlap") is not None
+            else settings.DIFY_LOCAL_CHUNK_OVERLAP,
+            document_id=document_id)
+    prepared = prepare_document(ctx, document_id)
+    if prepared is None:
+        with ctx.database.connect() as db:
+            raise ValueError(index.get_document(db, document_id)["error"])
+    indexed = index_segments(ctx, document_id)
+    if indexed["status"] != "completed":
+        raise ValueError(indexed["error"])
+    return {"dataset_id": dataset_id, "document_id": document_id, "status": "completed",
+            "segments": indexed["segments"]}
 
 
 @task("priority_document_indexing_task")
 def priority_document_indexing_task(self, dataset_id: str, name: str, text: str) -> dict:
-    """Index a document a user just added: clean, split, embed and store its segments."""
+    """Index a text a user just added as a document: clean, split, embed and store its segments."""
     return index_document(context(self), dataset_id, name, text)
 
 
 @task("document_indexing_task")
 def document_indexing_task(self, dataset_id: str, name: str, text: str) -> dict:
-    """Index a document in the background (re-indexing, batch imports)."""
+    """Index a text as a document in the background (batch imports)."""
     return index_document(context(self), dataset_id, name, text)
+
+
+@task("priority_document_segments_indexing_task")
+def priority_document_segments_indexing_task(self, document_id: str) -> dict:
+    """Embed and store the segments of a document a user uploaded (after the priority pipeline)."""
+    return index_segments(context(self), document_id)
+
+
+@task("document_segments_indexing_task")
+def document_segments_indexing_task(self, document_id: str) -> dict:
+    """Embed and store the segments of a document re-indexed in the background."""
+    return index_segments(context(self), document_id)
+
+
+@task("document_indexing_update_task")
+def document_indexing_update_task(self, document_id: str) -> dict:
+    """Re-index a stored document in the background: back to waiting, then the normal pipeline."""
+    ctx = context(self)
+    with ctx.database.connect() as db:
+        if index.get_document(db, document_id) is None:
+            raise LookupError(f"no document {document_id!r}")
+    index.set_status(ctx.database, document_id, "waiting")
+    sent = self.app.send_task("document_pipeline_task", args=[document_id])
+    return {"document_id": document_id, "status": "waiting", "pipeline_task": sent.id}
+
+
+@task("batch_create_segment_to_index_task")
+def batch_create_segment_to_index_task(self, document_id: str, segments: list) -> dict:
+    """Add segments to a document, embedded and searchable at once."""
+    ctx = context(self)
+    contents = [rag.clean_text(str(content)) for content in segments]
+    contents = [content for content in contents if content]
+    if not contents:
+        return {"document_id": document_id, "added": 0, "segment_ids": []}
+    ids = index.add_segments(ctx.database, document_id, contents, configured_embedder(ctx.settings))
+    return {"document_id": document_id, "added": len(ids), "segment_ids": ids}
 
 
 @task("clean_unused_datasets_task")
 def clean_unused_datasets_task(self, days: int = 30) -> dict:
-    """Remove datasets untouched for `days` days, noting each for the owner's notice mail."""
+    """Remove datasets untouched for `days` days (documents, segments and files), noting each for
+    the owner's notice mail."""
+    ctx = context(self)
     cutoff = now() - days * DAY
-    with context(self).database.transaction() as db:
+    with ctx.database.transaction() as db:
         stale = list(db.query("SELECT id, name, owner_email FROM datasets WHERE updated_at < ?", [cutoff]))
         for row in stale:
             db["dataset_cleanups"].insert({"dataset_id": row["id"], "dataset_name": row["name"],
                                            "owner_email": row["owner_email"], "cleaned_at": now()})
-            db.execute("DELETE FROM datasets WHERE id = ?", [row["id"]])
-    return {"removed": len(stale), "older_than_days": days}
+            db.execute("DELETE FROM datasets WHERE id = ?", [row["id"]])  # documents, segments: ON DELETE CASCADE
+    removed_files = 0
+    for row in stale:
+        folder = files.dataset_folder(ctx.paths.files, row["id"])
+        if folder is not None and folder.is_dir():
+            removed_files += sum(1 for path in folder.rglob("*") if path.is_file())
+            shutil.rmtree(folder)
+    return {"removed": len(stale), "removed_files": removed_files, "older_than_days": days}
 
 
 @task("create_tidb_serverless_task")
