@@ -112,6 +112,26 @@ def _domain(db) -> None:
         db.execute(statement)
 
 
+@migrations(name="0004_operations")
+def _operations(db) -> None:
+    statements = [
+        # the seed's dead letters: tasks that failed for good (retries exhausted, or none allowed)
+        """CREATE TABLE failed_tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, name TEXT NOT NULL, queue TEXT,
+            args TEXT NOT NULL, kwargs TEXT NOT NULL, error TEXT NOT NULL, traceback TEXT,
+            retries INTEGER NOT NULL DEFAULT 0, worker TEXT, failed_at REAL NOT NULL,
+            retried_at REAL, retry_task_id TEXT)""",
+        "CREATE INDEX failed_tasks_failed ON failed_tasks (failed_at)",
+        # one-time tokens (password reset codes), removed by retention once expired
+        """CREATE TABLE tokens (
+            token TEXT PRIMARY KEY, purpose TEXT NOT NULL, email TEXT NOT NULL,
+            created_at REAL NOT NULL, expires_at REAL NOT NULL)""",
+        "CREATE INDEX tokens_expires ON tokens (expires_at)",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 @dataclass(frozen=True)
 class SchemaState:
     applied: list[str]

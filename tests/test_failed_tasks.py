@@ -1,0 +1,76 @@
+"""Failure handling through a running stack: retries with backoff, dead letters in failed_tasks,
+`dify-local failed` listing, showing and sending one again."""
+
+from __future__ import annotations
+
+import json
+
+from runner.celery_app import create_celery_app
+from runner.settings import load_settings
+from tests.helpers import REPO, wait_until
+
+STACK = "broker: dify-local serve broker\napi: dify-local serve api\nbeat: dify-local serve beat\n"
+
+
+def failed(project, *args: str) -> list[dict]:
+    result = project.run("failed", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["failed"]
+
+
+def test_a_failing_task_lands_in_failed_tasks_and_succeeds_on_retry(project):
+    (project.dir / "Procfile").write_text(STACK + "worker: dify-local serve worker -I tests.support.flaky_tasks\n")
+    env = {"PYTHONPATH": str(REPO)}
+    project.up(env=env)
+    import tests.support.flaky_tasks  # noqa: F401  (registers tests.flaky with the client)
+
+    client = create_celery_app(load_settings(project.dir, environ={**project.env, **env}), register_tasks=False)
+    flag = project.dir / "flag"
+    sent = client.send_task("tests.flaky", args=[str(flag)], queue="mail")
+
+    rows = wait_until(lambda: [row for row in failed(project) if row["task_id"] == sent.id], 60,
+                      "the flaky task to land in failed tasks after its retries")
+    row = rows[0]
+    assert row["name"] == "tests.flaky" and row["queue"] == "mail"
+    assert row["retries"] == 2  # the first run and two retries with backoff
+    assert row["args"] == [str(flag)] and row["kwargs"] == {}
+    assert "RuntimeError" in row["error"] and "attempt 3" in row["error"]
+    assert row["retried_at"] is None
+
+    listed = project.run("failed")
+    assert listed.returncode == 0 and "tests.flaky" in listed.stdout and "RuntimeError" in listed.stdout
+    shown = project.run("failed", "show", str(row["id"]))
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" in shown.stdout and "flaky_tasks.py" in shown.stdout and str(flag) in shown.stdout
+
+    flag.write_text("there now")
+    retried = project.run("failed", "retry", str(row["id"]))
+    assert retried.returncode == 0, retried.stderr
+    new_id = retried.stdout.split("task id ")[1].split()[0]
+    assert new_id != sent.id
+    status, body = wait_until(lambda: (lambda got: got if got[1]["state"] == "SUCCESS" else None)(
+        project.api.get(f"/v1/tasks/{new_id}")), 30, "the retried task to succeed")
+    assert body["result"] == "there now" and body["name"] == "tests.flaky"
+    again = [r for r in failed(project) if r["id"] == row["id"]][0]
+    assert again["retry_task_id"] == new_id and again["retried_at"] is not None
+    assert not [r for r in failed(project, "--pending") if r["id"] == row["id"]]
+
+
+def test_a_real_task_with_bad_input_fails_at_once_without_retries(project):
+    project.up()
+    status, body = project.api.post("/v1/tasks/save_workflow_run_log_task", {"args": ["no-such-run"]})
+    assert status == 202, body
+    rows = wait_until(lambda: [row for row in failed(project) if row["task_id"] == body["id"]], 30,
+                      "the task to land in failed tasks")
+    assert rows[0]["retries"] == 0 and rows[0]["queue"] == "workflow_storage"
+    assert rows[0]["error"] == "LookupError: no workflow run 'no-such-run'"
+
+
+def test_failed_without_a_stack_or_database(project):
+    listed = project.run("failed")
+    assert listed.returncode == 0 and "no failed tasks" in listed.stdout
+    for args in (("show", "7"), ("retry", "7")):
+        result = project.run("failed", *args)
+        assert result.returncode == 1 and "no failed task 7" in result.stderr and "Traceback" not in result.stderr
+    bad = project.run("failed", "show", "seven")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
