@@ -201,6 +201,9 @@ def _cross_checks(settings: Settings) -> list[str]:
             "it speaks plain TCP on loopback; set CELERY_BROKER_URL to a TLS Redis")
     if not (settings.BROKER_USE_SSL and not url):
         problems.extend(tls_file_problems(settings))
+    if settings.MAIL_TYPE == "smtp" and not settings.SMTP_SERVER:
+        problems.append("SMTP_SERVER='' is not allowed with MAIL_TYPE=smtp: name the SMTP host "
+                        "(or MAIL_TYPE=outbox to write mail to the state folder)")
     if settings.CELERY_WORKER_CLASS == "gevent" and importlib.util.find_spec("gevent") is None:
         problems.append("CELERY_WORKER_CLASS='gevent' needs the gevent package, which is not installed: "
                         "pip install gevent, or use threads")
