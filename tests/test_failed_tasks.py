@@ -55,6 +55,13 @@ def test_a_failing_task_lands_in_failed_tasks_and_succeeds_on_retry(project):
     assert again["retry_task_id"] == new_id and again["retried_at"] is not None
     assert not [r for r in failed(project, "--pending") if r["id"] == row["id"]]
 
+    # every attempt is in the task's metrics: two retried, one failed for good, one succeeded
+    def metrics():
+        tasks = project.api.get("/v1/metrics?task=tests.flaky")[1]["tasks"]
+        return tasks if tasks and tasks[0]["finished"] == 4 else None
+    flaky, = wait_until(metrics, 10, "the metrics of tests.flaky")
+    assert (flaky["retried"], flaky["failed"], flaky["succeeded"]) == (2, 1, 1)
+
 
 def test_a_real_task_with_bad_input_fails_at_once_without_retries(project):
     project.up()

@@ -112,3 +112,19 @@ def test_vector_store_pool_embedding_cache_and_traces(project):
     assert trace["state"] == "SUCCESS"
     with sqlite3.connect(project.database) as db:
         assert db.execute("SELECT app_id, name, data FROM traces").fetchall() == [("app1", "chat", '{"tokens": 12}')]
+
+    # per-task metrics, kept as the runs finish
+    def pool_metrics():
+        status, body = project.api.get("/v1/metrics?task=create_tidb_serverless_task&hours=1")
+        assert status == 200, body
+        return body["tasks"] if body["tasks"] and body["tasks"][0]["finished"] == 2 else None
+    row, = wait_until(pool_metrics, 10, "the metrics of create_tidb_serverless_task")
+    assert row["task"] == "create_tidb_serverless_task"
+    assert (row["succeeded"], row["failed"], row["retried"]) == (2, 0, 0)
+    assert 0 < row["runtime_mean"] <= row["runtime_max"] < 5
+    wait_until(lambda: {"process_trace_tasks", "clean_embedding_cache_task"} <= {
+        entry["task"] for entry in project.api.get("/v1/metrics")[1]["tasks"]}, 10, "the other tasks' metrics")
+    assert project.api.get("/v1/metrics")[1]["hours"] == 24
+    for query in ("hours=0", "hours=x", "task=a%20b", "color=red"):
+        status, body = project.api.get(f"/v1/metrics?{query}")
+        assert status == 400 and body["error"], query

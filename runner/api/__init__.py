@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import mail, status, tasks
+from runner.api import mail, metrics, status, tasks
 from runner.api.errors import install_error_handlers
 from runner.settings import Settings
 
@@ -27,6 +27,7 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.register_blueprint(status.blueprint)
     app.register_blueprint(tasks.blueprint)
     app.register_blueprint(mail.blueprint)
+    app.register_blueprint(metrics.blueprint)
     install_error_handlers(app)
 
     @app.before_request
