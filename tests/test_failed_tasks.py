@@ -64,13 +64,38 @@ def test_a_failing_task_lands_in_failed_tasks_and_succeeds_on_retry(project):
 
 
 def test_a_real_task_with_bad_input_fails_at_once_without_retries(project):
-    project.up()
+    stack = project.up()
     status, body = project.api.post("/v1/tasks/save_workflow_run_log_task", {"args": ["no-such-run"]})
     assert status == 202, body
     rows = wait_until(lambda: [row for row in failed(project) if row["task_id"] == body["id"]], 30,
                       "the task to land in failed tasks")
-    assert rows[0]["retries"] == 0 and rows[0]["queue"] == "workflow_storage"
-    assert rows[0]["error"] == "LookupError: no workflow run 'no-such-run'"
+    row = rows[0]
+    assert row["retries"] == 0 and row["queue"] == "workflow_storage"
+    assert row["error"] == "LookupError: no workflow run 'no-such-run'"
+
+    # the same through the API
+    status, listed = project.api.get("/v1/failed?pending=true")
+    assert status == 200 and [entry["id"] for entry in listed["failed"]] == [row["id"]]
+    status, shown = project.api.get(f"/v1/failed/{row['id']}")
+    assert status == 200 and shown["args"] == ["no-such-run"] and "Traceback" in shown["traceback"]
+    for path, expected in (("/v1/failed?limit=0", 400), ("/v1/failed?pending=maybe", 400), ("/v1/failed?x=1", 400),
+                           ("/v1/failed/999", 404), ("/v1/failed/abc", 404), (f"/v1/failed/{2**70}", 404)):
+        status, answer = project.api.get(path)
+        assert status == expected and answer["error"], (path, status, answer)
+    status, sent = project.api.post(f"/v1/failed/{row['id']}/retry")
+    assert status == 202 and sent["queue"] == "workflow_storage", sent
+    # it fails again (the run still does not exist): a second dead letter, the first marked retried
+    wait_until(lambda: [r for r in failed(project) if r["task_id"] == sent["retry_task_id"]], 30, "the second failure")
+    first = project.api.get(f"/v1/failed/{row['id']}")[1]
+    assert first["retry_task_id"] == sent["retry_task_id"] and first["retried_at"]
+
+    # with the stack down: listing still works, a retry says why it cannot
+    project.run("down")
+    stack.wait(60)
+    assert len(failed(project)) == 2
+    refused = project.run("failed", "retry", str(row["id"]))
+    assert refused.returncode == 1 and "cannot send the task again" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_failed_without_a_stack_or_database(project):

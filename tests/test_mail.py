@@ -63,6 +63,19 @@ def test_templated_mail_lands_in_the_outbox_and_reads_through_the_api(project):
                            ("/v1/mail/metadata.db", 400), ("/v1/mail/..x.eml", 400), ("/v1/mail/none.eml", 404)):
         status, body = project.api.get(path)
         assert status == expected and body["error"], (path, status, body)
+    # the clean-up notice: one mail per owner listing their removed knowledge bases, once
+    with sqlite3.connect(project.database) as db:
+        db.executemany("INSERT INTO dataset_cleanups (dataset_id, dataset_name, owner_email, cleaned_at) "
+                       "VALUES (?, ?, ?, 0)", [("a", "Old notes", "owner@example.com"),
+                                               ("b", "Drafts", "owner@example.com"), ("c", "Other", None)])
+    notified = send(project, "mail_clean_document_notify_task")
+    assert notified["result"] == {"mails": 1, "datasets": 2}
+    assert send(project, "mail_clean_document_notify_task")["result"] == {"mails": 0, "datasets": 0}
+    newest = project.api.get("/v1/mail?to=owner@example.com&limit=1")[1]["mail"][0]
+    mail = project.api.get(f"/v1/mail/{newest['name']}")[1]
+    assert mail["subject"] == "Unused knowledge bases were cleaned up"
+    assert "- Drafts" in mail["text"] and "- Old notes" in mail["text"]
+
     # a bad address fails at once (no retries), into the failed tasks
     refused = send(project, "send_reset_password_mail_task", "not-an-address")
     assert refused["state"] == "FAILURE"

@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import mail, metrics, status, tasks
+from runner.api import failed, mail, metrics, status, tasks
 from runner.api.errors import install_error_handlers
 from runner.settings import Settings
 
@@ -28,6 +28,7 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.register_blueprint(tasks.blueprint)
     app.register_blueprint(mail.blueprint)
     app.register_blueprint(metrics.blueprint)
+    app.register_blueprint(failed.blueprint)
     install_error_handlers(app)
 
     @app.before_request

@@ -74,14 +74,16 @@ def send_queue_alert_mail_task(self, to: str, queue: str, depth: int, threshold:
 def mail_clean_document_notify_task(self) -> dict:
     """Tell each owner which of their datasets the clean-up removed, once."""
     ctx = context(self)
-    with ctx.database.transaction() as db:
+    with ctx.database.connect() as db:
         pending = list(db.query("SELECT id, dataset_name, owner_email FROM dataset_cleanups "
                                 "WHERE notified_at IS NULL AND owner_email IS NOT NULL ORDER BY owner_email"))
-        mails = 0
-        for owner, rows in groupby(pending, key=lambda row: row["owner_email"]):
-            rows = list(rows)
-            deliver_template(ctx, owner, "datasets_cleaned", names=[row["dataset_name"] for row in rows])
+    mails = 0
+    for owner, rows in groupby(pending, key=lambda row: row["owner_email"]):
+        rows = list(rows)
+        deliver_template(ctx, owner, "datasets_cleaned", names=[row["dataset_name"] for row in rows])
+        # noted per owner: a retry after a failed delivery does not mail the owners served before it again
+        with ctx.database.transaction() as db:
             db.execute(f"UPDATE dataset_cleanups SET notified_at = ? WHERE id IN ({','.join('?' * len(rows))})",
                        [now(), *[row["id"] for row in rows]])
-            mails += 1
+        mails += 1
     return {"mails": mails, "datasets": len(pending)}
