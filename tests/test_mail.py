@@ -113,6 +113,26 @@ def test_mail_goes_to_smtp_when_configured(project):
     finally:
         controller.stop()
 
+    # the server gone: the task retries with backoff (the project's policy: 3 retries), then fails for good
+    status, body = project.api.post("/v1/tasks/send_mail_task", {"args": ["ops@example.com", "Later", "retried"]})
+    assert status == 202, body
+    rows = wait_until(lambda: [row for row in project.api.get("/v1/failed")[1]["failed"]
+                               if row["task_id"] == body["id"]], 60, "the undeliverable mail in failed tasks")
+    assert rows[0]["retries"] == 3 and "ConnectionRefusedError" in rows[0]["error"], rows[0]
+    run = project.api.get(f"/v1/tasks/{body['id']}")[1]
+    assert run["state"] == "FAILURE" and run["attempts"] == 4
+    # back again: sending the failed task again delivers it
+    controller = Controller(collector, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        status, sent = project.api.post(f"/v1/failed/{rows[0]['id']}/retry")
+        assert status == 202, sent
+        assert finished(project, sent["retry_task_id"])["state"] == "SUCCESS"
+        assert wait_until(lambda: len(collector.messages) == 2, 10, "the mail sent again")
+        assert b"Subject: Later" in collector.messages[1][2]
+    finally:
+        controller.stop()
+
 
 def test_smtp_without_a_server_is_a_configuration_error(project):
     result = project.run("config", env={"MAIL_TYPE": "smtp"})
