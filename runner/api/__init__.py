@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import failed, mail, metrics, status, tasks
+from runner.api import failed, mail, metrics, openapi, status, tasks
 from runner.api.errors import install_error_handlers
 from runner.settings import Settings
 
@@ -24,11 +24,11 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.json.sort_keys = False
     app.extensions["celery"] = celery
     app.extensions["dify_settings"] = settings
-    app.register_blueprint(status.blueprint)
-    app.register_blueprint(tasks.blueprint)
-    app.register_blueprint(mail.blueprint)
-    app.register_blueprint(metrics.blueprint)
-    app.register_blueprint(failed.blueprint)
+    # each a blueprint with its routes' OpenAPI description (PATHS)
+    modules = [status, tasks, mail, metrics, failed, openapi]
+    for module in modules:
+        app.register_blueprint(module.blueprint)
+    app.extensions["openapi"] = openapi.build_document(modules)
     install_error_handlers(app)
 
     @app.before_request

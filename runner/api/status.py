@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, current_app, jsonify
 
 from runner import topology
+from runner.api.openapi import errors, json_response
 from runner.queue_depth import queue_depths
 from runner.settings import mask_url
 from runner.store.migrations import schema_state
@@ -50,3 +51,19 @@ def queues():
     depths = queue_depths(celery, topology.QUEUE_NAMES)
     return jsonify({"queues": [{"name": spec.name, "priority": spec.priority.label, "depth": depths[spec.name]}
                                for spec in topology.QUEUES]})
+
+
+CHECK = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
+PATHS = {
+    "/health": {"get": {
+        "summary": "Whether the broker and the metadata database answer", "operationId": "health",
+        "responses": {"200": json_response("both answer", {"type": "object", "required": ["status", "checks"],
+                                                           "properties": {"status": {"type": "string"},
+                                                                          "checks": {"type": "object"}}}),
+                      "503": json_response("one of them does not (the body says which and why)")}}},
+    "/v1/queues": {"get": {
+        "summary": "The 16 queues with their priority class and depth", "operationId": "queues",
+        "responses": {"200": json_response("the queues", {"type": "object", "required": ["queues"],
+                                                          "properties": {"queues": {"type": "array"}}}),
+                      **errors(503)}}},
+}

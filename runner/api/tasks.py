@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from runner import topology
 from runner.api.arguments import ArgumentError, check_arguments, signature_text
 from runner.api.errors import ApiError
+from runner.api.openapi import errors, json_body, json_response
 from runner.task_catalogue import read_catalogue
 from runner.store.task_runs import get_task_run
 
@@ -130,3 +131,34 @@ def get_task(task_id: str):
         if result.traceback:
             body["error"]["traceback"] = result.traceback
     return jsonify(body)
+
+
+SEND_BODY = {"type": "object", "additionalProperties": False, "properties": {
+    "args": {"type": "array"}, "kwargs": {"type": "object"},
+    "countdown": {"type": "number", "minimum": 0, "maximum": MAX_COUNTDOWN},
+    "priority": {"type": "integer", "minimum": 0, "maximum": 9}}}
+PATHS = {
+    "/v1/tasks": {"get": {
+        "summary": "Every task that can be sent: name, queue, signature (read from its source), description",
+        "operationId": "listTasks",
+        "responses": {"200": json_response("the tasks", {"type": "object", "required": ["tasks"],
+                                                         "properties": {"tasks": {"type": "array"}}})}}},
+    # One path item: OpenAPI counts /v1/tasks/{name} and /v1/tasks/{id} as the same path.
+    "/v1/tasks/{task}": {
+        "parameters": [{"name": "task", "in": "path", "required": True, "schema": {"type": "string"},
+                        "description": "POST: a task's name (GET /v1/tasks lists them); GET: a sent task's id",
+                        "example": "send_mail_task"}],
+        "post": {
+            "summary": "Send a task to its queue; arguments are checked against its signature first",
+            "operationId": "sendTask",
+            "requestBody": json_body({**SEND_BODY, "example": {"args": ["a@example.com", "Hello", "From the API"]}},
+                                     required=False),
+            "responses": {"202": json_response("queued: poll the URL in `poll`", {
+                "type": "object", "required": ["id", "task", "queue", "state", "poll"]}),
+                          **errors(400, 404, 413, 503)}},
+        "get": {
+            "summary": "A sent task's state, and its result or error once finished", "operationId": "getTask",
+            "responses": {"200": json_response("its state (PENDING also means unknown, as in Celery)", {
+                "type": "object", "required": ["id", "state"]}), **errors(400, 503)}},
+    },
+}
