@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, current_app, jsonify, request
 
 from runner.api.errors import ApiError
+from runner.api.openapi import errors, json_response
 from runner.store.failed_tasks import get_failure, list_failures, mark_retried
 
 blueprint = Blueprint("failed", __name__)
@@ -12,6 +15,7 @@ blueprint = Blueprint("failed", __name__)
 LIST_PARAMETERS = ("pending", "limit")
 MAX_LIMIT = 1000
 MAX_ID = 2**63 - 1
+WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 def _celery():
@@ -31,7 +35,7 @@ def list_failed():
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}")
     raw_limit = request.args.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    if not WHOLE_NUMBER.match(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise ApiError(400, f"'limit' must be a whole number from 1 to {MAX_LIMIT}")
     pending = request.args.get("pending", "false")
     if pending not in ("true", "false"):
@@ -57,3 +61,37 @@ def retry_failed(failure_id: int):
     mark_retried(celery.dify.database, failure_id, result.id)
     return jsonify({"id": failure_id, "task": row["name"], "queue": row["queue"], "retry_task_id": result.id,
                     "poll": f"/v1/tasks/{result.id}"}), 202
+
+
+FAILED_TASK = {"type": "object", "required": ["id", "task_id", "name", "queue", "args", "kwargs", "error", "retries",
+                                              "failed_at", "retried_at", "retry_task_id"],
+               "properties": {"id": {"type": "integer"}, "task_id": {"type": "string"}, "name": {"type": "string"},
+                              "queue": {"type": "string", "nullable": True}, "args": {}, "kwargs": {},
+                              "error": {"type": "string"}, "traceback": {"type": "string", "nullable": True},
+                              "retries": {"type": "integer"}, "worker": {"type": "string", "nullable": True},
+                              "failed_at": {"type": "number"}, "retried_at": {"type": "number", "nullable": True},
+                              "retry_task_id": {"type": "string", "nullable": True}}}
+ID = [{"name": "id", "in": "path", "required": True, "description": "the failed task's number",
+       "schema": {"type": "integer", "minimum": 1}}]
+PATHS = {
+    "/v1/failed": {"get": {
+        "summary": "Tasks that failed for good (retries spent, or an error no retry can fix), latest first",
+        "operationId": "listFailed",
+        "parameters": [
+            {"name": "pending", "in": "query", "required": False, "description": "only those not retried yet",
+             "schema": {"type": "string", "enum": ["true", "false"]}},
+            {"name": "limit", "in": "query", "required": False, "description": "how many (default 100)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}],
+        "responses": {"200": json_response("the failed tasks", {
+            "type": "object", "required": ["failed"],
+            "properties": {"failed": {"type": "array", "items": FAILED_TASK}}}), **errors(400, 503)}}},
+    "/v1/failed/{id}": {"get": {
+        "summary": "One failed task with its arguments, error and traceback", "operationId": "getFailed",
+        "parameters": ID, "responses": {"200": json_response("the failed task", FAILED_TASK), **errors(404, 503)}}},
+    "/v1/failed/{id}/retry": {"post": {
+        "summary": "Send a failed task again, to the same queue with the same arguments; it is marked retried",
+        "operationId": "retryFailed", "parameters": ID,
+        "responses": {"202": json_response("sent: poll the URL in `poll`", {
+            "type": "object", "required": ["id", "task", "queue", "retry_task_id", "poll"]}),
+                      **errors(404, 409, 503)}}},
+}
