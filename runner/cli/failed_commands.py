@@ -118,7 +118,7 @@ def retry(ctx: click.Context, failure_id: int) -> None:
     new_id = _send(settings, row)
     mark_retried(database, failure_id, new_id)
     click.echo(f"sent {row['name']} again to {row['queue'] or 'its route'}: task id {new_id} "
-               f"(dify-local failed marks {failure_id} retried)")
+               f"(failed task {failure_id} marked retried)")
 
 
 def _send(settings: Settings, row: dict[str, Any]) -> str:
