@@ -24,6 +24,11 @@ class StatePaths:
         return self.files / "outbox"
 
     @property
+    def temp(self) -> Path:
+        """Scratch files; retention removes those older than DIFY_LOCAL_TEMP_FILE_HOURS."""
+        return self.files / "tmp"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

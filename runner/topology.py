@@ -75,6 +75,9 @@ ROUTES: dict[str, str] = {
     # mail
     "send_mail_task": "mail",
     "mail_clean_document_notify_task": "mail",
+    "send_reset_password_mail_task": "mail",
+    "send_indexing_finished_mail_task": "mail",
+    "send_queue_alert_mail_task": "mail",
     # operations
     "process_trace_tasks": "ops_trace",
     "clean_embedding_cache_task": "ops_trace",
@@ -95,6 +98,9 @@ ROUTES: dict[str, str] = {
     "refresh_trigger_subscription_task": "trigger_refresh_executor",
     # retention
     "clean_task_runs_task": "retention",
+    "clean_expired_tokens_task": "retention",
+    "clean_temp_files_task": "retention",
+    "clean_old_logs_task": "retention",
 }
 
 

@@ -116,7 +116,8 @@ def test_editing_a_task_module_reloads_only_the_worker(project, stack_source):
     assert "edited" not in finished(api, sent["poll"])["result"]
 
     mail = stack_source["source"] / "runner" / "tasks" / "mail.py"
-    edit(mail, '    return {"to": to, "subject": subject,', '    return {"edited": True, "to": to, "subject": subject,')
+    edit(mail, "    return deliver(context(self), to, subject, body)",
+         '    return {"edited": True, **deliver(context(self), to, subject, body)}')
     processes, files = wait_for_reloads(stack, 1)[0]
     assert processes.startswith("worker in ") and files == "runner/tasks/mail.py"
 

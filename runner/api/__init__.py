@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import apps, datasets, openapi, plugins, status, tasks, workflows
+from runner.api import apps, datasets, failed, mail, metrics, openapi, plugins, status, tasks, workflows
 from runner.api.errors import install_error_handlers
 from runner.settings import Settings
 
@@ -25,7 +25,7 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.extensions["celery"] = celery
     app.extensions["dify_settings"] = settings
     # each a blueprint with its routes' OpenAPI description (PATHS)
-    modules = [status, tasks, datasets, workflows, apps, plugins, openapi]
+    modules = [status, tasks, datasets, workflows, apps, plugins, mail, metrics, failed, openapi]
     for module in modules:
         app.register_blueprint(module.blueprint)
     app.extensions["openapi"] = openapi.build_document(modules)

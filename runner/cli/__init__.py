@@ -71,10 +71,12 @@ from runner.cli import (  # noqa: E402  (registers the commands)
     broker_commands,
     control_commands,
     export_command,
+    failed_commands,
     inspect_commands,
     run_commands,
     serve_commands,
 )
 
-__all__ = ["main", "broker_commands", "control_commands", "export_command", "inspect_commands", "run_commands",
+__all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands",
+           "inspect_commands", "run_commands",
            "serve_commands"]

@@ -49,6 +49,7 @@ def celery_for_role(settings: Settings, poll_results: bool = False,
     Imported here, not at the top: the broker role runs without Celery in memory.
     """
     from runner.celery_app import create_celery_app
+    from runner.dead_letters import install_dead_letters
     from runner.recording import install_task_recording
     from runner.store import SchemaOutOfDate, prepare_database
     from runner.store.database import DatabaseBusy
@@ -59,6 +60,7 @@ def celery_for_role(settings: Settings, poll_results: bool = False,
     except (SchemaOutOfDate, DatabaseBusy) as error:
         raise RoleStartError(str(error)) from None
     wait_for_broker(app)
+    install_dead_letters(app)
     return app, install_task_recording(app)
 
 

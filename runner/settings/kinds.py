@@ -150,6 +150,21 @@ class EmailList(Kind):
         return ",".join(value)
 
 
+class MailSender(Kind):
+    """A From address, bare or with a display name: `Dify <no-reply@example.com>`."""
+
+    allowed = "an e-mail address, optionally with a name: Name <name@example.com>"
+
+    def parse(self, raw: str) -> str:
+        from email.utils import parseaddr
+
+        text = raw.strip()
+        name, address = parseaddr(text)
+        if not EMAIL.match(address) or "\n" in text or "\r" in text:
+            raise ValueError(self.allowed)
+        return text
+
+
 BROKER_SCHEMES = ("redis", "rediss", "sentinel")
 
 

@@ -214,6 +214,9 @@ def _cross_checks(settings: Settings) -> list[str]:
     if embedder not in ("", "hashing") and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", embedder):
         problems.append(f"DIFY_LOCAL_EMBEDDER={embedder!r} is not allowed: hashing, or package.module:attribute "
                         "(a class or factory of an object with 'name' and 'embed(texts)')")
+    if settings.MAIL_TYPE == "smtp" and not settings.SMTP_SERVER:
+        problems.append("SMTP_SERVER='' is not allowed with MAIL_TYPE=smtp: name the SMTP host "
+                        "(or MAIL_TYPE=outbox to write mail to the state folder)")
     if settings.CELERY_WORKER_CLASS == "gevent" and importlib.util.find_spec("gevent") is None:
         problems.append("CELERY_WORKER_CLASS='gevent' needs the gevent package, which is not installed: "
                         "pip install gevent, or use threads")

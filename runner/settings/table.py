@@ -19,6 +19,7 @@ from runner.settings.kinds import (
     FilePath,
     Integer,
     Kind,
+    MailSender,
     NameList,
     PositiveNumber,
     Text,
@@ -28,6 +29,7 @@ from runner.topology import QUEUE_NAMES
 WORKER_CLASSES = ("threads", "prefork", "gevent", "solo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODES = ("api", "worker", "beat", "job", "broker")
+MAIL_TYPES = ("outbox", "smtp", "resend", "sendgrid")
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,27 @@ SETTINGS: tuple[Setting, ...] = (
             "who gets the queue alert mail (comma-separated)"),
     Setting("QUEUE_MONITOR_INTERVAL", Integer(minimum=1), 30, "monitor",
             "minutes between queue depth checks"),
+    # mail (Dify's names): the local outbox by default, a real SMTP server when configured
+    Setting("MAIL_TYPE", Choice(MAIL_TYPES), "outbox", "mail",
+            "outbox: one .eml file per mail in the state folder; smtp: SMTP_SERVER (Dify's resend and "
+            "sendgrid, which need their services, also write to the outbox here)"),
+    Setting("MAIL_DEFAULT_SEND_FROM", MailSender(), "dify-local <noreply@dify-local.localhost>", "mail",
+            "the From of every mail"),
+    Setting("SMTP_SERVER", Text(), "", "mail", "SMTP host (MAIL_TYPE=smtp)"),
+    Setting("SMTP_PORT", Integer(minimum=1, maximum=65535), 465, "mail",
+            "SMTP port: 465 with SMTP_USE_TLS (TLS from the start), 587 with SMTP_OPPORTUNISTIC_TLS, 25 plain"),
+    Setting("SMTP_USERNAME", Text(), "", "mail", "SMTP login (empty: no login)"),
+    Setting("SMTP_PASSWORD", Text(), "", "mail", "SMTP password", secret=True),
+    Setting("SMTP_USE_TLS", Boolean(), True, "mail", "speak TLS to the SMTP server (certificate verified)"),
+    Setting("SMTP_OPPORTUNISTIC_TLS", Boolean(), False, "mail",
+            "with SMTP_USE_TLS: connect in plain text, then STARTTLS (port 587)"),
+    Setting("RESET_PASSWORD_TOKEN_EXPIRY_MINUTES", Integer(minimum=1), 5, "mail",
+            "minutes a password-reset code stays valid; retention removes it after"),
+    # retention (the retention queue's clean-ups)
+    Setting("DIFY_LOCAL_TEMP_FILE_HOURS", Integer(minimum=1), 24, "retention",
+            "hours after which files in the state folder's files/tmp are removed"),
+    Setting("DIFY_LOCAL_LOG_RETENTION_DAYS", Integer(minimum=1), 14, "retention",
+            "days after which rotated log files (NAME.log.1 …) are removed"),
     # database: SQLite has no server pool; these govern the per-process connection pool of the
     # metadata store so a Dify .env keeps its meaning.
     Setting("SQLALCHEMY_POOL_SIZE", Integer(minimum=1), 30, "database",

@@ -141,6 +141,49 @@ def _knowledge(db) -> None:
         db.execute(statement)
 
 
+def _metrics_trigger(name: str, event: str, when: str) -> str:
+    """A trigger adding a task_runs row's finish (an attempt) to its task's metrics for that hour."""
+    return f"""CREATE TRIGGER task_runs_metrics_{name} AFTER {event} ON task_runs WHEN {when}
+        BEGIN
+            INSERT INTO task_metrics (name, hour, finished, succeeded, failed, retried, runtime_total, runtime_max)
+            VALUES (NEW.name, CAST(NEW.finished_at / 3600 AS INTEGER) * 3600, 1, NEW.state = 'SUCCESS',
+                    NEW.state = 'FAILURE', NEW.state = 'RETRY', COALESCE(NEW.runtime, 0), COALESCE(NEW.runtime, 0))
+            ON CONFLICT (name, hour) DO UPDATE SET
+                finished = finished + 1, succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed,
+                retried = retried + excluded.retried, runtime_total = runtime_total + excluded.runtime_total,
+                runtime_max = MAX(runtime_max, excluded.runtime_max);
+        END"""
+
+
+@migrations(name="0004_operations")
+def _operations(db) -> None:
+    statements = [
+        # the seed's dead letters: tasks that failed for good (retries exhausted, or none allowed)
+        """CREATE TABLE failed_tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, name TEXT NOT NULL, queue TEXT,
+            args TEXT NOT NULL, kwargs TEXT NOT NULL, error TEXT NOT NULL, traceback TEXT,
+            retries INTEGER NOT NULL DEFAULT 0, worker TEXT, failed_at REAL NOT NULL,
+            retried_at REAL, retry_task_id TEXT)""",
+        "CREATE INDEX failed_tasks_failed ON failed_tasks (failed_at)",
+        # one-time tokens (password reset codes), removed by retention once expired
+        """CREATE TABLE tokens (
+            token TEXT PRIMARY KEY, purpose TEXT NOT NULL, email TEXT NOT NULL,
+            created_at REAL NOT NULL, expires_at REAL NOT NULL)""",
+        "CREATE INDEX tokens_expires ON tokens (expires_at)",
+        # per-task metrics by the hour, kept by triggers as task_runs rows finish (every attempt,
+        # retries included), so they outlive the task runs retention removes
+        """CREATE TABLE task_metrics (
+            name TEXT NOT NULL, hour INTEGER NOT NULL, finished INTEGER NOT NULL, succeeded INTEGER NOT NULL,
+            failed INTEGER NOT NULL, retried INTEGER NOT NULL, runtime_total REAL NOT NULL,
+            runtime_max REAL NOT NULL, PRIMARY KEY (name, hour))""",
+        _metrics_trigger("insert", "INSERT", "NEW.finished_at IS NOT NULL"),
+        _metrics_trigger("update", "UPDATE OF finished_at", "NEW.finished_at IS NOT NULL AND "
+                         "(OLD.finished_at IS NULL OR NEW.finished_at != OLD.finished_at)"),
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 @migrations(name="0005_flows")
 def _flows(db) -> None:
     statements = [

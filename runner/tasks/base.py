@@ -14,11 +14,29 @@ from runner.topology import ROUTES
 DAY = 86400  # seconds
 
 
+# Errors that say the input is wrong (a bad address, a missing row, an invalid graph): running the
+# task again cannot help, so it fails at once and goes to the failed tasks.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, TypeError)
+
+# The seed: a failed task is retried with exponential backoff, configurable per task. Celery's
+# autoretry waits a random 0..2^n s before retry n+1 (1 s base, "full jitter", at most
+# retry_backoff_max); once max_retries are spent the task fails and is recorded as a dead letter
+# (runner.dead_letters). A task overrides any of these: task("name", max_retries=0).
+RETRY_POLICY: dict[str, Any] = {
+    "autoretry_for": (Exception,),
+    "dont_autoretry_for": PERMANENT_ERRORS,
+    "retry_backoff": True,
+    "retry_backoff_max": 600,
+    "retry_jitter": True,
+    "max_retries": 3,
+}
+
+
 def task(name: str, **options: Any) -> Callable:
-    """A bound shared task named `name`; the name must have a route in the topology."""
+    """A bound shared task named `name` with the retry policy; the name must have a route in the topology."""
     if name not in ROUTES:
         raise LookupError(f"task {name!r} has no route in runner/topology.py ROUTES")
-    return shared_task(name=name, bind=True, **options)
+    return shared_task(name=name, bind=True, **{**RETRY_POLICY, **options})
 
 
 def context(bound_task: Any) -> AppContext:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 from runner.queue_depth import queue_depths
 from runner.tasks.base import context, delete_older_than, new_id, now, task
-from runner.tasks.mail import send_mail_task
+from runner.tasks.mail import send_queue_alert_mail_task
 
 MONITORED_QUEUE = "dataset"
 
@@ -31,13 +32,12 @@ def clean_embedding_cache_task(self, days: int = 7) -> dict:
 def datasets_queue_monitor(self) -> dict:
     """Mail QUEUE_MONITOR_ALERT_EMAILS when the dataset queue holds more than the threshold."""
     settings = context(self).settings
-    depth = queue_depths(self.app, [MONITORED_QUEUE])[MONITORED_QUEUE]
+    depth = queue_depths(self.app, [MONITORED_QUEUE])[MONITORED_QUEUE]  # priority sub-lists included
     threshold = settings.QUEUE_MONITOR_THRESHOLD
     alerted: list[str] = []
     if depth > threshold:
+        checked_at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         for address in settings.QUEUE_MONITOR_ALERT_EMAILS:
-            send_mail_task.delay(address, f"Queue {MONITORED_QUEUE} holds {depth} tasks",
-                                 f"The {MONITORED_QUEUE} queue holds {depth} waiting tasks, "
-                                 f"more than the alert threshold of {threshold}.\n")
+            send_queue_alert_mail_task.delay(address, MONITORED_QUEUE, depth, threshold, checked_at)
             alerted.append(address)
     return {"queue": MONITORED_QUEUE, "depth": depth, "threshold": threshold, "alerted": alerted}

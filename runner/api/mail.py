@@ -1,0 +1,77 @@
+"""The local outbox over HTTP: the mails the mail tasks delivered, newest first."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, current_app, jsonify, request
+
+from runner.api.errors import ApiError
+from runner.api.openapi import errors, json_response
+from runner.outbox import list_mail, read_mail
+from runner.settings.kinds import EMAIL
+from runner.state import StatePaths
+
+blueprint = Blueprint("mail", __name__)
+
+LIST_PARAMETERS = ("to", "limit")
+MAX_LIMIT = 1000
+WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
+
+
+def _outbox():
+    return StatePaths(current_app.extensions["dify_settings"].state_dir).outbox
+
+
+@blueprint.get("/v1/mail")
+def list_outbox():
+    unknown = sorted(set(request.args) - set(LIST_PARAMETERS))
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}")
+    raw_limit = request.args.get("limit", "100")
+    if not WHOLE_NUMBER.match(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise ApiError(400, f"'limit' must be a whole number from 1 to {MAX_LIMIT}")
+    to = request.args.get("to")
+    if to is not None and not EMAIL.match(to):
+        raise ApiError(400, "'to' must be an e-mail address")
+    total, mails = list_mail(_outbox(), to, int(raw_limit))
+    return jsonify({"total": total, "mail": mails})
+
+
+@blueprint.get("/v1/mail/<name>")
+def get_mail(name: str):
+    try:
+        mail = read_mail(_outbox(), name)
+    except ValueError as error:
+        raise ApiError(400, str(error)) from None
+    if mail is None:
+        raise ApiError(404, f"no mail {name!r} in the outbox; GET /v1/mail lists them")
+    return jsonify(mail)
+
+
+MAIL_SUMMARY = {"type": "object", "required": ["name", "from", "to", "subject", "date", "message_id", "size"],
+                "properties": {"name": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
+                               "subject": {"type": "string"}, "date": {"type": "string"},
+                               "message_id": {"type": "string"}, "size": {"type": "integer"}}}
+PATHS = {
+    "/v1/mail": {"get": {
+        "summary": "The local outbox, newest first", "operationId": "listMail",
+        "parameters": [
+            {"name": "to", "in": "query", "required": False, "description": "only mail to this address",
+             "schema": {"type": "string", "format": "email"}},
+            {"name": "limit", "in": "query", "required": False, "description": "how many (default 100)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}],
+        "responses": {"200": json_response("how many match, and the newest of them", {
+            "type": "object", "required": ["total", "mail"],
+            "properties": {"total": {"type": "integer"}, "mail": {"type": "array", "items": MAIL_SUMMARY}}}),
+                      **errors(400)}}},
+    "/v1/mail/{name}": {"get": {
+        "summary": "One mail of the outbox with its text and HTML parts", "operationId": "getMail",
+        "parameters": [{"name": "name", "in": "path", "required": True, "description": "its file name (.eml)",
+                        "schema": {"type": "string"}, "example": "20261124T060644.123456Z-1f0c.eml"}],
+        "responses": {"200": json_response("the mail", {
+            "type": "object", "required": [*MAIL_SUMMARY["required"], "text", "html"],
+            "properties": {**MAIL_SUMMARY["properties"], "text": {"type": "string", "nullable": True},
+                           "html": {"type": "string", "nullable": True}}}),
+                      **errors(400, 404)}}},
+}

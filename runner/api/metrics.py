@@ -1,0 +1,55 @@
+"""Per-task metrics over HTTP: attempts, outcomes and runtimes by task over the last hours."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, current_app, jsonify, request
+
+from runner.api.errors import ApiError
+from runner.api.openapi import errors, json_response
+from runner.store.task_metrics import metrics_since
+
+blueprint = Blueprint("metrics", __name__)
+
+PARAMETERS = ("hours", "task")
+MAX_HOURS = 24 * 366
+TASK_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
+
+
+@blueprint.get("/v1/metrics")
+def task_metrics():
+    unknown = sorted(set(request.args) - set(PARAMETERS))
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAMETERS)}")
+    raw_hours = request.args.get("hours", "24")
+    if not WHOLE_NUMBER.match(raw_hours) or not 1 <= int(raw_hours) <= MAX_HOURS:
+        raise ApiError(400, f"'hours' must be a whole number from 1 to {MAX_HOURS}")
+    task = request.args.get("task")
+    if task is not None and not TASK_NAME.match(task):
+        raise ApiError(400, "'task' must be a task name (GET /v1/tasks lists them)")
+    database = current_app.extensions["celery"].dify.database
+    return jsonify({"hours": int(raw_hours), "tasks": metrics_since(database, int(raw_hours), task)})
+
+
+METRIC = {"type": "object", "required": ["task", "finished", "succeeded", "failed", "retried", "runtime_mean",
+                                         "runtime_max"],
+          "properties": {"task": {"type": "string"}, "finished": {"type": "integer"},
+                         "succeeded": {"type": "integer"}, "failed": {"type": "integer"},
+                         "retried": {"type": "integer"}, "runtime_mean": {"type": "number", "nullable": True},
+                         "runtime_max": {"type": "number"}}}
+PATHS = {
+    "/v1/metrics": {"get": {
+        "summary": "Per task over the last hours: attempts finished, succeeded, failed, retried, runtimes",
+        "operationId": "taskMetrics",
+        "parameters": [
+            {"name": "hours", "in": "query", "required": False, "description": "the window (default 24)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_HOURS}},
+            {"name": "task", "in": "query", "required": False, "description": "one task only",
+             "schema": {"type": "string", "pattern": TASK_NAME.pattern}}],
+        "responses": {"200": json_response("the metrics, busiest task first", {
+            "type": "object", "required": ["hours", "tasks"],
+            "properties": {"hours": {"type": "integer"}, "tasks": {"type": "array", "items": METRIC}}}),
+                      **errors(400, 503)}}},
+}

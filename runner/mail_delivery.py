@@ -1,0 +1,69 @@
+"""Delivering a mail: to the local outbox (one .eml file per mail, the default) or to the SMTP
+server the settings name (MAIL_TYPE=smtp), with Dify's setting names."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+import time
+import uuid
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+from runner.settings import Settings
+from runner.settings.kinds import EMAIL
+
+SMTP_TIMEOUT = 30.0  # seconds per SMTP operation; a refused or silent server is retried by the task
+MESSAGE_DOMAIN = "dify-local.localhost"
+
+
+def build_message(sender: str, to: str, subject: str, text: str, html: str | None = None) -> EmailMessage:
+    if not isinstance(to, str) or not EMAIL.match(to):
+        raise ValueError(f"{to!r} is not an e-mail address")
+    if "\n" in subject or "\r" in subject:
+        raise ValueError("a subject is one line")
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = sender, to, subject
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = make_msgid(domain=MESSAGE_DOMAIN)
+    message.set_content(text)
+    if html:
+        message.add_alternative(html, subtype="html")
+    return message
+
+
+def write_to_outbox(outbox: Path, message: EmailMessage) -> str:
+    """The file appears whole or not at all; returns its name."""
+    outbox.mkdir(parents=True, exist_ok=True)
+    stamp = time.time()  # to the microsecond, so that names sort in the order the mails were written
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(stamp))}.{int(stamp % 1 * 1e6):06d}Z-{uuid.uuid4()}.eml"
+    partial = outbox / f".{name}.partial"
+    partial.write_bytes(bytes(message))
+    os.replace(partial, outbox / name)
+    return name
+
+
+def send_over_smtp(settings: Settings, message: EmailMessage) -> None:
+    host, port = settings.SMTP_SERVER, settings.SMTP_PORT
+    context = ssl.create_default_context()
+    if settings.SMTP_USE_TLS and not settings.SMTP_OPPORTUNISTIC_TLS:
+        client: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=SMTP_TIMEOUT, context=context)
+    else:
+        client = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT)
+    with client:
+        if settings.SMTP_USE_TLS and settings.SMTP_OPPORTUNISTIC_TLS:
+            client.starttls(context=context)
+        if settings.SMTP_USERNAME:
+            client.login(settings.SMTP_USERNAME, settings.SMTP_PASSWORD)
+        client.send_message(message)
+
+
+def deliver_message(settings: Settings, outbox: Path, message: EmailMessage) -> dict:
+    """Deliver as MAIL_TYPE says; what happened, for the task's result."""
+    result = {"to": message["To"], "subject": message["Subject"], "message_id": message["Message-ID"]}
+    if settings.MAIL_TYPE == "smtp":
+        send_over_smtp(settings, message)
+        return {**result, "transport": "smtp", "server": f"{settings.SMTP_SERVER}:{settings.SMTP_PORT}"}
+    return {**result, "transport": "outbox", "file": write_to_outbox(outbox, message)}
