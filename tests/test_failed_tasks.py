@@ -65,25 +65,25 @@ def test_a_failing_task_lands_in_failed_tasks_and_succeeds_on_retry(project):
 
 def test_a_real_task_with_bad_input_fails_at_once_without_retries(project):
     stack = project.up()
-    status, body = project.api.post("/v1/tasks/save_workflow_run_log_task", {"args": ["no-such-run"]})
+    status, body = project.api.post("/v1/tasks/document_indexing_update_task", {"args": ["no-such-document"]})
     assert status == 202, body
     rows = wait_until(lambda: [row for row in failed(project) if row["task_id"] == body["id"]], 30,
                       "the task to land in failed tasks")
     row = rows[0]
-    assert row["retries"] == 0 and row["queue"] == "workflow_storage"
-    assert row["error"] == "LookupError: no workflow run 'no-such-run'"
+    assert row["retries"] == 0 and row["queue"] == "dataset"
+    assert row["error"] == "LookupError: no document 'no-such-document'"
 
     # the same through the API
     status, listed = project.api.get("/v1/failed?pending=true")
     assert status == 200 and [entry["id"] for entry in listed["failed"]] == [row["id"]]
     status, shown = project.api.get(f"/v1/failed/{row['id']}")
-    assert status == 200 and shown["args"] == ["no-such-run"] and "Traceback" in shown["traceback"]
+    assert status == 200 and shown["args"] == ["no-such-document"] and "Traceback" in shown["traceback"]
     for path, expected in (("/v1/failed?limit=0", 400), ("/v1/failed?pending=maybe", 400), ("/v1/failed?x=1", 400),
                            ("/v1/failed/999", 404), ("/v1/failed/abc", 404), (f"/v1/failed/{2**70}", 404)):
         status, answer = project.api.get(path)
         assert status == expected and answer["error"], (path, status, answer)
     status, sent = project.api.post(f"/v1/failed/{row['id']}/retry")
-    assert status == 202 and sent["queue"] == "workflow_storage", sent
+    assert status == 202 and sent["queue"] == "dataset", sent
     # it fails again (the run still does not exist): a second dead letter, the first marked retried
     wait_until(lambda: [r for r in failed(project) if r["task_id"] == sent["retry_task_id"]], 30, "the second failure")
     first = project.api.get(f"/v1/failed/{row['id']}")[1]

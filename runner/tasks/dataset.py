@@ -39,22 +39,25 @@ def index_segments(ctx: AppContext, document_id: str) -> dict[str, Any]:
     return {"document_id": document_id, "status": "completed", "segments": count, "embedder": embedder.name}
 
 
-def index_document(ctx: AppContext, dataset_id: str, name: str, text: str) -> dict[str, Any]:
+def index_document(ctx: AppContext, dataset_id: str, name: str, text: str,
+                   document_id: str | None = None) -> dict[str, Any]:
     """Index a text as a document of `dataset_id` (made if missing), every stage in this task:
-    waiting → parsing → splitting → indexing → completed (or error)."""
+    waiting → parsing → splitting → indexing → completed (or error). A task passes its own id as
+    the document's, so a retry of it carries on with the same document instead of adding another."""
     files.check_id(dataset_id, "dataset id")
     settings = ctx.settings
-    document_id = index.new_id()
+    document_id = document_id or index.new_id()
     file_path, size = _store_text(ctx, dataset_id, document_id, text)
     with ctx.database.transaction() as db:
         index.ensure_dataset(db, dataset_id)
         dataset = index.get_dataset(db, dataset_id)
-        index.create_document(
-            db, dataset_id, name, source="text", file_path=file_path, file_type="txt", size=size,
-            chunk_size=dataset.get("chunk_size") or settings.DIFY_LOCAL_CHUNK_SIZE,
-            chunk_overlap=dataset.get("chunk_overlap") if dataset.get("chunk_overlap") is not None
-            else settings.DIFY_LOCAL_CHUNK_OVERLAP,
-            document_id=document_id)
+        if not list(db.query("SELECT 1 FROM documents WHERE id = ?", [document_id])):
+            index.create_document(
+                db, dataset_id, name, source="text", file_path=file_path, file_type="txt", size=size,
+                chunk_size=dataset.get("chunk_size") or settings.DIFY_LOCAL_CHUNK_SIZE,
+                chunk_overlap=dataset.get("chunk_overlap") if dataset.get("chunk_overlap") is not None
+                else settings.DIFY_LOCAL_CHUNK_OVERLAP,
+                document_id=document_id)
     prepared = prepare_document(ctx, document_id)
     if prepared is None:
         with ctx.database.connect() as db:
@@ -69,13 +72,13 @@ def index_document(ctx: AppContext, dataset_id: str, name: str, text: str) -> di
 @task("priority_document_indexing_task")
 def priority_document_indexing_task(self, dataset_id: str, name: str, text: str) -> dict:
     """Index a text a user just added as a document: clean, split, embed and store its segments."""
-    return index_document(context(self), dataset_id, name, text)
+    return index_document(context(self), dataset_id, name, text, self.request.id)
 
 
 @task("document_indexing_task")
 def document_indexing_task(self, dataset_id: str, name: str, text: str) -> dict:
     """Index a text as a document in the background (batch imports)."""
-    return index_document(context(self), dataset_id, name, text)
+    return index_document(context(self), dataset_id, name, text, self.request.id)
 
 
 @task("priority_document_segments_indexing_task")
