@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
 from flask import Blueprint, current_app, jsonify, request
 
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_response
+from runner.api.validation import query_integer, query_parameters
 from runner.store.failed_tasks import get_failure, list_failures, mark_retried
 
 blueprint = Blueprint("failed", __name__)
@@ -15,7 +15,6 @@ blueprint = Blueprint("failed", __name__)
 LIST_PARAMETERS = ("pending", "limit")
 MAX_LIMIT = 1000
 MAX_ID = 2**63 - 1
-WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 def _celery():
@@ -31,16 +30,12 @@ def _failure(failure_id: int) -> dict:
 
 @blueprint.get("/v1/failed")
 def list_failed():
-    unknown = sorted(set(request.args) - set(LIST_PARAMETERS))
-    if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}")
-    raw_limit = request.args.get("limit", "100")
-    if not WHOLE_NUMBER.match(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise ApiError(400, f"'limit' must be a whole number from 1 to {MAX_LIMIT}")
+    query_parameters(LIST_PARAMETERS)
+    limit = query_integer("limit", 100, 1, MAX_LIMIT)
     pending = request.args.get("pending", "false")
     if pending not in ("true", "false"):
         raise ApiError(400, "'pending' must be true or false")
-    rows = list_failures(_celery().dify.database, include_retried=pending == "false", limit=int(raw_limit))
+    rows = list_failures(_celery().dify.database, include_retried=pending == "false", limit=limit)
     return jsonify({"failed": rows})
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
 from flask import Blueprint, current_app, jsonify, request
 
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_response
+from runner.api.validation import query_integer, query_parameters
 from runner.outbox import list_mail, read_mail
 from runner.settings.kinds import EMAIL
 from runner.state import StatePaths
@@ -16,7 +16,6 @@ blueprint = Blueprint("mail", __name__)
 
 LIST_PARAMETERS = ("to", "limit")
 MAX_LIMIT = 1000
-WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 def _outbox():
@@ -25,16 +24,12 @@ def _outbox():
 
 @blueprint.get("/v1/mail")
 def list_outbox():
-    unknown = sorted(set(request.args) - set(LIST_PARAMETERS))
-    if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(LIST_PARAMETERS)}")
-    raw_limit = request.args.get("limit", "100")
-    if not WHOLE_NUMBER.match(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise ApiError(400, f"'limit' must be a whole number from 1 to {MAX_LIMIT}")
+    query_parameters(LIST_PARAMETERS)
+    limit = query_integer("limit", 100, 1, MAX_LIMIT)
     to = request.args.get("to")
     if to is not None and not EMAIL.match(to):
         raise ApiError(400, "'to' must be an e-mail address")
-    total, mails = list_mail(_outbox(), to, int(raw_limit))
+    total, mails = list_mail(_outbox(), to, limit)
     return jsonify({"total": total, "mail": mails})
 
 

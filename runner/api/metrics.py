@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_response
+from runner.api.validation import query_integer, query_parameters
 from runner.store.task_metrics import metrics_since
 
 blueprint = Blueprint("metrics", __name__)
@@ -15,22 +16,17 @@ blueprint = Blueprint("metrics", __name__)
 PARAMETERS = ("hours", "task")
 MAX_HOURS = 24 * 366
 TASK_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
-WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 @blueprint.get("/v1/metrics")
 def task_metrics():
-    unknown = sorted(set(request.args) - set(PARAMETERS))
-    if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(PARAMETERS)}")
-    raw_hours = request.args.get("hours", "24")
-    if not WHOLE_NUMBER.match(raw_hours) or not 1 <= int(raw_hours) <= MAX_HOURS:
-        raise ApiError(400, f"'hours' must be a whole number from 1 to {MAX_HOURS}")
+    query_parameters(PARAMETERS)
+    hours = query_integer("hours", 24, 1, MAX_HOURS)
     task = request.args.get("task")
     if task is not None and not TASK_NAME.match(task):
         raise ApiError(400, "'task' must be a task name (GET /v1/tasks lists them)")
     database = current_app.extensions["celery"].dify.database
-    return jsonify({"hours": int(raw_hours), "tasks": metrics_since(database, int(raw_hours), task)})
+    return jsonify({"hours": hours, "tasks": metrics_since(database, hours, task)})
 
 
 METRIC = {"type": "object", "required": ["task", "finished", "succeeded", "failed", "retried", "runtime_mean",

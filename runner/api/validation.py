@@ -13,6 +13,7 @@ from runner.api.errors import ApiError
 
 ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ID_RULE = "1 to 128 letters, digits and . _ : -"
+WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 def json_object(allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> dict:
@@ -76,18 +77,22 @@ def boolean(body: dict, field: str, default: bool) -> bool:
     return value
 
 
+def query_parameters(allowed: tuple[str, ...]) -> None:
+    """Refuse a query parameter the route does not take (a typo would otherwise be ignored)."""
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}", field=unknown[0])
+
+
 def query_integer(name: str, default: int, minimum: int, maximum: int) -> int:
+    """A whole-number query parameter (digits only: int() alone would take ' 5', '1_0' and refuse '²')."""
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if not minimum <= value <= maximum:
+    if not WHOLE_NUMBER.match(raw) or not minimum <= int(raw) <= maximum:
         raise ApiError(400, f"the query parameter {name!r} must be an integer from {minimum} to {maximum}",
                        field=name)
-    return value
+    return int(raw)
 
 
 def celery():
