@@ -17,6 +17,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from runner import topology
 from runner.api.errors import ApiError, error_response
 from runner.api.openapi import errors, json_body, json_response
+from runner.api.validation import json_body as read_json_body
 from runner.rag import files, index
 from runner.rag.embedders import EmbedderError, configured_embedder
 from runner.rag.files import UploadRefused
@@ -64,13 +65,7 @@ def _json_object(fields: tuple[str, ...]) -> dict:
     raw = request.get_data(cache=True)
     if request.mimetype not in ("application/json", "") and raw.strip():
         raise ApiError(415, f"the body must be JSON (Content-Type: application/json), not {request.mimetype!r}")
-    if not raw.strip():
-        body: Any = {}
-    else:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    body = read_json_body(cache=True)
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object with the fields {', '.join(fields)}")
     unknown = sorted(set(body) - set(fields))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 
 from runner.api.errors import ApiError
-from runner.api.openapi import errors, json_response
+from runner.api.openapi import errors, json_response, query
 from runner.api.validation import query_integer, query_parameters
 from runner.store.failed_tasks import get_failure, list_failures, mark_retried
 
@@ -73,10 +73,8 @@ PATHS = {
         "summary": "Tasks that failed for good (retries spent, or an error no retry can fix), latest first",
         "operationId": "listFailed",
         "parameters": [
-            {"name": "pending", "in": "query", "required": False, "description": "only those not retried yet",
-             "schema": {"type": "string", "enum": ["true", "false"]}},
-            {"name": "limit", "in": "query", "required": False, "description": "how many (default 100)",
-             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}],
+            query("pending", {"type": "string", "enum": ["true", "false"]}, "only those not retried yet"),
+            query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "how many (default 100)")],
         "responses": {"200": json_response("the failed tasks", {
             "type": "object", "required": ["failed"],
             "properties": {"failed": {"type": "array", "items": FAILED_TASK}}}), **errors(400, 503)}}},

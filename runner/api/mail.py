@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
 from runner.api.errors import ApiError
-from runner.api.openapi import errors, json_response
-from runner.api.validation import query_integer, query_parameters
+from runner.api.openapi import errors, json_response, query
+from runner.api.validation import query_integer, query_matching, query_parameters
 from runner.outbox import list_mail, read_mail
 from runner.settings.kinds import EMAIL
 from runner.state import StatePaths
@@ -26,9 +26,7 @@ def _outbox():
 def list_outbox():
     query_parameters(LIST_PARAMETERS)
     limit = query_integer("limit", 100, 1, MAX_LIMIT)
-    to = request.args.get("to")
-    if to is not None and not EMAIL.match(to):
-        raise ApiError(400, "'to' must be an e-mail address")
+    to = query_matching("to", EMAIL, "an e-mail address")
     total, mails = list_mail(_outbox(), to, limit)
     return jsonify({"total": total, "mail": mails})
 
@@ -52,10 +50,8 @@ PATHS = {
     "/v1/mail": {"get": {
         "summary": "The local outbox, newest first", "operationId": "listMail",
         "parameters": [
-            {"name": "to", "in": "query", "required": False, "description": "only mail to this address",
-             "schema": {"type": "string", "format": "email"}},
-            {"name": "limit", "in": "query", "required": False, "description": "how many (default 100)",
-             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}],
+            query("to", {"type": "string", "format": "email"}, "only mail to this address"),
+            query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "how many (default 100)")],
         "responses": {"200": json_response("how many match, and the newest of them", {
             "type": "object", "required": ["total", "mail"],
             "properties": {"total": {"type": "integer"}, "mail": {"type": "array", "items": MAIL_SUMMARY}}}),

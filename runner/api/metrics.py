@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
-from runner.api.errors import ApiError
-from runner.api.openapi import errors, json_response
-from runner.api.validation import query_integer, query_parameters
+from runner.api.openapi import errors, json_response, query
+from runner.api.validation import query_integer, query_matching, query_parameters
 from runner.store.task_metrics import metrics_since
 
 blueprint = Blueprint("metrics", __name__)
@@ -22,9 +21,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 def task_metrics():
     query_parameters(PARAMETERS)
     hours = query_integer("hours", 24, 1, MAX_HOURS)
-    task = request.args.get("task")
-    if task is not None and not TASK_NAME.match(task):
-        raise ApiError(400, "'task' must be a task name (GET /v1/tasks lists them)")
+    task = query_matching("task", TASK_NAME, "a task name (GET /v1/tasks lists them)")
     database = current_app.extensions["celery"].dify.database
     return jsonify({"hours": hours, "tasks": metrics_since(database, hours, task)})
 
@@ -40,10 +37,8 @@ PATHS = {
         "summary": "Per task over the last hours: attempts finished, succeeded, failed, retried, runtimes",
         "operationId": "taskMetrics",
         "parameters": [
-            {"name": "hours", "in": "query", "required": False, "description": "the window (default 24)",
-             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_HOURS}},
-            {"name": "task", "in": "query", "required": False, "description": "one task only",
-             "schema": {"type": "string", "pattern": TASK_NAME.pattern}}],
+            query("hours", {"type": "integer", "minimum": 1, "maximum": MAX_HOURS}, "the window (default 24)"),
+            query("task", {"type": "string", "pattern": TASK_NAME.pattern}, "one task only")],
         "responses": {"200": json_response("the metrics, busiest task first", {
             "type": "object", "required": ["hours", "tasks"],
             "properties": {"hours": {"type": "integer"}, "tasks": {"type": "array", "items": METRIC}}}),

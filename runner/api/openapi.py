@@ -31,6 +31,12 @@ def errors(*statuses: int) -> dict[str, Any]:
             for status in statuses}
 
 
+def query(name: str, schema: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    """An optional query parameter."""
+    parameter = {"name": name, "in": "query", "required": False, "schema": schema}
+    return {**parameter, "description": description} if description else parameter
+
+
 def json_response(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": schema or {"type": "object"}}}}

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
 from celery.result import AsyncResult
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, current_app, jsonify, url_for
 
 from runner import topology
 from runner.api.arguments import ArgumentError, check_arguments, signature_text
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_body, json_response
+from runner.api.validation import json_body as read_json_body
 from runner.task_catalogue import read_catalogue
 from runner.store.task_runs import get_task_run
 
@@ -30,13 +30,7 @@ def _celery():
 
 
 def _read_json_object() -> dict:
-    raw = request.get_data(cache=False)
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    body = read_json_body()
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}")
     return body

@@ -16,15 +16,20 @@ ID_RULE = "1 to 128 letters, digits and . _ : -"
 WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
+def json_body(cache: bool = False) -> Any:
+    """The body parsed as JSON (an empty body is {}); JSON that does not parse is a 400."""
+    raw = request.get_data(cache=cache)
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+
+
 def json_object(allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> dict:
     """The body as a JSON object (empty body: {}), with only `allowed` fields and all `required` ones."""
-    raw = request.get_data(cache=False)
-    body: Any = {}
-    if raw.strip():
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    body = json_body()
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     if allowed is not None:
@@ -82,6 +87,14 @@ def query_parameters(allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(request.args) - set(allowed))
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}", field=unknown[0])
+
+
+def query_matching(name: str, pattern: re.Pattern, rule: str) -> str | None:
+    """An optional query parameter that must match `pattern`; `rule` says what it must be."""
+    value = request.args.get(name)
+    if value is not None and not pattern.match(value):
+        raise ApiError(400, f"{name!r} must be {rule}", field=name)
+    return value
 
 
 def query_integer(name: str, default: int, minimum: int, maximum: int) -> int:

@@ -11,7 +11,7 @@ from flask import Blueprint, jsonify
 
 from runner import cron, workflows
 from runner.api.errors import ApiError
-from runner.api.openapi import errors, json_body, json_response
+from runner.api.openapi import errors, json_body, json_response, query
 from runner.api.validation import (
     ID,
     boolean,
@@ -219,8 +219,7 @@ PATHS = {
                                **errors(400, 413)}}},
     "/v1/workflow-runs": {
         "get": {"summary": "The latest workflow runs", "operationId": "listWorkflowRuns",
-                "parameters": [{"name": "limit", "in": "query", "required": False,
-                                "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+                "parameters": [query("limit", {"type": "integer", "minimum": 1, "maximum": 500})],
                 "responses": {"200": json_response("the runs"), **errors(400)}}},
     "/v1/workflow-runs/{run_id}": {
         "parameters": [_path_id("run_id")],
