@@ -6,12 +6,14 @@ import importlib
 from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu import Queue
 
 from runner import topology
 from runner.beat_schedule import build_beat_schedule
 from runner.broker_config import ssl_options, transport_options
 from runner.context import AppContext
+from runner.monitor.queues import stamp_sent_at
 from runner.results import polling_backend_url
 from runner.settings import Settings
 from runner.state import StatePaths
@@ -75,4 +77,5 @@ def create_celery_app(settings: Settings, poll_results: bool = False, register_t
         for module in TASK_MODULES:
             importlib.import_module(module)
     app.finalize(auto=True)
+    before_task_publish.connect(stamp_sent_at, weak=False, dispatch_uid="dify-local-sent-at")
     return app

@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, jsonify
 
 from runner import topology
 from runner.api.openapi import errors, json_response
-from runner.queue_depth import queue_depths
+from runner.monitor.queues import queue_depths
 from runner.settings import mask_url
 from runner.store.migrations import schema_state
 

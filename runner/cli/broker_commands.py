@@ -60,7 +60,7 @@ def connected(settings: Settings) -> Iterator[Any]:
 # -- gathering ----------------------------------------------------------------------------------------
 
 def gather(settings: Settings, channel) -> dict[str, Any]:
-    from runner.queue_depth import channel_queue_depths
+    from runner.monitor.queues import channel_queue_depths
 
     client = channel.client
     facts = client.info("all")

@@ -212,6 +212,21 @@ def _flows(db) -> None:
         db.execute(statement)
 
 
+
+@migrations(name="0006_queue_samples")
+def _queue_samples(db) -> None:
+    # each queue's depth every few seconds (beat samples it), for trends; pruned by retention
+    db.execute("""
+        CREATE TABLE queue_samples (
+            at REAL NOT NULL,
+            queue TEXT NOT NULL,
+            depth INTEGER NOT NULL,
+            oldest_age REAL,
+            PRIMARY KEY (queue, at)
+        ) WITHOUT ROWID""")
+    db.execute("CREATE INDEX queue_samples_at ON queue_samples (at)")
+
+
 @dataclass(frozen=True)
 class SchemaState:
     applied: list[str]

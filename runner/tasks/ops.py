@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from runner.queue_depth import queue_depths
+from runner.monitor.queues import queue_depths
 from runner.tasks.base import context, delete_older_than, new_id, now, task
 from runner.tasks.mail import send_queue_alert_mail_task
 

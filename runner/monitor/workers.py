@@ -1,0 +1,36 @@
+"""What the workers say about themselves, asked over Celery's broadcast control (kombu's pidbox).
+
+Every function waits at most `timeout` seconds and returns only the workers that answered in
+time, keyed by node name (`worker@host`); an empty dict means no worker answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INSPECT_METHODS = ("active", "scheduled", "reserved", "registered", "stats", "ping", "active_queues")
+DEFAULT_TIMEOUT = 1.0
+
+
+def inspect(app, method: str, timeout: float = DEFAULT_TIMEOUT,
+            destination: list[str] | None = None) -> dict[str, Any]:
+    """One `celery inspect METHOD` round: each answering worker's reply."""
+    if method not in INSPECT_METHODS:
+        raise ValueError(f"unknown inspect method {method!r}; one of: {', '.join(INSPECT_METHODS)}")
+    inspector = app.control.inspect(timeout=timeout, destination=destination)
+    return getattr(inspector, method)() or {}
+
+
+def active_queues(app, timeout: float = DEFAULT_TIMEOUT) -> dict[str, list[str]]:
+    """The queues each answering worker consumes."""
+    return {worker: sorted(queue["name"] for queue in queues or [])
+            for worker, queues in inspect(app, "active_queues", timeout).items()}
+
+
+def consumers_by_queue(queues_of_workers: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The inverse of `active_queues`: each queue's consuming workers, sorted."""
+    consumers: dict[str, list[str]] = {}
+    for worker, queues in sorted(queues_of_workers.items()):
+        for queue in queues:
+            consumers.setdefault(queue, []).append(worker)
+    return consumers
