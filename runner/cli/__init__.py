@@ -71,12 +71,13 @@ from runner.cli import (  # noqa: E402  (registers the commands)
     broker_commands,
     control_commands,
     export_command,
+    init_command,
     failed_commands,
     inspect_commands,
     run_commands,
     serve_commands,
 )
 
-__all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands",
+__all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands", "init_command",
            "inspect_commands", "run_commands",
            "serve_commands"]
