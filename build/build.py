@@ -30,7 +30,7 @@ def main() -> int:
         return 1
     started = time.monotonic()
     print("build: running PyInstaller on build/dify-local.spec (about a minute) …", flush=True)
-    command = [str(Path(sys.executable).parent / "pyinstaller"), "--noconfirm", "--clean", "--log-level", "WARN",
+    command = [str(Path(sys.executable).parent / "pyinstaller"), "--noconfirm", "--clean", "--log-level", "ERROR",
                "--distpath", str(DIST), "--workpath", str(REPO / "build" / "out"),
                str(REPO / "build" / "dify-local.spec")]
     if subprocess.run(command, cwd=REPO).returncode != 0:

@@ -97,11 +97,14 @@ def test_the_binary_runs_the_stack_from_an_empty_folder(binary_project):
     assert project.unpacked() == [], "the one-file binary left its unpacked folder"
 
 
-def test_ctrl_c_leaves_no_process_and_no_unpacked_folder(binary_project):
+def test_ctrl_c_leaves_no_process_and_no_unpacked_folder_and_a_renamed_binary_works(binary_project):
     project = binary_project
+    renamed = Path(project.program[0]).with_name("dify-local-linux-x86_64")  # as a download is often named
+    Path(project.program[0]).rename(renamed)
+    project.program = [str(renamed)]
     assert project.run("init").returncode == 0
     stack = project.up()
-    assert len(project.unpacked()) == 1  # the roles use `up`'s unpacked folder instead of their own
+    assert len(project.unpacked()) == 1, project.unpacked()  # the roles reuse `up`'s unpacked folder
     stack.tree()
     os.killpg(stack.popen.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the foreground group
     assert stack.wait(60) == 0, stack.output
