@@ -65,7 +65,7 @@ def resample(points: Sequence[tuple[float, int]], start: float, end: float, buck
     ordered = sorted(points)
     index, current = 0, None
     for bucket in range(1, buckets + 1):
-        edge = start + bucket * width
+        edge = end if bucket == buckets else start + bucket * width  # the last one ends at `end` exactly
         while index < len(ordered) and ordered[index][0] <= edge:
             current = ordered[index][1]
             index += 1
