@@ -345,6 +345,9 @@ def test_purge_asks_first_and_empties_every_priority_sublist(project, broker_env
     assert every.stdout.splitlines() == ["dataset: 1 message waiting", "retention: 2 messages waiting",
                                          "removed 1 message from dataset", "removed 2 messages from retention"]
     assert all(row["depth"] == 0 for row in queues(project, broker_env).values())
+    assert run(project, "purge", "--all", env=broker_env).stdout == "all 16 queues are empty: nothing to purge\n"
+    assert run(project, "purge", "mail", "dataset", env=broker_env).stdout == \
+        "the queues mail, dataset are empty: nothing to purge\n"
 
     unknown = one_line_error(run(project, "purge", "mails", "--yes", env=broker_env), status=2)
     assert "no queue 'mails' on redis://:****@127.0.0.1:" in unknown

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Iterator
 
@@ -150,10 +152,10 @@ def queues_command(ctx: click.Context, as_json: bool, watch: bool, interval: flo
     it (NOBODY: none), its oldest waiting message's age and the trend of its depth (when beat has
     sampled it)."""
     settings = settings_from(ctx)
-    app = _celery(settings)
+    app, history = _celery(settings), _sample_reader(settings)
 
     def frame() -> str:
-        report = queue_report(settings, app, timeout)
+        report = queue_report(settings, app, timeout, history)
         return json.dumps(report, indent=2) if as_json else queue_table(report)
 
     if not watch:
@@ -165,7 +167,8 @@ def queues_command(ctx: click.Context, as_json: bool, watch: bool, interval: flo
     _watch(frame, settings, interval)
 
 
-def queue_report(settings: Settings, app, timeout: float) -> dict[str, Any]:
+def queue_report(settings: Settings, app, timeout: float,
+                 history: Callable[[list[str], float], dict[str, list[tuple[float, int]]]]) -> dict[str, Any]:
     """The queues' state as JSON-ready data: the 16 of the topology in its order, then any other
     queue that has messages or a consumer."""
     from runner import topology
@@ -180,7 +183,7 @@ def queue_report(settings: Settings, app, timeout: float) -> dict[str, Any]:
         names += sorted((others | set(consumers)) - set(names))
         states = channel_queue_states(channel, names)
     now = time.time()
-    history = _history(settings, names, now)
+    samples = history(names, now)
     rows = []
     for name in names:
         state = states[name]
@@ -194,27 +197,34 @@ def queue_report(settings: Settings, app, timeout: float) -> dict[str, Any]:
             "consumers": consumers.get(name, []),
             "oldest_sent_at": state.oldest_sent_at,
             "oldest_age": state.oldest_age(now),
-            "trend": _trend(history.get(name), state.depth, now),
+            "trend": _trend(samples.get(name), state.depth, now),
         })
     return {"broker": mask_url(settings.broker_url), "embedded": settings.uses_embedded_broker, "at": now,
             "timeout": timeout, "workers": sorted(queues_of_workers), "queues": rows}
 
 
-def _history(settings: Settings, names: list[str], now: float) -> dict[str, list[tuple[float, int]]]:
-    """Recent depth samples (written by beat); none when the stack never ran here or keeps none yet."""
+def _sample_reader(settings: Settings) -> Callable[[list[str], float], dict[str, list[tuple[float, int]]]]:
+    """Recent depth samples of the queues named (written by beat): none when the stack never ran
+    here, or its database predates them. The database is opened once, when it first exists."""
     import sqlite3
 
     from runner.state import StatePaths
-    from runner.store.database import Database, DatabaseBusy
+    from runner.store.database import Database, DatabaseBusy, PoolLimits
     from runner.store.queue_samples import sample_history
 
     path = StatePaths(settings.state_dir).database
-    if not path.exists():
-        return {}
-    try:
-        return sample_history(Database(path), now - TREND_WINDOW, names)
-    except (sqlite3.Error, DatabaseBusy):  # an older schema without queue_samples, or the file busy
-        return {}
+    opened: list[Database] = []
+
+    def history(names: list[str], now: float) -> dict[str, list[tuple[float, int]]]:
+        if not opened:
+            if not path.exists():
+                return {}
+            opened.append(Database(path, PoolLimits(size=1, overflow=0, timeout=2)))  # a trend may wait 2 s, no more
+        try:
+            return sample_history(opened[0], now - TREND_WINDOW, names)
+        except (sqlite3.Error, DatabaseBusy):  # no queue_samples table yet, or the file locked
+            return {}
+    return history
 
 
 def _trend(points: list[tuple[float, int]] | None, depth: int, now: float) -> dict[str, Any] | None:
@@ -242,6 +252,8 @@ def _watch(frame: Callable[[], str], settings: Settings, interval: float) -> Non
                 text = frame()
             except BrokerUnavailable as error:  # not up yet, or restarting: say so, keep watching
                 text = f"dify-local: {error}"
+                if tty:  # wrapped, not cut at the window's edge: the advice is at the end
+                    text = textwrap.fill(text, shutil.get_terminal_size().columns)
             header = f"every {interval:g} s · {time.strftime('%H:%M:%S')} · {_broker_label(settings)} · Ctrl-C stops"
             lines = [header, "", *text.splitlines()]
             if tty:
@@ -254,12 +266,13 @@ def _watch(frame: Callable[[], str], settings: Settings, interval: float) -> Non
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
         pass
-    except BrokenPipeError:  # `queues --watch | head`: the reader is gone
-        sys.stderr.close()
+    except BrokenPipeError:  # `queues --watch | head`: the reader is gone; nothing more to flush to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         if tty:
-            out.write("\x1b[?25h")
-            out.flush()
+            with contextlib.suppress(OSError):  # the terminal may be gone
+                out.write("\x1b[?25h")
+                out.flush()
     sys.exit(0)
 
 
@@ -274,6 +287,7 @@ def purge_command(ctx: click.Context, queues: tuple[str, ...], every: bool, yes:
     """Delete the messages waiting in QUEUE (all its priority sub-lists), after showing how many and
     asking. Messages a worker has taken already (running or reserved) are not touched."""
     from runner import topology
+    from runner.monitor.queues import channel_queue_depths, purge_queue
 
     if bool(queues) == every:
         fail("name the queues to purge, or --all (not both); the queues are: "
@@ -281,26 +295,14 @@ def purge_command(ctx: click.Context, queues: tuple[str, ...], every: bool, yes:
     settings = settings_from(ctx)
     try:
         with _channel(settings) as channel:
-            _purge(channel, settings, list(dict.fromkeys(queues)), every, yes)
+            names = _purge_names(channel, settings, list(dict.fromkeys(queues)), every)
+            waiting = {name: depth for name, depth in channel_queue_depths(channel, names).items() if depth}
     except BrokerUnavailable as error:
         fail(str(error))
-
-
-def _purge(channel, settings: Settings, queues: list[str], every: bool, yes: bool) -> None:
-    from runner import topology
-    from runner.monitor.queues import bound_queues, channel_queue_depths, purge_queue
-
-    known = list(topology.QUEUE_NAMES)
-    known += sorted(bound_queues(channel) - set(known))
-    unknown = [name for name in queues if name not in known]
-    if unknown:
-        fail(f"no queue {unknown[0]!r} on {mask_url(settings.broker_url)}; the queues are: {', '.join(known)}",
-             USAGE)
-    names = known if every else queues
-    waiting = {name: depth for name, depth in channel_queue_depths(channel, names).items() if depth}
     if not waiting:
-        what = f"queue {names[0]} is" if len(names) == 1 else f"{len(names)} queues are"
-        click.echo(f"the {what} empty: nothing to purge")
+        what = (f"the queue {names[0]} is" if len(names) == 1 else f"all {len(names)} queues are" if every
+                else f"the queues {', '.join(names)} are")
+        click.echo(f"{what} empty: nothing to purge")
         return
     for name, depth in waiting.items():
         click.echo(f"{name}: {_messages(depth)} waiting")
@@ -316,9 +318,29 @@ def _purge(channel, settings: Settings, queues: list[str], every: bool, yes: boo
         if not agreed:
             click.echo("nothing removed")
             return
-    # only the queues shown: a queue that filled up while the question was asked was not agreed to
-    for name in waiting:
-        click.echo(f"removed {_messages(purge_queue(channel, name))} from {name}")
+    try:
+        # a connection of its own: the question may have waited long enough for the broker to restart.
+        # Only the queues shown: one that filled up meanwhile was not agreed to.
+        with _channel(settings) as channel:
+            removed = {name: purge_queue(channel, name) for name in waiting}
+    except BrokerUnavailable as error:
+        fail(f"nothing removed: {error}")
+    for name, count in removed.items():
+        click.echo(f"removed {_messages(count)} from {name}")
+
+
+def _purge_names(channel, settings: Settings, queues: list[str], every: bool) -> list[str]:
+    """The queues to purge: those named, or every queue; a name not on the broker is an error."""
+    from runner import topology
+    from runner.monitor.queues import bound_queues
+
+    known = list(topology.QUEUE_NAMES)
+    known += sorted(bound_queues(channel) - set(known))
+    unknown = [name for name in queues if name not in known]
+    if unknown:
+        fail(f"no queue {unknown[0]!r} on {mask_url(settings.broker_url)}; the queues are: {', '.join(known)}",
+             USAGE)
+    return known if every else queues
 
 
 def _messages(count: int) -> str:
