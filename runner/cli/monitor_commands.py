@@ -107,7 +107,7 @@ def inspect_command(ctx: click.Context, method: str, as_json: bool, timeout: flo
     scheduled      tasks held for their countdown or eta
     reserved       tasks taken from the queue, waiting for a free slot
     registered     the tasks each worker can run, with their queue
-    stats          pid, uptime, pool, concurrency, tasks done
+    stats          pid, uptime, pool, concurrency, tasks accepted since start
     ping           which workers answer
     active_queues  the queues each worker consumes
 
