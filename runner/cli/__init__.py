@@ -70,6 +70,7 @@ def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Ov
 from runner.cli import (  # noqa: E402  (registers the commands)
     broker_commands,
     control_commands,
+    doctor_command,
     export_command,
     failed_commands,
     inspect_commands,
@@ -77,6 +78,6 @@ from runner.cli import (  # noqa: E402  (registers the commands)
     serve_commands,
 )
 
-__all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands",
+__all__ = ["main", "broker_commands", "control_commands", "doctor_command", "export_command", "failed_commands",
            "inspect_commands", "run_commands",
            "serve_commands"]
