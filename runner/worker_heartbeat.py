@@ -61,12 +61,12 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         if self.tref is not None:
             c.timer.cancel(self.tref)
             self.tref = None
-        if self.last is not None:
+        if self.last is not None and self.connection is not None:  # no connection: the last beat failed
             try:
                 self._client(c).eval(_FORGET, 1, self.key, self.last)
             except Exception:  # broker gone: the key expires on its own
                 pass
-            self.last = None
+        self.last = None
         self._close()
 
     shutdown = stop

@@ -36,7 +36,7 @@ def doctor(ctx: click.Context, as_json: bool, stuck_minutes: str | None) -> None
     for result in results:
         mark, color = MARKS[result.status]
         click.echo(f"{click.style(mark, fg=color, bold=True)} {result.name.ljust(width)}  {result.detail}")
-        for line in result.lines:
+        for line in result.lines if result.status != "pass" else ():  # a pass's particulars: --json
             click.echo(f"  {' ' * width}    {line}")
     fixes = [result for result in results if result.fix and result.status != "pass"]
     if fixes:

@@ -95,8 +95,7 @@ def check_consumers(ctx: Context) -> Result:
         queues = topology.consumption_order(missing)
         return Result(
             "consumers", FAIL,
-            f"{len(queues)} queue(s) with tasks routed to them have no consumer among the live workers ({workers}): "
-            + ", ".join(queues),
+            f"{len(queues)} queue(s) with tasks routed to them have no consumer among the live workers ({workers})",
             fix=(f"run a worker on them: `dify-local serve worker -Q {','.join(queues)}`, or add them to the "
                  "worker's -Q in the Procfile (or to CELERY_QUEUES) and restart it; until then their tasks wait"),
             lines=[f"{queue}: {', '.join(missing[queue])}" for queue in queues], data=data)
@@ -143,14 +142,16 @@ def check_worker(ctx: Context) -> Result:
         return Result("worker", FAIL,
                       f"{len(trouble)} worker(s) not answering or not beating: {', '.join(trouble)}"
                       + (f" ({len(healthy)} healthy)" if healthy else ""),
-                      fix=(f"{start_advice(ctx, 'worker')}; a worker that hangs shows what it runs in "
-                           "`celery -A runner.app.celery inspect active` (if it answers) or `py-spy dump --pid PID`"),
+                      fix=(f"{start_advice(ctx, 'worker')}; its log says what it did last "
+                           "(`dify-local logs -n 50 worker`, or its terminal if started by hand)"),
                       lines=lines, data=data)
     if not healthy:  # only workers without a heartbeat
         return Result("worker", WARN, f"{', '.join(unbeating)} answer(s) a ping but write no heartbeat",
                       fix="run workers with `dify-local serve worker` (or `celery -A runner.app.celery worker`), "
                           "which beat", lines=lines, data=data)
-    return Result("worker", PASS, f"{len(healthy)} worker(s) answer a ping and beat: {', '.join(healthy)}",
+    if len(healthy) == 1 and not unbeating:
+        return Result("worker", PASS, lines[0], lines=lines, data=data)
+    return Result("worker", PASS, f"{len(healthy)} workers answer a ping and beat: {', '.join(healthy)}",
                   lines=lines, data=data)
 
 

@@ -100,14 +100,13 @@ class Context:
 
     def workers(self) -> WorkerSnapshot:
         def ask():
+            from runner.broker_config import WORKER_HEARTBEAT_PREFIX
             from runner.monitor.workers import active_queues, inspect
 
             app = self.celery()
             pinged = sorted(inspect(app, "ping", PING_TIMEOUT))
             # one broadcast after the other: at once, each round would take (and drop) the other's replies
             queues_of = active_queues(app, PING_TIMEOUT)
-            from runner.broker_config import WORKER_HEARTBEAT_PREFIX
-
             return WorkerSnapshot(pinged, queues_of, read_heartbeats(self.client(), WORKER_HEARTBEAT_PREFIX))
         return self.once("workers", ask)
 
@@ -117,11 +116,12 @@ class Context:
         return [row for row in (answer or {}).get("processes", []) if row.get("role") == role]
 
     def close(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.release()
-            except Exception:
-                pass
+        for resource in (self._connection, self._app):
+            if resource is not None:
+                try:
+                    resource.close()
+                except Exception:  # already broken: nothing left to release
+                    pass
 
 
 def read_heartbeats(client, prefix: str) -> dict[str, dict]:

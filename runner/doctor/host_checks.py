@@ -59,7 +59,7 @@ def check_ports(ctx: Context) -> Result:
         entry = {"what": what, "host": host, "port": port}
         data.append(entry)
         if not port_in_use(host, port):
-            entry.update(state="free", description="free")
+            entry.update(state="free", description="free", short="free")
         else:
             entry.update(_holder(ctx, port))
         lines.append(f"{what} {host}:{port}: {entry['description']}")
@@ -73,8 +73,7 @@ def check_ports(ctx: Context) -> Result:
         return Result("ports", FAIL, "; ".join(f"{e['what']} port {e['port']} is held by another program"
                                                for e in others),
                       fix="; ".join(fixes), lines=lines, data={"ports": data})
-    summary = {"free": "free", "ours": "used by this project"}
-    return Result("ports", PASS, ", ".join(f"{e['what']} port {e['port']} {summary[e['state']]}" for e in data),
+    return Result("ports", PASS, "; ".join(f"{e['what']} port {e['port']}: {e['short']}" for e in data),
                   lines=lines, data={"ports": data})
 
 
@@ -93,12 +92,12 @@ def _holder(ctx: Context, port: int) -> dict:
             lineage = [pid, *_ancestors(pid)]
             if supervisor in lineage:
                 process = next((names[p] for p in lineage if p in names), None)
-                return {"state": "ours", "pids": pids,
+                return {"state": "ours", "pids": pids, "short": f"this project's `up` (pid {supervisor})",
                         "description": f"this project's `up` (pid {supervisor})"
                                        + (f", its {process} (pid {pid})" if process else "")}
     for pid in pids:
         if _is_ours_by_hand(pid, ctx.settings.project_dir):
-            return {"state": "ours", "pids": pids,
+            return {"state": "ours", "pids": pids, "short": f"this project's, not under `up` (pid {pid})",
                     "description": f"this project's {describe_process(pid)}, not under `up`"}
     return {"state": "other", "pids": pids, "description": "held by " + ", ".join(describe_process(p) for p in pids)}
 

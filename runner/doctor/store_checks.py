@@ -17,6 +17,8 @@ from runner.store.database import Database, PoolLimits
 LOCK_WAIT = 2  # seconds to wait for a database another process is writing
 IN_PROGRESS = ("waiting", "parsing", "splitting", "indexing")  # runner.rag.index.STATUSES before completed
 MAX_LISTED = 5
+# where a document's tasks run: extraction and splitting, then indexing (runner.topology.ROUTES)
+DOCUMENT_QUEUES = ("priority_pipeline", "pipeline", "priority_dataset", "dataset")
 
 
 def _database(ctx: Context) -> Database | None:
@@ -78,11 +80,27 @@ def check_documents(ctx: Context) -> Result:
         lines.append(f"… and {count - len(rows)} more")
     return Result(
         "documents", FAIL, f"{count} document(s) stuck waiting, parsing, splitting or indexing for over {limit}",
-        fix=("documents move on once a live worker consumes priority_pipeline and pipeline (extraction, "
-             "splitting) and priority_dataset and dataset (indexing): see consumers and worker. A task cut off "
-             "by a stopped worker goes back to its queue and runs again; if the queue lost it (purged), "
-             "upload the document again"),
-        lines=lines, data={"stuck": count, "minutes": ctx.stuck_minutes, "documents": rows})
+        fix=_documents_fix(ctx), lines=lines, data={"stuck": count, "minutes": ctx.stuck_minutes, "documents": rows})
+
+
+def _documents_fix(ctx: Context) -> str:
+    """Why documents may not move, from what the broker and the workers say."""
+    from runner.monitor.workers import consumers_by_queue
+
+    if not ctx.broker_ok():
+        return "nothing moves while the broker does not answer: fix that first (see broker)"
+    try:
+        consumed = consumers_by_queue(ctx.workers().queues_of)
+    except Exception:
+        consumed = {}
+    if not consumed:
+        return f"no worker consumes their queues ({', '.join(DOCUMENT_QUEUES)}): start one (see worker)"
+    missing = [queue for queue in DOCUMENT_QUEUES if queue not in consumed]
+    if missing:
+        return f"no live worker consumes {', '.join(missing)}: run one on them (see consumers)"
+    return ("their queues have consumers: a document may wait behind a long queue, or a large file still be "
+            "indexing; a task cut off by a stopped worker runs again from its queue, but one whose message "
+            "was lost (a purged queue) does not: upload that document again")
 
 
 def _minutes(value: float) -> str:
