@@ -32,10 +32,9 @@ ROUND_TIMEOUT = 6.0  # seconds; the broker's own operations are bounded well wit
 __all__ = ["FAIL", "ORDER", "PASS", "SKIP", "WARN", "Result", "run_doctor"]
 
 
-def run_doctor(settings: Settings, stuck_minutes: float | None = None, min_free_mb: int | None = None) -> list[Result]:
-    ctx = Context(settings,
-                  settings.DIFY_LOCAL_STUCK_DOCUMENT_MINUTES if stuck_minutes is None else stuck_minutes,
-                  settings.DIFY_LOCAL_MIN_FREE_MB if min_free_mb is None else min_free_mb)
+def run_doctor(settings: Settings) -> list[Result]:
+    """Every check's result, in the seed's order."""
+    ctx = Context(settings)
     try:
         for checks in ROUNDS:
             ctx.results.update(_run_round(ctx, checks))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from runner.settings import Settings
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
-BROKER_TIMEOUT = 2.0  # seconds any one broker operation may take
+BROKER_TIMEOUT = 2.0  # seconds to connect to the broker, and for each of its answers
 PING_TIMEOUT = 1.0  # seconds the workers get to answer each broadcast (Celery's own default)
 
 
@@ -36,10 +36,8 @@ class WorkerSnapshot:
 
 
 class Context:
-    def __init__(self, settings: Settings, stuck_minutes: float, min_free_mb: int):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.stuck_minutes = stuck_minutes
-        self.min_free_mb = min_free_mb
         self.results: dict[str, Result] = {}
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -116,7 +114,8 @@ class Context:
         return [row for row in (answer or {}).get("processes", []) if row.get("role") == role]
 
     def close(self) -> None:
-        for resource in (self._connection, self._app):
+        database = self._values.get("database", (False, None))[1]
+        for resource in (self._connection, self._app, database):
             if resource is not None:
                 try:
                     resource.close()

@@ -18,6 +18,7 @@ from runner.supervisor.preflight import port_in_use
 
 def check_state_folder(ctx: Context) -> Result:
     root = ctx.settings.state_dir
+    min_free_mb = ctx.settings.DIFY_LOCAL_MIN_FREE_MB
     if root.exists() and not root.is_dir():
         return Result("state", FAIL, f"the state folder {root} is a file, not a folder",
                       fix="move that file away, or point DIFY_LOCAL_STATE_DIR at a folder")
@@ -33,11 +34,11 @@ def check_state_folder(ctx: Context) -> Result:
                       fix=f"make {target} writable by this user (chown/chmod), or point DIFY_LOCAL_STATE_DIR elsewhere",
                       data={"path": str(root)})
     free_mb = shutil.disk_usage(target).free / 2**20
-    data = {"path": str(root), "exists": root.exists(), "free_mb": round(free_mb), "min_free_mb": ctx.min_free_mb}
+    data = {"path": str(root), "exists": root.exists(), "free_mb": round(free_mb), "min_free_mb": min_free_mb}
     where = str(root) if root.exists() else f"{root} (not made yet; {target} takes it)"
-    if free_mb < ctx.min_free_mb:
+    if free_mb < min_free_mb:
         return Result("state", FAIL, f"{where}: only {_size(free_mb)} free, below DIFY_LOCAL_MIN_FREE_MB "
-                                     f"({ctx.min_free_mb} MB)",
+                                     f"({min_free_mb} MB)",
                       fix="free space on that disk, or move the state folder (DIFY_LOCAL_STATE_DIR): a full disk "
                           "makes the broker refuse writes (MISCONF) and the database fail", data=data)
     return Result("state", PASS, f"{where} writable, {_size(free_mb)} free", data=data)

@@ -53,7 +53,8 @@ def check_migrations(ctx: Context) -> Result:
 # -- 6. documents stuck ------------------------------------------------------------------------------
 
 def check_documents(ctx: Context) -> Result:
-    threshold = ctx.stuck_minutes * 60
+    minutes = ctx.settings.DIFY_LOCAL_STUCK_DOCUMENT_MINUTES
+    threshold = minutes * 60
     database = _database(ctx)
     if database is None:
         return Result("documents", SKIP, "skipped: no database yet (see migrations)")
@@ -69,10 +70,10 @@ def check_documents(ctx: Context) -> Result:
             f"FROM documents d LEFT JOIN datasets ds ON ds.id = d.dataset_id "
             f"WHERE d.status IN ({marks}) AND d.updated_at < ? ORDER BY d.updated_at LIMIT ?",
             [*IN_PROGRESS, since, MAX_LISTED])]
-    limit = _minutes(ctx.stuck_minutes)
+    limit = _minutes(minutes)
     if not count:
         return Result("documents", PASS, f"no document waiting, parsing, splitting or indexing for over {limit}",
-                      data={"stuck": 0, "minutes": ctx.stuck_minutes})
+                      data={"stuck": 0, "minutes": minutes})
     now = time.time()
     lines = [f"{row['name']} ({row['id']}) in dataset {row['dataset'] or '?'} ({row['dataset_id']}): "
              f"{row['status']} for {_minutes((now - row['updated_at']) / 60)}" for row in rows]
@@ -80,7 +81,7 @@ def check_documents(ctx: Context) -> Result:
         lines.append(f"… and {count - len(rows)} more")
     return Result(
         "documents", FAIL, f"{count} document(s) stuck waiting, parsing, splitting or indexing for over {limit}",
-        fix=_documents_fix(ctx), lines=lines, data={"stuck": count, "minutes": ctx.stuck_minutes, "documents": rows})
+        fix=_documents_fix(ctx), lines=lines, data={"stuck": count, "minutes": minutes, "documents": rows})
 
 
 def _documents_fix(ctx: Context) -> str:
