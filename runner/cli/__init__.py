@@ -67,9 +67,10 @@ def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Ov
     ctx.obj = CliState(project_dir, assignments, tuple(name.strip() for name in env_files.split(",") if name.strip()))
 
 
-from runner.cli import (  # noqa: E402  (registers the commands)
+from runner.cli import (  # noqa: E402, F401  (importing a command module registers its commands)
     broker_commands,
     control_commands,
+    doctor_command,
     export_command,
     failed_commands,
     inspect_commands,
@@ -78,6 +79,4 @@ from runner.cli import (  # noqa: E402  (registers the commands)
     serve_commands,
 )
 
-__all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands",
-           "inspect_commands", "monitor_commands", "run_commands",
-           "serve_commands"]
+__all__ = ["main"]
