@@ -14,7 +14,7 @@ import time
 
 from celery.beat import PersistentScheduler
 
-from runner.broker_config import BEAT_HEARTBEAT_KEY
+from runner.broker_config import BEAT_HEARTBEAT_KEY, beat_instance_key
 
 log = logging.getLogger("dify_local.beat")
 
@@ -30,15 +30,34 @@ class HeartbeatScheduler(PersistentScheduler):
         return interval
 
     def _heartbeat(self) -> None:
-        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
+        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
+                            "interval": self.max_interval})
         try:
             if self._heartbeat_connection is None:
                 self._heartbeat_connection = self.app.connection_for_write()
             client = self._heartbeat_connection.default_channel.client
-            client.set(BEAT_HEARTBEAT_KEY, value, ex=HEARTBEAT_TTL)
+            client.set(BEAT_HEARTBEAT_KEY, value, ex=self._heartbeat_ttl())
+            self._instance_heartbeat(client, value)
         except Exception as error:  # the broker may be restarting: retry at the next tick
             log.warning("could not write beat's heartbeat: %s", error)
             self._close_heartbeat()
+
+    def _heartbeat_ttl(self) -> int:
+        # outlive the longest wait between ticks (max_interval), which may be above HEARTBEAT_TTL
+        return max(HEARTBEAT_TTL, int(3 * self.max_interval))
+
+    def _instance_heartbeat(self, client, value: str) -> None:
+        """This beat's own key beside the shared one: two beats on one broker (each sending every
+        periodic task) show as two keys to `doctor`. Removed when this beat stops."""
+        client.set(beat_instance_key(socket.gethostname(), os.getpid()), value, ex=self._heartbeat_ttl())
+
+    def _forget_instance(self) -> None:
+        try:
+            if self._heartbeat_connection is not None:
+                self._heartbeat_connection.default_channel.client.delete(
+                    beat_instance_key(socket.gethostname(), os.getpid()))
+        except Exception:  # broker gone: the key expires on its own
+            pass
 
     def _close_heartbeat(self) -> None:
         if self._heartbeat_connection is not None:
@@ -49,5 +68,6 @@ class HeartbeatScheduler(PersistentScheduler):
             self._heartbeat_connection = None
 
     def close(self):
+        self._forget_instance()
         self._close_heartbeat()
         super().close()

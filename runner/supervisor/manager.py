@@ -457,7 +457,8 @@ class Supervisor:
         if self.reloads is not None:
             self.reloads.start()
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
-                                            "project_dir": str(self.settings.project_dir)})
+                                            "project_dir": str(self.settings.project_dir),
+                                            "settings": self.settings.command_line_environment()})
         status = 0
         try:
             for state in self.states:
