@@ -85,6 +85,14 @@ def test_the_binary_runs_the_stack_from_an_empty_folder(binary_project):
     rows = {line.split()[0]: line.split() for line in ps.stdout.splitlines()[1:5]}
     assert sorted(rows) == ["api", "beat", "broker", "worker"] and all(row[2] == "ready" for row in rows.values())
     assert project.run("logs", "-n", "5", "api").returncode == 0
+    restarted = project.run("restart", "worker")
+    assert restarted.returncode == 0, restarted.stderr
+    pinged = project.run("inspect", "ping", "--timeout", "5")
+    assert pinged.returncode == 0 and "worker@" in pinged.stdout, pinged.stdout + pinged.stderr
+    queues = project.run("queues", "--json")
+    assert queues.returncode == 0, queues.stderr
+    doctor = project.run("doctor")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     for command in (["config"], ["migrate"], ["topology"], ["export", "systemd", str(project.dir / "units")]):
         done = project.run(*command)
         assert done.returncode == 0, f"{command}: {done.stdout}\n{done.stderr}"
