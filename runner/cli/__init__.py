@@ -87,6 +87,7 @@ from runner.cli import (  # noqa: E402, F401  (importing a command module regist
     doctor_command,
     export_command,
     failed_commands,
+    init_command,
     inspect_commands,
     monitor_commands,
     run_commands,

@@ -161,7 +161,9 @@ def job(ctx: click.Context, command: tuple[str, ...]) -> None:
         prepare_database(AppContext(settings).database, migrate=settings.MIGRATION_ENABLED)
     except SchemaOutOfDate as error:
         fail(str(error))
-    env = dict(os.environ)
+    from runner.frozen import foreign_environment
+
+    env = foreign_environment(dict(os.environ))  # the binary's own loader paths are not the command's
     env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()})
     env.update({"CELERY_BROKER_URL": settings.broker_url, "DIFY_LOCAL_PROJECT_DIR": str(settings.project_dir),
                 "MODE": "job"})
