@@ -147,9 +147,10 @@ def write_info(state_dir: Path, info: dict[str, Any]) -> None:
 
 def read_info(state_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((state_dir / INFO_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+        info = json.loads((state_dir / INFO_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, unreadable, or the state folder is not a folder (settings say so)
         return None
+    return info if isinstance(info, dict) else None
 
 
 def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None:
