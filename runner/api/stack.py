@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, jsonify
 from runner.api.openapi import errors, json_response
 from runner.beat_schedule import PERIODIC_TASKS
 from runner.monitor.beat import beat_state
+from runner.monitor.workers import pool_name
 from runner.process_env import SUPERVISED
 from runner.store.task_runs import task_runs_by_id
 from runner.supervisor import control
@@ -96,7 +97,7 @@ def workers():
         listed.append({
             "name": name,
             "queues": sorted(queue["name"] for queue in answers["active_queues"].get(name) or []),
-            "pid": stats.get("pid"), "pool": (pool.get("implementation") or "").split(":")[-1] or None,
+            "pid": stats.get("pid"), "pool": pool_name(pool["implementation"]) if pool.get("implementation") else None,
             "concurrency": pool.get("max-concurrency"), "uptime": stats.get("uptime"),
             "processed": sum((stats.get("total") or {}).values()),
             "active": [_task(task, runs, now) for task in answers["active"].get(name) or []],

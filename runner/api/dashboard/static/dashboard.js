@@ -147,19 +147,19 @@
     }
   }
 
-  function spark(points, window, at, depth) {
-    if (!window) return "";
+  function spark(points, axis, at, depth, spanText) {
+    if (!axis) return "";
     if (!points || !points.length) return html`<span class="nodata">no samples yet</span>`;
     const W = 170, H = 26, TOP = 2, BASE = 24;
-    const span = Math.max(1, at - window.since);
+    const span = Math.max(1, at - axis.since);
     const peak = Math.max(...points.map((p) => p[1]));
     const scale = Math.max(1, peak);
-    const x = (t) => Math.min(W, Math.max(0, ((t - window.since) / span) * W)).toFixed(1);
+    const x = (t) => Math.min(W, Math.max(0, ((t - axis.since) / span) * W)).toFixed(1);
     const y = (d) => (BASE - (d / scale) * (BASE - TOP)).toFixed(1);
     const segments = [];
     let segment = [];
     points.forEach((point, index) => {
-      if (index && point[0] - points[index - 1][0] > window.step * 2.5) { segments.push(segment); segment = []; }
+      if (index && point[0] - points[index - 1][0] > axis.step * 2.5) { segments.push(segment); segment = []; }
       segment.push(point);
     });
     segments.push(segment);
@@ -169,7 +169,7 @@
       return part.length > 1 ? html`<path class="area" d="${area}"/><path class="line" d="${line}"/>` : "";
     });
     const last = points[points.length - 1];
-    const label = `${HISTORY_MINUTES} min: at most ${peak} waiting; now ${depth}`;
+    const label = `last ${spanText}: at most ${peak} waiting; now ${depth}`;
     return html`<svg class="spark ${peak ? "" : "flat"}" viewBox="0 0 ${W} ${H}" role="img" aria-label="${label}">
       <title>${label}</title><line class="base" x1="0" y1="${BASE + 0.5}" x2="${W}" y2="${BASE + 0.5}"/>
       ${shapes}<circle class="now" cx="${x(last[0])}" cy="${y(last[1])}" r="2"/></svg>`;
@@ -184,16 +184,29 @@
     return html`<span title="${names.join("\n")}">${names.length === 1 ? names[0] : plural(names.length, "worker")}</span>`;
   }
 
+  // The charts' time axis: the last HISTORY_MINUTES, or since the first sample when the stack is younger
+  // (a fresh stack would otherwise draw a dot at the right end of an empty hour).
+  function chartWindow(data) {
+    if (!data.history) return null;
+    const firsts = data.queues.filter((queue) => queue.history && queue.history.length)
+      .map((queue) => queue.history[0][0]);
+    if (!firsts.length) return data.history;
+    return { ...data.history, since: Math.max(data.history.since, Math.min(...firsts) - data.history.step) };
+  }
+
   function renderQueues(data, error) {
     if (error) return update("queues", "", failure(error));
     const total = data.queues.reduce((sum, queue) => sum + queue.depth, 0);
+    const axis = chartWindow(data);
+    const span = axis ? data.at - axis.since : HISTORY_MINUTES * 60;
+    const spanText = span < 120 ? `${Math.max(1, Math.round(span))} s` : `${Math.round(span / 60)} min`;
     const sampling = data.sample_interval
       ? `sampled every ${data.sample_interval} s` : "sampling off (DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL=0)";
     const rows = data.queues.map((queue) => html`
       <tr data-queue="${queue.name}" class="${queue.depth ? "" : "idle"}">
         <td class="name"><span class="prio ${queue.priority}" title="${queue.priority} priority"></span>${queue.name}</td>
         <td class="num depth ${queue.depth ? "strong" : "zero"}" data-depth="${queue.depth}">${number(queue.depth)}</td>
-        <td class="chart">${spark(queue.history, data.history, data.at, queue.depth)}</td>
+        <td class="chart">${spark(queue.history, axis, data.at, queue.depth, spanText)}</td>
         <td class="num">${queue.oldest_age === null ? html`<span class="zero">—</span>` : duration(queue.oldest_age)}</td>
         <td class="nowrap">${consumers(queue)}</td>
       </tr>`);
@@ -201,7 +214,7 @@
       : html`<p class="note">No worker answered within a second, so no queue shows a consumer.</p>`;
     update("queues", `${plural(total, "message")} waiting · ${sampling}`, html`
       <table>
-        <thead><tr><th>Queue</th><th class="num">Waiting</th><th>Last ${HISTORY_MINUTES} min</th>
+        <thead><tr><th>Queue</th><th class="num">Waiting</th><th>Last ${spanText}</th>
           <th class="num">Oldest</th><th>Consumers</th></tr></thead>
         <tbody>${rows}</tbody>
       </table>${note}`);
@@ -272,14 +285,14 @@
     if (data.entries.length) {
       const rows = data.entries.map((entry) => html`
         <tr data-entry="${entry.name}">
-          <td class="name">${entry.task}</td>
-          <td class="muted">${entry.queue || "—"}</td>
-          <td>${entry.schedule}</td>
+          <td class="clip"><div class="name clip-line" title="${entry.name}">${entry.task}</div>
+            <div class="sub">on ${entry.queue || "its route"}</div></td>
+          <td class="nowrap">${entry.schedule}</td>
           <td class="num" title="${stamp(entry.last_run_at)}">${entry.last_run_at ? ago(entry.last_run_at) : html`<span class="zero">not yet</span>`}</td>
           <td class="num next-run" title="${stamp(entry.next_run_at)}">${until(entry.next_run_at)}</td>
         </tr>`);
       parts.push(html`<table>
-        <thead><tr><th>Periodic task</th><th>Queue</th><th>When</th><th class="num">Last run</th>
+        <thead><tr><th>Periodic task</th><th>When</th><th class="num">Last run</th>
           <th class="num">Next run</th></tr></thead>
         <tbody>${rows}</tbody></table>`);
     } else if (data.running) {
@@ -307,18 +320,22 @@
       const detail = failed ? run.error : `${run.args}${run.kwargs !== "{}" ? ` ${run.kwargs}` : ""}`;
       const when = run.started_at || run.queued_at;
       const took = run.runtime !== null ? runtime(run.runtime)
-        : run.state === "STARTED" && run.started_at ? `${runtime(now() - run.started_at)}…` : "—";
+        : run.state === "STARTED" && run.started_at
+          ? html`<span class="muted" title="still running">${runtime(now() - run.started_at)}</span>` : "—";
       return html`<tr data-run="${run.id}" title="${run.id}${run.worker ? ` on ${run.worker}` : ""}">
         <td>${pill(run.state)}</td>
         <td class="name">${run.name}${run.attempts > 1 ? html`<span class="tag" title="attempts">×${run.attempts}</span>` : ""}</td>
-        <td class="muted nowrap">${run.queue || "—"}</td>
+        <td class="muted narrow" title="${run.queue || ""}">${run.queue || "—"}</td>
         <td class="clip mono ${failed ? "error-text" : ""}" title="${detail}">${detail}</td>
-        <td class="num" title="${stamp(when)}">${run.started_at ? "" : "queued "}${clock(when)}</td>
+        <td class="num ${run.started_at ? "" : "muted"}"
+          title="${run.started_at ? `started ${stamp(when)}` : `sent ${stamp(when)}, not started yet`}">${clock(when)}</td>
         <td class="num">${took}</td>
       </tr>`;
     });
     const summary = Object.keys(counts).sort().map((state) => `${counts[state]} ${state.toLowerCase()}`).join(" · ");
-    update("runs", `latest ${data.runs.length}: ${summary}`, html`<table>
+    update("runs", `latest ${data.runs.length}: ${summary}`, html`<table class="fixed">
+      <colgroup><col class="w-state"><col class="w-task"><col class="w-queue"><col><col class="w-time"><col class="w-time">
+      </colgroup>
       <thead><tr><th>State</th><th>Task</th><th>Queue</th><th>Arguments / error</th><th class="num">Started</th>
         <th class="num">Runtime</th></tr></thead>
       <tbody>${rows}</tbody></table>`);
@@ -340,7 +357,7 @@
       <tr data-failed="${row.id}">
         <td class="num muted">${row.id}</td>
         <td class="name" title="task ${row.task_id}">${row.name}</td>
-        <td class="muted nowrap">${row.queue || "—"}</td>
+        <td class="muted narrow" title="${row.queue || ""}">${row.queue || "—"}</td>
         <td class="clip error-text" title="${row.error}">${row.error}</td>
         <td class="num" title="${stamp(row.failed_at)}">${clock(row.failed_at)}</td>
         <td class="nowrap">${row.retried_at
@@ -396,7 +413,7 @@
 
   function tile(label, value, note, tone, small) {
     return html`<div class="tile ${tone || ""}"><div class="label">${label}</div>
-      <div class="value">${value}${small ? html`<small>${small}</small>` : ""}</div><div class="note">${note}</div></div>`;
+      <div class="value">${value}${small ? html`<small>${small}</small>` : ""}</div><div class="hint">${note}</div></div>`;
   }
 
   function renderTiles(data) {
