@@ -79,10 +79,14 @@ def queues():
     history = {}
     if minutes is not None:
         since = now - minutes * 60
-        step = max(minutes * 60 / MAX_POINTS, interval or 1)
         history = sample_history(celery.dify.database, since, topology.QUEUE_NAMES)
-        history = {name: downsampled(samples, since, step) for name, samples in history.items()}
-        body["history"] = {"minutes": minutes, "since": since, "step": step}
+        # points spread over the samples there are: a stack younger than the window gets a fine chart
+        first = min((samples[0][0] for samples in history.values()), default=since)
+        start = max(since, first)
+        step = max((now - start) / MAX_POINTS, interval or 1)
+        history = {name: downsampled(samples, start, step) for name, samples in history.items()}
+        body["history"] = {"minutes": minutes, "since": since, "first_sample_at": None if first == since else first,
+                           "step": step}
     listed = []
     for spec in topology.QUEUES:
         state = states[spec.name]
@@ -125,6 +129,7 @@ PATHS = {
                            "sample_interval": {"type": "integer"}, "workers_answered": {"type": "integer"},
                            "history": {"type": "object", "properties": {
                                "minutes": {"type": "integer"}, "since": {"type": "number"},
-                               "step": {"type": "number"}}}}}),
+                               "first_sample_at": {"type": "number", "nullable": True},
+                               "step": {"type": "number", "description": "seconds each point stands for"}}}}}),
                       **errors(400, 503)}}},
 }

@@ -188,10 +188,8 @@
   // (a fresh stack would otherwise draw a dot at the right end of an empty hour).
   function chartWindow(data) {
     if (!data.history) return null;
-    const firsts = data.queues.filter((queue) => queue.history && queue.history.length)
-      .map((queue) => queue.history[0][0]);
-    if (!firsts.length) return data.history;
-    return { ...data.history, since: Math.max(data.history.since, Math.min(...firsts) - data.history.step) };
+    const first = data.history.first_sample_at;
+    return { ...data.history, since: first ? Math.max(data.history.since, first) : data.history.since };
   }
 
   function renderQueues(data, error) {
