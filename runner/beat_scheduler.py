@@ -50,6 +50,7 @@ class HeartbeatScheduler(PersistentScheduler):
     _heartbeat_connection = None
     _published_entries: list[dict[str, Any]] | None = None
     _published_at = 0.0
+    _publish_failed = False
     _sampler = None  # None: not started yet; False: none for this app
 
     def tick(self, *args, **kwargs):
@@ -95,32 +96,40 @@ class HeartbeatScheduler(PersistentScheduler):
         return described
 
     def _publish_schedule(self) -> None:
-        entries = self.describe_schedule()
-        now = time.monotonic()
-        if entries == self._published_entries and now - self._published_at < SCHEDULE_REFRESH:
-            return
-        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
-                            "max_interval": self.max_interval, "entries": entries})
+        # Never lets an error out: showing the schedule must not stop beat from running it.
         try:
+            entries = self.describe_schedule()
+            now = time.monotonic()
+            if entries == self._published_entries and now - self._published_at < SCHEDULE_REFRESH:
+                return
+            value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
+                                "max_interval": self.max_interval, "entries": entries}, default=str)
             self._broker().set(BEAT_SCHEDULE_KEY, value, ex=SCHEDULE_TTL)
-        except Exception as error:  # as the heartbeat: again at the next tick
-            log.warning("could not publish beat's schedule: %s", error)
+        except Exception as error:  # the broker restarting: again at the next tick, said once
+            if self._published_entries is not None or not self._publish_failed:
+                log.warning("could not publish beat's schedule (trying at every tick): %s", error)
+            self._published_entries, self._publish_failed = None, True
             self._close_heartbeat()
             return
-        self._published_entries, self._published_at = entries, now
+        self._published_entries, self._published_at, self._publish_failed = entries, now, False
 
     def _start_sampler(self) -> None:
         if self._sampler is not None:
             return
+        self._sampler = False  # tried once, whatever happens
         context = getattr(self.app, "dify", None)  # a plain Celery app (Celery's own CLI on another app): none
         interval = context.settings.DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL if context is not None else 0
         if not interval:
-            self._sampler = False
             return
         from runner.monitor.sampler import QueueSampler
 
-        self._sampler = QueueSampler(self.app, context.database, interval, QUEUE_NAMES)
-        self._sampler.start()
+        try:
+            sampler = QueueSampler(self.app, context.database, interval, QUEUE_NAMES)
+            sampler.start()
+        except Exception as error:  # no samples is no reason to stop running the schedule
+            log.warning("could not start sampling the queues: %s", error)
+            return
+        self._sampler = sampler
 
     def _close_heartbeat(self) -> None:
         if self._heartbeat_connection is not None:

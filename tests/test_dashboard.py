@@ -178,6 +178,12 @@ def test_dashboard_shows_the_stack_and_retries_a_failed_task(project, browser, t
     # user data is text: the subject shows as typed, nothing of it ran
     wait_until(lambda: f"Hi {XSS}" in page.locator("#mail").inner_text() or refreshed(page), 30,
                "the mail's subject in the outbox card", interval=0)
+
+    # refreshing keeps the page where it is and leaves alone what did not change (no flicker)
+    page.evaluate("() => { window.scrollTo(0, 300); document.querySelector('#mail tbody').dataset.kept = '1'; }")
+    refreshed(page, 2)
+    assert page.evaluate("() => window.scrollY") == 300
+    assert page.locator("#mail tbody[data-kept]").count() == 1
     assert page.evaluate("() => window.__dashboardXss === undefined")
     assert page.locator("main img, main script").count() == 0
 
