@@ -73,10 +73,11 @@ from runner.cli import (  # noqa: E402  (registers the commands)
     export_command,
     failed_commands,
     inspect_commands,
+    monitor_commands,
     run_commands,
     serve_commands,
 )
 
 __all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands",
-           "inspect_commands", "run_commands",
+           "inspect_commands", "monitor_commands", "run_commands",
            "serve_commands"]

@@ -16,6 +16,7 @@ import click
 
 from runner import topology
 from runner.cli import fail, main, settings_from
+from runner.monitor.format import duration
 from runner.settings import Settings, mask_url
 from runner.settings.kinds import host_port
 
@@ -157,7 +158,7 @@ def render(report: dict[str, Any]) -> str:
         ("broker", f"{report['url']} ({'embedded' if report['embedded'] else 'external'})"),
         ("server", f"{what}, pid {server['pid']}"),
         ("address", report["address"]),
-        ("uptime", _duration(report["uptime_seconds"])),
+        ("uptime", duration(report["uptime_seconds"])),
         ("clients", f"{clients['connected']} connected, {clients['blocked']} blocked"),
         ("memory", f"{report['memory']['used_human']} used"),
         *_persistence_rows(report["persistence"], report["embedded"]),
@@ -217,18 +218,8 @@ def _size(count: int | None) -> str:
     return f"{count:.1f} GiB"
 
 
-def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "?"
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{days} d"] * bool(days) + [f"{hours} h"] * bool(hours) + [f"{minutes} min"] * bool(minutes)
-    return " ".join(parts[:2]) if parts else f"{secs} s"
-
-
 def _moment(stamp: int | float | None) -> str:
     if not stamp:
         return "never"
     when = datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
-    return f"{when} ({_duration(max(0, time.time() - stamp))} ago)"
+    return f"{when} ({duration(max(0, time.time() - stamp))} ago)"

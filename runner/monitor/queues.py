@@ -70,6 +70,27 @@ def channel_queue_states(channel, queues: Iterable[str]) -> dict[str, QueueDepth
     return states
 
 
+CONTROL_EXCHANGES = ("celery.pidbox", "reply.celery.pidbox", "celeryev")  # broadcast and events, not work
+
+
+def bound_queues(channel) -> set[str]:
+    """Every work queue a sender or worker has declared on this broker (kombu records each binding
+    in a `_kombu.binding.<exchange>` set, "routing key␆␖pattern␆␖queue"), beyond the topology's:
+    a user project's own queues, or a typo in someone's `queue=`. Celery's control and event
+    queues are left out."""
+    prefix = channel.keyprefix_queue % ""
+    found: set[str] = set()
+    for key in channel.client.scan_iter(match=channel.keyprefix_queue % "*", count=1000):
+        exchange = (key.decode() if isinstance(key, bytes) else key)[len(prefix):]
+        if exchange in CONTROL_EXCHANGES:
+            continue
+        for member in channel.client.smembers(key):
+            queue = (member.decode() if isinstance(member, bytes) else member).split(channel.sep)[-1]
+            if queue:
+                found.add(queue)
+    return found
+
+
 def purge_queue(channel, name: str) -> int:
     """Delete every message waiting in `name` (all its priority sub-lists); how many there were."""
     return channel.queue_purge(name) or 0

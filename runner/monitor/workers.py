@@ -1,7 +1,8 @@
 """What the workers say about themselves, asked over Celery's broadcast control (kombu's pidbox).
 
 Every function waits at most `timeout` seconds and returns only the workers that answered in
-time, keyed by node name (`worker@host`); an empty dict means no worker answered.
+time, keyed by node name (`worker@host`); an empty dict means no worker answered. Celery waits the
+whole timeout unless told how many replies to expect (`limit`): `known_workers` counts them.
 """
 
 from __future__ import annotations
@@ -19,18 +20,35 @@ def pool_name(implementation: str) -> str:
 
 
 def inspect(app, method: str, timeout: float = DEFAULT_TIMEOUT,
-            destination: list[str] | None = None) -> dict[str, Any]:
-    """One `celery inspect METHOD` round: each answering worker's reply."""
+            destination: list[str] | None = None, limit: int | None = None) -> dict[str, Any]:
+    """One `celery inspect METHOD` round: each answering worker's reply, returned as soon as
+    `limit` workers (default: as many as `destination` names) have answered."""
     if method not in INSPECT_METHODS:
         raise ValueError(f"unknown inspect method {method!r}; one of: {', '.join(INSPECT_METHODS)}")
-    inspector = app.control.inspect(timeout=timeout, destination=destination)
+    inspector = app.control.inspect(timeout=timeout, destination=destination, limit=limit)
     return getattr(inspector, method)() or {}
 
 
-def active_queues(app, timeout: float = DEFAULT_TIMEOUT) -> dict[str, list[str]]:
+def active_queues(app, timeout: float = DEFAULT_TIMEOUT, limit: int | None = None) -> dict[str, list[str]]:
     """The queues each answering worker consumes."""
     return {worker: sorted(queue["name"] for queue in queues or [])
-            for worker, queues in inspect(app, "active_queues", timeout).items()}
+            for worker, queues in inspect(app, "active_queues", timeout, limit=limit).items()}
+
+
+PIDBOX_EXCHANGE = "celery.pidbox"  # Celery's broadcast exchange; each worker binds a queue of its own
+
+
+def known_workers(channel) -> list[str]:
+    """Node names of the workers bound to the broadcast exchange on this broker: every worker
+    running, plus any killed without a warm shutdown (its binding stays until a worker of that
+    name stops warmly). So never fewer than can answer: a safe `limit`."""
+    suffix = f".{PIDBOX_EXCHANGE}"
+    names = []
+    for member in channel.client.smembers(channel.keyprefix_queue % PIDBOX_EXCHANGE):
+        queue = (member.decode() if isinstance(member, bytes) else member).split(channel.sep)[-1]
+        if queue.endswith(suffix):
+            names.append(queue[:-len(suffix)])
+    return sorted(names)
 
 
 def consumers_by_queue(queues_of_workers: dict[str, list[str]]) -> dict[str, list[str]]:
