@@ -5,6 +5,7 @@ samples and published schedule, through the embedded broker and a real Redis."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -65,12 +66,12 @@ def client(project, env: dict | None = None):
                              register_tasks=False)
 
 
-def monitor_depths(app) -> dict[str, int]:
-    """The depths as the command line reads them: the monitor core `dify-local queues --json` is built
-    on. (Once that command is on main, read its output here instead.)"""
-    from runner.monitor.queues import queue_states
-
-    return {name: state.depth for name, state in queue_states(app, QUEUE_NAMES).items()}
+def monitor_depths(project, env: dict) -> dict[str, int]:
+    """The depths of the 16 queues as the command line reads them (`dify-local queues --json`)."""
+    result = project.run("queues", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return {queue["name"]: queue["depth"] for queue in json.loads(result.stdout)["queues"]
+            if queue["name"] in QUEUE_NAMES}
 
 
 def open_dashboard(browser, project, problems: list[str]):
@@ -146,7 +147,7 @@ def test_dashboard_shows_the_stack_and_retries_a_failed_task(project, browser, t
 
     # the queue depths shown are the monitor's (the only ones not 0 are those nobody consumes)
     def same_depths():
-        shown, read = shown_depths(page), monitor_depths(app)
+        shown, read = shown_depths(page), monitor_depths(project, env)
         return read if shown == read else refreshed(page)
     depths = wait_until(same_depths, 60, "the dashboard's depths to match the monitor's", interval=0)
     assert depths["ops_trace"] == 3, depths

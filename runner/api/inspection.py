@@ -1,10 +1,11 @@
 """The workers' answers to Celery's inspect, shared by the API's requests.
 
-A broadcast always lasts its whole timeout (it cannot know how many workers will answer), so a
+A broadcast lasts its whole timeout unless told how many workers will answer, so each round here
+expects the workers bound on the broker (`known_workers`) and ends once they have all answered. And a
 dashboard refreshing every few seconds, in several tabs, asking `active_queues` for the queues and
-again for the workers, would keep the broker and the API busy waiting. Here each method is asked
-at most once per FRESH seconds; a request arriving while it is being asked waits for that answer,
-and the methods one request needs are asked together, so a refresh costs one timeout, not four.
+again for the workers, would still ask the same thing many times over: here each method is asked
+at most once per FRESH seconds, a request arriving while it is being asked waits for that answer,
+and the methods one request needs are asked together (a refresh costs at most one timeout, not four).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from runner.monitor.workers import DEFAULT_TIMEOUT, INSPECT_METHODS, inspect
+from runner.monitor.workers import DEFAULT_TIMEOUT, INSPECT_METHODS, inspect, known_workers
 
 FRESH = 1.5  # seconds an answer is reused
 
@@ -48,7 +49,9 @@ class WorkerInspections:
 
     def _ask(self, method: str) -> dict[str, Any]:
         try:
-            answer = inspect(self.app, method, self.timeout)
+            with self.app.connection_for_read() as connection:
+                expected = len(known_workers(connection.default_channel)) or None
+            answer = inspect(self.app, method, self.timeout, limit=expected)
             with self._lock:
                 self._answers[method] = (time.monotonic(), answer)
             return answer
