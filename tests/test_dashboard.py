@@ -221,7 +221,7 @@ def test_dashboard_without_up_says_so(project, browser, tmp_path):
 
     problems: list[str] = []
     page = open_dashboard(browser, project, problems)
-    assert "not running under `dify-local up`" in page.locator("#processes").inner_text()
+    assert "not running under dify-local up:" in page.locator("#processes").inner_text()
     assert "Beat is not running" in page.locator("#beat").inner_text()
     assert "No worker answered" in page.locator("#workers").inner_text()
     assert "No failed tasks" in page.locator("#failed").inner_text()

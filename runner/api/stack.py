@@ -48,8 +48,8 @@ def processes():
     try:
         reply = control.request(state_dir, {"command": "ps"}, timeout=CONTROL_TIMEOUT)
     except control.NotRunning as error:
-        body["message"] = (f"This API is not running under `dify-local up` ({error}): there is no process "
-                           "state to show. `dify-local up` runs the whole stack and supervises it.")
+        body["message"] = (f"This API is not running under `dify-local up`: {error}, so there are no processes "
+                           "to show. `dify-local up` runs the whole stack and supervises it.")
         return jsonify(body)
     except (OSError, ValueError) as error:  # a timeout, a reply that is not JSON
         body["message"] = f"`dify-local up` did not answer over its control socket in {CONTROL_TIMEOUT:.0f} s: {error}"

@@ -93,6 +93,8 @@
     html`<span class="pill ${COLOURS[state] || ""}" title="${title || ""}">${label || state}</span>`;
 
   const code = (text) => html`<code>${text}</code>`;
+  // the API's messages quote commands in `backticks`: shown as code, the rest as text
+  const prose = (text) => String(text).split("`").map((part, index) => (index % 2 ? code(part) : part));
   const empty = (...parts) => html`<p class="empty">${parts}</p>`;
   const failure = (error) => html`<p class="empty error-text">Could not read this: ${error.message || error}</p>`;
 
@@ -221,7 +223,7 @@
   function renderProcesses(data, error) {
     if (error) return update("processes", "", failure(error));
     if (!data.running) {
-      return update("processes", "not supervised", html`<div class="callout">${data.message}</div>`);
+      return update("processes", "not supervised", html`<div class="callout">${prose(data.message)}</div>`);
     }
     const rows = data.processes.map((p) => html`
       <tr data-process="${p.name}">
@@ -234,7 +236,7 @@
       </tr>`);
     const supervisor = data.supervisor || {};
     update("processes", `dify-local up · pid ${supervisor.pid} · up ${duration(supervisor.uptime)}`, html`
-      ${data.message ? html`<div class="callout">${data.message}</div>` : ""}
+      ${data.message ? html`<div class="callout">${prose(data.message)}</div>` : ""}
       <table>
         <thead><tr><th>Process</th><th>State</th><th class="num">PID</th><th class="num">Uptime</th>
           <th class="num">Restarts</th><th class="num">Memory</th></tr></thead>
