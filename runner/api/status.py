@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 from runner import topology
 from runner.api.openapi import errors, json_response, query
 from runner.api.validation import query_integer, query_parameters
-from runner.monitor.queues import queue_states
+from runner.monitor.queues import observed_queue_states
 from runner.monitor.workers import consumers_by_queue
 from runner.settings import mask_url
 from runner.store.migrations import schema_state
@@ -70,16 +70,17 @@ def queues():
     minutes = query_integer("history", 0, 1, MAX_HISTORY) if "history" in request.args else None
     celery = current_app.extensions["celery"]
     interval = current_app.extensions["dify_settings"].DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL
-    now = time.time()
-    states = queue_states(celery, topology.QUEUE_NAMES)
     consumed = current_app.extensions["worker_inspections"].ask("active_queues")["active_queues"]
     consumers = consumers_by_queue({worker: sorted(queue["name"] for queue in queues or [])
                                     for worker, queues in consumed.items()})
+    now = time.time()
+    with celery.connection_for_read() as connection:
+        states = observed_queue_states(connection.default_channel, consumers)
     body: dict = {"at": now, "sample_interval": interval, "workers_answered": len(consumed)}
     history = {}
     if minutes is not None:
         since = now - minutes * 60
-        history = sample_history(celery.dify.database, since, topology.QUEUE_NAMES)
+        history = sample_history(celery.dify.database, since, states)
         # points spread over the samples there are: a stack younger than the window gets a fine chart
         first = min((samples[0][0] for samples in history.values()), default=since)
         start = max(since, first)
@@ -88,19 +89,20 @@ def queues():
         body["history"] = {"minutes": minutes, "since": since, "first_sample_at": None if first == since else first,
                            "step": step}
     listed = []
-    for spec in topology.QUEUES:
-        state = states[spec.name]
-        entry = {"name": spec.name, "priority": spec.priority.label, "depth": state.depth,
+    for name, state in states.items():
+        spec = topology.BY_NAME.get(name)
+        entry = {"name": name, "priority": spec.priority.label if spec else None, "depth": state.depth,
                  "oldest_age": None if state.oldest_sent_at is None else round(state.oldest_age(now), 3),
-                 "consumers": consumers.get(spec.name, [])}
+                 "consumers": consumers.get(name, [])}
         if minutes is not None:
-            entry["history"] = history.get(spec.name, [])
+            entry["history"] = history.get(name, [])
         listed.append(entry)
     return jsonify({"queues": listed, **body})
 
 
 QUEUE = {"type": "object", "required": ["name", "priority", "depth", "oldest_age", "consumers"],
-         "properties": {"name": {"type": "string"}, "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+         "properties": {"name": {"type": "string"}, "priority": {"type": "string", "nullable": True,
+                                     "description": "high, normal or low; null for a queue outside the topology"},
                         "depth": {"type": "integer"},
                         "oldest_age": {"type": "number", "nullable": True,
                                        "description": "seconds the oldest waiting message has waited"},
@@ -115,7 +117,8 @@ PATHS = {
                                                                           "checks": {"type": "object"}}}),
                       "503": json_response("one of them does not (the body says which and why)")}}},
     "/v1/queues": {"get": {
-        "summary": "The 16 queues: priority class, depth (priority sub-lists included), the oldest waiting "
+        "summary": "The 16 queues (then any other holding messages or consumed): priority class, depth "
+                   "(priority sub-lists included), the oldest waiting "
                    "message's age, the workers consuming each (those answering within a second), and with "
                    "`history` the depth over the last minutes (beat samples it every "
                    "DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL seconds)",

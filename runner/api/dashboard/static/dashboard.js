@@ -204,7 +204,8 @@
       ? `sampled every ${data.sample_interval} s` : "sampling off (DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL=0)";
     const rows = data.queues.map((queue) => html`
       <tr data-queue="${queue.name}" class="${queue.depth ? "" : "idle"}">
-        <td class="name"><span class="prio ${queue.priority}" title="${queue.priority} priority"></span>${queue.name}</td>
+        <td class="name"><span class="prio ${queue.priority || ""}"
+          title="${queue.priority ? `${queue.priority} priority` : "not one of the 16 queues"}"></span>${queue.name}</td>
         <td class="num depth ${queue.depth ? "strong" : "zero"}" data-depth="${queue.depth}">${number(queue.depth)}</td>
         <td class="chart">${spark(queue.history, axis, data.at, queue.depth, spanText)}</td>
         <td class="num">${queue.oldest_age === null ? html`<span class="zero">—</span>` : duration(queue.oldest_age)}</td>
