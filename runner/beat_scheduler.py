@@ -1,7 +1,7 @@
 """Beat's scheduler: Celery's persistent one, plus what it tells the rest of the stack at every tick.
 
-- A heartbeat on the broker: how `up` knows beat is running (it has ticked) and how later checks
-  tell a stale or a second beat.
+- A heartbeat on the broker: how `up` knows beat is running (it has ticked); and one key per beat,
+  so doctor tells a stale or a second beat.
 - Its schedule on the broker (each entry with its last and next run), for the API and dashboard,
   which neither import the task modules nor open the schedule file beat holds.
 - The queue sampler (runner.monitor.sampler): every queue's depth into queue_samples.
@@ -22,17 +22,16 @@ from typing import Any
 from celery.beat import PersistentScheduler
 
 from runner.beat_schedule import BY_TASK
-from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY
+from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY, beat_instance_key
 from runner.topology import QUEUE_NAMES, ROUTES
 
 log = logging.getLogger("dify_local.beat")
 
 HEARTBEAT_TTL = 60  # seconds; a beat that stopped ticking disappears from the broker after this
-# seconds: the schedule is written when an entry changes, else again after SCHEDULE_REFRESH so that
-# it expires (SCHEDULE_TTL) soon after beat stops; rewriting it every tick would only grow the
+# seconds: the schedule is written when an entry changes, else again after SCHEDULE_REFRESH so that it
+# expires with the heartbeat soon after beat stops; rewriting it every tick would only grow the
 # embedded broker's append-only log
 SCHEDULE_REFRESH = 20
-SCHEDULE_TTL = HEARTBEAT_TTL
 
 
 def _epoch(moment: datetime.datetime) -> float:
@@ -67,12 +66,32 @@ class HeartbeatScheduler(PersistentScheduler):
         return self._heartbeat_connection.default_channel.client
 
     def _heartbeat(self) -> None:
-        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
+        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
+                            "interval": self.max_interval})
         try:
-            self._broker().set(BEAT_HEARTBEAT_KEY, value, ex=HEARTBEAT_TTL)
+            client = self._broker()
+            client.set(BEAT_HEARTBEAT_KEY, value, ex=self._heartbeat_ttl())
+            self._instance_heartbeat(client, value)
         except Exception as error:  # the broker may be restarting: retry at the next tick
             log.warning("could not write beat's heartbeat: %s", error)
             self._close_heartbeat()
+
+    def _heartbeat_ttl(self) -> int:
+        # outlive the longest wait between ticks (max_interval), which may be above HEARTBEAT_TTL
+        return max(HEARTBEAT_TTL, int(3 * self.max_interval))
+
+    def _instance_heartbeat(self, client, value: str) -> None:
+        """This beat's own key beside the shared one: two beats on one broker (each sending every
+        periodic task) show as two keys to `doctor`. Removed when this beat stops."""
+        client.set(beat_instance_key(socket.gethostname(), os.getpid()), value, ex=self._heartbeat_ttl())
+
+    def _forget_instance(self) -> None:
+        try:
+            if self._heartbeat_connection is not None:
+                self._heartbeat_connection.default_channel.client.delete(
+                    beat_instance_key(socket.gethostname(), os.getpid()))
+        except Exception:  # broker gone: the key expires on its own
+            pass
 
     def describe_schedule(self) -> list[dict[str, Any]]:
         """Each entry: name, task, queue, schedule in words, last run and next run (UNIX times)."""
@@ -104,7 +123,7 @@ class HeartbeatScheduler(PersistentScheduler):
                 return
             value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
                                 "max_interval": self.max_interval, "entries": entries}, default=str)
-            self._broker().set(BEAT_SCHEDULE_KEY, value, ex=SCHEDULE_TTL)
+            self._broker().set(BEAT_SCHEDULE_KEY, value, ex=self._heartbeat_ttl())
         except Exception as error:  # the broker restarting: again at the next tick, said once
             if self._published_entries is not None or not self._publish_failed:
                 log.warning("could not publish beat's schedule (trying at every tick): %s", error)
@@ -142,5 +161,6 @@ class HeartbeatScheduler(PersistentScheduler):
     def close(self):
         if self._sampler:
             self._sampler.stop()
+        self._forget_instance()
         self._close_heartbeat()
         super().close()

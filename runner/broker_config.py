@@ -13,6 +13,18 @@ BEAT_HEARTBEAT_KEY = "dify-local:beat:heartbeat"  # written by beat at every tic
 # beat's entries with their last and next runs (JSON), written by beat when they change, read by the
 # API: it neither imports the task modules nor opens beat's schedule file
 BEAT_SCHEDULE_KEY = "dify-local:beat:schedule"
+# One key per running beat and per worker node, each with a TTL, read by doctor: a second beat, or a
+# worker that died or hangs, shows as its own key (or as one whose time stopped moving).
+BEAT_INSTANCE_PREFIX = "dify-local:beat:instance:"
+WORKER_HEARTBEAT_PREFIX = "dify-local:worker:heartbeat:"
+
+
+def beat_instance_key(host: str, pid: int) -> str:
+    return f"{BEAT_INSTANCE_PREFIX}{host}:{pid}"
+
+
+def worker_heartbeat_key(node: str) -> str:
+    return f"{WORKER_HEARTBEAT_PREFIX}{node}"
 
 
 def transport_options(settings: Any) -> dict[str, Any]:
@@ -60,8 +72,8 @@ def broker_connection(settings: Any, timeout: float | None = None):
 
 # -- why the broker could not be reached ---------------------------------------------------------
 
-UNREACHABLE, WRONG_PASSWORD, NO_PASSWORD, TLS, CERTIFICATE, NO_MASTER, OTHER = (
-    "unreachable", "wrong password", "no password", "tls", "certificate", "no master", "other")
+UNREACHABLE, TIMEOUT, WRONG_PASSWORD, NO_PASSWORD, TLS, CERTIFICATE, NO_MASTER, OTHER = (
+    "unreachable", "timeout", "wrong password", "no password", "tls", "certificate", "no master", "other")
 FINAL = (WRONG_PASSWORD, NO_PASSWORD, CERTIFICATE)  # retrying does not help: the settings must change
 
 
@@ -94,36 +106,50 @@ def broker_error_kind(error: BaseException) -> tuple[str, str]:
             if "invalid" in text or "WRONGPASS" in text:
                 return WRONG_PASSWORD, "the password was refused"
             return NO_PASSWORD, "it asks for a password and none was given"
+    for link in chain:  # something listens but does not answer: not the same advice as nothing listening
+        if isinstance(link, (redis.TimeoutError, TimeoutError)):
+            return TIMEOUT, str(link)
     for link in chain:
-        if isinstance(link, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        if isinstance(link, (redis.ConnectionError, OSError)):
             return UNREACHABLE, str(link)
     return OTHER, f"{type(chain[-1]).__name__}: {chain[-1]}"
+
+
+def broker_advice(kind: str, settings: Any) -> str:
+    """What to do about a broker error of `kind`."""
+    embedded = settings.uses_embedded_broker
+    if kind == UNREACHABLE:
+        return ("is it running? `dify-local up` starts it (or `dify-local serve broker`)" if embedded
+                else "is that Redis running, and is CELERY_BROKER_URL right (rediss:// for a TLS port)?")
+    if kind == TIMEOUT and settings.uses_ssl:
+        return ("no TLS handshake in time: does that port speak TLS? rediss:// and BROKER_USE_SSL are for a "
+                "Redis TLS port (tls-port); a plain port waits silently")
+    if kind == TIMEOUT:
+        return ("something listens on REDIS_PORT but does not answer: another program on that port, or a "
+                "broker that is stopped or overloaded (`dify-local doctor` names what holds the port)" if embedded
+                else "something listens there but does not answer: is it a Redis server (rediss:// for a TLS "
+                     "port), and not stopped or overloaded?")
+    if kind == WRONG_PASSWORD:
+        return ("check REDIS_PASSWORD: it must be the password the embedded broker was started with" if embedded
+                else "check the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db)")
+    if kind == NO_PASSWORD:
+        return ("set REDIS_PASSWORD to the embedded broker's password" if embedded
+                else "put the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db; "
+                     "for sentinels, the master's password in each sentinel://:PASSWORD@host:port)")
+    if kind == CERTIFICATE:
+        return ("if the server's certificate is signed by a CA of your own, name that CA's PEM file in "
+                "REDIS_SSL_CA_CERTS (the certificate must also name the host of the URL)")
+    if kind == TLS:
+        return "does that port speak TLS? rediss:// and BROKER_USE_SSL are for a Redis TLS port (tls-port)"
+    if kind == NO_MASTER:
+        return (f"do the sentinels run, and do they watch a master named "
+                f"{settings.CELERY_SENTINEL_MASTER_NAME!r} (CELERY_SENTINEL_MASTER_NAME)? "
+                "CELERY_SENTINEL_PASSWORD is the sentinels' own password, if they have one")
+    return "is CELERY_BROKER_URL a Redis server?"
 
 
 def explain_broker_error(error: BaseException, settings: Any, url: str) -> tuple[str, str]:
     """(kind, one line: what failed, at which URL (password masked), why, and what to do)."""
     kind, reason = broker_error_kind(error)
-    embedded = settings.uses_embedded_broker
-    if kind == UNREACHABLE:
-        advice = ("is it running? `dify-local up` starts it (or `dify-local serve broker`)" if embedded
-                  else "is that Redis running, and is CELERY_BROKER_URL right (rediss:// for a TLS port)?")
-    elif kind == WRONG_PASSWORD:
-        advice = ("check REDIS_PASSWORD: it must be the password the embedded broker was started with" if embedded
-                  else "check the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db)")
-    elif kind == NO_PASSWORD:
-        advice = ("set REDIS_PASSWORD to the embedded broker's password" if embedded
-                  else "put the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db; "
-                       "for sentinels, the master's password in each sentinel://:PASSWORD@host:port)")
-    elif kind == CERTIFICATE:
-        advice = ("if the server's certificate is signed by a CA of your own, name that CA's PEM file in "
-                  "REDIS_SSL_CA_CERTS (the certificate must also name the host of the URL)")
-    elif kind == TLS:
-        advice = "does that port speak TLS? rediss:// and BROKER_USE_SSL are for a Redis TLS port (tls-port)"
-    elif kind == NO_MASTER:
-        advice = (f"do the sentinels run, and do they watch a master named "
-                  f"{settings.CELERY_SENTINEL_MASTER_NAME!r} (CELERY_SENTINEL_MASTER_NAME)? "
-                  "CELERY_SENTINEL_PASSWORD is the sentinels' own password, if they have one")
-    else:
-        advice = "is CELERY_BROKER_URL a Redis server?"
-    what = "the embedded broker" if embedded else "the broker"
-    return kind, f"cannot use {what} at {mask_url(url)}: {reason.rstrip('. ')}; {advice}"
+    what = "the embedded broker" if settings.uses_embedded_broker else "the broker"
+    return kind, f"cannot use {what} at {mask_url(url)}: {reason.rstrip('. ')}; {broker_advice(kind, settings)}"

@@ -18,6 +18,7 @@ from runner.results import polling_backend_url
 from runner.settings import Settings
 from runner.state import StatePaths
 from runner.tasks import TASK_MODULES
+from runner.worker_heartbeat import WorkerHeartbeat
 
 
 def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, Any]:
@@ -73,6 +74,8 @@ def create_celery_app(settings: Settings, poll_results: bool = False, register_t
     app = Celery("dify-local", set_as_current=True)
     app.conf.update(celery_config(settings, poll_results))
     app.dify = AppContext(settings)
+    # Here rather than in the worker role, so `celery -A runner.app.celery worker` beats as well.
+    app.steps["consumer"].add(WorkerHeartbeat)
     if register_tasks:
         for module in TASK_MODULES:
             importlib.import_module(module)

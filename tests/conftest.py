@@ -19,10 +19,15 @@ class Project:
     broker_port: int
     api_port: int
     procs: list[Proc] = field(default_factory=list)
+    # how `dify-local` is run, and the environment under it: the test's virtualenv, or (the binary
+    # tests) the built binary with a clean environment
+    program: list[str] = field(default_factory=dify_local)
+    base: dict[str, str] | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        return base_env(REDIS_PORT=str(self.broker_port), DIFY_PORT=str(self.api_port))
+        ports = {"REDIS_PORT": str(self.broker_port), "DIFY_PORT": str(self.api_port)}
+        return {**self.base, **ports} if self.base is not None else base_env(**ports)
 
     @property
     def state(self) -> Path:
@@ -41,11 +46,11 @@ class Project:
         return Http(f"http://127.0.0.1:{self.api_port}")
 
     def run(self, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([*dify_local(), *args], cwd=self.dir, env={**self.env, **(env or {})},
+        return subprocess.run([*self.program, *args], cwd=self.dir, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str, env: dict | None = None, argv: list[str] | None = None) -> Proc:
-        proc = Proc(argv or [*dify_local(), *args], self.dir, {**self.env, **(env or {})})
+        proc = Proc(argv or [*self.program, *args], self.dir, {**self.env, **(env or {})})
         self.procs.append(proc)
         return proc
 

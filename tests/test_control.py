@@ -93,3 +93,39 @@ def test_per_process_log_files_rotate(project):
     assert "chatty | line 0 " in (project.dir / "all.log.2").read_text()  # LOG_FILE gets every line, rotated too
     tail = project.run("logs", "-n", "1", "chatty").stdout
     assert "line 4999 " in tail
+
+
+def test_other_terminals_follow_the_flags_up_was_started_with(project):
+    """`up --port N --broker-port M` in one terminal; `config`, `queues` and `doctor` in another,
+    without those flags, look at that stack (and a stale info file of a stopped `up` is ignored)."""
+    import subprocess
+
+    from tests.helpers import base_env, dify_local
+
+    stack = project.up("--port", str(project.api_port), "--broker-port", str(project.broker_port),
+                       env={"DIFY_PORT": "", "REDIS_PORT": ""})
+    bare = base_env()  # no port settings at all: the defaults (5001, 6379) unless the stack's flags apply
+
+    def run(*args):
+        return subprocess.run([*dify_local(), *args], cwd=project.dir, env=bare, capture_output=True, text=True,
+                              timeout=60)
+
+    config = json.loads(run("config", "--json").stdout)
+    sources = {item["name"]: (item["value"], item["source"]) for item in config["settings"]}
+    assert sources["DIFY_PORT"][0] == str(project.api_port) and "running `up`" in sources["DIFY_PORT"][1]
+    assert sources["REDIS_PORT"][0] == str(project.broker_port)
+    queues = run("queues")
+    assert queues.returncode == 0 and f"127.0.0.1:{project.broker_port}/1" in queues.stdout, queues.stderr
+    doctor = run("doctor")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert stat.S_IMODE(os.stat(project.state / "supervisor.json").st_mode) == 0o600  # may hold a password
+    # this command's own flags still win
+    mine = json.loads(run("--set", "DIFY_PORT=5999", "config", "--json").stdout)
+    assert {item["name"]: item["value"] for item in mine["settings"]}["DIFY_PORT"] == "5999"
+
+    info = (project.state / "supervisor.json").read_text()
+    assert run("down").returncode == 0
+    assert stack.wait(60) == 0
+    (project.state / "supervisor.json").write_text(info)  # as an `up` killed with -9 leaves it
+    after = json.loads(run("config", "--json").stdout)
+    assert {item["name"]: item["value"] for item in after["settings"]}["DIFY_PORT"] == "5001"

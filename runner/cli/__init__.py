@@ -11,6 +11,7 @@ import click
 from runner import __version__
 from runner.process_env import ENV_FILES
 from runner.settings import Override, Settings, SettingsError, load_settings
+from runner.supervisor.control import running_stack_settings
 
 CONFIG_ERROR = 2
 
@@ -28,15 +29,28 @@ def fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-def settings_from(ctx: click.Context, **flags: tuple[str, str, object]) -> Settings:
-    """Effective settings with `--set` values and this command's own flags (flag, name, value) on top."""
+def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[str, str, object]) -> Settings:
+    """Effective settings with `--set` values and this command's own flags (flag, name, value) on top.
+
+    `follow_stack`: when an `up` runs for the same state folder, the values its command line gave
+    (`up --port 5002 --broker redis://…`) apply here too, below this command's own: `doctor` or
+    `queues` in another terminal look at the stack that runs. `up` and the roles it starts do not.
+    """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)
     for flag, name, value in flags.values():
         if value is not None:
             overrides[name] = Override(str(value), flag)
     try:
-        return load_settings(state.project_dir, overrides, env_files=state.env_files)
+        settings = load_settings(state.project_dir, overrides, env_files=state.env_files)
+        stack = running_stack_settings(settings.state_dir) if follow_stack else None
+        if stack is not None:
+            pid, given = stack
+            inherited = {name: Override(value, f"of the running `up`, pid {pid}")
+                         for name, value in given.items() if name not in overrides}
+            if inherited:
+                settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files)
+        return settings
     except SettingsError as error:
         for line in error.lines:
             click.echo(f"dify-local: {line}", err=True)
@@ -67,17 +81,17 @@ def main(ctx: click.Context, project_dir: Path | None, assignments: dict[str, Ov
     ctx.obj = CliState(project_dir, assignments, tuple(name.strip() for name in env_files.split(",") if name.strip()))
 
 
-from runner.cli import (  # noqa: E402  (registers the commands)
+from runner.cli import (  # noqa: E402, F401  (importing a command module registers its commands)
     broker_commands,
     control_commands,
+    doctor_command,
     export_command,
     failed_commands,
+    init_command,
     inspect_commands,
     monitor_commands,
     run_commands,
     serve_commands,
 )
 
-__all__ = ["main", "broker_commands", "control_commands", "export_command", "failed_commands",
-           "inspect_commands", "monitor_commands", "run_commands",
-           "serve_commands"]
+__all__ = ["main"]

@@ -82,7 +82,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     from runner.supervisor.procfile import PROCFILE, ProcfileError, expand, load_procfile, parse_scale
 
     settings = settings_from(
-        ctx, broker=("--broker", "CELERY_BROKER_URL", broker_url), port=("--port", "DIFY_PORT", port),
+        ctx, follow_stack=False, broker=("--broker", "CELERY_BROKER_URL", broker_url),
+        port=("--port", "DIFY_PORT", port),
         broker_port=("--broker-port", "REDIS_PORT", broker_port),
         broker_password=("--broker-password", "REDIS_PASSWORD", broker_password),
         state_dir=("--state-dir", "DIFY_LOCAL_STATE_DIR", state_dir),

@@ -55,7 +55,7 @@ def serve(ctx: click.Context) -> None:
     child.stand_by()  # a spare started by `up` for the next reload waits here, before reading settings
     if ctx.invoked_subcommand is not None:
         return
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, follow_stack=False)
     if not settings.MODE:
         fail("name a role (api, worker, beat, broker) or set MODE", CONFIG_ERROR)
     if settings.MODE == "job":
@@ -69,7 +69,8 @@ def serve(ctx: click.Context) -> None:
 @click.pass_context
 def serve_api(ctx: click.Context, host: str | None, port: int | None) -> None:
     """The Flask API; applies pending migrations first when MIGRATION_ENABLED."""
-    settings = settings_from(ctx, host=("--host", "DIFY_BIND_ADDRESS", host), port=("--port", "DIFY_PORT", port))
+    settings = settings_from(ctx, follow_stack=False, host=("--host", "DIFY_BIND_ADDRESS", host),
+                             port=("--port", "DIFY_PORT", port))
     _run_role("api", settings)
 
 
@@ -100,7 +101,7 @@ def serve_worker(ctx: click.Context, queues, pool, concurrency, autoscale, prefe
         flags.update(scale=("--autoscale", "CELERY_AUTO_SCALE", "true"),
                      ceiling=("--autoscale", "CELERY_MAX_WORKERS", match.group(1)),
                      floor=("--autoscale", "CELERY_MIN_WORKERS", match.group(2)))
-    settings = settings_from(ctx, **flags)
+    settings = settings_from(ctx, follow_stack=False, **flags)
     modules = tuple(module.strip() for item in include for module in item.split(",") if module.strip())
     _run_role("worker", settings, hostname=hostname, include=modules)
 
@@ -110,7 +111,7 @@ def serve_worker(ctx: click.Context, queues, pool, concurrency, autoscale, prefe
 @click.pass_context
 def serve_beat(ctx: click.Context, loglevel: str | None) -> None:
     """Celery beat with Dify's periodic tasks (the ENABLE_* flags)."""
-    _run_role("beat", settings_from(ctx, loglevel=("-l", "LOG_LEVEL", loglevel)))
+    _run_role("beat", settings_from(ctx, follow_stack=False, loglevel=("-l", "LOG_LEVEL", loglevel)))
 
 
 @serve.command("broker")
@@ -123,8 +124,8 @@ def serve_beat(ctx: click.Context, loglevel: str | None) -> None:
 def serve_broker(ctx: click.Context, host: str | None, port: int | None, password: str | None, no_password: bool,
                  no_persist: bool) -> None:
     """The embedded Redis-protocol broker (fakeredis): durable, on loopback, password required."""
-    settings = settings_from(ctx, host=("--host", "REDIS_HOST", host), port=("--port", "REDIS_PORT", port),
-                             password=("--password", "REDIS_PASSWORD", password),
+    settings = settings_from(ctx, follow_stack=False, host=("--host", "REDIS_HOST", host),
+                             port=("--port", "REDIS_PORT", port), password=("--password", "REDIS_PASSWORD", password),
                              persist=("--no-persist", "DIFY_LOCAL_BROKER_PERSIST", "false" if no_persist else None))
     _run_role("broker", settings, password=not no_password)
 
@@ -160,7 +161,9 @@ def job(ctx: click.Context, command: tuple[str, ...]) -> None:
         prepare_database(AppContext(settings).database, migrate=settings.MIGRATION_ENABLED)
     except SchemaOutOfDate as error:
         fail(str(error))
-    env = dict(os.environ)
+    from runner.frozen import foreign_environment
+
+    env = foreign_environment(dict(os.environ))  # the binary's own loader paths are not the command's
     env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()})
     env.update({"CELERY_BROKER_URL": settings.broker_url, "DIFY_LOCAL_PROJECT_DIR": str(settings.project_dir),
                 "MODE": "job"})

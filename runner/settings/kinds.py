@@ -80,7 +80,11 @@ class Integer(Kind):
 
 @dataclass(frozen=True)
 class PositiveNumber(Kind):
-    allowed = "a number greater than 0 (seconds, e.g. 0.1)"
+    unit: str = "seconds, e.g. 0.1"
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return f"a number greater than 0 ({self.unit})"
 
     def parse(self, raw: str) -> float:
         try:

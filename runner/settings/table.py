@@ -203,6 +203,11 @@ SETTINGS: tuple[Setting, ...] = (
     # state
     Setting("DIFY_LOCAL_STATE_DIR", Text(), ".dify-local", "state",
             "folder for the database, files, logs, beat schedule and broker data (relative to the project)"),
+    # doctor's thresholds
+    Setting("DIFY_LOCAL_STUCK_DOCUMENT_MINUTES", PositiveNumber("minutes, e.g. 10 or 0.5"), 10, "doctor",
+            "minutes a document may stay waiting, parsing, splitting or indexing before `doctor` calls it stuck"),
+    Setting("DIFY_LOCAL_MIN_FREE_MB", Integer(minimum=0), 500, "doctor",
+            "megabytes the state folder's disk must have free for `doctor` to pass"),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}

@@ -134,9 +134,14 @@ def stream(state_dir: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]
 
 
 def write_info(state_dir: Path, info: dict[str, Any]) -> None:
+    """The running `up`: its pid, and the settings its command line gave (owner-only: a password
+    given with --broker-password is among them)."""
     path = state_dir / INFO_NAME
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as out:
+        out.write(json.dumps(info, indent=2))
     os.replace(partial, path)
 
 
@@ -145,6 +150,21 @@ def read_info(state_dir: Path) -> dict[str, Any] | None:
         return json.loads((state_dir / INFO_NAME).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None:
+    """The pid of the `up` running for this state folder and the settings given on its command
+    line (`up --port 5002`), so commands from another terminal look at the stack that runs."""
+    info = read_info(state_dir)
+    if not info or not isinstance(info.get("pid"), int) or not isinstance(info.get("settings"), dict):
+        return None
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return None  # a stale file of an `up` that did not stop cleanly
+    except PermissionError:
+        pass
+    return info["pid"], {str(name): str(value) for name, value in info["settings"].items()}
 
 
 def remove_info(state_dir: Path) -> None:

@@ -30,6 +30,7 @@ from honcho.printer import Message, Printer
 
 from runner import __version__
 from runner.beat_schedule import enabled as enabled_periodic_tasks
+from runner.frozen import foreign_environment, program_dir
 from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, WATCH_ROOTS
 from runner.reload.watcher import WatchPlan
@@ -88,12 +89,6 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"was killed by signal {-returncode}"
     return f"exited with status {returncode}"
-
-
-def executable_dir() -> str:
-    """The folder holding the running `dify-local` (the virtualenv's bin, or the binary's folder),
-    put first on children's PATH so every `dify-local serve …` line runs this same installation."""
-    return str(Path(sys.executable).resolve().parent if getattr(sys, "frozen", False) else Path(sys.executable).parent)
 
 
 class Supervisor:
@@ -173,8 +168,11 @@ class Supervisor:
             PROCESS_NAME: spec.name,
             ENV_FILES: "",  # already read into this environment; children must not read them again
             "PYTHONUNBUFFERED": "1",
-            "PATH": executable_dir() + os.pathsep + env.get("PATH", ""),
+            # every `dify-local …` line runs this same installation (virtualenv or binary)
+            "PATH": program_dir(self.settings.state_dir) + os.pathsep + env.get("PATH", ""),
         })
+        if not spec.is_ours:
+            env = foreign_environment(env)
         if self.settings.uses_embedded_broker:
             env["CELERY_BROKER_URL"] = self.settings.broker_url
             env["REDIS_URL"] = self.settings.embedded_url(0)
@@ -459,7 +457,8 @@ class Supervisor:
         if self.reloads is not None:
             self.reloads.start()
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
-                                            "project_dir": str(self.settings.project_dir)})
+                                            "project_dir": str(self.settings.project_dir),
+                                            "settings": self.settings.command_line_environment()})
         status = 0
         try:
             for state in self.states:
