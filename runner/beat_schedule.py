@@ -1,4 +1,5 @@
-"""Dify's periodic tasks: each with the flag that turns it on and when it runs.
+"""Dify's periodic tasks: each with the flag that turns it on and when it runs; and dify-local's own
+housekeeping, always on.
 
 The queue each one lands on is its route in the topology; the on/off defaults are the flags'
 defaults in the settings table, as the seed gives them.
@@ -33,7 +34,7 @@ class _SettingsView(dict):
 @dataclass(frozen=True)
 class PeriodicTask:
     task: str
-    flag: str
+    flag: str | None  # the ENABLE_* setting that turns it on; None: always on (dify-local's housekeeping)
     when: Callable[[Any], Any]  # settings -> a Celery schedule
     description: str  # may name settings in braces: "every {QUEUE_MONITOR_INTERVAL} minutes"
 
@@ -43,6 +44,9 @@ class PeriodicTask:
     @property
     def queue(self) -> str:
         return ROUTES[self.task]
+
+    def enabled(self, settings: Any) -> bool:
+        return self.flag is None or bool(getattr(settings, self.flag))
 
 
 PERIODIC_TASKS: tuple[PeriodicTask, ...] = (
@@ -67,11 +71,17 @@ PERIODIC_TASKS: tuple[PeriodicTask, ...] = (
                  "every {WORKFLOW_SCHEDULE_POLLER_INTERVAL} minute(s)"),
 )
 
-BY_TASK: dict[str, PeriodicTask] = {periodic.task: periodic for periodic in PERIODIC_TASKS}
+# Not Dify's: what the local stack needs to keep itself tidy. Each runs an interval after beat first
+# started (Celery's rule for a new entry), so a short-lived stack never runs it.
+HOUSEKEEPING_TASKS: tuple[PeriodicTask, ...] = (
+    PeriodicTask("clean_queue_samples_task", None, lambda s: timedelta(hours=1), "hourly"),
+)
+
+BY_TASK: dict[str, PeriodicTask] = {periodic.task: periodic for periodic in PERIODIC_TASKS + HOUSEKEEPING_TASKS}
 
 
 def enabled(settings: Any) -> list[PeriodicTask]:
-    return [periodic for periodic in PERIODIC_TASKS if getattr(settings, periodic.flag)]
+    return [periodic for periodic in PERIODIC_TASKS + HOUSEKEEPING_TASKS if periodic.enabled(settings)]
 
 
 def build_beat_schedule(settings: Any) -> dict[str, dict[str, Any]]:

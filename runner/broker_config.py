@@ -10,6 +10,9 @@ from typing import Any
 from runner.settings.kinds import mask_url
 
 BEAT_HEARTBEAT_KEY = "dify-local:beat:heartbeat"  # written by beat at every tick, read by `up` and doctor
+# beat's entries with their last and next runs (JSON), written by beat when they change, read by the
+# API: it neither imports the task modules nor opens beat's schedule file
+BEAT_SCHEDULE_KEY = "dify-local:beat:schedule"
 # One key per running beat and per worker node, each with a TTL, read by doctor: a second beat, or a
 # worker that died or hangs, shows as its own key (or as one whose time stopped moving).
 BEAT_INSTANCE_PREFIX = "dify-local:beat:instance:"

@@ -101,6 +101,7 @@ ROUTES: dict[str, str] = {
     "clean_expired_tokens_task": "retention",
     "clean_temp_files_task": "retention",
     "clean_old_logs_task": "retention",
+    "clean_queue_samples_task": "retention",
 }
 
 

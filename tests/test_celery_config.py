@@ -21,7 +21,9 @@ def test_embedded_broker_json_only_and_expiring_results(tmp_path):
     assert conf["result_expires"] == 600 and conf["broker_connection_retry_on_startup"] is True
     assert conf["broker_transport_options"] == {"queue_order_strategy": "priority"}
     assert "broker_use_ssl" not in conf
-    assert set(conf["beat_schedule"]) == {"check_upgradable_plugin_task", "workflow_schedule_poller_task"}
+    # Dify's two periodic tasks on by default, and dify-local's own housekeeping
+    assert set(conf["beat_schedule"]) == {"check_upgradable_plugin_task", "workflow_schedule_poller_task",
+                                          "clean_queue_samples_task"}
 
 
 def test_sentinel_options_as_dify_sets_them(tmp_path):

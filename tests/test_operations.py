@@ -1,5 +1,5 @@
 """Operations through a running stack: the dataset queue monitor's alert mail, retention of
-tokens, temporary files and rotated logs, the stand-in vector-store pool, traces and metrics."""
+tokens, temporary files, rotated logs and queue samples, the stand-in vector-store pool, traces and metrics."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_queue_monitor_mails_an_alert_when_dataset_is_over_the_threshold(project
 
 
 def test_retention_removes_expired_tokens_old_temp_files_and_rotated_logs(project):
-    project.up()
+    project.up(env={"DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL": "1", "DIFY_LOCAL_QUEUE_SAMPLE_RETENTION_HOURS": "2"})
     stamp = time.time()
     with sqlite3.connect(project.database) as db:
         insert = "INSERT INTO tokens VALUES (?, 'reset_password', 'a@example.com', ?, ?)"
@@ -94,6 +94,21 @@ def test_retention_removes_expired_tokens_old_temp_files_and_rotated_logs(projec
     logs_cleaned = run(project, "clean_old_logs_task")
     assert logs_cleaned["result"]["files"] == 1 and logs_cleaned["result"]["older_than_days"] == 14
     assert not rotated.exists() and recent.exists() and (logs / "worker.log").exists()
+
+    # queue depth samples: beat writes one per queue every DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL seconds,
+    # retention removes those older than DIFY_LOCAL_QUEUE_SAMPLE_RETENTION_HOURS
+    def sampled():
+        with sqlite3.connect(project.database) as db:
+            return db.execute("SELECT COUNT(DISTINCT queue), COUNT(DISTINCT at) FROM queue_samples").fetchone()
+    wait_until(lambda: sampled()[0] == len(QUEUE_NAMES) and sampled()[1] >= 2, 30, "beat's samples of every queue")
+    with sqlite3.connect(project.database) as db:
+        db.executemany("INSERT INTO queue_samples VALUES (?, 'mail', 1, NULL)",
+                       [[stamp - 2 * 3600 - 60], [stamp - 2 * 3600 + 600]])
+    cleaned = run(project, "clean_queue_samples_task")
+    assert cleaned["result"] == {"removed": 1, "older_than_hours": 2}
+    with sqlite3.connect(project.database) as db:
+        assert db.execute("SELECT COUNT(*) FROM queue_samples WHERE at < ?", [stamp - 3600]).fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM queue_samples WHERE at >= ?", [stamp - 60]).fetchone()[0] > 0
 
 
 def test_vector_store_pool_embedding_cache_and_traces(project):

@@ -8,12 +8,17 @@ import time
 from celery import Celery
 from flask import Flask, g, request
 
-from runner.api import apps, datasets, failed, mail, metrics, openapi, plugins, status, tasks, workflows
+from runner.api import (apps, dashboard, datasets, failed, mail, metrics, openapi, plugins, stack, status, task_runs,
+                        tasks, workflows)
 from runner.api.errors import install_error_handlers
+from runner.api.inspection import WorkerInspections
 from runner.settings import Settings
 
 MAX_JSON_BODY = 1024 * 1024  # bytes; task arguments travel through the broker, keep them small
 QUIET_PATHS = ("/health",)  # polled by `up` and monitors; not worth a log line each
+# The dashboard's refreshes (a handful of GETs every few seconds) mark themselves with this header:
+# logged only when they fail, so the API's log keeps the requests someone made.
+POLL_HEADER = "X-Dashboard-Poll"
 
 log = logging.getLogger("dify_local.api")
 
@@ -24,8 +29,10 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
     app.json.sort_keys = False
     app.extensions["celery"] = celery
     app.extensions["dify_settings"] = settings
+    app.extensions["worker_inspections"] = WorkerInspections(celery)
     # each a blueprint with its routes' OpenAPI description (PATHS)
-    modules = [status, tasks, datasets, workflows, apps, plugins, mail, metrics, failed, openapi]
+    modules = [status, tasks, datasets, workflows, apps, plugins, mail, metrics, failed, stack, task_runs, dashboard,
+               openapi]
     for module in modules:
         app.register_blueprint(module.blueprint)
     app.extensions["openapi"] = openapi.build_document(modules)
@@ -37,7 +44,8 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
 
     @app.after_request
     def _log_request(response):
-        if request.path not in QUIET_PATHS:
+        polled = request.method == "GET" and POLL_HEADER in request.headers and response.status_code < 400
+        if request.path not in QUIET_PATHS and not polled:
             elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
             log.info("%s %s %s (%.1f ms)", request.method, request.path, response.status_code, elapsed)
         return response

@@ -1,16 +1,20 @@
-"""Health and queue depth."""
+"""Health and the queues: depth, oldest message, consumers and the depth over time."""
 
 from __future__ import annotations
 
+import math
 import time
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 
 from runner import topology
-from runner.api.openapi import errors, json_response
-from runner.monitor.queues import queue_depths
+from runner.api.openapi import errors, json_response, query
+from runner.api.validation import query_integer, query_parameters
+from runner.monitor.queues import observed_queue_states
+from runner.monitor.workers import consumers_by_queue
 from runner.settings import mask_url
 from runner.store.migrations import schema_state
+from runner.store.queue_samples import sample_history
 
 blueprint = Blueprint("status", __name__)
 
@@ -45,14 +49,65 @@ def health():
     return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
 
 
+QUEUE_PARAMETERS = ("history",)
+MAX_HISTORY = 24 * 60  # minutes: what retention keeps by default
+MAX_POINTS = 120  # per queue: enough for a small chart, small enough to fetch every few seconds
+
+
+def downsampled(samples: list[tuple[float, int]], since: float, step: float) -> list[list[float]]:
+    """One point per `step` seconds from `since`: the bucket's largest depth (a spike stays
+    visible) at the time of its last sample."""
+    buckets: dict[int, list[float]] = {}
+    for at, depth in samples:
+        bucket = buckets.setdefault(math.floor((at - since) / step), [at, depth])
+        bucket[0], bucket[1] = at, max(bucket[1], depth)
+    return [buckets[key] for key in sorted(buckets)]
+
+
 @blueprint.get("/v1/queues")
 def queues():
+    query_parameters(QUEUE_PARAMETERS)
+    minutes = query_integer("history", 0, 1, MAX_HISTORY) if "history" in request.args else None
     celery = current_app.extensions["celery"]
-    depths = queue_depths(celery, topology.QUEUE_NAMES)
-    return jsonify({"queues": [{"name": spec.name, "priority": spec.priority.label, "depth": depths[spec.name]}
-                               for spec in topology.QUEUES]})
+    interval = current_app.extensions["dify_settings"].DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL
+    consumed = current_app.extensions["worker_inspections"].ask("active_queues")["active_queues"]
+    consumers = consumers_by_queue({worker: sorted(queue["name"] for queue in queues or [])
+                                    for worker, queues in consumed.items()})
+    now = time.time()
+    with celery.connection_for_read() as connection:
+        states = observed_queue_states(connection.default_channel, consumers)
+    body: dict = {"at": now, "sample_interval": interval, "workers_answered": len(consumed)}
+    history = {}
+    if minutes is not None:
+        since = now - minutes * 60
+        history = sample_history(celery.dify.database, since, states)
+        # points spread over the samples there are: a stack younger than the window gets a fine chart
+        first = min((samples[0][0] for samples in history.values()), default=since)
+        start = max(since, first)
+        step = max((now - start) / MAX_POINTS, interval or 1)
+        history = {name: downsampled(samples, start, step) for name, samples in history.items()}
+        body["history"] = {"minutes": minutes, "since": since, "first_sample_at": None if first == since else first,
+                           "step": step}
+    listed = []
+    for name, state in states.items():
+        spec = topology.BY_NAME.get(name)
+        entry = {"name": name, "priority": spec.priority.label if spec else None, "depth": state.depth,
+                 "oldest_age": None if state.oldest_sent_at is None else round(state.oldest_age(now), 3),
+                 "consumers": consumers.get(name, [])}
+        if minutes is not None:
+            entry["history"] = history.get(name, [])
+        listed.append(entry)
+    return jsonify({"queues": listed, **body})
 
 
+QUEUE = {"type": "object", "required": ["name", "priority", "depth", "oldest_age", "consumers"],
+         "properties": {"name": {"type": "string"}, "priority": {"type": "string", "nullable": True,
+                                     "description": "high, normal or low; null for a queue outside the topology"},
+                        "depth": {"type": "integer"},
+                        "oldest_age": {"type": "number", "nullable": True,
+                                       "description": "seconds the oldest waiting message has waited"},
+                        "consumers": {"type": "array", "items": {"type": "string"}},
+                        "history": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
 CHECK = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
 PATHS = {
     "/health": {"get": {
@@ -62,8 +117,22 @@ PATHS = {
                                                                           "checks": {"type": "object"}}}),
                       "503": json_response("one of them does not (the body says which and why)")}}},
     "/v1/queues": {"get": {
-        "summary": "The 16 queues with their priority class and depth", "operationId": "queues",
-        "responses": {"200": json_response("the queues", {"type": "object", "required": ["queues"],
-                                                          "properties": {"queues": {"type": "array"}}}),
-                      **errors(503)}}},
+        "summary": "The 16 queues (then any other holding messages or consumed): priority class, depth "
+                   "(priority sub-lists included), the oldest waiting "
+                   "message's age, the workers consuming each (those answering within a second), and with "
+                   "`history` the depth over the last minutes (beat samples it every "
+                   "DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL seconds)",
+        "operationId": "queues",
+        "parameters": [query("history", {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY},
+                             f"minutes of depth history per queue, at most {MAX_POINTS} points "
+                             "[time, largest depth] each")],
+        "responses": {"200": json_response("the queues", {
+            "type": "object", "required": ["queues", "at", "sample_interval", "workers_answered"],
+            "properties": {"queues": {"type": "array", "items": QUEUE}, "at": {"type": "number"},
+                           "sample_interval": {"type": "integer"}, "workers_answered": {"type": "integer"},
+                           "history": {"type": "object", "properties": {
+                               "minutes": {"type": "integer"}, "since": {"type": "number"},
+                               "first_sample_at": {"type": "number", "nullable": True},
+                               "step": {"type": "number", "description": "seconds each point stands for"}}}}}),
+                      **errors(400, 503)}}},
 }

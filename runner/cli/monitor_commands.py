@@ -172,24 +172,18 @@ def queue_report(settings: Settings, app, timeout: float,
     """The queues' state as JSON-ready data: the 16 of the topology in its order, then any other
     queue that has messages or a consumer."""
     from runner import topology
-    from runner.monitor.queues import bound_queues, channel_queue_states
+    from runner.monitor.queues import observed_queue_states
     from runner.monitor.workers import active_queues, consumers_by_queue, known_workers
 
     with _channel(settings) as channel:
-        others = bound_queues(channel)
         queues_of_workers = active_queues(app, timeout, len(known_workers(channel)) or None)
         consumers = consumers_by_queue(queues_of_workers)
-        names = list(topology.QUEUE_NAMES)
-        names += sorted((others | set(consumers)) - set(names))
-        states = channel_queue_states(channel, names)
+        states = observed_queue_states(channel, consumers)
     now = time.time()
-    samples = history(names, now)
+    samples = history(list(states), now)
     rows = []
-    for name in names:
-        state = states[name]
+    for name, state in states.items():
         spec = topology.BY_NAME.get(name)
-        if spec is None and not state.depth and name not in consumers:
-            continue  # a queue someone declared once, empty and unconsumed: noise
         rows.append({
             "name": name,
             "priority": spec.priority.label if spec else None,

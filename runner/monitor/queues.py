@@ -91,6 +91,18 @@ def bound_queues(channel) -> set[str]:
     return found
 
 
+def observed_queue_states(channel, consumed: Iterable[str] = ()) -> dict[str, QueueDepth]:
+    """The topology's 16 queues in its order, then, by name, any other queue that holds messages or
+    is `consumed` (a user project's own, or a typo in someone's `queue=`); one declared once, empty
+    and unconsumed, is noise and left out."""
+    from runner.topology import BY_NAME, QUEUE_NAMES
+
+    consumed = set(consumed)
+    names = [*QUEUE_NAMES, *sorted((bound_queues(channel) | consumed) - set(QUEUE_NAMES))]
+    return {name: state for name, state in channel_queue_states(channel, names).items()
+            if name in BY_NAME or state.depth or name in consumed}
+
+
 def purge_queue(channel, name: str) -> int:
     """Delete every message waiting in `name` (all its priority sub-lists); how many there were."""
     return channel.queue_purge(name) or 0

@@ -11,6 +11,12 @@ from typing import Any
 
 INSPECT_METHODS = ("active", "scheduled", "reserved", "registered", "stats", "ping", "active_queues")
 DEFAULT_TIMEOUT = 1.0
+POOL_NAMES = {"thread": "threads", "prefork": "prefork", "solo": "solo", "gevent": "gevent", "eventlet": "eventlet"}
+
+
+def pool_name(implementation: str) -> str:
+    """The -P name of a pool from `stats`' implementation ('celery.concurrency.thread:TaskPool' → 'threads')."""
+    return POOL_NAMES.get(implementation.split(":")[0].rsplit(".", 1)[-1], implementation)
 
 
 def inspect(app, method: str, timeout: float = DEFAULT_TIMEOUT,

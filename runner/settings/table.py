@@ -140,6 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
             "who gets the queue alert mail (comma-separated)"),
     Setting("QUEUE_MONITOR_INTERVAL", Integer(minimum=1), 30, "monitor",
             "minutes between queue depth checks"),
+    Setting("DIFY_LOCAL_QUEUE_SAMPLE_INTERVAL", Integer(minimum=0, maximum=3600), 5, "monitor",
+            "seconds between beat's samples of every queue's depth into queue_samples, the dashboard's "
+            "charts (0: no samples)"),
     # mail (Dify's names): the local outbox by default, a real SMTP server when configured
     Setting("MAIL_TYPE", Choice(MAIL_TYPES), "outbox", "mail",
             "outbox: one .eml file per mail in the state folder; smtp: SMTP_SERVER (Dify's resend and "
@@ -161,6 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
             "hours after which files in the state folder's files/tmp are removed"),
     Setting("DIFY_LOCAL_LOG_RETENTION_DAYS", Integer(minimum=1), 14, "retention",
             "days after which rotated log files (NAME.log.1 …) are removed"),
+    Setting("DIFY_LOCAL_QUEUE_SAMPLE_RETENTION_HOURS", Integer(minimum=1), 24, "retention",
+            "hours queue depth samples are kept (clean_queue_samples_task, hourly, removes older ones)"),
     # database: SQLite has no server pool; these govern the per-process connection pool of the
     # metadata store so a Dify .env keeps its meaning.
     Setting("SQLALCHEMY_POOL_SIZE", Integer(minimum=1), 30, "database",

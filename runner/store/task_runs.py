@@ -161,3 +161,24 @@ def get_task_run(database: Database, task_id: str) -> dict[str, Any] | None:
     with database.connect() as db:
         rows = list(db.query("SELECT * FROM task_runs WHERE id = ?", [task_id]))
     return rows[0] if rows else None
+
+
+def recent_task_runs(database: Database, limit: int, state: str | None = None) -> list[dict[str, Any]]:
+    """The last `limit` task runs recorded (sent or started), newest first; only those in `state` if given.
+
+    Newest by rowid: rows are inserted when a task is first recorded, so this needs no index and
+    also finds tasks still waiting (no started_at yet)."""
+    where, params = ("WHERE state = ?", [state]) if state else ("", [])
+    with database.connect() as db:
+        return list(db.query(f"SELECT * FROM task_runs {where} ORDER BY rowid DESC LIMIT ?", [*params, limit]))
+
+
+def task_runs_by_id(database: Database, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The recorded runs of these tasks, by id (those never recorded are left out)."""
+    found: dict[str, dict[str, Any]] = {}
+    with database.connect() as db:
+        for start in range(0, len(task_ids), 500):  # SQLite's limit on bound parameters
+            chunk = task_ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update((row["id"], row) for row in db.query(f"SELECT * FROM task_runs WHERE id IN ({marks})", chunk))
+    return found

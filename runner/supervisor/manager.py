@@ -31,6 +31,7 @@ from honcho.printer import Message, Printer
 from runner import __version__
 from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.frozen import foreign_environment, program_dir
+from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, WATCH_ROOTS
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
@@ -54,7 +55,6 @@ TAIL_REPORTED = 20
 HISTORY_LINES = 5000  # kept in memory for `logs -f`, which starts with the latest ones
 CONTROL_TIMEOUT = 10.0
 REAP_INTERVAL = 2.0  # seconds between sweeps for re-parented orphans (a sweep reads /proc)
-POOL_NAMES = {"thread": "threads", "prefork": "prefork", "solo": "solo", "gevent": "gevent", "eventlet": "eventlet"}
 BROKER, OURS, OTHERS = 0, 1, 2  # stages
 
 
@@ -570,7 +570,7 @@ class Supervisor:
         stats = self.link.stats(state.process.spec.node_name())
         try:
             pool = stats["pool"]
-            kind = POOL_NAMES.get(pool["implementation"].split(":")[0].rsplit(".", 1)[-1], pool["implementation"])
+            kind = pool_name(pool["implementation"])
             return f"{state.name} {kind}×{pool['max-concurrency']}"
         except (TypeError, KeyError):
             return state.name
@@ -580,7 +580,7 @@ class Supervisor:
         live = [state for state in self.states if state.status in ("ready", "finished")]
         parts = []
         if any(state.process.spec.role == "api" for state in live):
-            parts.append(f"API {self.settings.api_url}")
+            parts.append(f"API {self.settings.api_url} (dashboard {self.settings.api_url}/dashboard)")
         broker = "embedded" if self.settings.uses_embedded_broker else "external"
         parts.append(f"broker {mask_url(self.settings.broker_url)} ({broker})")
         workers = [state for state in live if state.process.spec.role == "worker"]

@@ -1,9 +1,10 @@
 """Retention (queue retention, served after every other class): removing old records, expired
-tokens, temporary files and rotated logs."""
+tokens, temporary files, rotated logs and old queue depth samples."""
 
 from __future__ import annotations
 
 from runner.file_retention import ROTATED_LOG, remove_older_than
+from runner.store.queue_samples import prune_samples
 from runner.tasks.base import DAY, context, delete_older_than, now, task
 
 HOUR = 3600  # seconds
@@ -37,3 +38,11 @@ def clean_old_logs_task(self) -> dict:
     ctx = context(self)
     days = ctx.settings.DIFY_LOCAL_LOG_RETENTION_DAYS
     return {**remove_older_than(ctx.paths.logs, now() - days * DAY, ROTATED_LOG), "older_than_days": days}
+
+
+@task("clean_queue_samples_task")
+def clean_queue_samples_task(self) -> dict:
+    """Remove queue depth samples older than DIFY_LOCAL_QUEUE_SAMPLE_RETENTION_HOURS (beat runs it hourly)."""
+    ctx = context(self)
+    hours = ctx.settings.DIFY_LOCAL_QUEUE_SAMPLE_RETENTION_HOURS
+    return {"removed": prune_samples(ctx.database, now() - hours * HOUR), "older_than_hours": hours}

@@ -1,0 +1,27 @@
+"""What beat says about itself on the broker: its heartbeat (written at every tick) and its schedule
+(each entry's last and next run), both written by runner.beat_scheduler.HeartbeatScheduler."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY
+
+
+def _decoded(raw: bytes | str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def beat_state(app) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(heartbeat, published schedule), each None when beat has not written it lately (both expire
+    a minute after beat stops ticking)."""
+    with app.connection_for_read() as connection:
+        heartbeat, schedule = connection.default_channel.client.mget([BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY])
+    return _decoded(heartbeat), _decoded(schedule)
