@@ -95,3 +95,30 @@ def test_broker_down_is_503_not_500(project, api):
     assert status == 503 and "broker" in body["error"]
     status, body = api.post("/v1/tasks/send_mail_task", {"args": ["a@b.co", "s", "b"]}, timeout=60)
     assert status == 503 and "broker" in body["error"]
+
+
+def test_pages_of_other_sites_cannot_change_anything_through_a_browser(api):
+    """Any page in the user's browser can reach loopback; a form or text/plain post needs no CORS
+    preflight. Cross-origin changes and foreign Host names are refused; curl and scripts are not."""
+    body = b'{"args": ["victim@example.com", "hi", "from a web page"]}'
+    plain = {"Content-Type": "text/plain"}
+    base = api.base.removeprefix("http://")
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Origin": f"http://{base}.evil.example"}):
+        status, answer = api.request("POST", "/v1/tasks/send_mail_task", raw=body, headers={**plain, **headers})
+        assert status == 403 and "cross-origin POST refused" in answer["error"], (headers, status, answer)
+    status, answer = api.request("POST", "/v1/failed/1/retry", headers={"Origin": "https://evil.example"})
+    assert status == 403
+    status, answer = api.request("GET", "/v1/queues", headers={"Host": f"evil.example:{base.rsplit(':', 1)[1]}"})
+    assert status == 403 and "answers only to localhost" in answer["error"]
+    assert mail_depth(api) == 0  # nothing was sent (no worker runs here: a sent task would wait)
+    # the same page (the dashboard), a script without Origin, and localhost names are served
+    for headers in ({"Origin": f"http://{base}", "Sec-Fetch-Site": "same-origin"}, {},
+                    {"Host": f"localhost:{base.rsplit(':', 1)[1]}"}):
+        status, answer = api.request("POST", "/v1/tasks/send_mail_task", raw=body, headers={**plain, **headers})
+        assert status == 202, (headers, status, answer)
+    assert mail_depth(api) == 3
+
+
+def mail_depth(api) -> int:
+    return next(queue["depth"] for queue in api.get("/v1/queues")[1]["queues"] if queue["name"] == "mail")

@@ -12,6 +12,7 @@ from runner.api import (apps, dashboard, datasets, failed, mail, metrics, openap
                         tasks, workflows)
 from runner.api.errors import install_error_handlers
 from runner.api.inspection import WorkerInspections
+from runner.api.request_guard import install_request_guard
 from runner.settings import Settings
 
 MAX_JSON_BODY = 1024 * 1024  # bytes; task arguments travel through the broker, keep them small
@@ -37,6 +38,7 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
         app.register_blueprint(module.blueprint)
     app.extensions["openapi"] = openapi.build_document(modules)
     install_error_handlers(app)
+    install_request_guard(app, settings)
 
     @app.before_request
     def _start_timer():
