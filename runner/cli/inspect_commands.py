@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from runner import topology
-from runner.beat_schedule import PERIODIC_TASKS
+from runner.beat_schedule import HOUSEKEEPING_TASKS, PERIODIC_TASKS
 from runner.cli import fail, main, settings_from
 from runner.settings import GROUPS, mask_url
 from runner.supervisor.preflight import consumed_queues, route_problems
@@ -71,7 +71,7 @@ def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -
                         "tasks": topology.tasks_on(q.name), "consumed_by": consumers.get(q.name, [])}
                        for q in topology.QUEUES],
             "periodic": [{"task": p.task, "queue": p.queue, "when": p.describe(settings), "flag": p.flag,
-                          "enabled": getattr(settings, p.flag)} for p in PERIODIC_TASKS],
+                          "enabled": p.enabled(settings)} for p in PERIODIC_TASKS + HOUSEKEEPING_TASKS],
             "problems": problems,
         }, indent=2))
         sys.exit(1 if problems else 0)
@@ -85,8 +85,9 @@ def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -
     click.echo(table(rows, ["QUEUE", "PRIORITY", "CONSUMED BY", "TASKS"]))
     click.echo()
     click.echo("Periodic tasks (beat)")
-    periodic = [[p.task, p.queue, p.describe(settings), f"{'on' if getattr(settings, p.flag) else 'off'} ({p.flag})"]
-                for p in PERIODIC_TASKS]
+    periodic = [[p.task, p.queue, p.describe(settings),
+                 f"{'on' if p.enabled(settings) else 'off'} ({p.flag or 'dify-local housekeeping, always'})"]
+                for p in PERIODIC_TASKS + HOUSEKEEPING_TASKS]
     click.echo(table(periodic, ["TASK", "QUEUE", "WHEN", "STATE"]))
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
