@@ -142,7 +142,7 @@ def test_inspect_shows_what_the_worker_runs_holds_and_knows(project):
     text = run(project, "inspect", "stats").stdout
     assert text.splitlines()[0].split() == ["WORKER", "PID", "UPTIME", "POOL", "CONCURRENCY", "PREFETCH",
                                             "ACCEPTED", "BROKER"]
-    assert re.search(rf"^{re.escape(node)}\s+{worker_pid}\s+\d+ (s|min)\s+thread\s+1\s+\d+\s+\d+\s+"
+    assert re.search(rf"^{re.escape(node)}\s+{worker_pid}\s+\d+ (s|min)\s+threads\s+1\s+\d+\s+\d+\s+"
                      rf"redis://127\.0\.0\.1:{project.broker_port}/1$", text, re.M), text
 
     assert row_of(run(project, "inspect", "ping").stdout, node) == [node, "pong"]

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from runner import topology
 from runner.cli.inspect_commands import table
 from runner.monitor.format import NONE, call_arguments, clock, duration, shorten, signed, sparkline
+from runner.monitor.workers import pool_name
 
 ARGS_WIDTH = 48  # characters of a task's arguments shown; --json has them whole
 
@@ -80,7 +81,7 @@ def registered(replies: dict[str, Any], now: float) -> str:
 
 def _pool(stats: dict[str, Any]) -> tuple[str, str]:
     pool = stats.get("pool") or {}
-    kind = str(pool.get("implementation") or NONE).split(":")[0].rsplit(".", 1)[-1]  # …concurrency.thread:TaskPool
+    kind = pool_name(str(pool["implementation"])) if pool.get("implementation") else NONE  # -P's name: threads
     return kind, str(pool.get("max-concurrency", NONE))
 
 
