@@ -97,13 +97,15 @@ def test_per_process_log_files_rotate(project):
 
 def test_other_terminals_follow_the_flags_up_was_started_with(project):
     """`up --port N --broker-port M` in one terminal; `config`, `queues` and `doctor` in another,
-    without those flags, look at that stack (and a stale info file of a stopped `up` is ignored)."""
+    without those flags or up's environment, look at that stack (and a stale info file of a stopped
+    `up` is ignored)."""
     import subprocess
 
     from tests.helpers import base_env, dify_local
 
+    # the ports from up's flags, the broker's password from its environment only
     stack = project.up("--port", str(project.api_port), "--broker-port", str(project.broker_port),
-                       env={"DIFY_PORT": "", "REDIS_PORT": ""})
+                       env={"DIFY_PORT": "", "REDIS_PORT": "", "REDIS_PASSWORD": "only-up-knows-this"})
     bare = base_env()  # no port settings at all: the defaults (5001, 6379) unless the stack's flags apply
 
     def run(*args):

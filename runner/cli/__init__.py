@@ -10,7 +10,7 @@ import click
 
 from runner import __version__
 from runner.process_env import ENV_FILES
-from runner.settings import Override, Settings, SettingsError, load_settings
+from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
 from runner.supervisor.control import running_stack_settings
 
 CONFIG_ERROR = 2
@@ -32,9 +32,10 @@ def fail(message: str, status: int = 1) -> None:
 def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[str, str, object]) -> Settings:
     """Effective settings with `--set` values and this command's own flags (flag, name, value) on top.
 
-    `follow_stack`: when an `up` runs for the same state folder, the values its command line gave
-    (`up --port 5002 --broker redis://…`) apply here too, below this command's own: `doctor` or
-    `queues` in another terminal look at the stack that runs. `up` and the roles it starts do not.
+    `follow_stack`: when an `up` runs for the same state folder, where its broker and API are
+    (`up --port 5002 --broker redis://…`, or the same from its environment) applies here too,
+    below this command's own flags: `doctor` or `queues` in another terminal look at the stack that
+    runs. `up` and the roles it starts do not.
     """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)
@@ -47,7 +48,8 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
         if stack is not None:
             pid, given = stack
             inherited = {name: Override(value, f"of the running `up`, pid {pid}")
-                         for name, value in given.items() if name not in overrides}
+                         for name, value in given.items()
+                         if name not in overrides and BY_NAME[name].kind.format(getattr(settings, name)) != value}
             if inherited:
                 settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files)
         return settings

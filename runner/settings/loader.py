@@ -37,6 +37,10 @@ class SettingsError(ProblemsError):
     """Bad settings: each line names the variable, the value and what is allowed."""
 
 
+STACK_ADDRESS_GROUPS = ("broker / backend", "embedded broker")
+STACK_ADDRESS_SETTINGS = ("DIFY_BIND_ADDRESS", "DIFY_PORT")
+
+
 @dataclass(frozen=True)
 class Override:
     """A value given on the command line, with the flag that gave it."""
@@ -134,6 +138,13 @@ class Settings:
             return None
         return (self.CELERY_MAX_WORKERS or self.CELERY_WORKER_AMOUNT, self.CELERY_MIN_WORKERS
                 if self.CELERY_MIN_WORKERS is not None else 1)
+
+    def stack_address(self) -> dict[str, str]:
+        """Every setting that says where a running stack is: its broker (embedded or real, with
+        Sentinel and TLS) and its API. Kept by `up` for commands in other terminals, which may not
+        share the flags or the environment it was started with: the whole group, so it stays coherent."""
+        return {setting.name: setting.kind.format(value.value) for setting, value in self.items()
+                if setting.group in STACK_ADDRESS_GROUPS or setting.name in STACK_ADDRESS_SETTINGS}
 
     def command_line_environment(self) -> dict[str, str]:
         """Values given on the command line, as environment for child processes."""

@@ -154,8 +154,8 @@ def read_info(state_dir: Path) -> dict[str, Any] | None:
 
 
 def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None:
-    """The pid of the `up` running for this state folder and the settings given on its command
-    line (`up --port 5002`), so commands from another terminal look at the stack that runs."""
+    """The pid of the `up` running for this state folder and where its broker and API are
+    (Settings.stack_address), so commands from another terminal look at the stack that runs."""
     info = read_info(state_dir)
     if not info or not isinstance(info.get("pid"), int) or not isinstance(info.get("settings"), dict):
         return None

@@ -458,7 +458,7 @@ class Supervisor:
             self.reloads.start()
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
                                             "project_dir": str(self.settings.project_dir),
-                                            "settings": self.settings.command_line_environment()})
+                                            "settings": self.settings.stack_address()})
         status = 0
         try:
             for state in self.states:
