@@ -121,9 +121,13 @@ def test_other_terminals_follow_the_flags_up_was_started_with(project):
     doctor = run("doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert stat.S_IMODE(os.stat(project.state / "supervisor.json").st_mode) == 0o600  # may hold a password
-    # this command's own flags still win
+    # what this terminal sets itself still wins: its flags, its environment
     mine = json.loads(run("--set", "DIFY_PORT=5999", "config", "--json").stdout)
     assert {item["name"]: item["value"] for item in mine["settings"]}["DIFY_PORT"] == "5999"
+    bare["DIFY_PORT"] = "5998"
+    mine = json.loads(run("config", "--json").stdout)
+    assert {item["name"]: item["value"] for item in mine["settings"]}["DIFY_PORT"] == "5998"
+    del bare["DIFY_PORT"]
 
     info = (project.state / "supervisor.json").read_text()
     assert run("down").returncode == 0

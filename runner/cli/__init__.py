@@ -11,6 +11,7 @@ import click
 from runner import __version__
 from runner.process_env import ENV_FILES
 from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
+from runner.settings.loader import LOCAL_CONFIG_DIR
 from runner.supervisor.control import running_stack_settings
 
 CONFIG_ERROR = 2
@@ -33,9 +34,10 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
     """Effective settings with `--set` values and this command's own flags (flag, name, value) on top.
 
     `follow_stack`: when an `up` runs for the same state folder, where its broker and API are
-    (`up --port 5002 --broker redis://…`, or the same from its environment) applies here too,
-    below this command's own flags: `doctor` or `queues` in another terminal look at the stack that
-    runs. `up` and the roles it starts do not.
+    (`up --port 5002 --broker redis://…`, or the same from its environment) replaces the project's
+    defaults and local_config/ here, not what this terminal sets itself (flags, environment,
+    .env): `doctor` or `queues` in another terminal look at the stack that runs. `up` and the
+    roles it starts do not.
     """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)
@@ -47,9 +49,12 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
         stack = running_stack_settings(settings.state_dir) if follow_stack else None
         if stack is not None:
             pid, given = stack
+            # only where this terminal says nothing itself (its flags, environment or .env win)
+            sources = {setting.name: value.source for setting, value in settings.items()}
             inherited = {name: Override(value, f"of the running `up`, pid {pid}")
                          for name, value in given.items()
-                         if name not in overrides and BY_NAME[name].kind.format(getattr(settings, name)) != value}
+                         if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR))
+                         and BY_NAME[name].kind.format(getattr(settings, name)) != value}
             if inherited:
                 settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files)
         return settings
