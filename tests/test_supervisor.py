@@ -167,3 +167,35 @@ def test_second_ctrl_c_forces(project, tmp_path):
     assert stack.wait(30) == 0
     assert time.monotonic() - began < 10  # not the 10 s grace, nor the 60 s task
     assert stack.alive() == []
+
+
+SIGNAL_WHILE_LOCKED = """
+import signal, sys, tempfile, time
+from pathlib import Path
+from runner.settings import load_settings
+from runner.supervisor.manager import Supervisor
+
+supervisor = Supervisor(load_settings(Path(tempfile.mkdtemp())), [], {})
+supervisor.start_signal_thread()
+with supervisor.events.mutex:  # the main thread inside events.get() when Ctrl-C lands
+    supervisor._on_signal(signal.SIGINT, None)
+deadline = time.monotonic() + 10
+while not supervisor.stopping.is_set() and time.monotonic() < deadline:
+    time.sleep(0.01)
+sys.exit(0 if supervisor.stopping.is_set() else 3)
+"""
+
+
+def test_a_signal_landing_while_the_main_thread_holds_a_lock_still_stops_the_stack(tmp_path):
+    """A signal handler runs in the main thread between two bytecodes, maybe inside Queue.get with
+    its lock held: one that takes that lock again waits forever (`up` hung after Ctrl-C under
+    load: the one-file binary's bootloader forwards a second SIGINT)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOCKED], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the signal handler deadlocked on the events queue's lock") from None
+    assert done.returncode == 0, done.stderr

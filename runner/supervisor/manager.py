@@ -99,6 +99,7 @@ class Supervisor:
         self.ready_timeout = ready_timeout
         self.dotenv = dotenv or {}
         self.events: queue.Queue = queue.Queue()
+        self.signals: queue.SimpleQueue = queue.SimpleQueue()  # from the signal handler (see _on_signal)
         self.printer = Printer(output or sys.stdout)
         self.link = BrokerLink(settings)
         self.stopping = threading.Event()
@@ -248,10 +249,18 @@ class Supervisor:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stopping.is_set():
-            self.force.set()
-        self.stopping.set()
-        self.events.put(Message("wake", None, datetime.datetime.now(), SYSTEM, None))
+        # A handler runs in the main thread between two bytecodes, maybe while the main thread holds
+        # a lock (inside events.get, Event.set): taking one here can deadlock, as Ctrl-C under load
+        # did. SimpleQueue.put is reentrant; the signals thread does the rest.
+        self.signals.put(signum)
+
+    def _follow_signals(self) -> None:
+        while True:
+            self.signals.get()
+            if self.stopping.is_set():
+                self.force.set()  # a second Ctrl-C
+            self.stopping.set()
+            self.events.put(Message("wake", None, datetime.datetime.now(), SYSTEM, None))
 
     def _start(self, state: ProcessState, quiet: bool = False) -> None:
         process = state.process
@@ -448,7 +457,11 @@ class Supervisor:
             except queue.Empty:
                 return
 
+    def start_signal_thread(self) -> None:
+        threading.Thread(target=self._follow_signals, name="signals", daemon=True).start()
+
     def run(self) -> int:
+        self.start_signal_thread()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         become_subreaper()
