@@ -9,7 +9,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
-from werkzeug.serving import ThreadedWSGIServer
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from runner.api import create_api
 from runner.process_env import LISTEN_FD
@@ -29,13 +29,69 @@ class ApiStartError(RoleStartError):
     pass
 
 
+STOP_WAIT = 8.0  # seconds a stopping API waits for the requests it took (below up's 10 s grace)
+
+
+class Unanswered:
+    """Connections accepted whose first request is not answered yet, plus requests being answered:
+    what a stopping API must finish, or their clients see the connection closed without an answer
+    (a reload's old API). Idle keep-alive connections are not waited for: nobody is waiting on them."""
+
+    def __init__(self):
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def add(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def done(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_until_none(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count <= 0, timeout)
+
+
+class CountingHandler(WSGIRequestHandler):
+    """Counts each request it answers; a connection's first is counted from its accept (by the server)."""
+
+    server: "LimitedThreadedServer"
+    first_pending = True
+
+    def run_wsgi(self) -> None:
+        if not self.first_pending:
+            self.server.unanswered.add()
+        self.first_pending = False
+        try:
+            super().run_wsgi()
+        finally:
+            self.server.unanswered.done()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self.first_pending:  # closed without a request
+                self.first_pending = False
+                self.server.unanswered.done()
+
+
 class LimitedThreadedServer(ThreadedWSGIServer):
     """A thread per connection, at most SERVER_WORKER_CONNECTIONS requests served at once."""
 
     def __init__(self, *args, connections: int, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, handler=CountingHandler, **kwargs)
         self.slots = threading.BoundedSemaphore(connections)
         self.daemon_threads = True
+        self.unanswered = Unanswered()
+
+    def process_request(self, request, client_address):
+        # counted here, at the accept, so a stop right after it still waits for this connection
+        self.unanswered.add()
+        super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
         with self.slots:
@@ -84,6 +140,8 @@ def serve_api(settings: Settings) -> None:
     child.serving()
     try:
         server.serve_forever(poll_interval=0.2)
+        if not server.unanswered.wait_until_none(STOP_WAIT):
+            log.warning("stopping with requests still unanswered after %.0f s", STOP_WAIT)
     finally:
         server.server_close()
         recorder.stop()
