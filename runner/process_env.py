@@ -2,6 +2,7 @@
 
 SUPERVISED = "DIFY_LOCAL_SUPERVISED"  # "1" under `up`, whose printer adds the time and process name
 PROCESS_NAME = "DIFY_LOCAL_PROCESS_NAME"  # the Procfile instance name under `up` (worker, worker.2, …)
+SUPERVISOR = "DIFY_LOCAL_SUPERVISOR"  # "pid:start time" of `up`: its roles stop themselves when it is gone
 ENV_FILES = "DIFY_LOCAL_ENV_FILES"  # set empty by `up` for its children: it read .env for them
 # Hot reload (runner.reload): the supervisor's side of a socket pair, the folders it watches, and
 # the two ways a process can be started to take over from a running one.

@@ -199,3 +199,24 @@ def test_a_signal_landing_while_the_main_thread_holds_a_lock_still_stops_the_sta
     except subprocess.TimeoutExpired:
         raise AssertionError("the signal handler deadlocked on the events queue's lock") from None
     assert done.returncode == 0, done.stderr
+
+
+def test_processes_stop_themselves_when_up_is_killed_with_sigkill(project):
+    """`up` killed with -9 cannot stop anything: each role notices its `up` is gone and stops the
+    way `up` would have stopped it, freeing its ports for the next `up`."""
+    from tests.helpers import port_open
+
+    stack = project.up()
+    rows = json.loads(project.run("ps", "--json").stdout)["processes"]
+    pids = {row["name"]: row["pid"] for row in rows}
+    assert sorted(pids) == ["api", "beat", "broker", "worker"]
+    os.kill(stack.popen.pid, signal.SIGKILL)
+    stack.wait(10)
+
+    def gone() -> bool:
+        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                       for pid in pids.values())
+    wait_until(gone, 30, f"the roles {pids} to stop without their up")
+    assert not port_open(project.api_port) and not port_open(project.broker_port)
+    again = project.up()  # the ports are free: a new up starts
+    assert "ready in" in again.output

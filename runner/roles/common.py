@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
 from runner.logs import configure_logging
-from runner.process_env import PROCESS_NAME
+from runner.process_env import PROCESS_NAME, SUPERVISOR
 from runner.settings import Settings, mask_url
 from runner.state import StatePaths
 
@@ -38,7 +39,36 @@ def process_name(default: str) -> str:
 
 def start_role(settings: Settings, role: str) -> StatePaths:
     configure_logging(settings, role)
+    stop_when_supervisor_is_gone()
     return StatePaths(settings.state_dir).ensure()
+
+
+def supervisor_alive(identity: str) -> bool:
+    """Whether the `up` named by SUPERVISOR ("pid:start time") still runs (not another process
+    that got its pid since)."""
+    import psutil
+
+    pid, _, started = identity.partition(":")
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
+    except (ValueError, psutil.Error):
+        return False
+
+
+def stop_when_supervisor_is_gone(every: float = 1.0) -> None:
+    """Under `up`: stop this role the way `up` would (SIGTERM to itself) once `up` is gone. An `up`
+    killed with -9 cannot stop its processes; they would otherwise run on and keep its ports."""
+    identity = os.environ.get(SUPERVISOR, "")
+    if not identity or not supervisor_alive(identity):
+        return  # not under `up` (or it is gone already: then the supervisor's checks never passed)
+
+    def watch() -> None:
+        while supervisor_alive(identity):
+            time.sleep(every)
+        log.warning("`up` (pid %s) is gone: stopping", identity.partition(":")[0])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def celery_for_role(settings: Settings, poll_results: bool = False,
@@ -92,9 +122,20 @@ def wait_for_broker(app: Celery, timeout: float = BROKER_WAIT) -> None:
 
 
 def stop_on_signals(stop: Callable[[], None]) -> None:
-    """Run `stop` (from a helper thread, as servers' shutdown must be) on SIGTERM or SIGINT."""
+    """Run `stop` (from a helper thread, as servers' shutdown must be) on SIGTERM or SIGINT. The
+    handler only puts on a SimpleQueue, which is reentrant: a handler that takes a lock the main
+    thread may hold deadlocks (see runner.supervisor.manager.Supervisor._on_signal)."""
+    signals: queue.SimpleQueue = queue.SimpleQueue()
+
+    def follow() -> None:
+        while True:
+            signals.get()
+            stop()
+
+    threading.Thread(target=follow, name="shutdown", daemon=True).start()
+
     def handler(signum, frame):
-        threading.Thread(target=stop, name="shutdown", daemon=True).start()
+        signals.put(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 
@@ -32,7 +33,7 @@ from runner import __version__
 from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.frozen import foreign_environment, program_dir
 from runner.monitor.workers import pool_name
-from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, WATCH_ROOTS
+from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, WATCH_ROOTS
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
 from runner.supervisor import control
@@ -100,6 +101,7 @@ class Supervisor:
         self.dotenv = dotenv or {}
         self.events: queue.Queue = queue.Queue()
         self.signals: queue.SimpleQueue = queue.SimpleQueue()  # from the signal handler (see _on_signal)
+        self.identity = f"{os.getpid()}:{psutil.Process().create_time()}"  # roles watch it (SUPERVISOR)
         self.printer = Printer(output or sys.stdout)
         self.link = BrokerLink(settings)
         self.stopping = threading.Event()
@@ -166,6 +168,7 @@ class Supervisor:
         env.update(self.settings.command_line_environment())
         env.update({
             SUPERVISED: "1",
+            SUPERVISOR: self.identity,
             PROCESS_NAME: spec.name,
             ENV_FILES: "",  # already read into this environment; children must not read them again
             "PYTHONUNBUFFERED": "1",
