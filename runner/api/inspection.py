@@ -1,7 +1,6 @@
 """The workers' answers to Celery's inspect, shared by the API's requests.
 
-A broadcast lasts its whole timeout unless told how many workers will answer, so each round here
-expects the workers bound on the broker (`known_workers`) and ends once they have all answered. And a
+Each round ends once the workers bound on the broker have all answered (runner.monitor.workers). A
 dashboard refreshing every few seconds, in several tabs, asking `active_queues` for the queues and
 again for the workers, would still ask the same thing many times over: here each method is asked
 at most once per FRESH seconds, a request arriving while it is being asked waits for that answer,
@@ -15,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from runner.monitor.workers import DEFAULT_TIMEOUT, INSPECT_METHODS, inspect, known_workers
+from runner.monitor.workers import DEFAULT_TIMEOUT, INSPECT_METHODS, inspect
 
 FRESH = 1.5  # seconds an answer is reused
 
@@ -49,9 +48,7 @@ class WorkerInspections:
 
     def _ask(self, method: str) -> dict[str, Any]:
         try:
-            with self.app.connection_for_read() as connection:
-                expected = len(known_workers(connection.default_channel)) or None
-            answer = inspect(self.app, method, self.timeout, limit=expected)
+            answer = inspect(self.app, method, self.timeout)
             with self._lock:
                 self._answers[method] = (time.monotonic(), answer)
             return answer

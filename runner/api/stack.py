@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, jsonify
 from runner.api.openapi import errors, json_response
 from runner.beat_schedule import PERIODIC_TASKS
 from runner.monitor.beat import beat_state
+from runner.monitor.format import shorten
 from runner.monitor.workers import pool_name
 from runner.process_env import SUPERVISED
 from runner.store.task_runs import task_runs_by_id
@@ -27,8 +28,7 @@ TEXT_LIMIT = 300  # characters of a task's arguments shown in a list
 
 def short_json(value: Any, limit: int = TEXT_LIMIT) -> str:
     """Arguments as compact JSON text, cut at `limit` characters (they are user data of any size)."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return shorten(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr), limit)
 
 
 def _settings():

@@ -113,13 +113,12 @@ def inspect_command(ctx: click.Context, method: str, as_json: bool, timeout: flo
 
     No answer within --timeout is an error (exit status 1).
     """
-    from runner.monitor.workers import inspect, known_workers
+    from runner.monitor.workers import inspect
 
     settings = settings_from(ctx)
     try:
-        with _channel(settings) as channel:  # checked first: Celery's broadcast would retry for seconds
-            limit = None if destinations else len(known_workers(channel)) or None
-            replies = inspect(_celery(settings), method, timeout, list(destinations) or None, limit)
+        with _channel(settings):  # checked first: Celery's broadcast would retry for seconds
+            replies = inspect(_celery(settings), method, timeout, list(destinations) or None)
     except BrokerUnavailable as error:
         fail(str(error))
     if as_json:
@@ -173,10 +172,10 @@ def queue_report(settings: Settings, app, timeout: float,
     queue that has messages or a consumer."""
     from runner import topology
     from runner.monitor.queues import observed_queue_states
-    from runner.monitor.workers import active_queues, consumers_by_queue, known_workers
+    from runner.monitor.workers import active_queues, consumers_by_queue
 
     with _channel(settings) as channel:
-        queues_of_workers = active_queues(app, timeout, len(known_workers(channel)) or None)
+        queues_of_workers = active_queues(app, timeout)
         consumers = consumers_by_queue(queues_of_workers)
         states = observed_queue_states(channel, consumers)
     now = time.time()

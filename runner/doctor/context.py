@@ -99,16 +99,12 @@ class Context:
     def workers(self) -> WorkerSnapshot:
         def ask():
             from runner.broker_config import WORKER_HEARTBEAT_PREFIX
-            from runner.monitor.workers import active_queues, inspect, known_workers
+            from runner.monitor.workers import active_queues, inspect
 
             app = self.celery()
-            with app.connection_for_read() as connection:
-                bound = len(known_workers(connection.default_channel))  # a round ends once they all answered
-            pinged, queues_of = [], {}
-            if bound:  # no worker bound to the broadcast exchange: none can answer
-                pinged = sorted(inspect(app, "ping", PING_TIMEOUT, limit=bound))
-                # one broadcast after the other: at once, each round would take (and drop) the other's replies
-                queues_of = active_queues(app, PING_TIMEOUT, limit=bound)
+            pinged = sorted(inspect(app, "ping", PING_TIMEOUT))
+            # one broadcast after the other: at once, each round would take (and drop) the other's replies
+            queues_of = active_queues(app, PING_TIMEOUT)
             return WorkerSnapshot(pinged, queues_of, read_heartbeats(self.client(), WORKER_HEARTBEAT_PREFIX))
         return self.once("workers", ask)
 

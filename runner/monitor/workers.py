@@ -2,7 +2,8 @@
 
 Every function waits at most `timeout` seconds and returns only the workers that answered in
 time, keyed by node name (`worker@host`); an empty dict means no worker answered. Celery waits the
-whole timeout unless told how many replies to expect (`limit`): `known_workers` counts them.
+whole timeout unless told how many replies to expect: a round asks `known_workers` first, and ends
+once they have all answered (at once when none is bound).
 """
 
 from __future__ import annotations
@@ -20,19 +21,25 @@ def pool_name(implementation: str) -> str:
 
 
 def inspect(app, method: str, timeout: float = DEFAULT_TIMEOUT,
-            destination: list[str] | None = None, limit: int | None = None) -> dict[str, Any]:
-    """One `celery inspect METHOD` round: each answering worker's reply, returned as soon as
-    `limit` workers (default: as many as `destination` names) have answered."""
+            destination: list[str] | None = None) -> dict[str, Any]:
+    """One `celery inspect METHOD` round: each answering worker's reply, returned as soon as every
+    worker that can answer has (those named in `destination`, or those bound on the broker)."""
     if method not in INSPECT_METHODS:
         raise ValueError(f"unknown inspect method {method!r}; one of: {', '.join(INSPECT_METHODS)}")
+    limit = None  # Celery's default with a destination: as many as it names
+    if not destination:
+        with app.connection_for_read() as connection:
+            limit = len(known_workers(connection.default_channel))
+        if limit == 0:
+            return {}  # no worker is bound to the broadcast exchange: none can answer
     inspector = app.control.inspect(timeout=timeout, destination=destination, limit=limit)
     return getattr(inspector, method)() or {}
 
 
-def active_queues(app, timeout: float = DEFAULT_TIMEOUT, limit: int | None = None) -> dict[str, list[str]]:
+def active_queues(app, timeout: float = DEFAULT_TIMEOUT) -> dict[str, list[str]]:
     """The queues each answering worker consumes."""
     return {worker: sorted(queue["name"] for queue in queues or [])
-            for worker, queues in inspect(app, "active_queues", timeout, limit=limit).items()}
+            for worker, queues in inspect(app, "active_queues", timeout).items()}
 
 
 PIDBOX_EXCHANGE = "celery.pidbox"  # Celery's broadcast exchange; each worker binds a queue of its own
