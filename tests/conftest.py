@@ -60,10 +60,33 @@ class Project:
         proc.wait_for_line(r"ready in [\d.]+ s", timeout=timeout)
         return proc
 
-    def serve_broker(self) -> Proc:
-        proc = self.start("serve", "broker")
+    def serve_broker(self, env: dict | None = None) -> Proc:
+        proc = self.start("serve", "broker", env=env)
         wait_until(lambda: port_open(self.broker_port), 20, "the embedded broker to listen")
         return proc
+
+
+# The embedded broker's two read loops (runner/broker/session.py): the compiled one, and the
+# Python one it mirrors. Tests of what the broker answers run on both.
+READ_LOOPS = {"compiled": {"DIFY_LOCAL_BROKER_COMPILED": "true"}, "python": {"DIFY_LOCAL_BROKER_COMPILED": "false"}}
+
+
+@pytest.fixture(params=list(READ_LOOPS))
+def read_loop(request) -> dict[str, str]:
+    """The environment that picks one of the broker's read loops (the compiled one must be built)."""
+    if request.param == "compiled":
+        require_compiled_loop()
+    return READ_LOOPS[request.param]
+
+
+def require_compiled_loop() -> None:
+    from runner.broker.session import compiled_session
+
+    session, why = compiled_session()
+    if session is None:
+        if os.environ.get("DIFY_LOCAL_REQUIRE_COMPILED") == "1":
+            pytest.fail(f"the broker's compiled read loop is required here (DIFY_LOCAL_REQUIRE_COMPILED=1): {why}")
+        pytest.skip(f"the broker's compiled read loop is not built: {why}")
 
 
 @pytest.fixture

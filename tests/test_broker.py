@@ -25,8 +25,8 @@ def read_until(raw: socket.socket, expected: bytes, timeout: float = 5) -> bytes
 
 
 @pytest.fixture
-def broker(project):
-    project.serve_broker()
+def broker(project, read_loop):
+    project.serve_broker(env=read_loop)
     return project.broker_port
 
 
@@ -120,3 +120,49 @@ def test_info_keyspace_counts_keys_expiring_and_their_average_ttl(broker):
     db2 = client.info("keyspace")["db2"]
     assert db2["keys"] == 3 and db2["expires"] == 2
     assert 150_000 <= db2["avg_ttl"] <= 200_000  # ms, as Redis reports it (counting down meanwhile)
+
+
+def test_the_start_line_names_the_read_loop(project, read_loop):
+    proc = project.serve_broker(env=read_loop)
+    loop = "compiled" if read_loop["DIFY_LOCAL_BROKER_COMPILED"] == "true" else "Python"
+    proc.wait_for_line(rf"embedded broker \(fakeredis [\d.]+, {loop} read loop\) listening on", timeout=20)
+
+
+def test_commands_split_anywhere_inline_or_pipelined_are_read_as_redis_reads_them(broker):
+    raw = socket.create_connection(("127.0.0.1", broker))
+    raw.sendall(b"AUTH difyai123456\r\n")  # inline, as typed into telnet
+    assert read_until(raw, b"+OK\r\n") == b"+OK\r\n"
+    big = b"x" * 300_000  # bigger than one read
+    pipelined = (b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n%s\r\n" % (len(big), big)
+                 + b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" + b"*0\r\n" + b"*1\r\n$4\r\nPING\r\n")
+    for at in range(0, len(pipelined), 7919):  # in pieces cut mid-number, mid-string, mid-CRLF
+        raw.sendall(pipelined[at:at + 7919])
+    expected = b"+OK\r\n$%d\r\n%s\r\n+PONG\r\n" % (len(big), big)
+    assert read_until(raw, expected) == expected
+    for byte in b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n":  # one byte at a time
+        raw.sendall(bytes([byte]))
+        time.sleep(0.001)
+    assert read_until(raw, b"$2\r\nhi\r\n") == b"$2\r\nhi\r\n"
+    raw.sendall(b"  lpush   inline-list  a b  \r\nLRANGE inline-list 0 -1\r\n")
+    assert read_until(raw, b":2\r\n*2\r\n$1\r\nb\r\n$1\r\na\r\n") == b":2\r\n*2\r\n$1\r\nb\r\n$1\r\na\r\n"
+    raw.close()
+
+
+@pytest.mark.parametrize("garbage, error", [
+    (b"*2\r\n$3\r\nGET\r\n:5\r\n", b"expected '$'"),
+    (b"*x\r\n", b"invalid multibulk length"),
+    (b"*1\r\n$-3\r\n", b"invalid bulk length"),
+])
+def test_bytes_that_are_not_the_protocol_get_an_error_and_the_connection_closes(broker, read_loop, garbage, error):
+    raw = socket.create_connection(("127.0.0.1", broker))
+    raw.sendall(b"*2\r\n$4\r\nAUTH\r\n$12\r\ndifyai123456\r\n*1\r\n$4\r\nPING\r\n" + garbage)
+    raw.settimeout(5)
+    data = b""
+    while chunk := raw.recv(1024):  # until the broker closes it
+        data += chunk
+    assert data.startswith(b"+OK\r\n+PONG\r\n-ERR Protocol error: "), data
+    if read_loop["DIFY_LOCAL_BROKER_COMPILED"] == "true":  # (the Python loop has hiredis' words for it)
+        assert error in data
+    raw.close()
+    client = redis.Redis(port=broker, password="difyai123456")
+    assert client.ping()  # the broker itself goes on

@@ -1,5 +1,6 @@
 """The embedded broker's fast path (Celery's hot commands run on fakeredis' data directly) answers
-exactly as redis-server does: random command sequences, reply by reply, against both."""
+exactly as redis-server does: random command sequences, reply by reply, against both, through
+each of the broker's read loops (compiled and Python)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def run(client: redis.Redis, commands: list[list[bytes]]) -> list:
 
 
 @pytest.fixture
-def brokers(project, redis_server):
-    project.serve_broker()
+def brokers(project, redis_server, read_loop):
+    project.serve_broker(env=read_loop)
     embedded = redis.Redis(port=project.broker_port, password="difyai123456", protocol=3)
     real = redis.Redis.from_url(redis_server, protocol=3)
     yield embedded, real
@@ -118,8 +119,8 @@ def raw_exchange(port: int, password: bytes | None, payload: bytes, expected_len
         return data
 
 
-def test_pub_sub_messages_are_resp3_pushes_as_in_redis(project, redis_server):
-    project.serve_broker()
+def test_pub_sub_messages_are_resp3_pushes_as_in_redis(project, redis_server, read_loop):
+    project.serve_broker(env=read_loop)
     real_port = int(redis_server.rsplit(":", 1)[1])
     subscribe = b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n"
     expected = b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"

@@ -27,6 +27,7 @@ from runner.broker.scores import ZADD_OPTIONS, redis_double
 WRONGTYPE = SimpleError("WRONGTYPE Operation against a key holding the wrong kind of value")
 OK = SimpleString(b"OK")
 QUEUED = SimpleString(b"QUEUED")
+PONG = SimpleString(b"PONG")
 # a score in plain decimal, which Python's float() and Redis' strtod read alike (no exponent, short
 # enough that neither overflows nor underflows, where Redis refuses and Python gives inf or 0)
 PLAIN_SCORE = re.compile(rb"[-+]?(?:[0-9]{1,300}(?:\.[0-9]{0,300})?|\.[0-9]{1,300})\Z")
@@ -44,8 +45,8 @@ Log = Callable[..., None]  # (db, command[, key]): see EmbeddedBroker.wrote
 
 
 def _positive_int(raw: bytes) -> int:
-    if not raw.isdigit() or raw.startswith(b"0"):
-        raise Defer  # zero, negative, malformed: fakeredis has the exact error
+    if not raw.isdigit() or raw.startswith(b"0") or len(raw) > 15:
+        raise Defer  # zero, negative, malformed, out of range: fakeredis has the exact error
     return int(raw)
 
 
@@ -74,9 +75,8 @@ class FastPath:
     @staticmethod
     def _item(sock: Any, key: bytes) -> Item | None:
         db = sock._db
-        db.time = now = time.time()
         item = db._dict.get(key)
-        if item is not None and item.expireat is not None and item.expireat < now:
+        if item is not None and item.expireat is not None and item.expireat < time.time():
             del db._dict[key]
             return None
         return item
@@ -364,5 +364,5 @@ class FastPath:
 
     def ping(self, sock: Any, command: list[bytes]) -> Any:
         if len(command) == 1:
-            return SimpleString(b"PONG")
+            return PONG
         raise Defer

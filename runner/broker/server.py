@@ -34,8 +34,9 @@ from fakeredis._helpers import SimpleError, SimpleString
 
 from runner.broker.aof import AppendOnlyLog, LoadReport
 from runner.broker.core import WRITE_COMMANDS, BrokerSocket
-from runner.broker.fast import NO_REPLY, OK, PUBSUB_ALLOWED, QUEUED, Defer, FastPath
-from runner.broker.resp import NULL_ARRAY, PROTOCOL_ERRORS, encode, reader_for
+from runner.broker.fast import NO_REPLY, OK, QUEUED, WRONGTYPE, Defer, FastPath
+from runner.broker.resp import NULL_ARRAY, Push, encode
+from runner.broker.session import PySession, compiled_session, engine_for
 from runner.settings.kinds import host_port, is_loopback
 from runner.settings.table import BY_NAME
 
@@ -95,24 +96,18 @@ class Parked:
     timer: asyncio.TimerHandle | None = None
 
 
-class Connection(asyncio.Protocol):
+class Connection:
+    """asyncio's side of one client connection; the read loop itself is the session's (session.py),
+    mixed in by the concrete classes below."""
+
     def __init__(self, server: "EmbeddedBroker"):
+        super().__init__()
         self.server = server
-        self.reader = None  # chosen by the first byte the client sends
-        self.out: list[bytes] = []
-        self.parked: Parked | None = None
-        self.closing = False
-        self.fast_multi: list[list[bytes]] | None = None  # a MULTI the fast path is queueing
-        # FastPath.client_ready(sock), kept up to date by the server: recomputed after anything that
-        # could change it (a command fakeredis ran for this client, a subscription, a CONFIG)
-        self.fast_ready = True
-        self.protocol = 2  # RESP version, from the client's HELLO
-        self.transport: asyncio.Transport | None = None
-        self.sock: BrokerSocket | None = None
+        self.engine = server.engine
         self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         raw = transport.get_extra_info("socket")
         if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -127,130 +122,11 @@ class Connection(asyncio.Protocol):
         self.server.connections_received += 1
         log.debug("client %s connected", self.peer)
 
-    def reply(self, message: Any) -> None:
-        if message is OK:
-            self.out.append(b"+OK\r\n")
-        elif message is QUEUED:
-            self.out.append(b"+QUEUED\r\n")
-        elif message is not NO_REPLY:
-            self.out.append(encode(message, self.protocol))
-        else:
-            return
-        self.server.dirty[self] = None
-
-    def failed(self, command: list[bytes]) -> None:
+    def failed(self, command: list[bytes], error: BaseException) -> None:
         """A fault of ours (or a malformed argument) costs this command, not the connection or the
-        broker: logged with its traceback, and an error reply. Called inside the `except`."""
-        log.exception("command %r failed", command[0])
+        broker: logged with its traceback, and an error reply."""
+        log.error("command %r failed", command[0], exc_info=error)
         self.reply(INTERNAL_ERROR)
-
-    def data_received(self, data: bytes) -> None:
-        if self.reader is None:
-            self.reader = reader_for(data[:1])
-        self.reader.feed(data)
-        self.process()
-        self.server.after_batch()
-
-    def process(self) -> None:
-        """Run the complete commands received, until one parks this client.
-
-        The common case, a fast-path command outside a transaction, is handled right here: this
-        loop runs for every command Celery sends, and each call and check it saves counts.
-        """
-        server, sock, out = self.server, self.sock, self.out
-        next_command, execute, handlers = self.reader.next_command, server.execute, server.fast_handlers
-        blocking_pops = server.blocking_pops
-        replied = False
-        try:
-            while self.parked is None and not self.closing:
-                try:
-                    command = next_command()
-                except PROTOCOL_ERRORS as error:
-                    self.reply(SimpleError(f"ERR Protocol error: {error}"))
-                    self.closing = True
-                    return
-                if command is None or command is False:  # the rest has not arrived yet
-                    return
-                if type(command) is not list or not command or type(command[0]) is not bytes:
-                    if command == []:
-                        continue  # Redis ignores an empty array
-                    self.reply(SimpleError("ERR Protocol error: expected an array of bulk strings"))
-                    self.closing = True
-                    return
-                name = command[0].lower()
-                handler = handlers.get(name)
-                if handler is None:
-                    # MULTI and EXEC of the fast path's transactions (three per Celery task)
-                    if name == b"exec" and self.fast_multi is not None and len(command) == 1 \
-                            and not server.fast.halted:
-                        server.commands_processed += 1
-                        try:
-                            server._finish_fast_multi(self, name)
-                        except Exception:
-                            self.failed(command)
-                        continue
-                    if self.fast_multi is None and self.fast_ready and sock._authenticated and not sock._pubsub:
-                        if name == b"multi" and len(command) == 1:
-                            server.commands_processed += 1
-                            self.fast_multi = []
-                            out.append(b"+OK\r\n")
-                            replied = True
-                            continue
-                        pop = blocking_pops.get(name)  # the worker's BRPOP: answered, or the client parked
-                        if pop is not None:
-                            try:
-                                result = pop(sock, command)
-                            except Defer:
-                                pass
-                            except Exception:
-                                self.failed(command)
-                                continue
-                            else:
-                                server.commands_processed += 1
-                                if result is None:
-                                    server.park(self, command)
-                                else:
-                                    out.append(encode(result, self.protocol))
-                                    replied = True
-                                continue
-                else:
-                    if self.fast_multi is not None:  # queued by a MULTI of the fast path
-                        self.fast_multi.append(command)
-                        server.commands_processed += 1
-                        out.append(b"+QUEUED\r\n")
-                        replied = True
-                        continue
-                    if self.fast_ready and sock._authenticated and (not sock._pubsub or name in PUBSUB_ALLOWED):
-                        try:
-                            result = handler(sock, command)
-                        except Defer:
-                            pass
-                        except Exception:
-                            self.failed(command)
-                            continue
-                        else:
-                            server.commands_processed += 1
-                            if result is OK:
-                                out.append(b"+OK\r\n")
-                            elif result is not NO_REPLY:
-                                out.append(encode(result, self.protocol))
-                            replied = True
-                            continue
-                try:
-                    execute(self, command)
-                except Exception:
-                    self.failed(command)
-        finally:
-            if replied:
-                server.dirty[self] = None
-
-    def flush(self) -> None:
-        out = self.out
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        if self.closing and self.transport is not None:
-            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.unpark(self)
@@ -261,11 +137,20 @@ class Connection(asyncio.Protocol):
         log.debug("client %s disconnected", self.peer)
 
 
+# The session first: asyncio.Protocol's own data_received (a no-op) must not shadow it.
+class PyConnection(Connection, PySession, asyncio.Protocol):
+    pass
+
+
+CSession, COMPILED_UNAVAILABLE = compiled_session()
+CConnection = type("CConnection", (Connection, CSession, asyncio.Protocol), {}) if CSession else None
+
+
 class EmbeddedBroker:
     """A Redis-protocol server on one address; `state` (a folder) makes it durable."""
 
     def __init__(self, host: str, port: int, password: str | None, state: Path | None = None,
-                 rewrite_min_bytes: int | None = None):
+                 rewrite_min_bytes: int | None = None, compiled: bool = True):
         if not is_loopback(host) and not password:
             raise BrokerStartError(f"refusing to listen on {host} without a password: anyone who can reach it "
                                    "could read and change every queue; set REDIS_PASSWORD or listen on 127.0.0.1")
@@ -299,6 +184,12 @@ class EmbeddedBroker:
         # the fast path's commands, but for the blocking pops (tried in _blocking, which can park)
         self.fast_handlers = {name: handler for name, handler in self.fast.commands.items() if name not in BLOCKING}
         self.blocking_pops = {name: handler for name, handler in self.fast.commands.items() if name in BLOCKING}
+        # the read loop: compiled where it is built (and wanted), else Python's (session.py)
+        self.compiled = compiled and CConnection is not None
+        self.connection_class = CConnection if self.compiled else PyConnection
+        self.engine = engine_for(self) if self.compiled else None
+        if self.engine is not None:
+            self.after_batch = self.engine.after_batch  # the same steps, in C
         self._server: asyncio.base_events.Server | None = None
         # kept, not asked for: asyncio.get_running_loop() makes a getpid() system call each time
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -347,7 +238,7 @@ class EmbeddedBroker:
         # here goes to fakeredis, ending a MULTI the fast path was queueing if there is one.
         if connection.fast_multi is not None:
             if name in (b"exec", b"discard", b"multi"):
-                self._finish_fast_multi(connection, name)
+                connection.finish_fast_multi(name)
                 return
             self._hand_multi_to_core(connection)  # then this command, through fakeredis
         try:
@@ -406,33 +297,6 @@ class EmbeddedBroker:
         else:
             sock._process_command(command)
 
-    def _finish_fast_multi(self, connection: Connection, name: bytes) -> None:
-        """EXEC, DISCARD or a nested MULTI inside a MULTI the fast path is queueing."""
-        if name == b"multi":
-            connection.reply(SimpleError("ERR MULTI calls can not be nested"))
-            return
-        queued, connection.fast_multi = connection.fast_multi, None
-        if name == b"discard":
-            connection.reply(OK)
-            return
-        if self.aof is not None:
-            self.aof.begin_group()
-        try:
-            # One after another with nothing in between: the loop is single-threaded.
-            sock, handlers, protocol = connection.sock, self.fast_handlers, connection.protocol
-            replies = [b"*%d\r\n" % len(queued)]  # EXEC's array, written as it fills
-            for entry in queued:
-                try:
-                    result = handlers[entry[0].lower()](sock, entry)
-                except Defer:
-                    result = self._attempt(connection, entry)
-                replies.append(b"+OK\r\n" if result is OK else encode(result, protocol))
-            connection.out.append(b"".join(replies))
-            self.dirty[connection] = None
-        finally:
-            if self.aof is not None:
-                self.aof.end_group()
-
     def _hand_multi_to_core(self, connection: Connection) -> None:
         """A command fakeredis must queue: give it the transaction so far (the client had its OK
         and QUEUED replies already)."""
@@ -445,7 +309,7 @@ class EmbeddedBroker:
         finally:
             sock._on_reply = connection.reply
 
-    def _attempt(self, connection: Connection, command: list[bytes]) -> Any:
+    def attempt(self, connection: Connection, command: list[bytes]) -> Any:
         """Run a command through the core, capturing its reply (blocking ones never block there);
         blocking pops try the fast path first. None: nothing to pop yet."""
         sock = connection.sock
@@ -464,7 +328,7 @@ class EmbeddedBroker:
         return captured[-1] if captured else None
 
     def _blocking(self, connection: Connection, command: list[bytes]) -> None:
-        result = self._attempt(connection, command)
+        result = self.attempt(connection, command)
         if result is not None:
             connection.reply(result)
             return
@@ -502,8 +366,7 @@ class EmbeddedBroker:
         connection.parked = None
         name = parked.command[0].lower()
         protocol = connection.protocol
-        connection.out.append(b"$-1\r\n" if name in NULL_BULK_ON_TIMEOUT and protocol == 2 else NULL_ARRAY[protocol])
-        self.dirty[connection] = None
+        connection.send(b"$-1\r\n" if name in NULL_BULK_ON_TIMEOUT and protocol == 2 else NULL_ARRAY[protocol])
         connection.process()  # what it sent meanwhile
         self.after_batch()
 
@@ -518,11 +381,12 @@ class EmbeddedBroker:
     def _serve_parked(self) -> None:
         """Clients waiting on keys that were just written, in the order they began to wait."""
         while self.touched:
-            touched, self.touched = self.touched, set()
+            touched = set(self.touched)  # (the set itself stays: the compiled sessions hold it)
+            self.touched.clear()
             for parked in list(self.parked.values()):
                 if parked.keys.isdisjoint(touched) or id(parked.connection) not in self.parked:
                     continue
-                result = self._attempt(parked.connection, parked.command)
+                result = self.attempt(parked.connection, parked.command)
                 if result is None:
                     continue
                 self.unpark(parked.connection)
@@ -534,24 +398,31 @@ class EmbeddedBroker:
         send the replies (also to other clients: pushed messages, unparked pops).
 
         Right away rather than once per turn of the event loop: scheduling that cost a tenth of
-        the broker's time, and the writer thread batches the log's writes anyway."""
+        the broker's time, and the writer thread batches the log's writes anyway. (The compiled
+        engine has its own copy of this, taking the same steps: see __init__.)"""
         if self.touched:
             if self.parked:
                 self._serve_parked()
             self.touched.clear()
         if self.aof is not None:
-            self.aof.write_pending()
-            if self.aof.needs_rewrite():
-                self.rewrite()
-            self._follow_log_health()
+            self.log_batch()
         for connection in self.dirty:
             connection.flush()
         self.dirty.clear()
         if self.check_kills:
-            self.check_kills = False
-            for connection in list(self.connections):
-                if connection.sock is not None and connection.sock._killed and connection.transport is not None:
-                    connection.transport.close()  # CLIENT KILL
+            self.close_killed()
+
+    def log_batch(self) -> None:
+        self.aof.write_pending()
+        if self.aof.needs_rewrite():
+            self.rewrite()
+        self._follow_log_health()
+
+    def close_killed(self) -> None:
+        self.check_kills = False
+        for connection in list(self.connections):
+            if connection.sock is not None and connection.sock._killed and connection.transport is not None:
+                connection.transport.close()  # CLIENT KILL
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -669,7 +540,8 @@ class EmbeddedBroker:
                 "aof_set_aside": str(self.load_report.set_aside or ""),
             },
             "Stats": {"total_connections_received": self.connections_received,
-                      "total_commands_processed": self.commands_processed,
+                      "total_commands_processed": self.commands_processed + (
+                          self.engine.commands_processed if self.engine is not None else 0),
                       "used_cpu_user": round(usage.ru_utime, 3), "used_cpu_sys": round(usage.ru_stime, 3)},
             "Keyspace": {},
         }
@@ -702,7 +574,7 @@ class EmbeddedBroker:
         self._stopped = asyncio.Event()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            self._server = await loop.create_server(lambda: Connection(self), self.host, self.port, family=family,
+            self._server = await loop.create_server(lambda: self.connection_class(self), self.host, self.port, family=family,
                                                     reuse_address=True)
         except OSError as error:
             raise BrokerStartError(self._bind_error(error)) from None
@@ -736,6 +608,8 @@ class EmbeddedBroker:
         if halted is self.fast.halted:
             return
         self.fast.halted = halted
+        if self.engine is not None:
+            self.engine.halted = halted
         for connection in self.connections:
             if connection.sock is not None:
                 connection.fast_ready = self.fast.client_ready(connection.sock)

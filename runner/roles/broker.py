@@ -8,7 +8,7 @@ import logging
 import fakeredis
 
 from runner.broker.server import BrokerStartError as ServerStartError
-from runner.broker.server import EmbeddedBroker
+from runner.broker.server import COMPILED_UNAVAILABLE, EmbeddedBroker
 from runner.roles.common import RoleStartError, start_role
 from runner.settings import Settings
 from runner.settings.kinds import mask_url
@@ -35,7 +35,8 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
     host, port = settings.REDIS_HOST, settings.REDIS_PORT
     folder = paths.broker if settings.DIFY_LOCAL_BROKER_PERSIST else None
     try:
-        broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder)
+        broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder,
+                                compiled=settings.DIFY_LOCAL_BROKER_COMPILED)
     except ServerStartError as error:
         raise BrokerStartError(str(error)) from None
     report = broker.load()
@@ -53,7 +54,10 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
     if report.failed:
         log.warning("%d logged writes failed to replay (listed above)", report.failed)
     address = mask_url(settings.embedded_url(0)).rsplit("/", 1)[0] if password else f"redis://{host}:{port}"
-    log.info("embedded broker (fakeredis %s) listening on %s", fakeredis.__version__, address)
+    if settings.DIFY_LOCAL_BROKER_COMPILED and not broker.compiled:
+        log.warning("the broker's read loop runs in Python, about 10%% slower: %s", COMPILED_UNAVAILABLE)
+    loop = "compiled read loop" if broker.compiled else "Python read loop"
+    log.info("embedded broker (fakeredis %s, %s) listening on %s", fakeredis.__version__, loop, address)
     try:
         run(broker.serve())
     except ServerStartError as error:

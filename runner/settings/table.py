@@ -90,6 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
             "password every client of the embedded broker must give (AUTH)", secret=True),
     Setting("DIFY_LOCAL_BROKER_PERSIST", Boolean(), True, "embedded broker",
             "keep the embedded broker's data in an append-only log in the state folder (false: memory only)"),
+    Setting("DIFY_LOCAL_BROKER_COMPILED", Boolean(), True, "embedded broker",
+            "run the embedded broker's read loop compiled (C, built at install where a compiler is found); "
+            "false: the same loop in Python, slower (for debugging it)"),
     # worker
     Setting("CELERY_WORKER_CLASS", Choice(WORKER_CLASSES), "threads", "worker",
             "worker pool: threads (local default, debugger-friendly), prefork, gevent, solo"),

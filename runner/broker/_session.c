@@ -1,0 +1,1961 @@
+/* The embedded broker's read loop in C: runner/broker/session.py's PySession, step for step.
+ *
+ * Profiled under Celery, most of the broker's own time was the Python of its read loop and of
+ * the fast path's commands (fast.py), run for every one of the ~21 commands a task costs. This is
+ * the same loop, the same hot commands on the same fakeredis data, and the same end-of-batch
+ * work, with the interpreter out of the way. Everything else (fakeredis' commands, parking a
+ * blocked client, the append-only log's file work) is still the Python it was, called from here.
+ *
+ * The Python in session.py and fast.py is the reference: each function below names the one it
+ * mirrors, and tests/test_broker_fast.py runs both against redis-server reply by reply.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+#include <time.h>
+
+#define API 1                        /* session.API: the interface this file implements */
+#define MAX_BULK (512LL * 1024 * 1024) /* Redis' proto-max-bulk-len */
+#define MAX_INLINE (64 * 1024)
+#define MAX_ARRAY (1024 * 1024)
+#define MAX_NAME 24                  /* longer command names are never the fast path's */
+
+/* ---------------------------------------------------------------------------------------------
+ * names and constants
+ */
+
+static PyObject *s_authenticated, *s_pubsub, *s_db, *s_db_num, *s_dict, *s_watches, *s_values,
+    *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_discard, *s_write, *s_close,
+    *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_log_batch, *s_close_killed,
+    *s_check_kills, *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
+static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat;
+static PyObject *DEFER; /* a native handler's "not for the fast path": the caller runs it through fakeredis */
+
+static double
+now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts); /* what time.time() reads */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * a growable byte buffer (a client's unread input, its unsent replies)
+ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, Py_ssize_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buf_put(Buf *b, const char *data, Py_ssize_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return -1;
+    memcpy(b->data + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+#define buf_lit(b, s) buf_put((b), (s), (Py_ssize_t)sizeof(s) - 1)
+
+/* n in decimal, written backwards from `end`: where it starts (snprintf cost a tenth of the loop) */
+static char *
+decimal(char *end, long long n)
+{
+    unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
+    do {
+        *--end = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (n < 0)
+        *--end = '-';
+    return end;
+}
+
+static int
+buf_head(Buf *b, char kind, long long n) /* ":12\r\n", "*3\r\n", "$5\r\n" */
+{
+    char text[32], *end = text + sizeof text;
+    *--end = '\n';
+    *--end = '\r';
+    char *start = decimal(end, n);
+    *--start = kind;
+    return buf_put(b, start, text + sizeof text - start);
+}
+
+static int
+buf_bulk(Buf *b, const char *data, Py_ssize_t n)
+{
+    if (buf_reserve(b, n + 24) < 0 || buf_head(b, '$', n) < 0 || buf_put(b, data, n) < 0)
+        return -1;
+    return buf_lit(b, "\r\n");
+}
+
+static void
+buf_free(Buf *b)
+{
+    PyMem_Free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+/* after a big reply or command, give the memory back rather than keep it for the connection's life */
+static void
+buf_trim(Buf *b)
+{
+    if (b->len == 0 && b->cap > (1 << 20))
+        buf_free(b);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Engine: the server as the compiled sessions see it (session.engine_for builds it)
+ */
+
+typedef struct Engine Engine;
+typedef struct Session Session;
+typedef PyObject *(*native_fn)(Engine *, PyObject *sock, PyObject *command);
+
+enum { K_FAST = 1, K_POP, K_MULTI, K_EXEC, K_DISCARD };
+
+typedef struct {
+    char name[MAX_NAME];
+    Py_ssize_t len;
+    int kind;
+    int pubsub_ok;      /* allowed to a subscribed RESP2 client (fast.PUBSUB_ALLOWED) */
+    native_fn native;   /* run here, or */
+    PyObject *python;   /* the fast path's Python handler (fast.FastPath), borrowed from `handlers` */
+} Command;
+
+#define MAX_COMMANDS 48
+
+struct Engine {
+    PyObject_HEAD
+    PyObject *server, *core, *aof, *dirty, *parked, *touched, *waiting, *handlers;
+    PyObject *item_type, *hash_type, *zset_type, *push_type, *simple_string, *simple_error;
+    PyObject *defer, *ok, *queued, *no_reply, *pong, *wrongtype, *not_a_float, *multi_nested;
+    PyObject *encode, *deliver, *redis_double, *zadd_options, *watched_changed, *pubsub_allowed;
+    Py_ssize_t value_offset, expireat_offset; /* fakeredis' Item.__slots__ */
+    char halted;
+    long long commands_processed;
+    Command commands[MAX_COMMANDS];
+    int ncommands;
+};
+
+static PyTypeObject EngineType;
+static PyTypeObject SessionType;
+
+#define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
+
+/* ---------------------------------------------------------------------------------------------
+ * replies: resp.encode, by exact type, commonest first; anything unusual goes to the Python one
+ */
+
+static int
+encode_into(Engine *e, Buf *b, PyObject *value, int protocol)
+{
+    if (PyBytes_CheckExact(value))
+        return buf_bulk(b, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long n = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+        if (!overflow)
+            return buf_head(b, ':', n);
+    }
+    else if (PyList_CheckExact(value) || Py_IS_TYPE(value, (PyTypeObject *)e->push_type)) {
+        char kind = (protocol == 3 && !PyList_CheckExact(value)) ? '>' : '*';
+        Py_ssize_t n = PyList_GET_SIZE(value);
+        if (buf_head(b, kind, n) < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(value); i++) {
+            PyObject *item = PyList_GET_ITEM(value, i);
+            Py_INCREF(item);
+            int rc = encode_into(e, b, item, protocol);
+            Py_DECREF(item);
+            if (rc < 0)
+                return -1;
+        }
+        return 0;
+    }
+    else if (value == Py_None)
+        return protocol == 3 ? buf_lit(b, "_\r\n") : buf_lit(b, "$-1\r\n");
+    else if (value == e->ok)
+        return buf_lit(b, "+OK\r\n");
+    else if (value == e->queued)
+        return buf_lit(b, "+QUEUED\r\n");
+    else if (Py_IS_TYPE(value, (PyTypeObject *)e->simple_string)) {
+        PyObject *text = PyObject_GetAttr(value, s_value);
+        if (text == NULL)
+            return -1;
+        int rc = -1;
+        if (PyBytes_Check(text) && buf_lit(b, "+") == 0
+            && buf_put(b, PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text)) == 0)
+            rc = buf_lit(b, "\r\n");
+        else if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "SimpleString value must be bytes");
+        Py_DECREF(text);
+        return rc;
+    }
+    PyObject *proto = PyLong_FromLong(protocol);
+    if (proto == NULL)
+        return -1;
+    PyObject *encoded = PyObject_CallFunctionObjArgs(e->encode, value, proto, NULL);
+    Py_DECREF(proto);
+    if (encoded == NULL)
+        return -1;
+    int rc = -1;
+    if (PyBytes_Check(encoded))
+        rc = buf_put(b, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded));
+    else
+        PyErr_SetString(PyExc_TypeError, "encode() must return bytes");
+    Py_DECREF(encoded);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the data: fast.FastPath's helpers
+ */
+
+/* FastPath._item: the key's Item (borrowed), NULL if there is none or it expired (then dropped) */
+static int
+lookup(Engine *e, PyObject *dict, PyObject *key, PyObject **item)
+{
+    *item = NULL;
+    PyObject *found = PyDict_GetItemWithError(dict, key);
+    if (found == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *expireat = SLOT(found, e->expireat_offset);
+    if (expireat != NULL && expireat != Py_None) {
+        double when = PyFloat_AsDouble(expireat);
+        if (when == -1.0 && PyErr_Occurred())
+            return -1;
+        if (when < now_seconds())
+            return PyDict_DelItem(dict, key);
+    }
+    *item = found;
+    return 0;
+}
+
+static PyObject *
+new_item(Engine *e, PyObject *value) /* Item(value): through the slots, as Item.__init__ sets them */
+{
+    PyTypeObject *type = (PyTypeObject *)e->item_type;
+    PyObject *item = type->tp_alloc(type, 0);
+    if (item == NULL)
+        return NULL;
+    Py_INCREF(value);
+    SLOT(item, e->value_offset) = value;
+    Py_INCREF(Py_None);
+    SLOT(item, e->expireat_offset) = Py_None;
+    return item;
+}
+
+/* the client's database and its dict (new references) */
+static int
+database(PyObject *sock, PyObject **db, PyObject **dict)
+{
+    *dict = NULL;
+    *db = PyObject_GetAttr(sock, s_db);
+    if (*db == NULL)
+        return -1;
+    *dict = PyObject_GetAttr(*db, s_dict);
+    if (*dict == NULL || !PyDict_Check(*dict)) {
+        if (*dict != NULL)
+            PyErr_SetString(PyExc_TypeError, "the database's _dict is not a dict");
+        Py_CLEAR(*db);
+        Py_CLEAR(*dict);
+        return -1;
+    }
+    return 0;
+}
+
+/* FastPath._wrote + EmbeddedBroker.wrote: watchers told, parked clients woken, the write logged */
+static int
+wrote(Engine *e, PyObject *sock, PyObject *db, PyObject *command, PyObject *key)
+{
+    PyObject *watches = PyObject_GetAttr(db, s_watches);
+    if (watches == NULL)
+        return -1;
+    Py_ssize_t watched = PyObject_Length(watches);
+    Py_DECREF(watches);
+    if (watched < 0)
+        return -1;
+    if (watched) {
+        PyObject *r = PyObject_CallFunctionObjArgs(e->watched_changed, sock, key, NULL);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    if (PyDict_GET_SIZE(e->waiting) == 0 && e->aof == Py_None)
+        return 0;
+    PyObject *number = PyObject_GetAttr(sock, s_db_num);
+    if (number == NULL)
+        return -1;
+    int rc = 0;
+    if (PyDict_GET_SIZE(e->waiting)) {
+        PyObject *waited = PyTuple_Pack(2, number, key);
+        rc = waited == NULL ? -1 : PyDict_Contains(e->waiting, waited);
+        if (rc > 0)
+            rc = PySet_Add(e->touched, waited);
+        Py_XDECREF(waited);
+    }
+    if (rc == 0 && e->aof != Py_None) {
+        PyObject *r = PyObject_CallMethodObjArgs(e->aof, s_append, number, command, NULL);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(number);
+    return rc < 0 ? -1 : 0;
+}
+
+static PyObject *
+defer(void)
+{
+    Py_INCREF(DEFER);
+    return DEFER;
+}
+
+static PyObject *
+new_ref(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+
+/* fast._positive_int: digits, no leading zero, at most 15 of them; else -1 (defer) */
+static long long
+positive_int(PyObject *raw)
+{
+    const char *s = PyBytes_AS_STRING(raw);
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    if (n == 0 || n > 15 || s[0] == '0')
+        return -1;
+    long long value = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        value = value * 10 + (s[i] - '0');
+    }
+    return value;
+}
+
+static int
+equals_lower(PyObject *raw, const char *word) /* raw.lower() == word */
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    if ((size_t)n != strlen(word))
+        return 0;
+    const char *s = PyBytes_AS_STRING(raw);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c >= 'A' && c <= 'Z')
+            c += 32;
+        if (c != word[i])
+            return 0;
+    }
+    return 1;
+}
+
+#define ARG(command, i) PyList_GET_ITEM((command), (i))
+#define NARGS(command) PyList_GET_SIZE(command)
+
+/* ---------------------------------------------------------------------------------------------
+ * the fast path's commands (fast.FastPath, method by method)
+ */
+
+static PyObject *
+c_get(Engine *e, PyObject *sock, PyObject *command)
+{
+    if (NARGS(command) != 2)
+        return defer();
+    PyObject *db, *dict, *item, *result = NULL;
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    if (lookup(e, dict, ARG(command, 1), &item) == 0) {
+        if (item == NULL)
+            result = new_ref(Py_None);
+        else {
+            PyObject *value = SLOT(item, e->value_offset);
+            result = new_ref(value != NULL && PyBytes_CheckExact(value) ? value : e->wrongtype);
+        }
+    }
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+/* FastPath._store */
+static PyObject *
+store(Engine *e, PyObject *sock, PyObject *command, PyObject *key, PyObject *value, int expires, double seconds)
+{
+    PyObject *db, *dict, *item = NULL, *result = NULL, *logged = NULL, *when = NULL;
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    item = new_item(e, value);
+    if (item == NULL)
+        goto done;
+    if (!expires) {
+        if (PyDict_SetItem(dict, key, item) < 0 || wrote(e, sock, db, command, key) < 0)
+            goto done;
+    }
+    else {
+        double expireat = now_seconds() + seconds;
+        PyObject *at = PyFloat_FromDouble(expireat);
+        if (at == NULL)
+            goto done;
+        Py_SETREF(SLOT(item, e->expireat_offset), at);
+        /* through the Database, which schedules the expiry */
+        if (PyObject_SetItem(db, key, item) < 0)
+            goto done;
+        /* logged with its absolute expiry, as Redis' AOF writes it: a replay keeps the time it had */
+        char digits[24], *end = digits + sizeof digits;
+        char *start = decimal(end, (long long)(expireat * 1000));
+        when = PyBytes_FromStringAndSize(start, end - start);
+        if (when == NULL)
+            goto done;
+        logged = PyList_New(5);
+        if (logged == NULL)
+            goto done;
+        PyObject *parts[5] = {b_set, key, value, b_pxat, when};
+        for (int i = 0; i < 5; i++) {
+            Py_INCREF(parts[i]);
+            PyList_SET_ITEM(logged, i, parts[i]);
+        }
+        if (wrote(e, sock, db, logged, key) < 0)
+            goto done;
+    }
+    result = new_ref(e->ok);
+done:
+    Py_XDECREF(item);
+    Py_XDECREF(logged);
+    Py_XDECREF(when);
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+static PyObject *
+c_set(Engine *e, PyObject *sock, PyObject *command)
+{
+    if (NARGS(command) == 3)
+        return store(e, sock, command, ARG(command, 1), ARG(command, 2), 0, 0);
+    if (NARGS(command) == 5) {
+        int ex = equals_lower(ARG(command, 3), "ex"), px = equals_lower(ARG(command, 3), "px");
+        if (ex || px) {
+            long long amount = positive_int(ARG(command, 4));
+            if (amount < 0)
+                return defer();
+            return store(e, sock, command, ARG(command, 1), ARG(command, 2), 1,
+                         ex ? (double)amount : (double)amount / 1000);
+        }
+    }
+    return defer();
+}
+
+static PyObject *
+c_setex(Engine *e, PyObject *sock, PyObject *command)
+{
+    if (NARGS(command) != 4)
+        return defer();
+    long long amount = positive_int(ARG(command, 2));
+    if (amount < 0)
+        return defer();
+    return store(e, sock, command, ARG(command, 1), ARG(command, 3), 1, (double)amount);
+}
+
+/* FastPath._push */
+static PyObject *
+push(Engine *e, PyObject *sock, PyObject *command, int left)
+{
+    Py_ssize_t n = NARGS(command);
+    if (n < 3)
+        return defer();
+    PyObject *db, *dict, *item, *key = ARG(command, 1), *result = NULL;
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    if (lookup(e, dict, key, &item) < 0)
+        goto done;
+    if (item == NULL) {
+        PyObject *list = PyList_New(0);
+        if (list == NULL)
+            goto done;
+        item = new_item(e, list);
+        Py_DECREF(list);
+        if (item == NULL)
+            goto done;
+        int rc = PyDict_SetItem(dict, key, item);
+        Py_DECREF(item); /* the dict holds it */
+        if (rc < 0)
+            goto done;
+    }
+    PyObject *list = SLOT(item, e->value_offset);
+    if (list == NULL || !PyList_CheckExact(list)) {
+        result = new_ref(e->wrongtype);
+        goto done;
+    }
+    Py_INCREF(list);
+    int rc = 0;
+    if (left) {
+        PyObject *values = PyList_New(n - 2); /* values[::-1] at the front */
+        if (values == NULL)
+            rc = -1;
+        else {
+            for (Py_ssize_t i = 2; i < n; i++) {
+                PyObject *value = ARG(command, i);
+                Py_INCREF(value);
+                PyList_SET_ITEM(values, n - 1 - i, value);
+            }
+            rc = PyList_SetSlice(list, 0, 0, values);
+            Py_DECREF(values);
+        }
+    }
+    else {
+        for (Py_ssize_t i = 2; i < n && rc == 0; i++)
+            rc = PyList_Append(list, ARG(command, i));
+    }
+    if (rc == 0 && wrote(e, sock, db, command, key) == 0)
+        result = PyLong_FromSsize_t(PyList_GET_SIZE(list));
+    Py_DECREF(list);
+done:
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+static PyObject *c_lpush(Engine *e, PyObject *sock, PyObject *command) { return push(e, sock, command, 1); }
+static PyObject *c_rpush(Engine *e, PyObject *sock, PyObject *command) { return push(e, sock, command, 0); }
+
+/* FastPath._pop: 1 and *value (new) popped, 0 no list, 2 not a list, -1 error */
+static int
+pop(Engine *e, PyObject *dict, PyObject *key, int left, PyObject **value)
+{
+    PyObject *item;
+    *value = NULL;
+    if (lookup(e, dict, key, &item) < 0)
+        return -1;
+    if (item == NULL)
+        return 0;
+    PyObject *list = SLOT(item, e->value_offset);
+    if (list == NULL || !PyList_CheckExact(list))
+        return 2;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if (n == 0) {
+        PyErr_SetString(PyExc_IndexError, "pop from empty list");
+        return -1;
+    }
+    Py_ssize_t at = left ? 0 : n - 1;
+    *value = PyList_GET_ITEM(list, at);
+    Py_INCREF(*value);
+    if (PyList_SetSlice(list, at, at + 1, NULL) < 0) {
+        Py_CLEAR(*value);
+        return -1;
+    }
+    if (PyList_GET_SIZE(list) == 0 && PyDict_DelItem(dict, key) < 0) {
+        Py_CLEAR(*value);
+        return -1;
+    }
+    return 1;
+}
+
+/* FastPath._blocking_pop: [key, value], None (the server parks the client), WRONGTYPE */
+static PyObject *
+blocking_pop(Engine *e, PyObject *sock, PyObject *command, int left)
+{
+    Py_ssize_t n = NARGS(command);
+    if (n < 3)
+        return defer();
+    PyObject *timeout = PyFloat_FromString(ARG(command, n - 1));
+    if (timeout == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
+        PyErr_Clear();
+        return defer();
+    }
+    double seconds = PyFloat_AS_DOUBLE(timeout);
+    Py_DECREF(timeout);
+    if (!(seconds >= 0) || isinf(seconds))
+        return defer();
+    PyObject *db, *dict, *result = NULL;
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    for (Py_ssize_t i = 1; i < n - 1; i++) {
+        PyObject *key = ARG(command, i), *value;
+        int got = pop(e, dict, key, left, &value);
+        if (got < 0)
+            goto done;
+        if (got == 2) {
+            result = new_ref(e->wrongtype);
+            goto done;
+        }
+        if (got == 1) {
+            /* logged as what it did (its timeout does not matter to a replay) */
+            PyObject *logged = PyList_New(2);
+            if (logged == NULL) {
+                Py_DECREF(value);
+                goto done;
+            }
+            Py_INCREF(left ? b_lpop : b_rpop);
+            PyList_SET_ITEM(logged, 0, left ? b_lpop : b_rpop);
+            Py_INCREF(key);
+            PyList_SET_ITEM(logged, 1, key);
+            int rc = wrote(e, sock, db, logged, key);
+            Py_DECREF(logged);
+            if (rc < 0) {
+                Py_DECREF(value);
+                goto done;
+            }
+            result = PyList_New(2);
+            if (result == NULL) {
+                Py_DECREF(value);
+                goto done;
+            }
+            Py_INCREF(key);
+            PyList_SET_ITEM(result, 0, key);
+            PyList_SET_ITEM(result, 1, value);
+            goto done;
+        }
+    }
+    result = new_ref(Py_None);
+done:
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+static PyObject *c_brpop(Engine *e, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 0); }
+static PyObject *c_blpop(Engine *e, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 1); }
+
+/* FastPath._hash: 1 and *item (new) with due field TTLs applied, 0 none, 2 WRONGTYPE, -1 error */
+static int
+hash_item(Engine *e, PyObject *dict, PyObject *key, int create, PyObject **item)
+{
+    PyObject *found;
+    *item = NULL;
+    for (;;) {
+        if (lookup(e, dict, key, &found) < 0)
+            return -1;
+        if (found == NULL) {
+            if (!create)
+                return 0;
+            PyObject *hash = PyObject_CallNoArgs(e->hash_type);
+            if (hash == NULL)
+                return -1;
+            found = new_item(e, hash);
+            Py_DECREF(hash);
+            if (found == NULL)
+                return -1;
+            if (PyDict_SetItem(dict, key, found) < 0) {
+                Py_DECREF(found);
+                return -1;
+            }
+            *item = found;
+            return 1;
+        }
+        PyObject *hash = SLOT(found, e->value_offset);
+        if (hash == NULL || (PyObject *)Py_TYPE(hash) != e->hash_type)
+            return 2;
+        Py_INCREF(found);
+        PyObject *heap = PyObject_GetAttr(hash, s_expiry_heap);
+        if (heap == NULL) {
+            Py_DECREF(found);
+            return -1;
+        }
+        int due = PyObject_IsTrue(heap);
+        Py_DECREF(heap);
+        if (due < 0) {
+            Py_DECREF(found);
+            return -1;
+        }
+        if (!due) {
+            *item = found;
+            return 1;
+        }
+        PyObject *r = PyObject_CallMethodNoArgs(hash, s_expire_keys);
+        if (r == NULL) {
+            Py_DECREF(found);
+            return -1;
+        }
+        Py_DECREF(r);
+        PyObject *values = PyObject_GetAttr(hash, s_values);
+        if (values == NULL) {
+            Py_DECREF(found);
+            return -1;
+        }
+        Py_ssize_t left = PyObject_Length(values);
+        Py_DECREF(values);
+        if (left < 0) {
+            Py_DECREF(found);
+            return -1;
+        }
+        if (left) {
+            *item = found;
+            return 1;
+        }
+        Py_DECREF(found);
+        if (PyDict_DelItem(dict, key) < 0) /* every field expired: Redis has no such key */
+            return -1;
+    }
+}
+
+/* a Hash's two dicts (new references) */
+static int
+hash_dicts(Engine *e, PyObject *item, PyObject **fields, PyObject **expirations)
+{
+    PyObject *hash = SLOT(item, e->value_offset);
+    *expirations = NULL;
+    *fields = PyObject_GetAttr(hash, s_values);
+    if (*fields == NULL)
+        return -1;
+    *expirations = PyObject_GetAttr(hash, s_expirations);
+    if (*expirations == NULL || !PyDict_Check(*fields) || !PyDict_Check(*expirations)) {
+        if (*expirations != NULL)
+            PyErr_SetString(PyExc_TypeError, "a Hash's fields are not dicts");
+        Py_CLEAR(*fields);
+        Py_CLEAR(*expirations);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+drop(PyObject *dict, PyObject *key) /* dict.pop(key, None): 1 if it was there */
+{
+    int there = PyDict_Contains(dict, key);
+    if (there > 0 && PyDict_DelItem(dict, key) < 0)
+        return -1;
+    return there;
+}
+
+static PyObject *
+c_hset(Engine *e, PyObject *sock, PyObject *command)
+{
+    Py_ssize_t n = NARGS(command);
+    if (n < 4 || n % 2)
+        return defer();
+    PyObject *db, *dict, *item, *fields = NULL, *expirations = NULL, *result = NULL;
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    int got = hash_item(e, dict, ARG(command, 1), 1, &item);
+    if (got < 0)
+        goto done;
+    if (got == 2) {
+        result = new_ref(e->wrongtype);
+        goto done;
+    }
+    if (hash_dicts(e, item, &fields, &expirations) == 0) {
+        /* Hash's own dicts: its methods convert and check every field again (fields here are bytes) */
+        Py_ssize_t before = PyDict_GET_SIZE(fields);
+        int rc = 0;
+        for (Py_ssize_t at = 2; at < n && rc == 0; at += 2) {
+            if (PyDict_GET_SIZE(expirations) && drop(expirations, ARG(command, at)) < 0)
+                rc = -1; /* HSET clears a field's TTL, as in Redis */
+            else
+                rc = PyDict_SetItem(fields, ARG(command, at), ARG(command, at + 1));
+        }
+        if (rc == 0 && wrote(e, sock, db, command, ARG(command, 1)) == 0)
+            result = PyLong_FromSsize_t(PyDict_GET_SIZE(fields) - before);
+    }
+    Py_DECREF(item);
+done:
+    Py_XDECREF(fields);
+    Py_XDECREF(expirations);
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+static PyObject *
+c_hdel(Engine *e, PyObject *sock, PyObject *command)
+{
+    Py_ssize_t n = NARGS(command);
+    if (n < 3)
+        return defer();
+    PyObject *db, *dict, *item, *fields = NULL, *expirations = NULL, *result = NULL;
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    int got = hash_item(e, dict, ARG(command, 1), 0, &item);
+    if (got < 0)
+        goto done;
+    if (got != 1) {
+        result = got == 0 ? PyLong_FromLong(0) : new_ref(e->wrongtype);
+        goto done;
+    }
+    if (hash_dicts(e, item, &fields, &expirations) == 0) {
+        long removed = 0;
+        int rc = 0;
+        for (Py_ssize_t at = 2; at < n && rc == 0; at++) {
+            int there = drop(fields, ARG(command, at));
+            if (there < 0)
+                rc = -1;
+            else if (there) {
+                rc = drop(expirations, ARG(command, at)) < 0 ? -1 : 0;
+                removed++;
+            }
+        }
+        if (rc == 0 && PyDict_GET_SIZE(fields) == 0)
+            rc = PyDict_DelItem(dict, ARG(command, 1));
+        if (rc == 0 && removed)
+            rc = wrote(e, sock, db, command, ARG(command, 1));
+        if (rc == 0)
+            result = PyLong_FromLong(removed);
+    }
+    Py_DECREF(item);
+done:
+    Py_XDECREF(fields);
+    Py_XDECREF(expirations);
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+/* fast.PLAIN_SCORE: [-+]?(digits{1,300}(.digits{0,300})?|.digits{1,300}), the whole text: a
+ * score Python's float() and Redis' strtod read alike */
+static int
+plain_score(PyObject *raw)
+{
+    const char *s = PyBytes_AS_STRING(raw), *end = s + PyBytes_GET_SIZE(raw);
+    if (s < end && (*s == '-' || *s == '+'))
+        s++;
+    const char *start = s;
+    while (s < end && *s >= '0' && *s <= '9')
+        s++;
+    Py_ssize_t whole = s - start;
+    if (whole > 300)
+        return 0;
+    if (s == end)
+        return whole > 0;
+    if (*s != '.')
+        return 0;
+    const char *fraction = ++s;
+    while (s < end && *s >= '0' && *s <= '9')
+        s++;
+    Py_ssize_t decimals = s - fraction;
+    return s == end && decimals <= 300 && (whole > 0 || decimals > 0);
+}
+
+static PyObject *
+c_zadd(Engine *e, PyObject *sock, PyObject *command)
+{
+    Py_ssize_t n = NARGS(command);
+    if (n < 4 || n % 2)
+        return defer();
+    Py_ssize_t pairs = (n - 2) / 2;
+    double *scores = PyMem_Malloc(sizeof(double) * pairs);
+    if (scores == NULL)
+        return PyErr_NoMemory();
+    PyObject *db = NULL, *dict = NULL, *bylex = NULL, *result = NULL;
+    for (Py_ssize_t p = 0; p < pairs; p++) {
+        PyObject *raw = ARG(command, 2 + 2 * p);
+        if (plain_score(raw)) {
+            scores[p] = PyOS_string_to_double(PyBytes_AS_STRING(raw), NULL, NULL);
+            if (scores[p] == -1.0 && PyErr_Occurred())
+                goto done;
+            continue;
+        }
+        PyObject *upper = PyObject_CallMethod(raw, "upper", NULL);
+        if (upper == NULL)
+            goto done;
+        int option = PySequence_Contains(e->zadd_options, upper);
+        Py_DECREF(upper);
+        if (option < 0)
+            goto done;
+        if (option) {
+            result = defer(); /* fakeredis has the options */
+            goto done;
+        }
+        PyObject *score = PyObject_CallFunctionObjArgs(e->redis_double, raw, NULL);
+        if (score == NULL)
+            goto done;
+        if (score == Py_None) { /* Redis reads every score before it looks at the key */
+            Py_DECREF(score);
+            result = new_ref(e->not_a_float);
+            goto done;
+        }
+        scores[p] = PyFloat_AsDouble(score);
+        Py_DECREF(score);
+        if (scores[p] == -1.0 && PyErr_Occurred())
+            goto done;
+    }
+    if (database(sock, &db, &dict) < 0)
+        goto done;
+    PyObject *key = ARG(command, 1), *item;
+    if (lookup(e, dict, key, &item) < 0)
+        goto done;
+    if (item == NULL) {
+        PyObject *zset = PyObject_CallNoArgs(e->zset_type);
+        if (zset == NULL)
+            goto done;
+        item = new_item(e, zset);
+        Py_DECREF(zset);
+        if (item == NULL)
+            goto done;
+        int rc = PyDict_SetItem(dict, key, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            goto done;
+    }
+    PyObject *zset = SLOT(item, e->value_offset);
+    if (zset == NULL || !PyObject_TypeCheck(zset, (PyTypeObject *)e->zset_type)) {
+        result = new_ref(e->wrongtype);
+        goto done;
+    }
+    Py_INCREF(zset);
+    bylex = PyObject_GetAttr(zset, s_bylex);
+    long added = 0;
+    int rc = bylex == NULL ? -1 : 0;
+    for (Py_ssize_t p = 0; p < pairs && rc == 0; p++) {
+        PyObject *member = ARG(command, 3 + 2 * p);
+        int there = PySequence_Contains(bylex, member);
+        if (there < 0) {
+            rc = -1;
+            break;
+        }
+        added += !there;
+        PyObject *score = PyFloat_FromDouble(scores[p] + 0.0);
+        PyObject *r = score == NULL ? NULL : PyObject_CallMethodObjArgs(zset, s_add, member, score, NULL);
+        Py_XDECREF(score);
+        if (r == NULL)
+            rc = -1;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(zset);
+    if (rc == 0 && wrote(e, sock, db, command, key) == 0)
+        result = PyLong_FromLong(added);
+done:
+    PyMem_Free(scores);
+    Py_XDECREF(bylex);
+    Py_XDECREF(db);
+    Py_XDECREF(dict);
+    return result;
+}
+
+static PyObject *
+c_zrem(Engine *e, PyObject *sock, PyObject *command)
+{
+    Py_ssize_t n = NARGS(command);
+    if (n < 3)
+        return defer();
+    PyObject *db, *dict, *item, *zset = NULL, *bylex = NULL, *result = NULL, *key = ARG(command, 1);
+    if (database(sock, &db, &dict) < 0)
+        return NULL;
+    if (lookup(e, dict, key, &item) < 0)
+        goto done;
+    if (item == NULL) {
+        result = PyLong_FromLong(0);
+        goto done;
+    }
+    zset = SLOT(item, e->value_offset);
+    if (zset == NULL || !PyObject_TypeCheck(zset, (PyTypeObject *)e->zset_type)) {
+        zset = NULL;
+        result = new_ref(e->wrongtype);
+        goto done;
+    }
+    Py_INCREF(zset);
+    bylex = PyObject_GetAttr(zset, s_bylex);
+    if (bylex == NULL)
+        goto done;
+    long removed = 0;
+    for (Py_ssize_t at = 2; at < n; at++) {
+        int there = PySequence_Contains(bylex, ARG(command, at));
+        if (there < 0)
+            goto done;
+        if (there) {
+            PyObject *r = PyObject_CallMethodOneArg(zset, s_discard, ARG(command, at));
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+            removed++;
+        }
+    }
+    Py_ssize_t size = PyObject_Length(bylex);
+    if (size < 0 || (size == 0 && PyDict_DelItem(dict, key) < 0))
+        goto done;
+    if (removed && wrote(e, sock, db, command, key) < 0)
+        goto done;
+    result = PyLong_FromLong(removed);
+done:
+    Py_XDECREF(zset);
+    Py_XDECREF(bylex);
+    Py_DECREF(db);
+    Py_DECREF(dict);
+    return result;
+}
+
+static PyObject *
+c_publish(Engine *e, PyObject *sock, PyObject *command)
+{
+    if (NARGS(command) != 3)
+        return defer();
+    return PyObject_CallFunctionObjArgs(e->deliver, e->core, ARG(command, 1), ARG(command, 2), NULL);
+}
+
+static PyObject *
+c_ping(Engine *e, PyObject *sock, PyObject *command)
+{
+    return NARGS(command) == 1 ? new_ref(e->pong) : defer();
+}
+
+static const struct {
+    const char *name;
+    native_fn fn;
+} NATIVE[] = {
+    {"get", c_get}, {"set", c_set}, {"setex", c_setex}, {"lpush", c_lpush}, {"rpush", c_rpush},
+    {"brpop", c_brpop}, {"blpop", c_blpop}, {"hset", c_hset}, {"hdel", c_hdel}, {"zadd", c_zadd},
+    {"zrem", c_zrem}, {"publish", c_publish}, {"ping", c_ping}, {NULL, NULL},
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * Engine
+ */
+
+static int
+Engine_traverse(Engine *e, visitproc visit, void *arg)
+{
+    Py_VISIT(e->server); Py_VISIT(e->core); Py_VISIT(e->aof); Py_VISIT(e->dirty); Py_VISIT(e->parked);
+    Py_VISIT(e->touched); Py_VISIT(e->waiting); Py_VISIT(e->handlers); Py_VISIT(e->item_type);
+    Py_VISIT(e->hash_type); Py_VISIT(e->zset_type); Py_VISIT(e->push_type); Py_VISIT(e->simple_string);
+    Py_VISIT(e->simple_error); Py_VISIT(e->defer); Py_VISIT(e->ok); Py_VISIT(e->queued);
+    Py_VISIT(e->no_reply); Py_VISIT(e->pong); Py_VISIT(e->wrongtype); Py_VISIT(e->not_a_float);
+    Py_VISIT(e->multi_nested); Py_VISIT(e->encode); Py_VISIT(e->deliver); Py_VISIT(e->redis_double);
+    Py_VISIT(e->zadd_options); Py_VISIT(e->watched_changed); Py_VISIT(e->pubsub_allowed);
+    return 0;
+}
+
+static int
+Engine_clear(Engine *e)
+{
+    e->ncommands = 0; /* their Python handlers are borrowed from `handlers` */
+    Py_CLEAR(e->server); Py_CLEAR(e->core); Py_CLEAR(e->aof); Py_CLEAR(e->dirty); Py_CLEAR(e->parked);
+    Py_CLEAR(e->touched); Py_CLEAR(e->waiting); Py_CLEAR(e->handlers); Py_CLEAR(e->item_type);
+    Py_CLEAR(e->hash_type); Py_CLEAR(e->zset_type); Py_CLEAR(e->push_type); Py_CLEAR(e->simple_string);
+    Py_CLEAR(e->simple_error); Py_CLEAR(e->defer); Py_CLEAR(e->ok); Py_CLEAR(e->queued);
+    Py_CLEAR(e->no_reply); Py_CLEAR(e->pong); Py_CLEAR(e->wrongtype); Py_CLEAR(e->not_a_float);
+    Py_CLEAR(e->multi_nested); Py_CLEAR(e->encode); Py_CLEAR(e->deliver); Py_CLEAR(e->redis_double);
+    Py_CLEAR(e->zadd_options); Py_CLEAR(e->watched_changed); Py_CLEAR(e->pubsub_allowed);
+    return 0;
+}
+
+static void
+Engine_dealloc(Engine *e)
+{
+    PyObject_GC_UnTrack(e);
+    Engine_clear(e);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static Py_ssize_t
+slot_offset(PyObject *type, const char *name)
+{
+    PyObject *descriptor = PyObject_GetAttrString(type, name);
+    if (descriptor == NULL)
+        return -1;
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(descriptor, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+        if (member->type == T_OBJECT_EX || member->type == T_OBJECT)
+            offset = member->offset;
+    }
+    Py_DECREF(descriptor);
+    if (offset < 0)
+        PyErr_Format(PyExc_TypeError, "fakeredis' Item.%s is not a slot: this fakeredis is not supported", name);
+    return offset;
+}
+
+static int
+add_command(Engine *e, const char *name, Py_ssize_t len, int kind, native_fn native, PyObject *python)
+{
+    if (e->ncommands >= MAX_COMMANDS || len >= MAX_NAME) {
+        PyErr_Format(PyExc_ValueError, "too many fast commands, or too long a name (%s)", name);
+        return -1;
+    }
+    Command *c = &e->commands[e->ncommands++];
+    memcpy(c->name, name, len);
+    c->name[len] = 0;
+    c->len = len;
+    c->kind = kind;
+    c->native = native;
+    c->python = python;
+    PyObject *word = PyBytes_FromStringAndSize(name, len);
+    if (word == NULL)
+        return -1;
+    c->pubsub_ok = PySequence_Contains(e->pubsub_allowed, word);
+    Py_DECREF(word);
+    return c->pubsub_ok < 0 ? -1 : 0;
+}
+
+static int
+Engine_init(Engine *e, PyObject *args, PyObject *kwargs)
+{
+    static const char *names[] = {
+        "server", "core", "aof", "dirty", "parked", "touched", "waiting", "handlers", "item_type",
+        "hash_type", "zset_type", "push_type", "simple_string", "simple_error", "defer", "ok", "queued",
+        "no_reply", "pong", "wrongtype", "not_a_float", "multi_nested", "encode", "deliver",
+        "redis_double", "zadd_options", "watched_changed", "pubsub_allowed", NULL};
+    PyObject **fields[] = {
+        &e->server, &e->core, &e->aof, &e->dirty, &e->parked, &e->touched, &e->waiting, &e->handlers,
+        &e->item_type, &e->hash_type, &e->zset_type, &e->push_type, &e->simple_string, &e->simple_error,
+        &e->defer, &e->ok, &e->queued, &e->no_reply, &e->pong, &e->wrongtype, &e->not_a_float,
+        &e->multi_nested, &e->encode, &e->deliver, &e->redis_double, &e->zadd_options, &e->watched_changed,
+        &e->pubsub_allowed};
+    if (PyTuple_GET_SIZE(args) || kwargs == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Engine() takes keyword arguments only");
+        return -1;
+    }
+    Engine_clear(e);
+    for (int i = 0; names[i]; i++) {
+        PyObject *value = PyDict_GetItemString(kwargs, names[i]);
+        if (value == NULL) {
+            PyErr_Format(PyExc_TypeError, "Engine() needs %s", names[i]);
+            return -1;
+        }
+        Py_INCREF(value);
+        *fields[i] = value;
+    }
+    if (!PyDict_Check(e->dirty) || !PyDict_Check(e->parked) || !PySet_Check(e->touched)
+        || !PyDict_Check(e->waiting) || !PyDict_Check(e->handlers) || !PyType_Check(e->item_type)
+        || !PyType_Check(e->hash_type) || !PyType_Check(e->zset_type) || !PyType_Check(e->push_type)
+        || !PyType_Check(e->simple_string)) {
+        PyErr_SetString(PyExc_TypeError, "Engine(): a container or type of the wrong kind");
+        return -1;
+    }
+    if ((e->value_offset = slot_offset(e->item_type, "value")) < 0
+        || (e->expireat_offset = slot_offset(e->item_type, "expireat")) < 0)
+        return -1;
+    /* the fast path's commands: those written here run here, the others through their Python */
+    PyObject *name, *handler;
+    Py_ssize_t position = 0;
+    while (PyDict_Next(e->handlers, &position, &name, &handler)) {
+        if (!PyBytes_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "Engine(): handler names must be bytes");
+            return -1;
+        }
+        native_fn native = NULL;
+        for (int i = 0; NATIVE[i].name; i++)
+            if (strcmp(NATIVE[i].name, PyBytes_AS_STRING(name)) == 0)
+                native = NATIVE[i].fn;
+        if (add_command(e, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), K_FAST, native, handler) < 0)
+            return -1;
+    }
+    if (add_command(e, "brpop", 5, K_POP, c_brpop, NULL) < 0 || add_command(e, "blpop", 5, K_POP, c_blpop, NULL) < 0
+        || add_command(e, "multi", 5, K_MULTI, NULL, NULL) < 0 || add_command(e, "exec", 4, K_EXEC, NULL, NULL) < 0
+        || add_command(e, "discard", 7, K_DISCARD, NULL, NULL) < 0)
+        return -1;
+    return 0;
+}
+
+/* the command's entry (NULL: none of the fast path's) by its name in any case */
+static Command *
+find_command(Engine *e, PyObject *raw)
+{
+    Py_ssize_t len = PyBytes_GET_SIZE(raw);
+    if (len >= MAX_NAME)
+        return NULL;
+    char name[MAX_NAME];
+    const char *s = PyBytes_AS_STRING(raw);
+    for (Py_ssize_t i = 0; i < len; i++)
+        name[i] = (s[i] >= 'A' && s[i] <= 'Z') ? s[i] + 32 : s[i];
+    for (int i = 0; i < e->ncommands; i++) {
+        Command *c = &e->commands[i];
+        if (c->len == len && memcmp(c->name, name, len) == 0)
+            return c;
+    }
+    return NULL;
+}
+
+static PyObject *Engine_after_batch(Engine *e, PyObject *unused);
+
+static PyMemberDef Engine_members[] = {
+    {"halted", T_BOOL, offsetof(Engine, halted), 0, "writes refused: the log cannot be written"},
+    {"commands_processed", T_LONGLONG, offsetof(Engine, commands_processed), READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef Engine_methods[] = {
+    {"after_batch", (PyCFunction)Engine_after_batch, METH_NOARGS, "EmbeddedBroker.after_batch, in C"},
+    {NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "runner.broker._session.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The broker as the compiled sessions see it (session.engine_for).",
+    .tp_traverse = (traverseproc)Engine_traverse,
+    .tp_clear = (inquiry)Engine_clear,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_init = (initproc)Engine_init,
+    .tp_new = PyType_GenericNew,
+    .tp_members = Engine_members,
+    .tp_methods = Engine_methods,
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * Session: one client's read loop (session.PySession)
+ */
+
+struct Session {
+    PyObject_HEAD
+    PyObject *server, *engine, *sock, *transport, *parked, *fast_multi;
+    char closing, fast_ready;
+    int protocol;
+    Buf in;               /* bytes received, not yet parsed from in_start on */
+    Py_ssize_t in_start;
+    Buf out;              /* replies not yet sent */
+};
+
+#define IS_NONE(o) ((o) == NULL || (o) == Py_None)
+
+static Engine *
+engine_of(Session *s)
+{
+    if (s->engine == NULL || !Py_IS_TYPE(s->engine, &EngineType)) {
+        PyErr_SetString(PyExc_TypeError, "the session has no engine (set session.engine = server.engine)");
+        return NULL;
+    }
+    return (Engine *)s->engine;
+}
+
+static int
+mark_dirty(Engine *e, Session *s)
+{
+    return PyDict_SetItem(e->dirty, (PyObject *)s, Py_None);
+}
+
+static int
+append_out(Session *s, const char *data, Py_ssize_t n)
+{
+    return buf_put(&s->out, data, n);
+}
+
+static int
+reply_into(Engine *e, Session *s, PyObject *message) /* PySession.reply, less the dirty mark */
+{
+    if (message == e->no_reply)
+        return 0;
+    return encode_into(e, &s->out, message, s->protocol);
+}
+
+/* the exception being raised, handed to connection.failed(command, error): the command fails,
+ * not the connection; anything but an Exception (KeyboardInterrupt) goes on up */
+static int
+call_failed(Session *s, PyObject *command)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    PyObject *r = PyObject_CallMethodObjArgs((PyObject *)s, s_failed, command, value ? value : Py_None, NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The next command: 1 and *command (a new list of bytes), 0 if it has not all arrived, -1 with
+ * `error` for bytes that are not the protocol (or with a Python exception set). Arrays of bulk
+ * strings as Redis reads them, or a line of words (a client typing inline commands). */
+static int
+next_command(Session *s, PyObject **command, char *error, size_t size)
+{
+    *command = NULL;
+    error[0] = 0;
+    for (;;) {
+        const char *buf = s->in.data;
+        Py_ssize_t start = s->in_start, end = s->in.len;
+        if (start >= end)
+            return 0;
+        if (buf[start] != '*') { /* inline: one line of words */
+            const char *newline = memchr(buf + start, '\n', end - start);
+            if (newline == NULL) {
+                if (end - start > MAX_INLINE) {
+                    snprintf(error, size, "too big inline request");
+                    return -1;
+                }
+                return 0;
+            }
+            Py_ssize_t stop = newline - buf;
+            PyObject *words = PyList_New(0);
+            if (words == NULL)
+                return -1;
+            Py_ssize_t at = start;
+            while (at < stop) {
+                while (at < stop && strchr(" \t\r\n\v\f", buf[at]) && buf[at])
+                    at++;
+                Py_ssize_t word = at;
+                while (at < stop && !(strchr(" \t\r\n\v\f", buf[at]) && buf[at]))
+                    at++;
+                if (at > word) {
+                    PyObject *text = PyBytes_FromStringAndSize(buf + word, at - word);
+                    if (text == NULL || PyList_Append(words, text) < 0) {
+                        Py_XDECREF(text);
+                        Py_DECREF(words);
+                        return -1;
+                    }
+                    Py_DECREF(text);
+                }
+            }
+            s->in_start = stop + 1;
+            if (PyList_GET_SIZE(words) == 0) {
+                Py_DECREF(words);
+                continue;
+            }
+            *command = words;
+            return 1;
+        }
+        /* "*<count>\r\n" then count times "$<length>\r\n<bytes>\r\n": checked whole first */
+        const char *cr = memchr(buf + start, '\r', end - start);
+        if (cr == NULL || cr + 1 >= buf + end) {
+            if (end - start > MAX_INLINE) {
+                snprintf(error, size, "too big mbulk count string");
+                return -1;
+            }
+            return 0;
+        }
+        if (cr[1] != '\n') {
+            snprintf(error, size, "invalid multibulk length");
+            return -1;
+        }
+        const char *digit = buf + start + 1;
+        int negative = digit < cr && *digit == '-';
+        digit += negative;
+        if (digit == cr || cr - digit > 9) {
+            snprintf(error, size, "invalid multibulk length");
+            return -1;
+        }
+        long count = 0;
+        for (; digit < cr; digit++) {
+            if (*digit < '0' || *digit > '9') {
+                snprintf(error, size, "invalid multibulk length");
+                return -1;
+            }
+            count = count * 10 + (*digit - '0');
+        }
+        if (count > MAX_ARRAY) {
+            snprintf(error, size, "invalid multibulk length");
+            return -1;
+        }
+        Py_ssize_t position = cr - buf + 2;
+        if (negative || count == 0) { /* Redis ignores an empty (or null) array */
+            s->in_start = position;
+            continue;
+        }
+        Py_ssize_t first = position;
+        for (long i = 0; i < count; i++) {
+            if (position >= end)
+                return 0;
+            if (buf[position] != '$') {
+                char got = buf[position];
+                snprintf(error, size, "expected '$', got '%c'", got > 32 && got < 127 ? got : '?');
+                return -1;
+            }
+            const char *lcr = memchr(buf + position, '\r', end - position);
+            if (lcr == NULL || lcr + 1 >= buf + end) {
+                if (end - position > MAX_INLINE) {
+                    snprintf(error, size, "too big bulk count string");
+                    return -1;
+                }
+                return 0;
+            }
+            const char *d = buf + position + 1;
+            if (lcr[1] != '\n' || d == lcr || lcr - d > 10) {
+                snprintf(error, size, "invalid bulk length");
+                return -1;
+            }
+            long long length = 0;
+            for (; d < lcr; d++) {
+                if (*d < '0' || *d > '9') {
+                    snprintf(error, size, "invalid bulk length");
+                    return -1;
+                }
+                length = length * 10 + (*d - '0');
+            }
+            if (length > MAX_BULK) {
+                snprintf(error, size, "invalid bulk length");
+                return -1;
+            }
+            Py_ssize_t data_end = (lcr - buf) + 2 + (Py_ssize_t)length;
+            if (data_end + 2 > end)
+                return 0;
+            if (buf[data_end] != '\r' || buf[data_end + 1] != '\n') {
+                snprintf(error, size, "bulk string not terminated by CRLF");
+                return -1;
+            }
+            position = data_end + 2;
+        }
+        PyObject *fields = PyList_New(count);
+        if (fields == NULL)
+            return -1;
+        position = first;
+        for (long i = 0; i < count; i++) {
+            const char *lcr = memchr(buf + position, '\r', end - position);
+            long long length = 0;
+            for (const char *d = buf + position + 1; d < lcr; d++)
+                length = length * 10 + (*d - '0');
+            Py_ssize_t data_start = (lcr - buf) + 2;
+            PyObject *field = PyBytes_FromStringAndSize(buf + data_start, (Py_ssize_t)length);
+            if (field == NULL) {
+                Py_DECREF(fields);
+                return -1;
+            }
+            PyList_SET_ITEM(fields, i, field);
+            position = data_start + (Py_ssize_t)length + 2;
+        }
+        s->in_start = position;
+        *command = fields;
+        return 1;
+    }
+}
+
+/* run a fast-path command: its reply (new), DEFER, or NULL with an exception */
+static PyObject *
+run_fast(Engine *e, Command *c, PyObject *sock, PyObject *command)
+{
+    if (c->native != NULL)
+        return c->native(e, sock, command);
+    PyObject *result = PyObject_CallFunctionObjArgs(c->python, sock, command, NULL);
+    if (result == NULL && PyErr_ExceptionMatches(e->defer)) {
+        PyErr_Clear();
+        return defer();
+    }
+    return result;
+}
+
+/* PySession.finish_fast_multi: EXEC, DISCARD or a nested MULTI inside a fast-path MULTI */
+static int
+finish_fast_multi(Engine *e, Session *s, int kind)
+{
+    if (kind == K_MULTI) {
+        if (reply_into(e, s, e->multi_nested) < 0)
+            return -1;
+        return mark_dirty(e, s);
+    }
+    PyObject *queued = s->fast_multi;
+    s->fast_multi = NULL;
+    if (kind == K_DISCARD) {
+        Py_XDECREF(queued);
+        if (append_out(s, "+OK\r\n", 5) < 0)
+            return -1;
+        return mark_dirty(e, s);
+    }
+    if (queued == NULL || !PyList_Check(queued)) {
+        Py_XDECREF(queued);
+        PyErr_SetString(PyExc_RuntimeError, "EXEC without a fast-path MULTI");
+        return -1;
+    }
+    if (e->aof != Py_None) {
+        PyObject *r = PyObject_CallMethodNoArgs(e->aof, s_begin_group);
+        if (r == NULL) {
+            Py_DECREF(queued);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    /* one after another with nothing in between: the loop is single-threaded */
+    Buf replies = {0};
+    int rc = buf_head(&replies, '*', PyList_GET_SIZE(queued));
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(queued); i++) {
+        PyObject *entry = PyList_GET_ITEM(queued, i);
+        Command *c = find_command(e, PyList_GET_ITEM(entry, 0));
+        if (c == NULL || c->kind != K_FAST) {
+            PyErr_SetObject(PyExc_KeyError, PyList_GET_ITEM(entry, 0));
+            rc = -1;
+            break;
+        }
+        PyObject *result = run_fast(e, c, s->sock, entry);
+        if (result == DEFER) {
+            Py_DECREF(result);
+            result = PyObject_CallMethodObjArgs(e->server, s_attempt, (PyObject *)s, entry, NULL);
+        }
+        if (result == NULL) {
+            rc = -1;
+            break;
+        }
+        rc = encode_into(e, &replies, result, s->protocol);
+        Py_DECREF(result);
+    }
+    if (rc == 0)
+        rc = append_out(s, replies.data, replies.len);
+    if (rc == 0)
+        rc = mark_dirty(e, s);
+    buf_free(&replies);
+    Py_DECREF(queued);
+    if (e->aof != Py_None) { /* the group ends whatever happened: keep the first error */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyObject *r = PyObject_CallMethodNoArgs(e->aof, s_end_group);
+        if (r == NULL) {
+            if (type != NULL)
+                PyErr_Clear();
+            else
+                rc = -1;
+        }
+        Py_XDECREF(r);
+        if (type != NULL)
+            PyErr_Restore(type, value, traceback);
+    }
+    return rc;
+}
+
+static int
+attribute_true(PyObject *object, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+/* PySession.process: run the complete commands received, until one parks this client */
+static int
+session_process(Session *s)
+{
+    Engine *e = engine_of(s);
+    if (e == NULL)
+        return -1;
+    int replied = 0, rc = 0;
+    Py_INCREF(s);
+    while (IS_NONE(s->parked) && !s->closing) {
+        PyObject *command;
+        char error[96];
+        int got = next_command(s, &command, error, sizeof error);
+        if (got < 0) {
+            if (PyErr_Occurred()) {
+                rc = -1;
+                break;
+            }
+            char line[160];
+            int n = snprintf(line, sizeof line, "-ERR Protocol error: %s\r\n", error);
+            if (append_out(s, line, n) < 0) {
+                rc = -1;
+                break;
+            }
+            replied = 1;
+            s->closing = 1;
+            break;
+        }
+        if (got == 0)
+            break;
+        PyObject *sock = s->sock;
+        if (sock == NULL) {
+            Py_DECREF(command);
+            PyErr_SetString(PyExc_RuntimeError, "a session without its socket");
+            rc = -1;
+            break;
+        }
+        Py_INCREF(sock);
+        Command *c = find_command(e, PyList_GET_ITEM(command, 0));
+        int done = 0; /* answered here (or failed): not for execute() */
+        if (c != NULL && c->kind == K_FAST) {
+            if (!IS_NONE(s->fast_multi)) { /* queued by a MULTI of the fast path */
+                if (PyList_Append(s->fast_multi, command) < 0 || append_out(s, "+QUEUED\r\n", 9) < 0)
+                    rc = -1;
+                e->commands_processed++;
+                replied = 1;
+                done = 1;
+            }
+            else if (s->fast_ready) {
+                int ok = attribute_true(sock, s_authenticated);
+                if (ok > 0) {
+                    int pubsub = attribute_true(sock, s_pubsub);
+                    ok = pubsub < 0 ? -1 : (!pubsub || c->pubsub_ok);
+                }
+                if (ok < 0)
+                    rc = -1;
+                else if (ok) {
+                    PyObject *result = run_fast(e, c, sock, command);
+                    if (result == NULL) {
+                        rc = call_failed(s, command);
+                        done = 1;
+                    }
+                    else if (result != DEFER) {
+                        e->commands_processed++;
+                        if (result != e->no_reply)
+                            rc = encode_into(e, &s->out, result, s->protocol);
+                        replied = 1;
+                        done = 1;
+                    }
+                    Py_DECREF(result);
+                }
+            }
+        }
+        else if (c != NULL && c->kind == K_EXEC && !IS_NONE(s->fast_multi) && NARGS(command) == 1 && !e->halted) {
+            /* MULTI and EXEC of the fast path's transactions (three per Celery task) */
+            e->commands_processed++;
+            if (finish_fast_multi(e, s, K_EXEC) < 0)
+                rc = call_failed(s, command);
+            done = 1;
+        }
+        else if (c != NULL && (c->kind == K_MULTI || c->kind == K_POP) && IS_NONE(s->fast_multi) && s->fast_ready) {
+            int ok = attribute_true(sock, s_authenticated);
+            if (ok > 0) {
+                int pubsub = attribute_true(sock, s_pubsub);
+                ok = pubsub < 0 ? -1 : !pubsub;
+            }
+            if (ok < 0)
+                rc = -1;
+            else if (ok && c->kind == K_MULTI && NARGS(command) == 1) {
+                e->commands_processed++;
+                PyObject *queue = PyList_New(0);
+                if (queue == NULL || append_out(s, "+OK\r\n", 5) < 0)
+                    rc = -1;
+                Py_XSETREF(s->fast_multi, queue);
+                replied = 1;
+                done = 1;
+            }
+            else if (ok && c->kind == K_POP) { /* the worker's BRPOP: answered, or the client parked */
+                PyObject *result = c->native(e, sock, command);
+                if (result == NULL) {
+                    rc = call_failed(s, command);
+                    done = 1;
+                }
+                else if (result != DEFER) {
+                    e->commands_processed++;
+                    if (result == Py_None) {
+                        PyObject *r = PyObject_CallMethodObjArgs(e->server, s_park, (PyObject *)s, command, NULL);
+                        if (r == NULL)
+                            rc = -1;
+                        Py_XDECREF(r);
+                    }
+                    else {
+                        rc = encode_into(e, &s->out, result, s->protocol);
+                        replied = 1;
+                    }
+                    done = 1;
+                }
+                Py_DECREF(result);
+            }
+        }
+        if (rc == 0 && !done) {
+            PyObject *r = PyObject_CallMethodObjArgs(e->server, s_execute, (PyObject *)s, command, NULL);
+            if (r == NULL)
+                rc = call_failed(s, command);
+            Py_XDECREF(r);
+        }
+        Py_DECREF(sock);
+        Py_DECREF(command);
+        if (rc < 0)
+            break;
+    }
+    /* what was read is gone from the buffer */
+    if (s->in_start >= s->in.len) {
+        s->in.len = s->in_start = 0;
+        buf_trim(&s->in);
+    }
+    if (replied && mark_dirty(e, s) < 0)
+        rc = -1;
+    Py_DECREF(s);
+    return rc;
+}
+
+static PyObject *
+Session_process(Session *s, PyObject *unused)
+{
+    if (session_process(s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Session_data_received(Session *s, PyObject *data)
+{
+    Engine *e = engine_of(s);
+    if (e == NULL)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (s->in_start > 65536 && s->in_start > s->in.len / 2) {
+        memmove(s->in.data, s->in.data + s->in_start, s->in.len - s->in_start);
+        s->in.len -= s->in_start;
+        s->in_start = 0;
+    }
+    int rc = buf_put(&s->in, view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (rc < 0 || session_process(s) < 0)
+        return NULL;
+    return Engine_after_batch(e, NULL);
+}
+
+static PyObject *
+Session_reply(Session *s, PyObject *message)
+{
+    Engine *e = engine_of(s);
+    if (e == NULL || reply_into(e, s, message) < 0 || mark_dirty(e, s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Session_send(Session *s, PyObject *data)
+{
+    Engine *e = engine_of(s);
+    if (e == NULL)
+        return NULL;
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "send() takes bytes");
+        return NULL;
+    }
+    if (append_out(s, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0 || mark_dirty(e, s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Session_finish_fast_multi(Session *s, PyObject *name)
+{
+    Engine *e = engine_of(s);
+    if (e == NULL)
+        return NULL;
+    if (!PyBytes_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "finish_fast_multi() takes the command's name as bytes");
+        return NULL;
+    }
+    int kind = equals_lower(name, "multi") ? K_MULTI : equals_lower(name, "discard") ? K_DISCARD
+             : equals_lower(name, "exec") ? K_EXEC : 0;
+    if (kind == 0) {
+        PyErr_SetString(PyExc_ValueError, "finish_fast_multi() takes MULTI, EXEC or DISCARD");
+        return NULL;
+    }
+    if (finish_fast_multi(e, s, kind) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* PySession.flush */
+static int
+session_flush(Session *s)
+{
+    int rc = 0;
+    if (s->out.len && !IS_NONE(s->transport)) {
+        PyObject *data = PyBytes_FromStringAndSize(s->out.data, s->out.len);
+        if (data == NULL)
+            return -1;
+        s->out.len = 0;
+        buf_trim(&s->out);
+        PyObject *r = PyObject_CallMethodOneArg(s->transport, s_write, data);
+        Py_DECREF(data);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    if (s->closing && !IS_NONE(s->transport)) {
+        PyObject *r = PyObject_CallMethodNoArgs(s->transport, s_close);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    return rc;
+}
+
+static PyObject *
+Session_flush(Session *s, PyObject *unused)
+{
+    if (session_flush(s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* EmbeddedBroker.after_batch, step for step */
+static PyObject *
+Engine_after_batch(Engine *e, PyObject *unused)
+{
+    Py_INCREF(e);
+    PyObject *result = NULL;
+    if (PySet_GET_SIZE(e->touched)) {
+        if (PyDict_GET_SIZE(e->parked)) {
+            PyObject *r = PyObject_CallMethodNoArgs(e->server, s_serve_parked);
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+        }
+        if (PySet_Clear(e->touched) < 0)
+            goto done;
+    }
+    if (e->aof != Py_None) {
+        PyObject *r = PyObject_CallMethodNoArgs(e->server, s_log_batch);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    PyObject *connection, *ignored;
+    Py_ssize_t position = 0;
+    while (PyDict_Next(e->dirty, &position, &connection, &ignored)) {
+        Py_INCREF(connection);
+        int rc;
+        if (PyObject_TypeCheck(connection, &SessionType))
+            rc = session_flush((Session *)connection);
+        else {
+            PyObject *r = PyObject_CallMethodNoArgs(connection, s_flush);
+            rc = r == NULL ? -1 : 0;
+            Py_XDECREF(r);
+        }
+        Py_DECREF(connection);
+        if (rc < 0)
+            goto done;
+    }
+    PyDict_Clear(e->dirty);
+    int kills = attribute_true(e->server, s_check_kills);
+    if (kills < 0)
+        goto done;
+    if (kills) {
+        PyObject *r = PyObject_CallMethodNoArgs(e->server, s_close_killed);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_DECREF(e);
+    return result;
+}
+
+static PyObject *
+Session_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Session *s = (Session *)type->tp_alloc(type, 0);
+    if (s == NULL)
+        return NULL;
+    s->fast_ready = 1;
+    s->protocol = 2;
+    return (PyObject *)s;
+}
+
+static int
+Session_traverse(Session *s, visitproc visit, void *arg)
+{
+    Py_VISIT(s->server); Py_VISIT(s->engine); Py_VISIT(s->sock); Py_VISIT(s->transport);
+    Py_VISIT(s->parked); Py_VISIT(s->fast_multi);
+    return 0;
+}
+
+static int
+Session_clear(Session *s)
+{
+    Py_CLEAR(s->server); Py_CLEAR(s->engine); Py_CLEAR(s->sock); Py_CLEAR(s->transport);
+    Py_CLEAR(s->parked); Py_CLEAR(s->fast_multi);
+    return 0;
+}
+
+static void
+Session_dealloc(Session *s)
+{
+    PyObject_GC_UnTrack(s);
+    Session_clear(s);
+    buf_free(&s->in);
+    buf_free(&s->out);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMemberDef Session_members[] = {
+    {"server", T_OBJECT, offsetof(Session, server), 0, NULL},
+    {"engine", T_OBJECT, offsetof(Session, engine), 0, NULL},
+    {"sock", T_OBJECT, offsetof(Session, sock), 0, NULL},
+    {"transport", T_OBJECT, offsetof(Session, transport), 0, NULL},
+    {"parked", T_OBJECT, offsetof(Session, parked), 0, NULL},
+    {"fast_multi", T_OBJECT, offsetof(Session, fast_multi), 0, NULL},
+    {"closing", T_BOOL, offsetof(Session, closing), 0, NULL},
+    {"fast_ready", T_BOOL, offsetof(Session, fast_ready), 0, NULL},
+    {"protocol", T_INT, offsetof(Session, protocol), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef Session_methods[] = {
+    {"data_received", (PyCFunction)Session_data_received, METH_O, NULL},
+    {"process", (PyCFunction)Session_process, METH_NOARGS, NULL},
+    {"reply", (PyCFunction)Session_reply, METH_O, NULL},
+    {"send", (PyCFunction)Session_send, METH_O, NULL},
+    {"finish_fast_multi", (PyCFunction)Session_finish_fast_multi, METH_O, NULL},
+    {"flush", (PyCFunction)Session_flush, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "runner.broker._session.Session",
+    .tp_basicsize = sizeof(Session),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One client's read loop, compiled (session.PySession is the reference).",
+    .tp_new = Session_new,
+    .tp_traverse = (traverseproc)Session_traverse,
+    .tp_clear = (inquiry)Session_clear,
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_members = Session_members,
+    .tp_methods = Session_methods,
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * the module
+ */
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_session",
+    "The embedded broker's read loop in C (runner/broker/session.py has the reference).", -1, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__session(void)
+{
+    const char *names[] = {"_authenticated", "_pubsub", "_db", "_db_num", "_dict", "_watches", "_values",
+                           "_expirations", "_expiry_heap", "_expire_keys", "_bylex", "add", "discard", "write",
+                           "close", "execute", "park", "attempt", "failed", "_serve_parked", "log_batch",
+                           "close_killed", "check_kills", "append", "begin_group", "end_group", "value", "flush",
+                           NULL};
+    PyObject **slots[] = {&s_authenticated, &s_pubsub, &s_db, &s_db_num, &s_dict, &s_watches, &s_values,
+                          &s_expirations, &s_expiry_heap, &s_expire_keys, &s_bylex, &s_add, &s_discard, &s_write,
+                          &s_close, &s_execute, &s_park, &s_attempt, &s_failed, &s_serve_parked, &s_log_batch,
+                          &s_close_killed, &s_check_kills, &s_append, &s_begin_group, &s_end_group, &s_value,
+                          &s_flush};
+    for (int i = 0; names[i]; i++)
+        if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return NULL;
+    if ((b_lpop = PyBytes_FromString("lpop")) == NULL || (b_rpop = PyBytes_FromString("rpop")) == NULL
+        || (b_set = PyBytes_FromString("set")) == NULL || (b_pxat = PyBytes_FromString("pxat")) == NULL)
+        return NULL;
+    if ((DEFER = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL)
+        return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&SessionType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    Py_INCREF(&SessionType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0
+        || PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
+        || PyModule_AddIntConstant(m, "API", API) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
