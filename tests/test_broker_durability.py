@@ -32,7 +32,7 @@ from runner.broker.aof import AppendOnlyLog
 from tests.helpers import Proc, dify_local, port_open, wait_until
 
 PASSWORD = "difyai123456"
-LISTENING = r"embedded broker \(fakeredis [\d.]+\) listening on"
+LISTENING = r"embedded broker \(fakeredis [\d.]+, \w+ read loop\) listening on"
 SET_ASIDE = re.compile(r"WARNING .*the append-only log ended with (?P<reason>.+): restored everything before it "
                        r"\((?P<writes>\d+) writes\); the last (?P<bytes>\d+) bytes are kept in (?P<path>\S+) ")
 NO_RETRY = Retry(NoBackoff(), 0)

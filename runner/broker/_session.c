@@ -129,6 +129,209 @@ buf_trim(Buf *b)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * LogBuffer: aof.LogBuffer in C, the batch's writes encoded for the append-only log
+ */
+
+typedef struct {
+    PyObject_HEAD
+    long long db;      /* the database the log's next command runs on; -1: it must state it */
+    Buf parts;         /* the batch's writes, as the file holds them */
+    Buf group;         /* a group's writes (a transaction's or a script's), kept together */
+    int grouping;
+    long group_writes;
+} LogBuffer;
+
+static PyTypeObject LogBufferType;
+
+static int
+put_command(Buf *b, PyObject *command) /* an array of bulk strings, as hiredis.pack_command writes it */
+{
+    PyObject *fast = PySequence_Fast(command, "a logged command must be a list or tuple of bytes");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    int rc = buf_head(b, '*', n);
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        PyObject *part = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyBytes_Check(part)) {
+            PyErr_SetString(PyExc_TypeError, "a logged command's parts must be bytes");
+            rc = -1;
+        }
+        else
+            rc = buf_bulk(b, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part));
+    }
+    Py_DECREF(fast);
+    return rc;
+}
+
+static int
+log_append(LogBuffer *lb, long long db, PyObject *command)
+{
+    Buf *target = lb->grouping ? &lb->group : &lb->parts;
+    if (db != lb->db) {
+        char digits[24], *end = digits + sizeof digits, *start = decimal(end, db);
+        if (buf_lit(target, "*2\r\n$6\r\nselect\r\n") < 0 || buf_bulk(target, start, end - start) < 0)
+            return -1;
+        lb->db = db;
+    }
+    if (put_command(target, command) < 0)
+        return -1;
+    lb->group_writes++;
+    return 0;
+}
+
+static void
+log_begin_group(LogBuffer *lb)
+{
+    lb->grouping = 1;
+    lb->group.len = 0;
+    lb->group_writes = 0;
+}
+
+static int
+log_end_group(LogBuffer *lb)
+{
+    if (!lb->grouping)
+        return 0;
+    lb->grouping = 0;
+    int rc = 0;
+    if (lb->group_writes > 1)
+        rc = buf_lit(&lb->parts, "*1\r\n$5\r\nmulti\r\n");
+    if (rc == 0)
+        rc = buf_put(&lb->parts, lb->group.data, lb->group.len);
+    if (rc == 0 && lb->group_writes > 1)
+        rc = buf_lit(&lb->parts, "*1\r\n$4\r\nexec\r\n");
+    lb->group.len = 0;
+    buf_trim(&lb->group);
+    return rc;
+}
+
+static PyObject *
+LogBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    LogBuffer *lb = (LogBuffer *)type->tp_alloc(type, 0);
+    if (lb != NULL)
+        lb->db = -1;
+    return (PyObject *)lb;
+}
+
+static void
+LogBuffer_dealloc(LogBuffer *lb)
+{
+    buf_free(&lb->parts);
+    buf_free(&lb->group);
+    Py_TYPE(lb)->tp_free((PyObject *)lb);
+}
+
+static PyObject *
+LogBuffer_append(LogBuffer *lb, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "append(db, command)");
+        return NULL;
+    }
+    long long db = PyLong_AsLongLong(args[0]);
+    if (db == -1 && PyErr_Occurred())
+        return NULL;
+    if (log_append(lb, db, args[1]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+LogBuffer_begin_group(LogBuffer *lb, PyObject *unused)
+{
+    log_begin_group(lb);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+LogBuffer_end_group(LogBuffer *lb, PyObject *unused)
+{
+    if (log_end_group(lb) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+LogBuffer_take(LogBuffer *lb, PyObject *unused)
+{
+    PyObject *data = PyBytes_FromStringAndSize(lb->parts.data ? lb->parts.data : "", lb->parts.len);
+    if (data != NULL) {
+        lb->parts.len = 0;
+        buf_trim(&lb->parts);
+    }
+    return data;
+}
+
+static PyObject *
+LogBuffer_clear(LogBuffer *lb, PyObject *unused)
+{
+    lb->parts.len = 0;
+    buf_trim(&lb->parts);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+LogBuffer_get_pending(LogBuffer *lb, void *unused)
+{
+    return PyBool_FromLong(lb->parts.len > 0);
+}
+
+static PyObject *
+LogBuffer_get_db(LogBuffer *lb, void *unused)
+{
+    if (lb->db < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(lb->db);
+}
+
+static int
+LogBuffer_set_db(LogBuffer *lb, PyObject *value, void *unused)
+{
+    if (value == NULL || value == Py_None) {
+        lb->db = -1;
+        return 0;
+    }
+    long long db = PyLong_AsLongLong(value);
+    if (db == -1 && PyErr_Occurred())
+        return -1;
+    if (db < 0) {
+        PyErr_SetString(PyExc_ValueError, "a database number is not negative");
+        return -1;
+    }
+    lb->db = db;
+    return 0;
+}
+
+static PyMethodDef LogBuffer_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))LogBuffer_append, METH_FASTCALL, NULL},
+    {"begin_group", (PyCFunction)LogBuffer_begin_group, METH_NOARGS, NULL},
+    {"end_group", (PyCFunction)LogBuffer_end_group, METH_NOARGS, NULL},
+    {"take", (PyCFunction)LogBuffer_take, METH_NOARGS, NULL},
+    {"clear", (PyCFunction)LogBuffer_clear, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyGetSetDef LogBuffer_getset[] = {
+    {"pending", (getter)LogBuffer_get_pending, NULL, NULL, NULL},
+    {"db", (getter)LogBuffer_get_db, (setter)LogBuffer_set_db, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject LogBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "runner.broker._session.LogBuffer",
+    .tp_basicsize = sizeof(LogBuffer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "aof.LogBuffer in C: the batch's writes encoded for the append-only log.",
+    .tp_new = LogBuffer_new,
+    .tp_dealloc = (destructor)LogBuffer_dealloc,
+    .tp_methods = LogBuffer_methods,
+    .tp_getset = LogBuffer_getset,
+};
+
+/* ---------------------------------------------------------------------------------------------
  * Engine: the server as the compiled sessions see it (session.engine_for builds it)
  */
 
@@ -155,6 +358,7 @@ struct Engine {
     PyObject *item_type, *hash_type, *zset_type, *push_type, *simple_string, *simple_error;
     PyObject *defer, *ok, *queued, *no_reply, *pong, *wrongtype, *not_a_float, *multi_nested;
     PyObject *encode, *deliver, *redis_double, *zadd_options, *watched_changed, *pubsub_allowed;
+    LogBuffer *log; /* the append-only log's buffer when it is the compiled one (else: aof.append) */
     Py_ssize_t value_offset, expireat_offset; /* fakeredis' Item.__slots__ */
     char halted;
     long long commands_processed;
@@ -321,7 +525,11 @@ wrote(Engine *e, PyObject *sock, PyObject *db, PyObject *command, PyObject *key)
             rc = PySet_Add(e->touched, waited);
         Py_XDECREF(waited);
     }
-    if (rc == 0 && e->aof != Py_None) {
+    if (rc == 0 && e->log != NULL) {
+        long long db_number = PyLong_AsLongLong(number);
+        rc = (db_number == -1 && PyErr_Occurred()) ? -1 : log_append(e->log, db_number, command);
+    }
+    else if (rc == 0 && e->aof != Py_None) {
         PyObject *r = PyObject_CallMethodObjArgs(e->aof, s_append, number, command, NULL);
         rc = r == NULL ? -1 : 0;
         Py_XDECREF(r);
@@ -1040,6 +1248,7 @@ Engine_traverse(Engine *e, visitproc visit, void *arg)
     Py_VISIT(e->no_reply); Py_VISIT(e->pong); Py_VISIT(e->wrongtype); Py_VISIT(e->not_a_float);
     Py_VISIT(e->multi_nested); Py_VISIT(e->encode); Py_VISIT(e->deliver); Py_VISIT(e->redis_double);
     Py_VISIT(e->zadd_options); Py_VISIT(e->watched_changed); Py_VISIT(e->pubsub_allowed);
+    Py_VISIT(e->log);
     return 0;
 }
 
@@ -1054,6 +1263,7 @@ Engine_clear(Engine *e)
     Py_CLEAR(e->no_reply); Py_CLEAR(e->pong); Py_CLEAR(e->wrongtype); Py_CLEAR(e->not_a_float);
     Py_CLEAR(e->multi_nested); Py_CLEAR(e->encode); Py_CLEAR(e->deliver); Py_CLEAR(e->redis_double);
     Py_CLEAR(e->zadd_options); Py_CLEAR(e->watched_changed); Py_CLEAR(e->pubsub_allowed);
+    Py_CLEAR(e->log);
     return 0;
 }
 
@@ -1139,6 +1349,15 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwargs)
         || !PyType_Check(e->simple_string)) {
         PyErr_SetString(PyExc_TypeError, "Engine(): a container or type of the wrong kind");
         return -1;
+    }
+    if (e->aof != Py_None) {
+        PyObject *buffer = PyObject_GetAttrString(e->aof, "buffer");
+        if (buffer == NULL)
+            return -1;
+        if (Py_IS_TYPE(buffer, &LogBufferType))
+            e->log = (LogBuffer *)buffer;
+        else
+            Py_DECREF(buffer);
     }
     if ((e->value_offset = slot_offset(e->item_type, "value")) < 0
         || (e->expireat_offset = slot_offset(e->item_type, "expireat")) < 0)
@@ -1471,7 +1690,9 @@ finish_fast_multi(Engine *e, Session *s, int kind)
         PyErr_SetString(PyExc_RuntimeError, "EXEC without a fast-path MULTI");
         return -1;
     }
-    if (e->aof != Py_None) {
+    if (e->log != NULL)
+        log_begin_group(e->log);
+    else if (e->aof != Py_None) {
         PyObject *r = PyObject_CallMethodNoArgs(e->aof, s_begin_group);
         if (r == NULL) {
             Py_DECREF(queued);
@@ -1511,7 +1732,8 @@ finish_fast_multi(Engine *e, Session *s, int kind)
     if (e->aof != Py_None) { /* the group ends whatever happened: keep the first error */
         PyObject *type, *value, *traceback;
         PyErr_Fetch(&type, &value, &traceback);
-        PyObject *r = PyObject_CallMethodNoArgs(e->aof, s_end_group);
+        PyObject *r = e->log != NULL ? (log_end_group(e->log) < 0 ? NULL : new_ref(Py_None))
+                                     : PyObject_CallMethodNoArgs(e->aof, s_end_group);
         if (r == NULL) {
             if (type != NULL)
                 PyErr_Clear();
@@ -1801,7 +2023,7 @@ Engine_after_batch(Engine *e, PyObject *unused)
         if (PySet_Clear(e->touched) < 0)
             goto done;
     }
-    if (e->aof != Py_None) {
+    if (e->aof != Py_None && (e->log == NULL || e->log->parts.len > 0)) {
         PyObject *r = PyObject_CallMethodNoArgs(e->server, s_log_batch);
         if (r == NULL)
             goto done;
@@ -1944,14 +2166,16 @@ PyInit__session(void)
         return NULL;
     if ((DEFER = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL)
         return NULL;
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&SessionType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&SessionType) < 0 || PyType_Ready(&LogBufferType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&EngineType);
     Py_INCREF(&SessionType);
+    Py_INCREF(&LogBufferType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0
+        || PyModule_AddObject(m, "LogBuffer", (PyObject *)&LogBufferType) < 0
         || PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
         || PyModule_AddIntConstant(m, "API", API) < 0) {
         Py_DECREF(m);

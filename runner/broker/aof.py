@@ -1,7 +1,8 @@
 """The embedded broker's append-only log: every write, in the order it took effect.
 
-The event loop only hands each batch's writes over (one list, one lock); a writer thread encodes
-them and writes them to the file every 0.1 s, and fsyncs it every second: Redis' `appendfsync
+The event loop encodes each write as it takes effect (`LogBuffer`: compiled in the broker's read
+loop where that is built) and hands each batch's bytes over (one list, one lock); a writer thread
+writes them to the file every 0.1 s, and fsyncs it every second: Redis' `appendfsync
 everysec` promise, at most about a second of writes lost if the broker or the machine dies. Doing
 the file work off the loop keeps it off every client's round trip. When the file has doubled since
 it was last compacted, it is rewritten as the few commands that rebuild the current data.
@@ -118,15 +119,74 @@ class LoadReport:
     reason: str = ""
 
 
+MULTI = pack_command((b"multi",))
+EXEC = pack_command((b"exec",))
+
+
+class LogBuffer:
+    """The writes of the loop's current batch, encoded as the file holds them, with the SELECTs
+    they need and MULTI/EXEC around a group of several (a transaction's or a script's). The
+    loop's alone. `_session.LogBuffer` is the same in C: the compiled read loop appends to it
+    without a Python call per write."""
+
+    def __init__(self) -> None:
+        self.db: int | None = None  # the database the log's next command runs on (None: it states it)
+        self._parts: list[bytes] = []
+        self._group: list[bytes] | None = None  # a group's writes, kept together
+        self._group_writes = 0
+
+    def append(self, db: int, command: list[bytes]) -> None:
+        target = self._group if self._group is not None else self._parts
+        if db != self.db:
+            target.append(pack_command((b"select", b"%d" % db)))
+            self.db = db
+        target.append(pack_command(tuple(command)))
+        self._group_writes += 1
+
+    def begin_group(self) -> None:
+        self._group = []
+        self._group_writes = 0
+
+    def end_group(self) -> None:
+        if self._group is None:
+            return
+        group, self._group = self._group, None
+        if self._group_writes > 1:
+            group = [MULTI, *group, EXEC]
+        self._parts.extend(group)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._parts)
+
+    def take(self) -> bytes:
+        """Everything appended since the last take, as one piece."""
+        parts, self._parts = self._parts, []
+        return b"".join(parts)
+
+    def clear(self) -> None:
+        self._parts = []
+
+
+def log_buffer(compiled: bool) -> "LogBuffer":
+    """The compiled LogBuffer where it is built (and the compiled read loop wanted), else LogBuffer."""
+    if compiled:
+        try:
+            from runner.broker._session import LogBuffer as CompiledLogBuffer
+        except ImportError:
+            pass
+        else:
+            return CompiledLogBuffer()
+    return LogBuffer()
+
+
 class AppendOnlyLog:
-    def __init__(self, folder: Path, rewrite_min_bytes: int = REWRITE_MIN_BYTES):
+    def __init__(self, folder: Path, rewrite_min_bytes: int = REWRITE_MIN_BYTES, compiled: bool = True):
         self.folder = folder
         self.path = folder / LOG_NAME
         self.rewrite_min_bytes = rewrite_min_bytes
-        self._batch: list[tuple[bytes, ...]] = []  # this batch's writes (the loop's alone)
-        self._db: int | None = None  # the database the log's next command runs on
-        self._group: list[tuple[bytes, ...]] | None = None  # a MULTI/EXEC or script's writes, kept together
-        self._handed: list[tuple[bytes, ...]] = []  # batches handed to the writer, not yet in the file
+        self.buffer = log_buffer(compiled)  # this batch's writes, encoded (the loop's alone)
+        self._handed: list[bytes] = []  # batches handed to the writer, not yet in the file
         self._unwritten = b""  # encoded writes the disk refused (the writer's alone), tried again first
         self._hand_lock = threading.Lock()
         self._file_lock = threading.Lock()  # the file: writer thread against rewrites and close
@@ -216,39 +276,27 @@ class AppendOnlyLog:
             _sync_folder(self.folder)
         self.size = self.base_size = os.fstat(self._fd).st_size
         self._next_rewrite = max(self.rewrite_min_bytes, 2 * self.base_size)
-        self._db = None  # the next command states its database
+        self.buffer.db = None  # the next command states its database
         self._thread = threading.Thread(target=self._writer, name="aof-writer", daemon=True)
         self._thread.start()
 
     # -- the event loop's side --------------------------------------------------------------------
 
     def append(self, db: int, command: list[bytes]) -> None:
-        target = self._group if self._group is not None else self._batch
-        if db != self._db:
-            target.append((b"select", b"%d" % db))
-            self._db = db
-        target.append(tuple(command))
+        self.buffer.append(db, command)
 
     def begin_group(self) -> None:
-        self._group = []
+        self.buffer.begin_group()
 
     def end_group(self) -> None:
-        group, self._group = self._group or [], None
-        if len(group) > 1:
-            writes = 0
-            for entry in group:
-                if entry[0] != b"select":
-                    writes += 1
-            if writes > 1:
-                group = [(b"multi",), *group, (b"exec",)]
-        self._batch.extend(group)
+        self.buffer.end_group()
 
     def write_pending(self) -> None:
-        """Hand the batch's writes to the writer thread (end of every batch)."""
-        if self._batch:
-            batch, self._batch = self._batch, []
+        """Hand the batch's writes to the writer thread (end of every batch that wrote)."""
+        data = self.buffer.take()
+        if data:
             with self._hand_lock:
-                self._handed.extend(batch)
+                self._handed.append(data)
 
     def needs_rewrite(self) -> bool:
         """True once the log is rewrite_min_bytes big and has doubled since it was last compacted.
@@ -290,11 +338,11 @@ class AppendOnlyLog:
         to be written first next time: the file stays a prefix of the writes, in order."""
         with self._file_lock:
             with self._hand_lock:
-                commands, self._handed = self._handed, []
+                pieces, self._handed = self._handed, []
             if self._fd is None:
-                self._handed[:0] = commands  # closed: nothing is dropped (close flushes before)
+                self._handed[:0] = pieces  # closed: nothing is dropped (close flushes before)
                 return
-            data = b"".join(map(pack_command, commands)) if commands else b""
+            data = b"".join(pieces)
             if self._unwritten:
                 data, self._unwritten = self._unwritten + data, b""
             if not data:
@@ -351,7 +399,7 @@ class AppendOnlyLog:
                 os.replace(partial, self.path)
                 with self._hand_lock:
                     self._handed = []
-                self._batch = []
+                self.buffer.clear()
                 self._unwritten = b""
                 old, self._fd, fd = self._fd, fd, None
                 self._unsynced = False
@@ -369,7 +417,7 @@ class AppendOnlyLog:
             except OSError:
                 pass
         _sync_folder(self.folder)
-        self._db = current
+        self.buffer.db = current
         self.base_size = self.size
         self._next_rewrite = max(self.rewrite_min_bytes, 2 * self.base_size)
         self.last_rewrite = time.time()

@@ -161,7 +161,10 @@ class EmbeddedBroker:
         self.host, self.port = host, port
         self.password = password.encode() if password else None
         self.core = FakeServer(version=(7, 4))
-        self.aof = AppendOnlyLog(state, **({"rewrite_min_bytes": rewrite_min_bytes} if rewrite_min_bytes else {})) \
+        # the read loop: compiled where it is built (and wanted), else Python's (session.py)
+        self.compiled = compiled and CConnection is not None
+        self.aof = AppendOnlyLog(state, compiled=self.compiled,
+                                 **({"rewrite_min_bytes": rewrite_min_bytes} if rewrite_min_bytes else {})) \
             if state is not None else None
         self.connections: set[Connection] = set()
         # connections with replies to send, in the order they got them (as Redis writes them): a
@@ -184,8 +187,6 @@ class EmbeddedBroker:
         # the fast path's commands, but for the blocking pops (tried in _blocking, which can park)
         self.fast_handlers = {name: handler for name, handler in self.fast.commands.items() if name not in BLOCKING}
         self.blocking_pops = {name: handler for name, handler in self.fast.commands.items() if name in BLOCKING}
-        # the read loop: compiled where it is built (and wanted), else Python's (session.py)
-        self.compiled = compiled and CConnection is not None
         self.connection_class = CConnection if self.compiled else PyConnection
         self.engine = engine_for(self) if self.compiled else None
         if self.engine is not None:
@@ -404,7 +405,7 @@ class EmbeddedBroker:
             if self.parked:
                 self._serve_parked()
             self.touched.clear()
-        if self.aof is not None:
+        if self.aof is not None and self.aof.buffer.pending:
             self.log_batch()
         for connection in self.dirty:
             connection.flush()
@@ -413,6 +414,8 @@ class EmbeddedBroker:
             self.close_killed()
 
     def log_batch(self) -> None:
+        """The batch's writes to the log's writer; compaction and the log's health, which only
+        writes change (a quiet broker's sweep follows the health too)."""
         self.aof.write_pending()
         if self.aof.needs_rewrite():
             self.rewrite()
@@ -448,7 +451,6 @@ class EmbeddedBroker:
     def snapshot(self) -> list[tuple[int, list[bytes]]] | None:
         """Commands that rebuild the data (None if a key's type cannot be rebuilt: keep the log)."""
         commands: list[tuple[int, list[bytes]]] = []
-        now_ms = int(time.time() * 1000)
         for db in sorted(self.core.dbs):
             if not self.core.dbs[db]:
                 continue
@@ -481,9 +483,11 @@ class EmbeddedBroker:
                     log.warning("cannot compact the append-only log: key %r in db %d is a %s", key, db,
                                 kind.decode(errors="replace"))
                     return None
-                ttl = self.internal(db, [b"pttl", key])
-                if isinstance(ttl, int) and ttl > 0:
-                    commands.append((db, [b"pexpireat", key, b"%d" % (now_ms + ttl)]))
+                # the expiry as it is kept (absolute), not now + the time left: a snapshot of many
+                # keys takes milliseconds, which would each come off the keys' lives
+                item = self.core.dbs[db]._dict.get(key)
+                if item is not None and item.expireat is not None:
+                    commands.append((db, [b"pexpireat", key, b"%d" % round(item.expireat * 1000)]))
         return commands
 
     def rewrite(self) -> bool:
@@ -622,7 +626,9 @@ class EmbeddedBroker:
         """Drop keys whose time is up, as Redis' active expiry does: fakeredis only drops them when
         a command lists or counts keys, so result keys and locks nobody reads again would stay."""
         if self.aof is not None:
-            self._follow_log_health()  # a quiet broker notices a failed or recovered log too
+            # a quiet broker notices a failed or recovered log too, and compacts a log the writer
+            # grew after the last batch that wrote
+            self.log_batch()
         now = time.time()
         for db in self.core.dbs.values():
             if db._expiry_heap and db._expiry_heap[0][0] < now:
