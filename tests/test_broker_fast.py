@@ -151,3 +151,31 @@ def test_fast_path_keeps_expiry_and_watch(brokers):
             with pytest.raises(redis.WatchError):
                 pipe.execute()
         assert client.get("watched") == b"changed"
+
+
+PATTERNS = [b"news.*", b"h?llo", b"h*llo", b"h[ae]llo", b"h[^e]llo", b"h[a-b]llo", b"h[b-a]llo", b"a\\*b", b"*",
+            b"[", b"x[", b"\\", b"h\\", b"*o", b"**", b"h[\\]]llo", b"[!-~]*", b"a*b*c"]
+CHANNELS = [b"news.sport", b"news", b"hello", b"hallo", b"hbllo", b"hxllo", b"hllo", b"a*b", b"axb", b"x[", b"[",
+            b"\\", b"h\\", b"h]llo", b"abc", b"aXbYc", b"", b"o"]
+
+
+def test_pattern_subscribers_get_what_redis_sends_them(brokers):
+    """PUBLISH to pattern subscribers (Celery's workers PSUBSCRIBE to their pidbox and events):
+    Redis' glob rules, each match pushed, the count of receivers as Redis counts them."""
+    results = []
+    for client in brokers:
+        pubsub = client.pubsub()
+        pubsub.psubscribe(*PATTERNS)
+        wait_until(lambda p=pubsub: len([m for m in iter(lambda: p.get_message(timeout=0.05), None)]) == 0, 5,
+                   "the subscriptions to settle")
+        counts = [client.publish(channel, b"m-" + channel) for channel in CHANNELS]
+        received = []
+        deadline = time.monotonic() + 5
+        while len(received) < sum(counts) and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message and message["type"] == "pmessage":
+                received.append((message["pattern"], message["channel"], message["data"]))
+        pubsub.close()
+        results.append((counts, sorted(received)))
+    assert results[0] == results[1]
+    assert sum(results[0][0]) > len(CHANNELS)  # most channels matched something

@@ -29,7 +29,10 @@ static PyObject *s_authenticated, *s_pubsub, *s_db, *s_db_num, *s_dict, *s_watch
     *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_discard, *s_write, *s_close,
     *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_log_batch, *s_close_killed,
     *s_check_kills, *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
-static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat;
+static PyObject *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
+    *s_on_reply, *s_schedule_expiry;
+static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat, *b_message;
+static PyObject *heappush; /* _heapq.heappush */
 static PyObject *DEFER; /* a native handler's "not for the fast path": the caller runs it through fakeredis */
 
 static double
@@ -337,7 +340,17 @@ static PyTypeObject LogBufferType = {
 
 typedef struct Engine Engine;
 typedef struct Session Session;
-typedef PyObject *(*native_fn)(Engine *, PyObject *sock, PyObject *command);
+typedef PyObject *(*native_fn)(Engine *, Session *, PyObject *sock, PyObject *command);
+
+struct Session {
+    PyObject_HEAD
+    PyObject *server, *engine, *sock, *transport, *parked, *fast_multi;
+    char closing, fast_ready;
+    int protocol;
+    Buf in;               /* bytes received, not yet parsed from in_start on */
+    Py_ssize_t in_start;
+    Buf out;              /* replies not yet sent */
+};
 
 enum { K_FAST = 1, K_POP, K_MULTI, K_EXEC, K_DISCARD };
 
@@ -357,7 +370,7 @@ struct Engine {
     PyObject *server, *core, *aof, *dirty, *parked, *touched, *waiting, *handlers;
     PyObject *item_type, *hash_type, *zset_type, *push_type, *simple_string, *simple_error;
     PyObject *defer, *ok, *queued, *no_reply, *pong, *wrongtype, *not_a_float, *multi_nested;
-    PyObject *encode, *deliver, *redis_double, *zadd_options, *watched_changed, *pubsub_allowed;
+    PyObject *encode, *redis_double, *zadd_options, *watched_changed, *pubsub_allowed;
     LogBuffer *log; /* the append-only log's buffer when it is the compiled one (else: aof.append) */
     Py_ssize_t value_offset, expireat_offset; /* fakeredis' Item.__slots__ */
     char halted;
@@ -594,7 +607,7 @@ equals_lower(PyObject *raw, const char *word) /* raw.lower() == word */
  */
 
 static PyObject *
-c_get(Engine *e, PyObject *sock, PyObject *command)
+c_get(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) != 2)
         return defer();
@@ -612,6 +625,26 @@ c_get(Engine *e, PyObject *sock, PyObject *command)
     Py_DECREF(db);
     Py_DECREF(dict);
     return result;
+}
+
+/* Database.schedule_expiry: (expireat, key) on the database's heap, for the sweep to find */
+static int
+schedule_expiry(PyObject *db, PyObject *dict, PyObject *key, PyObject *at)
+{
+    PyObject *heap = PyObject_GetAttr(db, s_expiry_heap);
+    if (heap == NULL)
+        return -1;
+    PyObject *r;
+    if (!PyList_Check(heap) || PyList_GET_SIZE(heap) > 2 * PyDict_GET_SIZE(dict) + 64)
+        r = PyObject_CallMethodObjArgs(db, s_schedule_expiry, key, at, NULL); /* (its rebuild of stale entries) */
+    else {
+        PyObject *entry = PyTuple_Pack(2, at, key);
+        r = entry == NULL ? NULL : PyObject_CallFunctionObjArgs(heappush, heap, entry, NULL);
+        Py_XDECREF(entry);
+    }
+    Py_DECREF(heap);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }
 
 /* FastPath._store */
@@ -634,8 +667,7 @@ store(Engine *e, PyObject *sock, PyObject *command, PyObject *key, PyObject *val
         if (at == NULL)
             goto done;
         Py_SETREF(SLOT(item, e->expireat_offset), at);
-        /* through the Database, which schedules the expiry */
-        if (PyObject_SetItem(db, key, item) < 0)
+        if (PyDict_SetItem(dict, key, item) < 0 || schedule_expiry(db, dict, key, at) < 0)
             goto done;
         /* logged with its absolute expiry, as Redis' AOF writes it: a replay keeps the time it had */
         char digits[24], *end = digits + sizeof digits;
@@ -665,7 +697,7 @@ done:
 }
 
 static PyObject *
-c_set(Engine *e, PyObject *sock, PyObject *command)
+c_set(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) == 3)
         return store(e, sock, command, ARG(command, 1), ARG(command, 2), 0, 0);
@@ -683,7 +715,7 @@ c_set(Engine *e, PyObject *sock, PyObject *command)
 }
 
 static PyObject *
-c_setex(Engine *e, PyObject *sock, PyObject *command)
+c_setex(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) != 4)
         return defer();
@@ -752,8 +784,8 @@ done:
     return result;
 }
 
-static PyObject *c_lpush(Engine *e, PyObject *sock, PyObject *command) { return push(e, sock, command, 1); }
-static PyObject *c_rpush(Engine *e, PyObject *sock, PyObject *command) { return push(e, sock, command, 0); }
+static PyObject *c_lpush(Engine *e, Session *s, PyObject *sock, PyObject *command) { return push(e, sock, command, 1); }
+static PyObject *c_rpush(Engine *e, Session *s, PyObject *sock, PyObject *command) { return push(e, sock, command, 0); }
 
 /* FastPath._pop: 1 and *value (new) popped, 0 no list, 2 not a list, -1 error */
 static int
@@ -852,8 +884,8 @@ done:
     return result;
 }
 
-static PyObject *c_brpop(Engine *e, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 0); }
-static PyObject *c_blpop(Engine *e, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 1); }
+static PyObject *c_brpop(Engine *e, Session *s, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 0); }
+static PyObject *c_blpop(Engine *e, Session *s, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 1); }
 
 /* FastPath._hash: 1 and *item (new) with due field TTLs applied, 0 none, 2 WRONGTYPE, -1 error */
 static int
@@ -957,7 +989,7 @@ drop(PyObject *dict, PyObject *key) /* dict.pop(key, None): 1 if it was there */
 }
 
 static PyObject *
-c_hset(Engine *e, PyObject *sock, PyObject *command)
+c_hset(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     Py_ssize_t n = NARGS(command);
     if (n < 4 || n % 2)
@@ -995,7 +1027,7 @@ done:
 }
 
 static PyObject *
-c_hdel(Engine *e, PyObject *sock, PyObject *command)
+c_hdel(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     Py_ssize_t n = NARGS(command);
     if (n < 3)
@@ -1064,7 +1096,7 @@ plain_score(PyObject *raw)
 }
 
 static PyObject *
-c_zadd(Engine *e, PyObject *sock, PyObject *command)
+c_zadd(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     Py_ssize_t n = NARGS(command);
     if (n < 4 || n % 2)
@@ -1160,7 +1192,7 @@ done:
 }
 
 static PyObject *
-c_zrem(Engine *e, PyObject *sock, PyObject *command)
+c_zrem(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     Py_ssize_t n = NARGS(command);
     if (n < 3)
@@ -1211,16 +1243,370 @@ done:
     return result;
 }
 
+/* a pushed message, [kind, channel, third] (RESP3's ">", an array in RESP2), into a client's replies */
+static int
+put_push(Buf *b, int protocol, const char *kind, PyObject *channel, PyObject *message, long long count)
+{
+    if (buf_head(b, protocol == 3 ? '>' : '*', 3) < 0 || buf_bulk(b, kind, strlen(kind)) < 0
+        || buf_bulk(b, PyBytes_AS_STRING(channel), PyBytes_GET_SIZE(channel)) < 0)
+        return -1;
+    if (message != NULL)
+        return buf_bulk(b, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message));
+    return buf_head(b, ':', count);
+}
+
+static PyObject *Session_reply(Session *s, PyObject *message);
+static int mark_dirty(Engine *e, Session *s);
+
+/* the compiled session a client's replies go to (new), if they go straight to one: NULL if not */
+static Session *
+session_of(PyObject *sock)
+{
+    PyObject *on_reply = PyObject_GetAttr(sock, s_on_reply);
+    if (on_reply == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Session *target = NULL;
+    if (PyCFunction_Check(on_reply) && ((PyCFunctionObject *)on_reply)->m_ml->ml_meth == (PyCFunction)Session_reply) {
+        target = (Session *)PyCFunction_GET_SELF(on_reply);
+        Py_INCREF(target);
+    }
+    Py_DECREF(on_reply);
+    return target;
+}
+
+static int
+pubsub_count(PyObject *sock, long *count)
+{
+    PyObject *value = PyObject_GetAttr(sock, s_pubsub);
+    if (value == NULL)
+        return -1;
+    *count = PyLong_AsLong(value);
+    Py_DECREF(value);
+    return (*count == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+set_pubsub_count(PyObject *sock, long count)
+{
+    PyObject *value = PyLong_FromLong(count);
+    int rc = value == NULL ? -1 : PyObject_SetAttr(sock, s_pubsub, value);
+    Py_XDECREF(value);
+    return rc;
+}
+
+/* Redis' stringmatchlen (util.c), case-sensitive: does a PSUBSCRIBE pattern match the channel */
+static int
+glob_match(const char *pattern, Py_ssize_t plen, const char *string, Py_ssize_t slen, int *skip_longer, int nesting)
+{
+    if (nesting > 1000)
+        return 0; /* protection against abusive patterns, as in Redis */
+    while (plen && slen) {
+        switch (pattern[0]) {
+        case '*':
+            while (plen > 1 && pattern[1] == '*') {
+                pattern++;
+                plen--;
+            }
+            if (plen == 1)
+                return 1;
+            while (slen) {
+                if (glob_match(pattern + 1, plen - 1, string, slen, skip_longer, nesting + 1))
+                    return 1;
+                if (*skip_longer)
+                    return 0;
+                string++;
+                slen--;
+            }
+            *skip_longer = 1;
+            return 0;
+        case '?':
+            string++;
+            slen--;
+            break;
+        case '[': {
+            int negate, match = 0;
+            pattern++;
+            plen--;
+            negate = plen > 0 && pattern[0] == '^';
+            if (negate) {
+                pattern++;
+                plen--;
+            }
+            for (;;) {
+                if (plen >= 2 && pattern[0] == '\\') {
+                    pattern++;
+                    plen--;
+                    if (pattern[0] == string[0])
+                        match = 1;
+                }
+                else if (plen == 0) {
+                    pattern--;
+                    plen++;
+                    break;
+                }
+                else if (pattern[0] == ']')
+                    break;
+                else if (plen >= 3 && pattern[1] == '-') {
+                    unsigned char start = pattern[0], end = pattern[2], c = string[0];
+                    if (start > end) {
+                        unsigned char t = start;
+                        start = end;
+                        end = t;
+                    }
+                    pattern += 2;
+                    plen -= 2;
+                    if (c >= start && c <= end)
+                        match = 1;
+                }
+                else if (pattern[0] == string[0])
+                    match = 1;
+                pattern++;
+                plen--;
+            }
+            if (negate)
+                match = !match;
+            if (!match)
+                return 0;
+            string++;
+            slen--;
+            break;
+        }
+        case '\\':
+            if (plen >= 2) {
+                pattern++;
+                plen--;
+            }
+            /* fall through */
+        default:
+            if (pattern[0] != string[0])
+                return 0;
+            string++;
+            slen--;
+            break;
+        }
+        pattern++;
+        plen--;
+        if (slen == 0) {
+            while (plen > 0 && *pattern == '*') {
+                pattern++;
+                plen--;
+            }
+            break;
+        }
+    }
+    return plen == 0 && slen == 0;
+}
+
+/* one message pushed to one subscriber: [kind, (pattern,) channel, message] */
+static int
+push_to(Engine *e, PyObject *subscriber, PyObject *pattern, PyObject *channel, PyObject *message)
+{
+    Session *target = session_of(subscriber);
+    if (target != NULL) {
+        Buf *b = &target->out;
+        int rc = buf_head(b, target->protocol == 3 ? '>' : '*', pattern ? 4 : 3);
+        if (rc == 0)
+            rc = pattern ? buf_lit(b, "$8\r\npmessage\r\n") : buf_lit(b, "$7\r\nmessage\r\n");
+        if (rc == 0 && pattern)
+            rc = buf_bulk(b, PyBytes_AS_STRING(pattern), PyBytes_GET_SIZE(pattern));
+        if (rc == 0)
+            rc = buf_bulk(b, PyBytes_AS_STRING(channel), PyBytes_GET_SIZE(channel));
+        if (rc == 0)
+            rc = buf_bulk(b, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message));
+        if (rc == 0)
+            rc = mark_dirty(e, target);
+        Py_DECREF(target);
+        return rc;
+    }
+    /* replies captured or redirected: through the socket, as fakeredis sends them */
+    PyObject *parts = pattern ? Py_BuildValue("[yOOO]", "pmessage", pattern, channel, message)
+                              : Py_BuildValue("[yOO]", "message", channel, message);
+    PyObject *push = parts == NULL ? NULL : PyObject_CallOneArg(e->push_type, parts);
+    Py_XDECREF(parts);
+    PyObject *r = push == NULL ? NULL : PyObject_CallMethod(subscriber, "put_response", "O", push);
+    Py_XDECREF(push);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* each live subscriber in a WeakSet (a snapshot: a reply may unsubscribe); -1 or how many got it */
+static long
+push_to_all(Engine *e, PyObject *subs, PyObject *pattern, PyObject *channel, PyObject *message)
+{
+    PyObject *data = PyObject_GetAttr(subs, s_data);
+    PyObject *snapshot = data == NULL ? NULL : PySequence_List(data);
+    Py_XDECREF(data);
+    if (snapshot == NULL)
+        return -1;
+    long receivers = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(snapshot); i++) {
+        PyObject *subscriber = PyWeakref_GetObject(PyList_GET_ITEM(snapshot, i));
+        if (subscriber == NULL) {
+            receivers = -1;
+            break;
+        }
+        if (subscriber == Py_None)
+            continue;
+        Py_INCREF(subscriber);
+        int rc = push_to(e, subscriber, pattern, channel, message);
+        Py_DECREF(subscriber);
+        if (rc < 0) {
+            receivers = -1;
+            break;
+        }
+        receivers++;
+    }
+    Py_DECREF(snapshot);
+    return receivers;
+}
+
+/* core.deliver: PUBLISH to the channel's subscribers, then to those of every pattern it matches */
 static PyObject *
-c_publish(Engine *e, PyObject *sock, PyObject *command)
+c_publish(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) != 3)
         return defer();
-    return PyObject_CallFunctionObjArgs(e->deliver, e->core, ARG(command, 1), ARG(command, 2), NULL);
+    PyObject *channel = ARG(command, 1), *message = ARG(command, 2);
+    long receivers = 0;
+    PyObject *subscribers = PyObject_GetAttr(e->core, s_subscribers);
+    if (subscribers == NULL)
+        return NULL;
+    PyObject *subs = PyDict_GetItemWithError(subscribers, channel);
+    if (subs != NULL) {
+        Py_INCREF(subs);
+        receivers = push_to_all(e, subs, NULL, channel, message);
+        Py_DECREF(subs);
+    }
+    else if (PyErr_Occurred())
+        receivers = -1;
+    Py_DECREF(subscribers);
+    if (receivers < 0)
+        return NULL;
+    PyObject *patterns = PyObject_GetAttr(e->core, s_psubscribers);
+    PyObject *items = patterns == NULL ? NULL : PyDict_Check(patterns) ? PyDict_Items(patterns) : NULL;
+    if (items == NULL && patterns != NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "fakeredis' psubscribers is not a dict");
+    Py_XDECREF(patterns);
+    if (items == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *pattern = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        PyObject *pattern_subs = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        int skip = 0;
+        if (!PyBytes_Check(pattern) || !glob_match(PyBytes_AS_STRING(pattern), PyBytes_GET_SIZE(pattern),
+                                                   PyBytes_AS_STRING(channel), PyBytes_GET_SIZE(channel), &skip, 0))
+            continue;
+        long more = push_to_all(e, pattern_subs, pattern, channel, message);
+        if (more < 0) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        receivers += more;
+    }
+    Py_DECREF(items);
+    return PyLong_FromLong(receivers);
+}
+
+/* FastPath.subscribe + BrokerSocket._subscribe: fakeredis' WeakSets, a confirmation per channel */
+static PyObject *
+c_subscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
+{
+    if (NARGS(command) < 2)
+        return defer();
+    long count;
+    if (pubsub_count(sock, &count) < 0)
+        return NULL;
+    PyObject *subscribers = PyObject_GetAttr(e->core, s_subscribers);
+    if (subscribers == NULL)
+        return NULL;
+    PyObject *me = PyWeakref_NewRef(sock, NULL);
+    int rc = me == NULL ? -1 : 0;
+    for (Py_ssize_t i = 1; rc == 0 && i < NARGS(command); i++) {
+        PyObject *channel = ARG(command, i);
+        PyObject *subs = PyObject_GetItem(subscribers, channel); /* a defaultdict: a new channel's WeakSet */
+        PyObject *data = subs == NULL ? NULL : PyObject_GetAttr(subs, s_data);
+        int there = data == NULL ? -1 : PySet_Contains(data, me);
+        rc = there < 0 ? -1 : 0;
+        if (there == 0) { /* WeakSet.add(sock) */
+            PyObject *pending = PyObject_GetAttr(subs, s_pending_removals);
+            int commit = pending == NULL ? -1 : PyObject_IsTrue(pending);
+            Py_XDECREF(pending);
+            if (commit > 0) {
+                PyObject *r = PyObject_CallMethodNoArgs(subs, s_commit_removals);
+                commit = r == NULL ? -1 : 0;
+                Py_XDECREF(r);
+            }
+            PyObject *remove = commit < 0 ? NULL : PyObject_GetAttr(subs, s_remove);
+            PyObject *reference = remove == NULL ? NULL : PyWeakref_NewRef(sock, remove);
+            rc = reference == NULL ? -1 : PySet_Add(data, reference);
+            Py_XDECREF(remove);
+            Py_XDECREF(reference);
+            if (rc == 0)
+                rc = set_pubsub_count(sock, ++count);
+        }
+        if (rc == 0)
+            rc = put_push(&s->out, s->protocol, "subscribe", channel, NULL, count);
+        Py_XDECREF(data);
+        Py_XDECREF(subs);
+    }
+    Py_XDECREF(me);
+    Py_DECREF(subscribers);
+    if (rc < 0 || mark_dirty(e, s) < 0)
+        return NULL;
+    return new_ref(e->no_reply);
+}
+
+/* FastPath.unsubscribe + BrokerSocket._unsubscribe, for the channels named */
+static PyObject *
+c_unsubscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
+{
+    if (NARGS(command) < 2)
+        return defer(); /* from every channel: fakeredis works out which */
+    long count;
+    if (pubsub_count(sock, &count) < 0)
+        return NULL;
+    PyObject *subscribers = PyObject_GetAttr(e->core, s_subscribers);
+    if (subscribers == NULL)
+        return NULL;
+    PyObject *me = PyWeakref_NewRef(sock, NULL);
+    int rc = me == NULL ? -1 : 0;
+    for (Py_ssize_t i = 1; rc == 0 && i < NARGS(command); i++) {
+        PyObject *channel = ARG(command, i);
+        PyObject *subs = PyDict_GetItemWithError(subscribers, channel);
+        if (subs == NULL && PyErr_Occurred()) {
+            rc = -1;
+            break;
+        }
+        if (subs != NULL) {
+            Py_INCREF(subs);
+            PyObject *data = PyObject_GetAttr(subs, s_data);
+            int there = data == NULL ? -1 : PySet_Contains(data, me);
+            if (there < 0)
+                rc = -1;
+            else if (there) {
+                rc = PySet_Discard(data, me) < 0 ? -1 : 0;
+                if (rc == 0 && PySet_GET_SIZE(data) == 0)
+                    rc = PyDict_DelItem(subscribers, channel);
+                if (rc == 0)
+                    rc = set_pubsub_count(sock, --count);
+            }
+            Py_XDECREF(data);
+            Py_DECREF(subs);
+        }
+        if (rc == 0)
+            rc = put_push(&s->out, s->protocol, "unsubscribe", channel, NULL, count);
+    }
+    Py_XDECREF(me);
+    Py_DECREF(subscribers);
+    if (rc < 0 || mark_dirty(e, s) < 0)
+        return NULL;
+    return new_ref(e->no_reply);
 }
 
 static PyObject *
-c_ping(Engine *e, PyObject *sock, PyObject *command)
+c_ping(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     return NARGS(command) == 1 ? new_ref(e->pong) : defer();
 }
@@ -1231,7 +1617,8 @@ static const struct {
 } NATIVE[] = {
     {"get", c_get}, {"set", c_set}, {"setex", c_setex}, {"lpush", c_lpush}, {"rpush", c_rpush},
     {"brpop", c_brpop}, {"blpop", c_blpop}, {"hset", c_hset}, {"hdel", c_hdel}, {"zadd", c_zadd},
-    {"zrem", c_zrem}, {"publish", c_publish}, {"ping", c_ping}, {NULL, NULL},
+    {"zrem", c_zrem}, {"publish", c_publish}, {"ping", c_ping}, {"subscribe", c_subscribe},
+    {"unsubscribe", c_unsubscribe}, {NULL, NULL},
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -1246,7 +1633,7 @@ Engine_traverse(Engine *e, visitproc visit, void *arg)
     Py_VISIT(e->hash_type); Py_VISIT(e->zset_type); Py_VISIT(e->push_type); Py_VISIT(e->simple_string);
     Py_VISIT(e->simple_error); Py_VISIT(e->defer); Py_VISIT(e->ok); Py_VISIT(e->queued);
     Py_VISIT(e->no_reply); Py_VISIT(e->pong); Py_VISIT(e->wrongtype); Py_VISIT(e->not_a_float);
-    Py_VISIT(e->multi_nested); Py_VISIT(e->encode); Py_VISIT(e->deliver); Py_VISIT(e->redis_double);
+    Py_VISIT(e->multi_nested); Py_VISIT(e->encode); Py_VISIT(e->redis_double);
     Py_VISIT(e->zadd_options); Py_VISIT(e->watched_changed); Py_VISIT(e->pubsub_allowed);
     Py_VISIT(e->log);
     return 0;
@@ -1261,7 +1648,7 @@ Engine_clear(Engine *e)
     Py_CLEAR(e->hash_type); Py_CLEAR(e->zset_type); Py_CLEAR(e->push_type); Py_CLEAR(e->simple_string);
     Py_CLEAR(e->simple_error); Py_CLEAR(e->defer); Py_CLEAR(e->ok); Py_CLEAR(e->queued);
     Py_CLEAR(e->no_reply); Py_CLEAR(e->pong); Py_CLEAR(e->wrongtype); Py_CLEAR(e->not_a_float);
-    Py_CLEAR(e->multi_nested); Py_CLEAR(e->encode); Py_CLEAR(e->deliver); Py_CLEAR(e->redis_double);
+    Py_CLEAR(e->multi_nested); Py_CLEAR(e->encode); Py_CLEAR(e->redis_double);
     Py_CLEAR(e->zadd_options); Py_CLEAR(e->watched_changed); Py_CLEAR(e->pubsub_allowed);
     Py_CLEAR(e->log);
     return 0;
@@ -1321,13 +1708,13 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwargs)
     static const char *names[] = {
         "server", "core", "aof", "dirty", "parked", "touched", "waiting", "handlers", "item_type",
         "hash_type", "zset_type", "push_type", "simple_string", "simple_error", "defer", "ok", "queued",
-        "no_reply", "pong", "wrongtype", "not_a_float", "multi_nested", "encode", "deliver",
+        "no_reply", "pong", "wrongtype", "not_a_float", "multi_nested", "encode",
         "redis_double", "zadd_options", "watched_changed", "pubsub_allowed", NULL};
     PyObject **fields[] = {
         &e->server, &e->core, &e->aof, &e->dirty, &e->parked, &e->touched, &e->waiting, &e->handlers,
         &e->item_type, &e->hash_type, &e->zset_type, &e->push_type, &e->simple_string, &e->simple_error,
         &e->defer, &e->ok, &e->queued, &e->no_reply, &e->pong, &e->wrongtype, &e->not_a_float,
-        &e->multi_nested, &e->encode, &e->deliver, &e->redis_double, &e->zadd_options, &e->watched_changed,
+        &e->multi_nested, &e->encode, &e->redis_double, &e->zadd_options, &e->watched_changed,
         &e->pubsub_allowed};
     if (PyTuple_GET_SIZE(args) || kwargs == NULL) {
         PyErr_SetString(PyExc_TypeError, "Engine() takes keyword arguments only");
@@ -1435,15 +1822,6 @@ static PyTypeObject EngineType = {
  * Session: one client's read loop (session.PySession)
  */
 
-struct Session {
-    PyObject_HEAD
-    PyObject *server, *engine, *sock, *transport, *parked, *fast_multi;
-    char closing, fast_ready;
-    int protocol;
-    Buf in;               /* bytes received, not yet parsed from in_start on */
-    Py_ssize_t in_start;
-    Buf out;              /* replies not yet sent */
-};
 
 #define IS_NONE(o) ((o) == NULL || (o) == Py_None)
 
@@ -1656,10 +2034,10 @@ next_command(Session *s, PyObject **command, char *error, size_t size)
 
 /* run a fast-path command: its reply (new), DEFER, or NULL with an exception */
 static PyObject *
-run_fast(Engine *e, Command *c, PyObject *sock, PyObject *command)
+run_fast(Engine *e, Command *c, Session *s, PyObject *sock, PyObject *command)
 {
     if (c->native != NULL)
-        return c->native(e, sock, command);
+        return c->native(e, s, sock, command);
     PyObject *result = PyObject_CallFunctionObjArgs(c->python, sock, command, NULL);
     if (result == NULL && PyErr_ExceptionMatches(e->defer)) {
         PyErr_Clear();
@@ -1711,7 +2089,7 @@ finish_fast_multi(Engine *e, Session *s, int kind)
             rc = -1;
             break;
         }
-        PyObject *result = run_fast(e, c, s->sock, entry);
+        PyObject *result = run_fast(e, c, s, s->sock, entry);
         if (result == DEFER) {
             Py_DECREF(result);
             result = PyObject_CallMethodObjArgs(e->server, s_attempt, (PyObject *)s, entry, NULL);
@@ -1815,7 +2193,7 @@ session_process(Session *s)
                 if (ok < 0)
                     rc = -1;
                 else if (ok) {
-                    PyObject *result = run_fast(e, c, sock, command);
+                    PyObject *result = run_fast(e, c, s, sock, command);
                     if (result == NULL) {
                         rc = call_failed(s, command);
                         done = 1;
@@ -1856,7 +2234,7 @@ session_process(Session *s)
                 done = 1;
             }
             else if (ok && c->kind == K_POP) { /* the worker's BRPOP: answered, or the client parked */
-                PyObject *result = c->native(e, sock, command);
+                PyObject *result = c->native(e, s, sock, command);
                 if (result == NULL) {
                     rc = call_failed(s, command);
                     done = 1;
@@ -2161,6 +2539,20 @@ PyInit__session(void)
     for (int i = 0; names[i]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    const char *more[] = {"subscribers", "psubscribers", "data", "_pending_removals", "_commit_removals", "_remove",
+                          "_on_reply", "schedule_expiry", NULL};
+    PyObject **more_slots[] = {&s_subscribers, &s_psubscribers, &s_data, &s_pending_removals, &s_commit_removals,
+                               &s_remove, &s_on_reply, &s_schedule_expiry};
+    for (int i = 0; more[i]; i++)
+        if ((*more_slots[i] = PyUnicode_InternFromString(more[i])) == NULL)
+            return NULL;
+    PyObject *heapq = PyImport_ImportModule("_heapq");
+    if (heapq == NULL)
+        return NULL;
+    heappush = PyObject_GetAttrString(heapq, "heappush");
+    Py_DECREF(heapq);
+    if (heappush == NULL || (b_message = PyBytes_FromString("message")) == NULL)
+        return NULL;
     if ((b_lpop = PyBytes_FromString("lpop")) == NULL || (b_rpop = PyBytes_FromString("rpop")) == NULL
         || (b_set = PyBytes_FromString("set")) == NULL || (b_pxat = PyBytes_FromString("pxat")) == NULL)
         return NULL;

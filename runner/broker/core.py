@@ -249,7 +249,8 @@ def deliver(server: Any, channel: bytes, message: bytes) -> int:
                 receivers += 1
     if server.psubscribers:
         for pattern, subscribers in list(server.psubscribers.items()):
-            if subscribers and compile_pattern(pattern).match(channel):
+            # (Redis' glob never matches an empty channel but with an empty pattern; fakeredis' regex would)
+            if subscribers and (compile_pattern(pattern).match(channel) if channel else not pattern):
                 push = Push([b"pmessage", pattern, channel, message])
                 for subscriber in list(subscribers):
                     subscriber.put_response(push)

@@ -213,7 +213,6 @@ def engine_for(server: Any) -> Any:
     from fakeredis.model import Hash, ZSet
 
     from runner.broker import _session
-    from runner.broker.core import deliver
     from runner.broker.fast import NOT_A_FLOAT, PONG, WRONGTYPE, FastPath
     from runner.broker.resp import Push
     from runner.broker.scores import ZADD_OPTIONS, redis_double
@@ -223,6 +222,6 @@ def engine_for(server: Any) -> Any:
         touched=server.touched, waiting=server.waiting, handlers=server.fast_handlers,
         item_type=Item, hash_type=Hash, zset_type=ZSet, push_type=Push, simple_string=SimpleString,
         simple_error=SimpleError, defer=Defer, ok=OK, queued=QUEUED, no_reply=NO_REPLY, pong=PONG,
-        wrongtype=WRONGTYPE, not_a_float=NOT_A_FLOAT, encode=encode, deliver=deliver,
+        wrongtype=WRONGTYPE, not_a_float=NOT_A_FLOAT, encode=encode,
         redis_double=redis_double, zadd_options=ZADD_OPTIONS, watched_changed=FastPath._changed,
         pubsub_allowed=PUBSUB_ALLOWED, multi_nested=SimpleError("ERR MULTI calls can not be nested"))
