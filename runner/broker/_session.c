@@ -29,7 +29,7 @@ static PyObject *s_authenticated, *s_pubsub, *s_db, *s_db_num, *s_dict, *s_watch
     *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_discard, *s_write, *s_close,
     *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_log_batch, *s_close_killed,
     *s_check_kills, *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
-static PyObject *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
+static PyObject *s_byscore, *s_remove_entry, *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
     *s_on_reply, *s_schedule_expiry;
 static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat, *b_message;
 static PyObject *heappush; /* _heapq.heappush */
@@ -372,6 +372,8 @@ struct Engine {
     PyObject *defer, *ok, *queued, *no_reply, *pong, *wrongtype, *not_a_float, *multi_nested;
     PyObject *encode, *redis_double, *zadd_options, *watched_changed, *pubsub_allowed;
     LogBuffer *log; /* the append-only log's buffer when it is the compiled one (else: aof.append) */
+    PyObject *weakset_type;
+    PyObject *spare_hashes, *spare_zsets, *spare_channels; /* see take_spare */
     Py_ssize_t value_offset, expireat_offset; /* fakeredis' Item.__slots__ */
     char halted;
     long long commands_processed;
@@ -597,6 +599,64 @@ equals_lower(PyObject *raw, const char *word) /* raw.lower() == word */
             return 0;
     }
     return 1;
+}
+
+/* Spares. Creating fakeredis' Hash, ZSet (and its SortedList) and a channel's WeakSet runs their
+ * Python __init__, and Celery makes and empties one of each per task (the unacked hash and its
+ * index, the result's channel): a container emptied by a command is kept, up to MAX_SPARES of a
+ * kind, to be the next new key's (or channel's) instead, when it is as a new one would be. */
+#define MAX_SPARES 16
+
+static PyObject *
+take_spare(PyObject *spares, PyObject *type) /* a spare, or a new one (new reference) */
+{
+    Py_ssize_t n = PyList_GET_SIZE(spares);
+    if (n == 0)
+        return PyObject_CallNoArgs(type);
+    PyObject *spare = PyList_GET_ITEM(spares, n - 1);
+    Py_INCREF(spare);
+    if (PyList_SetSlice(spares, n - 1, n, NULL) < 0) {
+        Py_DECREF(spare);
+        return NULL;
+    }
+    return spare;
+}
+
+/* keep `value` if it is exactly `type` and each of its named containers is empty (anything
+ * unexpected: not kept, never an error) */
+static void
+keep_spare(PyObject *spares, PyObject *value, PyObject *type, PyObject *const *empty)
+{
+    if (PyList_GET_SIZE(spares) >= MAX_SPARES || (PyObject *)Py_TYPE(value) != type)
+        return;
+    for (int i = 0; empty[i]; i++) {
+        PyObject *part = PyObject_GetAttr(value, empty[i]);
+        Py_ssize_t size = part == NULL ? -1 : PyObject_Length(part);
+        Py_XDECREF(part);
+        if (size != 0) {
+            PyErr_Clear();
+            return;
+        }
+    }
+    if (PyList_Append(spares, value) < 0)
+        PyErr_Clear();
+}
+
+/* the containers that must be empty, by name (interned at import) */
+static const char *const EMPTY_HASH_NAMES[] = {"_values", "_expirations", "_expiry_heap", "_expired_fields", NULL};
+static const char *const EMPTY_ZSET_NAMES[] = {"_bylex", "_byscore", NULL};
+static const char *const EMPTY_CHANNEL_NAMES[] = {"data", "_pending_removals", "_iterating", NULL};
+static PyObject *EMPTY_HASH[5], *EMPTY_ZSET[3], *EMPTY_CHANNEL[4];
+
+static int
+intern_all(const char *const *names, PyObject **into)
+{
+    int i = 0;
+    for (; names[i]; i++)
+        if ((into[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return -1;
+    into[i] = NULL;
+    return 0;
 }
 
 #define ARG(command, i) PyList_GET_ITEM((command), (i))
@@ -899,7 +959,7 @@ hash_item(Engine *e, PyObject *dict, PyObject *key, int create, PyObject **item)
         if (found == NULL) {
             if (!create)
                 return 0;
-            PyObject *hash = PyObject_CallNoArgs(e->hash_type);
+            PyObject *hash = take_spare(e->spare_hashes, e->hash_type);
             if (hash == NULL)
                 return -1;
             found = new_item(e, hash);
@@ -1054,8 +1114,10 @@ c_hdel(Engine *e, Session *s, PyObject *sock, PyObject *command)
                 removed++;
             }
         }
-        if (rc == 0 && PyDict_GET_SIZE(fields) == 0)
+        if (rc == 0 && PyDict_GET_SIZE(fields) == 0) {
+            keep_spare(e->spare_hashes, SLOT(item, e->value_offset), e->hash_type, EMPTY_HASH);
             rc = PyDict_DelItem(dict, ARG(command, 1));
+        }
         if (rc == 0 && removed)
             rc = wrote(e, sock, db, command, ARG(command, 1));
         if (rc == 0)
@@ -1093,6 +1155,18 @@ plain_score(PyObject *raw)
         s++;
     Py_ssize_t decimals = s - fraction;
     return s == end && decimals <= 300 && (whole > 0 || decimals > 0);
+}
+
+/* SortedList.add / .remove of a (score, member) entry */
+static PyObject *
+zset_entry_call(PyObject *byscore, PyObject *method, PyObject *score, PyObject *member)
+{
+    PyObject *entry = PyTuple_Pack(2, score, member);
+    if (entry == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallMethodOneArg(byscore, method, entry);
+    Py_DECREF(entry);
+    return r;
 }
 
 static PyObject *
@@ -1144,7 +1218,7 @@ c_zadd(Engine *e, Session *s, PyObject *sock, PyObject *command)
     if (lookup(e, dict, key, &item) < 0)
         goto done;
     if (item == NULL) {
-        PyObject *zset = PyObject_CallNoArgs(e->zset_type);
+        PyObject *zset = take_spare(e->spare_zsets, e->zset_type);
         if (zset == NULL)
             goto done;
         item = new_item(e, zset);
@@ -1163,23 +1237,47 @@ c_zadd(Engine *e, Session *s, PyObject *sock, PyObject *command)
     }
     Py_INCREF(zset);
     bylex = PyObject_GetAttr(zset, s_bylex);
+    PyObject *byscore = bylex == NULL ? NULL : PyObject_GetAttr(zset, s_byscore);
     long added = 0;
-    int rc = bylex == NULL ? -1 : 0;
-    for (Py_ssize_t p = 0; p < pairs && rc == 0; p++) {
+    int rc = byscore == NULL || !PyDict_Check(bylex) ? -1 : 0;
+    if (rc < 0 && byscore != NULL)
+        PyErr_SetString(PyExc_TypeError, "a ZSet's _bylex is not a dict");
+    for (Py_ssize_t p = 0; p < pairs && rc == 0; p++) { /* ZSet.add, on its two structures */
         PyObject *member = ARG(command, 3 + 2 * p);
-        int there = PySequence_Contains(bylex, member);
-        if (there < 0) {
+        PyObject *old = PyDict_GetItemWithError(bylex, member);
+        if (old == NULL && PyErr_Occurred()) {
             rc = -1;
             break;
         }
-        added += !there;
+        added += old == NULL;
         PyObject *score = PyFloat_FromDouble(scores[p] + 0.0);
-        PyObject *r = score == NULL ? NULL : PyObject_CallMethodObjArgs(zset, s_add, member, score, NULL);
-        Py_XDECREF(score);
-        if (r == NULL)
+        if (score == NULL) {
             rc = -1;
-        Py_XDECREF(r);
+            break;
+        }
+        if (old != NULL) {
+            Py_INCREF(old);
+            int same = PyObject_RichCompareBool(score, old, Py_EQ);
+            PyObject *r = same ? NULL : zset_entry_call(byscore, s_remove_entry, old, member);
+            Py_DECREF(old);
+            if (same < 0 || (!same && r == NULL))
+                rc = -1;
+            Py_XDECREF(r);
+            if (same) {
+                Py_DECREF(score);
+                continue;
+            }
+        }
+        if (rc == 0 && PyDict_SetItem(bylex, member, score) < 0)
+            rc = -1;
+        if (rc == 0) {
+            PyObject *r = zset_entry_call(byscore, s_add, score, member);
+            rc = r == NULL ? -1 : 0;
+            Py_XDECREF(r);
+        }
+        Py_DECREF(score);
     }
+    Py_XDECREF(byscore);
     Py_DECREF(zset);
     if (rc == 0 && wrote(e, sock, db, command, key) == 0)
         result = PyLong_FromLong(added);
@@ -1197,7 +1295,7 @@ c_zrem(Engine *e, Session *s, PyObject *sock, PyObject *command)
     Py_ssize_t n = NARGS(command);
     if (n < 3)
         return defer();
-    PyObject *db, *dict, *item, *zset = NULL, *bylex = NULL, *result = NULL, *key = ARG(command, 1);
+    PyObject *db, *dict, *item, *zset = NULL, *bylex = NULL, *byscore = NULL, *result = NULL, *key = ARG(command, 1);
     if (database(sock, &db, &dict) < 0)
         return NULL;
     if (lookup(e, dict, key, &item) < 0)
@@ -1216,28 +1314,43 @@ c_zrem(Engine *e, Session *s, PyObject *sock, PyObject *command)
     bylex = PyObject_GetAttr(zset, s_bylex);
     if (bylex == NULL)
         goto done;
-    long removed = 0;
-    for (Py_ssize_t at = 2; at < n; at++) {
-        int there = PySequence_Contains(bylex, ARG(command, at));
-        if (there < 0)
-            goto done;
-        if (there) {
-            PyObject *r = PyObject_CallMethodOneArg(zset, s_discard, ARG(command, at));
-            if (r == NULL)
-                goto done;
-            Py_DECREF(r);
-            removed++;
-        }
-    }
-    Py_ssize_t size = PyObject_Length(bylex);
-    if (size < 0 || (size == 0 && PyDict_DelItem(dict, key) < 0))
+    if (!PyDict_Check(bylex)) {
+        PyErr_SetString(PyExc_TypeError, "a ZSet's _bylex is not a dict");
         goto done;
+    }
+    byscore = PyObject_GetAttr(zset, s_byscore);
+    if (byscore == NULL)
+        goto done;
+    long removed = 0;
+    for (Py_ssize_t at = 2; at < n; at++) { /* ZSet.discard, on its two structures */
+        PyObject *member = ARG(command, at);
+        PyObject *score = PyDict_GetItemWithError(bylex, member);
+        if (score == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            continue;
+        }
+        Py_INCREF(score);
+        int rc = PyDict_DelItem(bylex, member);
+        PyObject *r = rc < 0 ? NULL : zset_entry_call(byscore, s_remove_entry, score, member);
+        Py_DECREF(score);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+        removed++;
+    }
+    if (PyDict_GET_SIZE(bylex) == 0) {
+        keep_spare(e->spare_zsets, zset, e->zset_type, EMPTY_ZSET);
+        if (PyDict_DelItem(dict, key) < 0)
+            goto done;
+    }
     if (removed && wrote(e, sock, db, command, key) < 0)
         goto done;
     result = PyLong_FromLong(removed);
 done:
     Py_XDECREF(zset);
     Py_XDECREF(bylex);
+    Py_XDECREF(byscore);
     Py_DECREF(db);
     Py_DECREF(dict);
     return result;
@@ -1525,7 +1638,14 @@ c_subscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
     int rc = me == NULL ? -1 : 0;
     for (Py_ssize_t i = 1; rc == 0 && i < NARGS(command); i++) {
         PyObject *channel = ARG(command, i);
-        PyObject *subs = PyObject_GetItem(subscribers, channel); /* a defaultdict: a new channel's WeakSet */
+        PyObject *subs = PyDict_GetItemWithError(subscribers, channel);
+        if (subs != NULL)
+            Py_INCREF(subs);
+        else if (!PyErr_Occurred()) { /* a new channel's WeakSet (the defaultdict's own would be new) */
+            subs = take_spare(e->spare_channels, e->weakset_type);
+            if (subs != NULL && PyDict_SetItem(subscribers, channel, subs) < 0)
+                Py_CLEAR(subs);
+        }
         PyObject *data = subs == NULL ? NULL : PyObject_GetAttr(subs, s_data);
         int there = data == NULL ? -1 : PySet_Contains(data, me);
         rc = there < 0 ? -1 : 0;
@@ -1587,8 +1707,10 @@ c_unsubscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
                 rc = -1;
             else if (there) {
                 rc = PySet_Discard(data, me) < 0 ? -1 : 0;
-                if (rc == 0 && PySet_GET_SIZE(data) == 0)
+                if (rc == 0 && PySet_GET_SIZE(data) == 0) {
+                    keep_spare(e->spare_channels, subs, e->weakset_type, EMPTY_CHANNEL);
                     rc = PyDict_DelItem(subscribers, channel);
+                }
                 if (rc == 0)
                     rc = set_pubsub_count(sock, --count);
             }
@@ -1635,7 +1757,8 @@ Engine_traverse(Engine *e, visitproc visit, void *arg)
     Py_VISIT(e->no_reply); Py_VISIT(e->pong); Py_VISIT(e->wrongtype); Py_VISIT(e->not_a_float);
     Py_VISIT(e->multi_nested); Py_VISIT(e->encode); Py_VISIT(e->redis_double);
     Py_VISIT(e->zadd_options); Py_VISIT(e->watched_changed); Py_VISIT(e->pubsub_allowed);
-    Py_VISIT(e->log);
+    Py_VISIT(e->log); Py_VISIT(e->weakset_type); Py_VISIT(e->spare_hashes); Py_VISIT(e->spare_zsets);
+    Py_VISIT(e->spare_channels);
     return 0;
 }
 
@@ -1650,7 +1773,8 @@ Engine_clear(Engine *e)
     Py_CLEAR(e->no_reply); Py_CLEAR(e->pong); Py_CLEAR(e->wrongtype); Py_CLEAR(e->not_a_float);
     Py_CLEAR(e->multi_nested); Py_CLEAR(e->encode); Py_CLEAR(e->redis_double);
     Py_CLEAR(e->zadd_options); Py_CLEAR(e->watched_changed); Py_CLEAR(e->pubsub_allowed);
-    Py_CLEAR(e->log);
+    Py_CLEAR(e->log); Py_CLEAR(e->weakset_type); Py_CLEAR(e->spare_hashes); Py_CLEAR(e->spare_zsets);
+    Py_CLEAR(e->spare_channels);
     return 0;
 }
 
@@ -1709,13 +1833,13 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwargs)
         "server", "core", "aof", "dirty", "parked", "touched", "waiting", "handlers", "item_type",
         "hash_type", "zset_type", "push_type", "simple_string", "simple_error", "defer", "ok", "queued",
         "no_reply", "pong", "wrongtype", "not_a_float", "multi_nested", "encode",
-        "redis_double", "zadd_options", "watched_changed", "pubsub_allowed", NULL};
+        "redis_double", "zadd_options", "watched_changed", "pubsub_allowed", "weakset_type", NULL};
     PyObject **fields[] = {
         &e->server, &e->core, &e->aof, &e->dirty, &e->parked, &e->touched, &e->waiting, &e->handlers,
         &e->item_type, &e->hash_type, &e->zset_type, &e->push_type, &e->simple_string, &e->simple_error,
         &e->defer, &e->ok, &e->queued, &e->no_reply, &e->pong, &e->wrongtype, &e->not_a_float,
         &e->multi_nested, &e->encode, &e->redis_double, &e->zadd_options, &e->watched_changed,
-        &e->pubsub_allowed};
+        &e->pubsub_allowed, &e->weakset_type};
     if (PyTuple_GET_SIZE(args) || kwargs == NULL) {
         PyErr_SetString(PyExc_TypeError, "Engine() takes keyword arguments only");
         return -1;
@@ -1737,6 +1861,9 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "Engine(): a container or type of the wrong kind");
         return -1;
     }
+    if ((e->spare_hashes = PyList_New(0)) == NULL || (e->spare_zsets = PyList_New(0)) == NULL
+        || (e->spare_channels = PyList_New(0)) == NULL)
+        return -1;
     if (e->aof != Py_None) {
         PyObject *buffer = PyObject_GetAttrString(e->aof, "buffer");
         if (buffer == NULL)
@@ -2539,6 +2666,12 @@ PyInit__session(void)
     for (int i = 0; names[i]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    if (intern_all(EMPTY_HASH_NAMES, EMPTY_HASH) < 0 || intern_all(EMPTY_ZSET_NAMES, EMPTY_ZSET) < 0
+        || intern_all(EMPTY_CHANNEL_NAMES, EMPTY_CHANNEL) < 0)
+        return NULL;
+    if ((s_byscore = PyUnicode_InternFromString("_byscore")) == NULL
+        || (s_remove_entry = PyUnicode_InternFromString("remove")) == NULL)
+        return NULL;
     const char *more[] = {"subscribers", "psubscribers", "data", "_pending_removals", "_commit_removals", "_remove",
                           "_on_reply", "schedule_expiry", NULL};
     PyObject **more_slots[] = {&s_subscribers, &s_psubscribers, &s_data, &s_pending_removals, &s_commit_removals,

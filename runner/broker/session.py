@@ -16,6 +16,7 @@ attributes `server`, `engine` (the C loop's view of the server, None here), `soc
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from fakeredis._helpers import SimpleError
@@ -224,4 +225,5 @@ def engine_for(server: Any) -> Any:
         simple_error=SimpleError, defer=Defer, ok=OK, queued=QUEUED, no_reply=NO_REPLY, pong=PONG,
         wrongtype=WRONGTYPE, not_a_float=NOT_A_FLOAT, encode=encode,
         redis_double=redis_double, zadd_options=ZADD_OPTIONS, watched_changed=FastPath._changed,
-        pubsub_allowed=PUBSUB_ALLOWED, multi_nested=SimpleError("ERR MULTI calls can not be nested"))
+        pubsub_allowed=PUBSUB_ALLOWED, multi_nested=SimpleError("ERR MULTI calls can not be nested"),
+        weakset_type=weakref.WeakSet)
