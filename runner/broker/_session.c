@@ -26,9 +26,9 @@
  */
 
 static PyObject *s_authenticated, *s_pubsub, *s_db, *s_db_num, *s_dict, *s_watches, *s_values,
-    *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_discard, *s_write, *s_close,
+    *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_write, *s_close,
     *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_log_batch, *s_close_killed,
-    *s_check_kills, *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
+    *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
 static PyObject *s_byscore, *s_remove_entry, *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
     *s_on_reply, *s_schedule_expiry;
 static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat, *b_message;
@@ -350,6 +350,14 @@ struct Session {
     Buf in;               /* bytes received, not yet parsed from in_start on */
     Py_ssize_t in_start;
     Buf out;              /* replies not yet sent */
+    /* What the loop reads of the client's fakeredis socket for each command, kept between them:
+     * only a command fakeredis runs for this client changes it (AUTH, HELLO, SELECT, RESET,
+     * PSUBSCRIBE...), and it is read again after each of those (forget_sock). */
+    PyObject *known_sock;     /* the socket it is of (borrowed: compared, never used); NULL: unknown */
+    PyObject *known_db, *known_db_num;
+    char known_authenticated;
+    long known_pubsub;
+    PyObject *write, *write_of; /* transport.write, bound, and the transport it is of (borrowed) */
 };
 
 enum { K_FAST = 1, K_POP, K_MULTI, K_EXEC, K_DISCARD };
@@ -364,6 +372,8 @@ typedef struct {
 } Command;
 
 #define MAX_COMMANDS 48
+#define BUCKETS 32 /* by the name's first letter (lower case) & 31 */
+#define PER_BUCKET 8
 
 struct Engine {
     PyObject_HEAD
@@ -376,9 +386,12 @@ struct Engine {
     PyObject *spare_hashes, *spare_zsets, *spare_channels; /* see take_spare */
     Py_ssize_t value_offset, expireat_offset; /* fakeredis' Item.__slots__ */
     char halted;
+    char check_kills; /* a CLIENT command ran: a CLIENT KILL may have closed someone */
     long long commands_processed;
     Command commands[MAX_COMMANDS];
     int ncommands;
+    Command *buckets[BUCKETS][PER_BUCKET]; /* the commands again, by first letter: find_command's index */
+    int bucket_sizes[BUCKETS];
 };
 
 static PyTypeObject EngineType;
@@ -491,29 +504,73 @@ new_item(Engine *e, PyObject *value) /* Item(value): through the slots, as Item.
     return item;
 }
 
+static void
+forget_sock(Session *s)
+{
+    s->known_sock = NULL;
+    Py_CLEAR(s->known_db);
+    Py_CLEAR(s->known_db_num);
+}
+
+static int
+know_sock(Session *s)
+{
+    if (s->known_sock != NULL && s->known_sock == s->sock)
+        return 0;
+    forget_sock(s);
+    if (s->sock == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a session without its socket");
+        return -1;
+    }
+    PyObject *value = PyObject_GetAttr(s->sock, s_authenticated);
+    int authenticated = value == NULL ? -1 : PyObject_IsTrue(value);
+    Py_XDECREF(value);
+    value = authenticated < 0 ? NULL : PyObject_GetAttr(s->sock, s_pubsub);
+    long pubsub = value == NULL ? -1 : PyLong_AsLong(value);
+    Py_XDECREF(value);
+    if (pubsub == -1 && (PyErr_Occurred() || authenticated < 0))
+        return -1;
+    PyObject *db = PyObject_GetAttr(s->sock, s_db);
+    PyObject *db_num = db == NULL ? NULL : PyObject_GetAttr(s->sock, s_db_num);
+    if (db_num == NULL || !PyLong_Check(db_num)) {
+        if (db_num != NULL)
+            PyErr_SetString(PyExc_TypeError, "the socket's _db_num is not an int");
+        Py_XDECREF(db);
+        Py_XDECREF(db_num);
+        return -1;
+    }
+    s->known_db = db;
+    s->known_db_num = db_num;
+    s->known_authenticated = (char)authenticated;
+    s->known_pubsub = pubsub;
+    s->known_sock = s->sock;
+    return 0;
+}
+
 /* the client's database and its dict (new references) */
 static int
-database(PyObject *sock, PyObject **db, PyObject **dict)
+database(Session *s, PyObject **db, PyObject **dict)
 {
-    *dict = NULL;
-    *db = PyObject_GetAttr(sock, s_db);
-    if (*db == NULL)
+    *db = *dict = NULL;
+    if (know_sock(s) < 0)
         return -1;
-    *dict = PyObject_GetAttr(*db, s_dict);
+    *dict = PyObject_GetAttr(s->known_db, s_dict);
     if (*dict == NULL || !PyDict_Check(*dict)) {
         if (*dict != NULL)
             PyErr_SetString(PyExc_TypeError, "the database's _dict is not a dict");
-        Py_CLEAR(*db);
         Py_CLEAR(*dict);
         return -1;
     }
+    *db = s->known_db;
+    Py_INCREF(*db);
     return 0;
 }
 
 /* FastPath._wrote + EmbeddedBroker.wrote: watchers told, parked clients woken, the write logged */
 static int
-wrote(Engine *e, PyObject *sock, PyObject *db, PyObject *command, PyObject *key)
+wrote(Engine *e, Session *s, PyObject *db, PyObject *command, PyObject *key)
 {
+    PyObject *sock = s->sock;
     PyObject *watches = PyObject_GetAttr(db, s_watches);
     if (watches == NULL)
         return -1;
@@ -529,9 +586,10 @@ wrote(Engine *e, PyObject *sock, PyObject *db, PyObject *command, PyObject *key)
     }
     if (PyDict_GET_SIZE(e->waiting) == 0 && e->aof == Py_None)
         return 0;
-    PyObject *number = PyObject_GetAttr(sock, s_db_num);
-    if (number == NULL)
+    if (know_sock(s) < 0)
         return -1;
+    PyObject *number = s->known_db_num;
+    Py_INCREF(number);
     int rc = 0;
     if (PyDict_GET_SIZE(e->waiting)) {
         PyObject *waited = PyTuple_Pack(2, number, key);
@@ -672,7 +730,7 @@ c_get(Engine *e, Session *s, PyObject *sock, PyObject *command)
     if (NARGS(command) != 2)
         return defer();
     PyObject *db, *dict, *item, *result = NULL;
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     if (lookup(e, dict, ARG(command, 1), &item) == 0) {
         if (item == NULL)
@@ -709,16 +767,16 @@ schedule_expiry(PyObject *db, PyObject *dict, PyObject *key, PyObject *at)
 
 /* FastPath._store */
 static PyObject *
-store(Engine *e, PyObject *sock, PyObject *command, PyObject *key, PyObject *value, int expires, double seconds)
+store(Engine *e, Session *s, PyObject *sock, PyObject *command, PyObject *key, PyObject *value, int expires, double seconds)
 {
     PyObject *db, *dict, *item = NULL, *result = NULL, *logged = NULL, *when = NULL;
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     item = new_item(e, value);
     if (item == NULL)
         goto done;
     if (!expires) {
-        if (PyDict_SetItem(dict, key, item) < 0 || wrote(e, sock, db, command, key) < 0)
+        if (PyDict_SetItem(dict, key, item) < 0 || wrote(e, s, db, command, key) < 0)
             goto done;
     }
     else {
@@ -743,7 +801,7 @@ store(Engine *e, PyObject *sock, PyObject *command, PyObject *key, PyObject *val
             Py_INCREF(parts[i]);
             PyList_SET_ITEM(logged, i, parts[i]);
         }
-        if (wrote(e, sock, db, logged, key) < 0)
+        if (wrote(e, s, db, logged, key) < 0)
             goto done;
     }
     result = new_ref(e->ok);
@@ -760,14 +818,14 @@ static PyObject *
 c_set(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) == 3)
-        return store(e, sock, command, ARG(command, 1), ARG(command, 2), 0, 0);
+        return store(e, s, sock, command, ARG(command, 1), ARG(command, 2), 0, 0);
     if (NARGS(command) == 5) {
         int ex = equals_lower(ARG(command, 3), "ex"), px = equals_lower(ARG(command, 3), "px");
         if (ex || px) {
             long long amount = positive_int(ARG(command, 4));
             if (amount < 0)
                 return defer();
-            return store(e, sock, command, ARG(command, 1), ARG(command, 2), 1,
+            return store(e, s, sock, command, ARG(command, 1), ARG(command, 2), 1,
                          ex ? (double)amount : (double)amount / 1000);
         }
     }
@@ -782,18 +840,18 @@ c_setex(Engine *e, Session *s, PyObject *sock, PyObject *command)
     long long amount = positive_int(ARG(command, 2));
     if (amount < 0)
         return defer();
-    return store(e, sock, command, ARG(command, 1), ARG(command, 3), 1, (double)amount);
+    return store(e, s, sock, command, ARG(command, 1), ARG(command, 3), 1, (double)amount);
 }
 
 /* FastPath._push */
 static PyObject *
-push(Engine *e, PyObject *sock, PyObject *command, int left)
+push(Engine *e, Session *s, PyObject *sock, PyObject *command, int left)
 {
     Py_ssize_t n = NARGS(command);
     if (n < 3)
         return defer();
     PyObject *db, *dict, *item, *key = ARG(command, 1), *result = NULL;
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     if (lookup(e, dict, key, &item) < 0)
         goto done;
@@ -835,7 +893,7 @@ push(Engine *e, PyObject *sock, PyObject *command, int left)
         for (Py_ssize_t i = 2; i < n && rc == 0; i++)
             rc = PyList_Append(list, ARG(command, i));
     }
-    if (rc == 0 && wrote(e, sock, db, command, key) == 0)
+    if (rc == 0 && wrote(e, s, db, command, key) == 0)
         result = PyLong_FromSsize_t(PyList_GET_SIZE(list));
     Py_DECREF(list);
 done:
@@ -844,8 +902,8 @@ done:
     return result;
 }
 
-static PyObject *c_lpush(Engine *e, Session *s, PyObject *sock, PyObject *command) { return push(e, sock, command, 1); }
-static PyObject *c_rpush(Engine *e, Session *s, PyObject *sock, PyObject *command) { return push(e, sock, command, 0); }
+static PyObject *c_lpush(Engine *e, Session *s, PyObject *sock, PyObject *command) { return push(e, s, sock, command, 1); }
+static PyObject *c_rpush(Engine *e, Session *s, PyObject *sock, PyObject *command) { return push(e, s, sock, command, 0); }
 
 /* FastPath._pop: 1 and *value (new) popped, 0 no list, 2 not a list, -1 error */
 static int
@@ -881,7 +939,7 @@ pop(Engine *e, PyObject *dict, PyObject *key, int left, PyObject **value)
 
 /* FastPath._blocking_pop: [key, value], None (the server parks the client), WRONGTYPE */
 static PyObject *
-blocking_pop(Engine *e, PyObject *sock, PyObject *command, int left)
+blocking_pop(Engine *e, Session *s, PyObject *sock, PyObject *command, int left)
 {
     Py_ssize_t n = NARGS(command);
     if (n < 3)
@@ -898,7 +956,7 @@ blocking_pop(Engine *e, PyObject *sock, PyObject *command, int left)
     if (!(seconds >= 0) || isinf(seconds))
         return defer();
     PyObject *db, *dict, *result = NULL;
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     for (Py_ssize_t i = 1; i < n - 1; i++) {
         PyObject *key = ARG(command, i), *value;
@@ -920,7 +978,7 @@ blocking_pop(Engine *e, PyObject *sock, PyObject *command, int left)
             PyList_SET_ITEM(logged, 0, left ? b_lpop : b_rpop);
             Py_INCREF(key);
             PyList_SET_ITEM(logged, 1, key);
-            int rc = wrote(e, sock, db, logged, key);
+            int rc = wrote(e, s, db, logged, key);
             Py_DECREF(logged);
             if (rc < 0) {
                 Py_DECREF(value);
@@ -944,8 +1002,8 @@ done:
     return result;
 }
 
-static PyObject *c_brpop(Engine *e, Session *s, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 0); }
-static PyObject *c_blpop(Engine *e, Session *s, PyObject *sock, PyObject *command) { return blocking_pop(e, sock, command, 1); }
+static PyObject *c_brpop(Engine *e, Session *s, PyObject *sock, PyObject *command) { return blocking_pop(e, s, sock, command, 0); }
+static PyObject *c_blpop(Engine *e, Session *s, PyObject *sock, PyObject *command) { return blocking_pop(e, s, sock, command, 1); }
 
 /* FastPath._hash: 1 and *item (new) with due field TTLs applied, 0 none, 2 WRONGTYPE, -1 error */
 static int
@@ -1055,7 +1113,7 @@ c_hset(Engine *e, Session *s, PyObject *sock, PyObject *command)
     if (n < 4 || n % 2)
         return defer();
     PyObject *db, *dict, *item, *fields = NULL, *expirations = NULL, *result = NULL;
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     int got = hash_item(e, dict, ARG(command, 1), 1, &item);
     if (got < 0)
@@ -1074,7 +1132,7 @@ c_hset(Engine *e, Session *s, PyObject *sock, PyObject *command)
             else
                 rc = PyDict_SetItem(fields, ARG(command, at), ARG(command, at + 1));
         }
-        if (rc == 0 && wrote(e, sock, db, command, ARG(command, 1)) == 0)
+        if (rc == 0 && wrote(e, s, db, command, ARG(command, 1)) == 0)
             result = PyLong_FromSsize_t(PyDict_GET_SIZE(fields) - before);
     }
     Py_DECREF(item);
@@ -1093,7 +1151,7 @@ c_hdel(Engine *e, Session *s, PyObject *sock, PyObject *command)
     if (n < 3)
         return defer();
     PyObject *db, *dict, *item, *fields = NULL, *expirations = NULL, *result = NULL;
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     int got = hash_item(e, dict, ARG(command, 1), 0, &item);
     if (got < 0)
@@ -1119,7 +1177,7 @@ c_hdel(Engine *e, Session *s, PyObject *sock, PyObject *command)
             rc = PyDict_DelItem(dict, ARG(command, 1));
         }
         if (rc == 0 && removed)
-            rc = wrote(e, sock, db, command, ARG(command, 1));
+            rc = wrote(e, s, db, command, ARG(command, 1));
         if (rc == 0)
             result = PyLong_FromLong(removed);
     }
@@ -1212,7 +1270,7 @@ c_zadd(Engine *e, Session *s, PyObject *sock, PyObject *command)
         if (scores[p] == -1.0 && PyErr_Occurred())
             goto done;
     }
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         goto done;
     PyObject *key = ARG(command, 1), *item;
     if (lookup(e, dict, key, &item) < 0)
@@ -1279,7 +1337,7 @@ c_zadd(Engine *e, Session *s, PyObject *sock, PyObject *command)
     }
     Py_XDECREF(byscore);
     Py_DECREF(zset);
-    if (rc == 0 && wrote(e, sock, db, command, key) == 0)
+    if (rc == 0 && wrote(e, s, db, command, key) == 0)
         result = PyLong_FromLong(added);
 done:
     PyMem_Free(scores);
@@ -1296,7 +1354,7 @@ c_zrem(Engine *e, Session *s, PyObject *sock, PyObject *command)
     if (n < 3)
         return defer();
     PyObject *db, *dict, *item, *zset = NULL, *bylex = NULL, *byscore = NULL, *result = NULL, *key = ARG(command, 1);
-    if (database(sock, &db, &dict) < 0)
+    if (database(s, &db, &dict) < 0)
         return NULL;
     if (lookup(e, dict, key, &item) < 0)
         goto done;
@@ -1344,7 +1402,7 @@ c_zrem(Engine *e, Session *s, PyObject *sock, PyObject *command)
         if (PyDict_DelItem(dict, key) < 0)
             goto done;
     }
-    if (removed && wrote(e, sock, db, command, key) < 0)
+    if (removed && wrote(e, s, db, command, key) < 0)
         goto done;
     result = PyLong_FromLong(removed);
 done:
@@ -1387,17 +1445,6 @@ session_of(PyObject *sock)
     }
     Py_DECREF(on_reply);
     return target;
-}
-
-static int
-pubsub_count(PyObject *sock, long *count)
-{
-    PyObject *value = PyObject_GetAttr(sock, s_pubsub);
-    if (value == NULL)
-        return -1;
-    *count = PyLong_AsLong(value);
-    Py_DECREF(value);
-    return (*count == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
 static int
@@ -1628,9 +1675,9 @@ c_subscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) < 2)
         return defer();
-    long count;
-    if (pubsub_count(sock, &count) < 0)
+    if (know_sock(s) < 0)
         return NULL;
+    long count = s->known_pubsub;
     PyObject *subscribers = PyObject_GetAttr(e->core, s_subscribers);
     if (subscribers == NULL)
         return NULL;
@@ -1665,6 +1712,7 @@ c_subscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
             Py_XDECREF(reference);
             if (rc == 0)
                 rc = set_pubsub_count(sock, ++count);
+            s->known_pubsub = count;
         }
         if (rc == 0)
             rc = put_push(&s->out, s->protocol, "subscribe", channel, NULL, count);
@@ -1684,9 +1732,9 @@ c_unsubscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
 {
     if (NARGS(command) < 2)
         return defer(); /* from every channel: fakeredis works out which */
-    long count;
-    if (pubsub_count(sock, &count) < 0)
+    if (know_sock(s) < 0)
         return NULL;
+    long count = s->known_pubsub;
     PyObject *subscribers = PyObject_GetAttr(e->core, s_subscribers);
     if (subscribers == NULL)
         return NULL;
@@ -1713,6 +1761,7 @@ c_unsubscribe(Engine *e, Session *s, PyObject *sock, PyObject *command)
                 }
                 if (rc == 0)
                     rc = set_pubsub_count(sock, --count);
+                s->known_pubsub = count;
             }
             Py_XDECREF(data);
             Py_DECREF(subs);
@@ -1766,6 +1815,7 @@ static int
 Engine_clear(Engine *e)
 {
     e->ncommands = 0; /* their Python handlers are borrowed from `handlers` */
+    memset(e->bucket_sizes, 0, sizeof e->bucket_sizes);
     Py_CLEAR(e->server); Py_CLEAR(e->core); Py_CLEAR(e->aof); Py_CLEAR(e->dirty); Py_CLEAR(e->parked);
     Py_CLEAR(e->touched); Py_CLEAR(e->waiting); Py_CLEAR(e->handlers); Py_CLEAR(e->item_type);
     Py_CLEAR(e->hash_type); Py_CLEAR(e->zset_type); Py_CLEAR(e->push_type); Py_CLEAR(e->simple_string);
@@ -1811,7 +1861,13 @@ add_command(Engine *e, const char *name, Py_ssize_t len, int kind, native_fn nat
         PyErr_Format(PyExc_ValueError, "too many fast commands, or too long a name (%s)", name);
         return -1;
     }
+    int bucket = (name[0] | 0x20) & (BUCKETS - 1);
+    if (len == 0 || e->bucket_sizes[bucket] >= PER_BUCKET) {
+        PyErr_Format(PyExc_ValueError, "no room for the fast command %s", name);
+        return -1;
+    }
     Command *c = &e->commands[e->ncommands++];
+    e->buckets[bucket][e->bucket_sizes[bucket]++] = c;
     memcpy(c->name, name, len);
     c->name[len] = 0;
     c->len = len;
@@ -1903,15 +1959,18 @@ static Command *
 find_command(Engine *e, PyObject *raw)
 {
     Py_ssize_t len = PyBytes_GET_SIZE(raw);
-    if (len >= MAX_NAME)
+    if (len == 0 || len >= MAX_NAME)
         return NULL;
-    char name[MAX_NAME];
     const char *s = PyBytes_AS_STRING(raw);
-    for (Py_ssize_t i = 0; i < len; i++)
-        name[i] = (s[i] >= 'A' && s[i] <= 'Z') ? s[i] + 32 : s[i];
-    for (int i = 0; i < e->ncommands; i++) {
-        Command *c = &e->commands[i];
-        if (c->len == len && memcmp(c->name, name, len) == 0)
+    int bucket = (s[0] | 0x20) & (BUCKETS - 1);
+    for (int i = 0; i < e->bucket_sizes[bucket]; i++) {
+        Command *c = e->buckets[bucket][i];
+        if (c->len != len)
+            continue;
+        Py_ssize_t at = 0;
+        while (at < len && ((s[at] >= 'A' && s[at] <= 'Z') ? s[at] + 32 : s[at]) == c->name[at])
+            at++;
+        if (at == len)
             return c;
     }
     return NULL;
@@ -1921,6 +1980,7 @@ static PyObject *Engine_after_batch(Engine *e, PyObject *unused);
 
 static PyMemberDef Engine_members[] = {
     {"halted", T_BOOL, offsetof(Engine, halted), 0, "writes refused: the log cannot be written"},
+    {"check_kills", T_BOOL, offsetof(Engine, check_kills), 0, "after the batch, close the clients CLIENT KILL marked"},
     {"commands_processed", T_LONGLONG, offsetof(Engine, commands_processed), READONLY, NULL},
     {NULL},
 };
@@ -2252,17 +2312,6 @@ finish_fast_multi(Engine *e, Session *s, int kind)
     return rc;
 }
 
-static int
-attribute_true(PyObject *object, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(object, name);
-    if (value == NULL)
-        return -1;
-    int truth = PyObject_IsTrue(value);
-    Py_DECREF(value);
-    return truth;
-}
-
 /* PySession.process: run the complete commands received, until one parks this client */
 static int
 session_process(Session *s)
@@ -2312,11 +2361,7 @@ session_process(Session *s)
                 done = 1;
             }
             else if (s->fast_ready) {
-                int ok = attribute_true(sock, s_authenticated);
-                if (ok > 0) {
-                    int pubsub = attribute_true(sock, s_pubsub);
-                    ok = pubsub < 0 ? -1 : (!pubsub || c->pubsub_ok);
-                }
+                int ok = know_sock(s) < 0 ? -1 : s->known_authenticated && (!s->known_pubsub || c->pubsub_ok);
                 if (ok < 0)
                     rc = -1;
                 else if (ok) {
@@ -2344,11 +2389,7 @@ session_process(Session *s)
             done = 1;
         }
         else if (c != NULL && (c->kind == K_MULTI || c->kind == K_POP) && IS_NONE(s->fast_multi) && s->fast_ready) {
-            int ok = attribute_true(sock, s_authenticated);
-            if (ok > 0) {
-                int pubsub = attribute_true(sock, s_pubsub);
-                ok = pubsub < 0 ? -1 : !pubsub;
-            }
+            int ok = know_sock(s) < 0 ? -1 : s->known_authenticated && !s->known_pubsub;
             if (ok < 0)
                 rc = -1;
             else if (ok && c->kind == K_MULTI && NARGS(command) == 1) {
@@ -2385,6 +2426,7 @@ session_process(Session *s)
         }
         if (rc == 0 && !done) {
             PyObject *r = PyObject_CallMethodObjArgs(e->server, s_execute, (PyObject *)s, command, NULL);
+            forget_sock(s); /* fakeredis ran it: AUTH, SELECT, HELLO... */
             if (r == NULL)
                 rc = call_failed(s, command);
             Py_XDECREF(r);
@@ -2490,7 +2532,12 @@ session_flush(Session *s)
             return -1;
         s->out.len = 0;
         buf_trim(&s->out);
-        PyObject *r = PyObject_CallMethodOneArg(s->transport, s_write, data);
+        if (s->write == NULL || s->write_of != s->transport) {
+            Py_CLEAR(s->write);
+            s->write = PyObject_GetAttr(s->transport, s_write);
+            s->write_of = s->transport;
+        }
+        PyObject *r = s->write == NULL ? NULL : PyObject_CallOneArg(s->write, data);
         Py_DECREF(data);
         if (r == NULL)
             return -1;
@@ -2551,10 +2598,8 @@ Engine_after_batch(Engine *e, PyObject *unused)
             goto done;
     }
     PyDict_Clear(e->dirty);
-    int kills = attribute_true(e->server, s_check_kills);
-    if (kills < 0)
-        goto done;
-    if (kills) {
+    if (e->check_kills) {
+        e->check_kills = 0;
         PyObject *r = PyObject_CallMethodNoArgs(e->server, s_close_killed);
         if (r == NULL)
             goto done;
@@ -2582,7 +2627,8 @@ static int
 Session_traverse(Session *s, visitproc visit, void *arg)
 {
     Py_VISIT(s->server); Py_VISIT(s->engine); Py_VISIT(s->sock); Py_VISIT(s->transport);
-    Py_VISIT(s->parked); Py_VISIT(s->fast_multi);
+    Py_VISIT(s->parked); Py_VISIT(s->fast_multi); Py_VISIT(s->known_db); Py_VISIT(s->known_db_num);
+    Py_VISIT(s->write);
     return 0;
 }
 
@@ -2591,6 +2637,8 @@ Session_clear(Session *s)
 {
     Py_CLEAR(s->server); Py_CLEAR(s->engine); Py_CLEAR(s->sock); Py_CLEAR(s->transport);
     Py_CLEAR(s->parked); Py_CLEAR(s->fast_multi);
+    forget_sock(s);
+    Py_CLEAR(s->write);
     return 0;
 }
 
@@ -2654,14 +2702,14 @@ PyMODINIT_FUNC
 PyInit__session(void)
 {
     const char *names[] = {"_authenticated", "_pubsub", "_db", "_db_num", "_dict", "_watches", "_values",
-                           "_expirations", "_expiry_heap", "_expire_keys", "_bylex", "add", "discard", "write",
+                           "_expirations", "_expiry_heap", "_expire_keys", "_bylex", "add", "write",
                            "close", "execute", "park", "attempt", "failed", "_serve_parked", "log_batch",
-                           "close_killed", "check_kills", "append", "begin_group", "end_group", "value", "flush",
+                           "close_killed", "append", "begin_group", "end_group", "value", "flush",
                            NULL};
     PyObject **slots[] = {&s_authenticated, &s_pubsub, &s_db, &s_db_num, &s_dict, &s_watches, &s_values,
-                          &s_expirations, &s_expiry_heap, &s_expire_keys, &s_bylex, &s_add, &s_discard, &s_write,
+                          &s_expirations, &s_expiry_heap, &s_expire_keys, &s_bylex, &s_add, &s_write,
                           &s_close, &s_execute, &s_park, &s_attempt, &s_failed, &s_serve_parked, &s_log_batch,
-                          &s_close_killed, &s_check_kills, &s_append, &s_begin_group, &s_end_group, &s_value,
+                          &s_close_killed, &s_append, &s_begin_group, &s_end_group, &s_value,
                           &s_flush};
     for (int i = 0; names[i]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)

@@ -256,6 +256,8 @@ class EmbeddedBroker:
     def _execute_slowly(self, connection: Connection, sock: BrokerSocket, command: list[bytes], name: bytes) -> None:
         if name == b"client":
             self.check_kills = True
+            if self.engine is not None:
+                self.engine.check_kills = True  # (the compiled after_batch reads its own flag)
             for other in self.connections:  # CLIENT LIST shows each client's database, as Redis does
                 if other.sock is not None:
                     other.sock._client_info["db"] = other.sock._db_num
