@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Http, Proc, base_env, dify_local, free_port, port_open, redis_server_path, wait_until
+from tests.helpers import (
+    Http,
+    Proc,
+    base_env,
+    dify_local,
+    free_port,
+    port_open,
+    redis_server_path,
+    require_compiled_loop,
+    wait_until,
+)
 
 
 @dataclass
@@ -77,16 +87,6 @@ def read_loop(request) -> dict[str, str]:
     if request.param == "compiled":
         require_compiled_loop()
     return READ_LOOPS[request.param]
-
-
-def require_compiled_loop() -> None:
-    from runner.broker.session import compiled_session
-
-    session, why = compiled_session()
-    if session is None:
-        if os.environ.get("DIFY_LOCAL_REQUIRE_COMPILED") == "1":
-            pytest.fail(f"the broker's compiled read loop is required here (DIFY_LOCAL_REQUIRE_COMPILED=1): {why}")
-        pytest.skip(f"the broker's compiled read loop is not built: {why}")
 
 
 @pytest.fixture

@@ -187,3 +187,18 @@ class Proc:
 
 def redis_server_path() -> str | None:
     return shutil.which("redis-server")
+
+
+def require_compiled_loop() -> None:
+    """Skip without the broker's compiled read loop (runner/broker/_session.c), or fail where it
+    is required (DIFY_LOCAL_REQUIRE_COMPILED=1, as CI sets it: a build that silently fell back to
+    the Python loop would pass every test and be slower)."""
+    import pytest
+
+    from runner.broker.session import compiled_session
+
+    session, why = compiled_session()
+    if session is None:
+        if os.environ.get("DIFY_LOCAL_REQUIRE_COMPILED") == "1":
+            pytest.fail(f"the broker's compiled read loop is required here (DIFY_LOCAL_REQUIRE_COMPILED=1): {why}")
+        pytest.skip(f"the broker's compiled read loop is not built: {why}")

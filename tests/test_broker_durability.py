@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from runner.broker import aof as aof_module
 from runner.broker.aof import AppendOnlyLog
-from tests.helpers import Proc, dify_local, port_open, wait_until
+from tests.helpers import Proc, dify_local, port_open, require_compiled_loop, wait_until
 
 PASSWORD = "difyai123456"
 LISTENING = r"embedded broker \(fakeredis [\d.]+, \w+ read loop\) listening on"
@@ -644,9 +644,17 @@ def test_two_broken_tails_in_the_same_second_are_both_kept(tmp_path, monkeypatch
         assert path.read_bytes() == tail
 
 
-def test_a_failed_write_is_retried_not_dropped(tmp_path, monkeypatch):
+@pytest.fixture(params=["compiled", "python"])
+def log_buffer_kind(request) -> bool:
+    """The log's buffer of each read loop: the compiled one (runner/broker/_session.c) and aof.LogBuffer."""
+    if request.param == "compiled":
+        require_compiled_loop()
+    return request.param == "compiled"
+
+
+def test_a_failed_write_is_retried_not_dropped(tmp_path, monkeypatch, log_buffer_kind):
     """A full disk (ENOSPC) must not kill the writer thread nor lose the writes waiting for it."""
-    log = AppendOnlyLog(tmp_path)
+    log = AppendOnlyLog(tmp_path, compiled=log_buffer_kind)
     log.load(lambda db, command: True)
     real_write, failures = os.write, []
 
@@ -662,9 +670,7 @@ def test_a_failed_write_is_retried_not_dropped(tmp_path, monkeypatch):
     log.open()
     try:
         log.append(0, [b"set", b"k", b"v"])
-        log.write_pending()
         log.append(0, [b"rpush", b"q", b"m"])
-        log.write_pending()
         wait_until(lambda: len(failures) >= 3 and log.size == len(log.path.read_bytes()) and b"q" in
                    log.path.read_bytes(), 10, "the writer to write after the disk had room again")
     finally:
@@ -673,16 +679,15 @@ def test_a_failed_write_is_retried_not_dropped(tmp_path, monkeypatch):
                                      b"*3\r\n$5\r\nrpush\r\n$1\r\nq\r\n$1\r\nm\r\n")
 
 
-def test_a_compaction_the_disk_refuses_keeps_the_full_log_and_the_writes_in_flight(tmp_path, monkeypatch):
-    log = AppendOnlyLog(tmp_path)
+def test_a_compaction_the_disk_refuses_keeps_the_full_log_and_the_writes_in_flight(tmp_path, monkeypatch,
+                                                                                  log_buffer_kind):
+    log = AppendOnlyLog(tmp_path, compiled=log_buffer_kind)
     log.load(lambda db, command: True)
     log.open()
     try:
         log.append(0, [b"set", b"k", b"1"])
-        log.write_pending()
         log.flush()
-        log.append(0, [b"set", b"k", b"2"])
-        log.write_pending()  # handed to the writer, not yet in the file
+        log.append(0, [b"set", b"k", b"2"])  # in the buffer, not yet in the file
         real_open = os.open
 
         def refusing_open(path, *args, **kwargs):

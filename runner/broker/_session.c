@@ -27,9 +27,9 @@
 
 static PyObject *s_authenticated, *s_pubsub, *s_db, *s_db_num, *s_dict, *s_watches, *s_values,
     *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_write, *s_close,
-    *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_log_batch, *s_close_killed,
+    *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_follow_log_health, *s_close_killed,
     *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
-static PyObject *s_byscore, *s_remove_entry, *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
+static PyObject *s_error, *s_byscore, *s_remove_entry, *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
     *s_on_reply, *s_schedule_expiry;
 static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat, *b_message;
 static PyObject *heappush; /* _heapq.heappush */
@@ -276,12 +276,6 @@ LogBuffer_clear(LogBuffer *lb, PyObject *unused)
 }
 
 static PyObject *
-LogBuffer_get_pending(LogBuffer *lb, void *unused)
-{
-    return PyBool_FromLong(lb->parts.len > 0);
-}
-
-static PyObject *
 LogBuffer_get_db(LogBuffer *lb, void *unused)
 {
     if (lb->db < 0)
@@ -317,7 +311,6 @@ static PyMethodDef LogBuffer_methods[] = {
 };
 
 static PyGetSetDef LogBuffer_getset[] = {
-    {"pending", (getter)LogBuffer_get_pending, NULL, NULL, NULL},
     {"db", (getter)LogBuffer_get_db, (setter)LogBuffer_set_db, NULL, NULL},
     {NULL},
 };
@@ -2575,11 +2568,18 @@ Engine_after_batch(Engine *e, PyObject *unused)
         if (PySet_Clear(e->touched) < 0)
             goto done;
     }
-    if (e->aof != Py_None && (e->log == NULL || e->log->parts.len > 0)) {
-        PyObject *r = PyObject_CallMethodNoArgs(e->server, s_log_batch);
-        if (r == NULL)
+    if (e->aof != Py_None) { /* the log's health (the writer thread takes the writes from its buffer) */
+        PyObject *error = PyObject_GetAttr(e->aof, s_error);
+        int failing = error == NULL ? -1 : PyObject_IsTrue(error);
+        Py_XDECREF(error);
+        if (failing < 0)
             goto done;
-        Py_DECREF(r);
+        if (failing != e->halted) {
+            PyObject *r = PyObject_CallMethodNoArgs(e->server, s_follow_log_health);
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+        }
     }
     PyObject *connection, *ignored;
     Py_ssize_t position = 0;
@@ -2703,12 +2703,12 @@ PyInit__session(void)
 {
     const char *names[] = {"_authenticated", "_pubsub", "_db", "_db_num", "_dict", "_watches", "_values",
                            "_expirations", "_expiry_heap", "_expire_keys", "_bylex", "add", "write",
-                           "close", "execute", "park", "attempt", "failed", "_serve_parked", "log_batch",
+                           "close", "execute", "park", "attempt", "failed", "_serve_parked", "_follow_log_health",
                            "close_killed", "append", "begin_group", "end_group", "value", "flush",
                            NULL};
     PyObject **slots[] = {&s_authenticated, &s_pubsub, &s_db, &s_db_num, &s_dict, &s_watches, &s_values,
                           &s_expirations, &s_expiry_heap, &s_expire_keys, &s_bylex, &s_add, &s_write,
-                          &s_close, &s_execute, &s_park, &s_attempt, &s_failed, &s_serve_parked, &s_log_batch,
+                          &s_close, &s_execute, &s_park, &s_attempt, &s_failed, &s_serve_parked, &s_follow_log_health,
                           &s_close_killed, &s_append, &s_begin_group, &s_end_group, &s_value,
                           &s_flush};
     for (int i = 0; names[i]; i++)
@@ -2717,7 +2717,8 @@ PyInit__session(void)
     if (intern_all(EMPTY_HASH_NAMES, EMPTY_HASH) < 0 || intern_all(EMPTY_ZSET_NAMES, EMPTY_ZSET) < 0
         || intern_all(EMPTY_CHANNEL_NAMES, EMPTY_CHANNEL) < 0)
         return NULL;
-    if ((s_byscore = PyUnicode_InternFromString("_byscore")) == NULL
+    if ((s_error = PyUnicode_InternFromString("error")) == NULL
+        || (s_byscore = PyUnicode_InternFromString("_byscore")) == NULL
         || (s_remove_entry = PyUnicode_InternFromString("remove")) == NULL)
         return NULL;
     const char *more[] = {"subscribers", "psubscribers", "data", "_pending_removals", "_commit_removals", "_remove",

@@ -1,8 +1,8 @@
 """The embedded broker's append-only log: every write, in the order it took effect.
 
-The event loop encodes each write as it takes effect (`LogBuffer`: compiled in the broker's read
-loop where that is built) and hands each batch's bytes over (one list, one lock); a writer thread
-writes them to the file every 0.1 s, and fsyncs it every second: Redis' `appendfsync
+The event loop encodes each write as it takes effect, into a `LogBuffer` (compiled in the broker's
+read loop where that is built); a writer thread takes what is there every 0.1 s, writes it to the
+file, and fsyncs it every second: Redis' `appendfsync
 everysec` promise, at most about a second of writes lost if the broker or the machine dies. Doing
 the file work off the loop keeps it off every client's round trip. When the file has doubled since
 it was last compacted, it is rewritten as the few commands that rebuild the current data.
@@ -124,24 +124,28 @@ EXEC = pack_command((b"exec",))
 
 
 class LogBuffer:
-    """The writes of the loop's current batch, encoded as the file holds them, with the SELECTs
-    they need and MULTI/EXEC around a group of several (a transaction's or a script's). The
-    loop's alone. `_session.LogBuffer` is the same in C: the compiled read loop appends to it
-    without a Python call per write."""
+    """Writes not yet taken by the writer thread, encoded as the file holds them, with the SELECTs
+    they need and MULTI/EXEC around a group of several (a transaction's or a script's). The loop
+    appends; the writer takes. `_session.LogBuffer` is the same in C, for the compiled read loop
+    (which appends to it without a Python call per write); each of its calls holds the GIL
+    throughout, which is its lock. This one has a lock of its own."""
 
     def __init__(self) -> None:
         self.db: int | None = None  # the database the log's next command runs on (None: it states it)
         self._parts: list[bytes] = []
         self._group: list[bytes] | None = None  # a group's writes, kept together
         self._group_writes = 0
+        self._lock = threading.Lock()  # the loop's appends against the writer's take
 
     def append(self, db: int, command: list[bytes]) -> None:
-        target = self._group if self._group is not None else self._parts
-        if db != self.db:
-            target.append(pack_command((b"select", b"%d" % db)))
-            self.db = db
-        target.append(pack_command(tuple(command)))
-        self._group_writes += 1
+        encoded = pack_command(tuple(command))
+        with self._lock:
+            target = self._group if self._group is not None else self._parts
+            if db != self.db:
+                target.append(pack_command((b"select", b"%d" % db)))
+                self.db = db
+            target.append(encoded)
+            self._group_writes += 1
 
     def begin_group(self) -> None:
         self._group = []
@@ -153,19 +157,18 @@ class LogBuffer:
         group, self._group = self._group, None
         if self._group_writes > 1:
             group = [MULTI, *group, EXEC]
-        self._parts.extend(group)
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._parts)
+        with self._lock:
+            self._parts.extend(group)
 
     def take(self) -> bytes:
-        """Everything appended since the last take, as one piece."""
-        parts, self._parts = self._parts, []
+        """Everything appended (whole groups only) since the last take, as one piece."""
+        with self._lock:
+            parts, self._parts = self._parts, []
         return b"".join(parts)
 
     def clear(self) -> None:
-        self._parts = []
+        with self._lock:
+            self._parts = []
 
 
 def log_buffer(compiled: bool) -> "LogBuffer":
@@ -185,10 +188,8 @@ class AppendOnlyLog:
         self.folder = folder
         self.path = folder / LOG_NAME
         self.rewrite_min_bytes = rewrite_min_bytes
-        self.buffer = log_buffer(compiled)  # this batch's writes, encoded (the loop's alone)
-        self._handed: list[bytes] = []  # batches handed to the writer, not yet in the file
+        self.buffer = log_buffer(compiled)  # writes not yet in the file, encoded
         self._unwritten = b""  # encoded writes the disk refused (the writer's alone), tried again first
-        self._hand_lock = threading.Lock()
         self._file_lock = threading.Lock()  # the file: writer thread against rewrites and close
         self._fd: int | None = None
         self._unsynced = False
@@ -291,13 +292,6 @@ class AppendOnlyLog:
     def end_group(self) -> None:
         self.buffer.end_group()
 
-    def write_pending(self) -> None:
-        """Hand the batch's writes to the writer thread (end of every batch that wrote)."""
-        data = self.buffer.take()
-        if data:
-            with self._hand_lock:
-                self._handed.append(data)
-
     def needs_rewrite(self) -> bool:
         """True once the log is rewrite_min_bytes big and has doubled since it was last compacted.
 
@@ -334,15 +328,12 @@ class AppendOnlyLog:
             self.error = ""
 
     def flush(self) -> None:
-        """Write what was handed over to the file (the kernel's). What the disk refuses is kept,
+        """Write the buffer's writes to the file (the kernel's). What the disk refuses is kept,
         to be written first next time: the file stays a prefix of the writes, in order."""
         with self._file_lock:
-            with self._hand_lock:
-                pieces, self._handed = self._handed, []
             if self._fd is None:
-                self._handed[:0] = pieces  # closed: nothing is dropped (close flushes before)
-                return
-            data = b"".join(pieces)
+                return  # closed: nothing is taken (close flushes before)
+            data = self.buffer.take()
             if self._unwritten:
                 data, self._unwritten = self._unwritten + data, b""
             if not data:
@@ -397,8 +388,6 @@ class AppendOnlyLog:
             os.fsync(fd)
             with self._file_lock:
                 os.replace(partial, self.path)
-                with self._hand_lock:
-                    self._handed = []
                 self.buffer.clear()
                 self._unwritten = b""
                 old, self._fd, fd = self._fd, fd, None
@@ -428,7 +417,6 @@ class AppendOnlyLog:
         return True
 
     def close(self) -> None:
-        self.write_pending()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)

@@ -407,18 +407,16 @@ class EmbeddedBroker:
             if self.parked:
                 self._serve_parked()
             self.touched.clear()
-        if self.aof is not None and self.aof.buffer.pending:
-            self.log_batch()
+        if self.aof is not None and bool(self.aof.error) is not self.fast.halted:
+            self._follow_log_health()  # (the writer thread takes the writes from the log's buffer)
         for connection in self.dirty:
             connection.flush()
         self.dirty.clear()
         if self.check_kills:
             self.close_killed()
 
-    def log_batch(self) -> None:
-        """The batch's writes to the log's writer; compaction and the log's health, which only
-        writes change (a quiet broker's sweep follows the health too)."""
-        self.aof.write_pending()
+    def check_log(self) -> None:
+        """Compaction once the log has grown enough, and the log's health (each second)."""
         if self.aof.needs_rewrite():
             self.rewrite()
         self._follow_log_health()
@@ -495,7 +493,6 @@ class EmbeddedBroker:
     def rewrite(self) -> bool:
         if self.aof is None:
             return False
-        self.aof.write_pending()
         snapshot = self.snapshot()
         if snapshot is None:
             self.rewrite_refused = "the data holds a type the log cannot compact; the full log is kept"
@@ -597,7 +594,6 @@ class EmbeddedBroker:
                 connection.transport.close()
         await self._server.wait_closed()
         if self.aof is not None:
-            self.aof.write_pending()
             self.aof.flush()  # the writer writes every 0.1 s: until then aof.size does not count the last writes
             if self.aof.size > self.aof.base_size:
                 self.rewrite()  # a compact log makes the next start quick
@@ -628,9 +624,7 @@ class EmbeddedBroker:
         """Drop keys whose time is up, as Redis' active expiry does: fakeredis only drops them when
         a command lists or counts keys, so result keys and locks nobody reads again would stay."""
         if self.aof is not None:
-            # a quiet broker notices a failed or recovered log too, and compacts a log the writer
-            # grew after the last batch that wrote
-            self.log_batch()
+            self.check_log()
         now = time.time()
         for db in self.core.dbs.values():
             if db._expiry_heap and db._expiry_heap[0][0] < now:
