@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.broker.session import compiled_session
 from tests.conftest import Project
 from tests.every_queue import run_a_task_on_every_queue
 from tests.helpers import REPO, free_port, wait_until
@@ -78,6 +79,8 @@ def test_the_binary_runs_the_stack_from_an_empty_folder(binary_project):
 
     stack = project.up()
     assert "16 queues" in stack.output and "(embedded)" in stack.output
+    if compiled_session()[0] is not None:  # built here, so the binary must carry it
+        assert "compiled read loop" in stack.output, stack.output
     run_a_task_on_every_queue(project)
 
     ps = project.run("ps")  # a second invocation of the binary, over the control socket

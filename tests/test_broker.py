@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 import time
 
 import pytest
@@ -166,3 +167,29 @@ def test_bytes_that_are_not_the_protocol_get_an_error_and_the_connection_closes(
     raw.close()
     client = redis.Redis(port=broker, password="difyai123456")
     assert client.ping()  # the broker itself goes on
+
+
+def test_without_the_compiled_loop_the_broker_says_so_and_serves_from_python(project):
+    """A machine without a C compiler installs no extension: the broker warns once at start,
+    naming why and what to do, and serves everything from the Python loop."""
+    blocked = ("import sys; sys.modules['runner.broker._session'] = None; sys.argv[0] = 'dify-local'; "
+               "from runner.cli import main; main()")
+    proc = project.start(argv=[sys.executable, "-c", blocked, "serve", "broker"])
+    warning = proc.wait_for_line(r"read loop runs in Python.*", timeout=30).group(0)
+    assert "the C extension is not built" in warning and "C compiler" in warning
+    proc.wait_for_line(r"Python read loop\) listening on", timeout=30)
+    client = redis.Redis(port=project.broker_port, password="difyai123456")
+    client.rpush("q", "a", "b")
+    assert client.brpop(["q"], timeout=5) == (b"q", b"b") and client.lrange("q", 0, -1) == [b"a"]
+
+
+def test_an_extension_built_for_another_interface_is_not_used(monkeypatch):
+    import types
+
+    from runner.broker import session
+
+    stale = types.ModuleType("runner.broker._session")
+    stale.API = session.API + 1
+    monkeypatch.setitem(sys.modules, "runner.broker._session", stale)
+    found, why = session.compiled_session()
+    assert found is None and "reinstall dify-local to rebuild it" in why

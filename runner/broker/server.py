@@ -34,8 +34,8 @@ from fakeredis._helpers import SimpleError, SimpleString
 
 from runner.broker.aof import AppendOnlyLog, LoadReport
 from runner.broker.core import WRITE_COMMANDS, BrokerSocket
-from runner.broker.fast import NO_REPLY, OK, QUEUED, WRONGTYPE, Defer, FastPath
-from runner.broker.resp import NULL_ARRAY, Push, encode
+from runner.broker.fast import Defer, FastPath
+from runner.broker.resp import NULL_ARRAY
 from runner.broker.session import PySession, compiled_session, engine_for
 from runner.settings.kinds import host_port, is_loopback
 from runner.settings.table import BY_NAME
@@ -577,8 +577,8 @@ class EmbeddedBroker:
         self._stopped = asyncio.Event()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            self._server = await loop.create_server(lambda: self.connection_class(self), self.host, self.port, family=family,
-                                                    reuse_address=True)
+            self._server = await loop.create_server(lambda: self.connection_class(self), self.host, self.port,
+                                                    family=family, reuse_address=True)
         except OSError as error:
             raise BrokerStartError(self._bind_error(error)) from None
         if self.aof is not None:
