@@ -7,7 +7,11 @@ log against redis-server's, both fsynced every second) and memory only (`--no-pe
 redis-server without persistence). Rounds alternate which broker goes first; each pairing's figure
 is the median of its per-round ratios embedded / real (target: at least 0.9× for both).
 
-    .venv/bin/python bench/broker.py [--tasks 2000] [--rounds 5] [--pairing durable|memory|both]
+The embedded broker runs its compiled read loop (runner/broker/_session.c) where it is built;
+`--read-loop python` measures the Python one it mirrors (DIFY_LOCAL_BROKER_COMPILED=false).
+
+    .venv/bin/python bench/broker.py [--tasks 2000] [--rounds 7] [--pairing durable|memory|both]
+                                     [--read-loop compiled|python]
 """
 
 from __future__ import annotations
@@ -40,15 +44,20 @@ QUEUE = "celery"
 
 
 @contextmanager
-def embedded_broker(folder: str, durable: bool):
+def embedded_broker(folder: str, durable: bool, read_loop: str = "compiled"):
     import redis
 
     port = free_port()
     argv = [str(BIN / "dify-local"), "serve", "broker", "--port", str(port), "--password", PASSWORD,
             *([] if durable else ["--no-persist"])]
-    with process(argv, Path(folder), env(DIFY_LOCAL_STATE_DIR=folder)) as proc:
+    compiled = "true" if read_loop == "compiled" else "false"
+    with process(argv, Path(folder), env(DIFY_LOCAL_STATE_DIR=folder, DIFY_LOCAL_BROKER_COMPILED=compiled)) as proc:
         client = redis.Redis(port=port, password=PASSWORD)
         wait_for_ping(client, 30, "the embedded broker")
+        running = client.info("server").get("read_loop")
+        if running != read_loop:  # (the compiled one asked for but not built)
+            raise SystemExit(f"bench: the embedded broker runs its {running} read loop, not the {read_loop} one "
+                             "(is the C extension built? reinstall with a C compiler: ./dev)")
         yield f"redis://:{PASSWORD}@127.0.0.1:{port}", client, proc.pid
 
 
@@ -74,16 +83,16 @@ def one_round(url: str, client, server_pid: int, tasks: int) -> tuple[float, flo
     return rate, server_cpu
 
 
-def pairing(durable: bool, tasks: int, rounds: int) -> float:
+def pairing(durable: bool, tasks: int, rounds: int, read_loop: str) -> float:
     """One like-for-like pairing; prints each round and returns the median ratio."""
     rates: dict[str, list[float]] = {"embedded": [], "redis-server": []}
     cpu: dict[str, list[float]] = {"embedded": [], "redis-server": []}
-    with tempfile.TemporaryDirectory() as folder, embedded_broker(folder, durable) as embedded, \
+    with tempfile.TemporaryDirectory() as folder, embedded_broker(folder, durable, read_loop) as embedded, \
             real_broker(durable) as real:
         what = ("durable: append-only logs fsynced every second (embedded default; redis-server "
                 "--appendonly yes --appendfsync everysec)" if durable else
                 "memory only: embedded --no-persist; redis-server --save '' --appendonly no")
-        print(f"{what}; redis-server {real[3]}")
+        print(f"{what}; embedded: {read_loop} read loop; redis-server {real[3]}")
         brokers = {"embedded": embedded, "redis-server": real[:3]}
         for number in range(1, rounds + 1):
             order = list(brokers.items()) if number % 2 else list(reversed(brokers.items()))
@@ -104,8 +113,10 @@ def pairing(durable: bool, tasks: int, rounds: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--pairing", choices=("durable", "memory", "both"), default="both")
+    parser.add_argument("--read-loop", choices=("compiled", "python"), default="compiled",
+                        help="the embedded broker's read loop (default: the compiled one)")
     options = parser.parse_args()
     print(f"broker: {options.tasks} trivial tasks, plain celery worker threads ×4, results on the same server, "
           f"{options.rounds} rounds per pairing")
@@ -113,7 +124,7 @@ def main() -> None:
     for durable in (True, False):
         label = "durable" if durable else "memory"
         if options.pairing in (label, "both"):
-            ratios[label] = pairing(durable, options.tasks, options.rounds)
+            ratios[label] = pairing(durable, options.tasks, options.rounds, options.read_loop)
     summary = ", ".join(f"{label} {ratio:.3f}×" for label, ratio in ratios.items())  # 0.899 must not read 0.90
     lowest = min(ratios.values())
     print(f"ratio embedded / redis-server: {summary} (target ≥ 0.9×) {'OK' if lowest >= 0.9 else 'BELOW TARGET'}")

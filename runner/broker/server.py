@@ -523,7 +523,9 @@ class EmbeddedBroker:
         aof = self.aof
         values = {
             "Server": {"redis_version": REDIS_VERSION, "redis_mode": "standalone", "server_name": "dify-local",
-                       "fakeredis_version": fakeredis.__version__, "process_id": os.getpid(), "tcp_port": self.port,
+                       "fakeredis_version": fakeredis.__version__,
+                       "read_loop": "compiled" if self.compiled else "python", "process_id": os.getpid(),
+                       "tcp_port": self.port,
                        "uptime_in_seconds": int(time.time() - self.started)},
             "Clients": {"connected_clients": len(self.connections), "blocked_clients": len(self.parked)},
             "Replication": {"role": "master", "connected_slaves": 0},

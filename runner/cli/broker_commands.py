@@ -92,6 +92,7 @@ def _server(facts: dict, embedded: bool) -> dict[str, Any]:
               "pid": facts.get("process_id")}
     if embedded:
         server["fakeredis_version"] = facts.get("fakeredis_version")
+        server["read_loop"] = facts.get("read_loop")
     else:
         server["role"] = facts.get("role")
     return server
@@ -150,7 +151,8 @@ def _unacked(client, key: str) -> tuple[int, dict[str, int] | None]:
 def render(report: dict[str, Any]) -> str:
     server = report["server"]
     if report["embedded"]:
-        what = f"dify-local embedded broker (fakeredis {server['fakeredis_version']}, Redis {server['redis_version']})"
+        what = (f"dify-local embedded broker (fakeredis {server['fakeredis_version']}, Redis "
+                f"{server['redis_version']}, {server['read_loop']} read loop)")
     else:
         what = f"Redis {server['redis_version']} ({server['mode']}, {server['role']})"
     clients = report["clients"]
