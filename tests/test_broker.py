@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.helpers import wait_until
+from tests.helpers import port_open, wait_until
 
 
 def read_until(raw: socket.socket, expected: bytes, timeout: float = 5) -> bytes:
@@ -193,3 +193,25 @@ def test_an_extension_built_for_another_interface_is_not_used(monkeypatch):
     monkeypatch.setitem(sys.modules, "runner.broker._session", stale)
     found, why = session.compiled_session()
     assert found is None and "reinstall dify-local to rebuild it" in why
+
+
+def test_a_command_that_fails_inside_the_broker_costs_that_command_only(project, read_loop):
+    """A fault of ours in a command (here reading a ZADD score, broken on purpose) is an error
+    reply and a logged traceback; the connection and the broker go on."""
+    broken = ("import sys; sys.argv[0] = 'dify-local'\n"
+              "import runner.broker.scores, runner.broker.fast\n"
+              "def broken(raw): raise RuntimeError('injected')\n"
+              "runner.broker.scores.redis_double = runner.broker.fast.redis_double = broken\n"
+              "from runner.cli import main; main()")
+    proc = project.start(argv=[sys.executable, "-c", broken, "serve", "broker"], env=read_loop)
+    wait_until(lambda: port_open(project.broker_port), 20, "the broker to listen")
+    client = redis.Redis(port=project.broker_port, password="difyai123456", single_connection_client=True)
+    with pytest.raises(redis.ResponseError, match="internal error in the embedded broker"):
+        client.execute_command("ZADD", "z", "1e3", "m")  # (a plain "1000" needs no reading)
+    with client.pipeline() as pipe:  # the same inside a fast-path transaction
+        pipe.set("k", "v").execute_command("ZADD", "z", "1e3", "m")
+        with pytest.raises(redis.ResponseError, match="internal error"):
+            pipe.execute()
+    assert client.ping() and client.get("k") == b"v" and client.zadd("z", {"m": 1000}) == 1
+    proc.wait_for_line(r"command b'(ZADD|EXEC)' failed", timeout=10)
+    assert "RuntimeError: injected" in proc.output

@@ -2370,7 +2370,7 @@ session_process(Session *s)
                         replied = 1;
                         done = 1;
                     }
-                    Py_DECREF(result);
+                    Py_XDECREF(result);
                 }
             }
         }
@@ -2414,7 +2414,7 @@ session_process(Session *s)
                     }
                     done = 1;
                 }
-                Py_DECREF(result);
+                Py_XDECREF(result);
             }
         }
         if (rc == 0 && !done) {
