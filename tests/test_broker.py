@@ -186,11 +186,13 @@ def test_without_the_compiled_loop_the_broker_says_so_and_serves_from_python(pro
 def test_an_extension_built_for_another_interface_is_not_used(monkeypatch):
     import types
 
+    import runner.broker
     from runner.broker import session
 
     stale = types.ModuleType("runner.broker._session")
     stale.API = session.API + 1
     monkeypatch.setitem(sys.modules, "runner.broker._session", stale)
+    monkeypatch.setattr(runner.broker, "_session", stale, raising=False)  # (imported already: the attribute)
     found, why = session.compiled_session()
     assert found is None and "reinstall dify-local to rebuild it" in why
 
