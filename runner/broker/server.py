@@ -3,9 +3,10 @@
 fakeredis' TCP server runs a thread per connection that polls its socket every 10 ms; profiled
 under Celery, three quarters of the broker's time went to that polling, and it ran Celery at
 half the speed of redis-server. This front end is one asyncio event loop for every connection:
-bytes arrive, commands run through the core (`core.BrokerSocket`) or, for Celery's hot commands,
-straight on its data (`fast.FastPath`); after each read the writes are handed to the append-only
-log and the buffered replies sent.
+bytes arrive, each client's read loop (`session.py`, compiled where it is built) runs Celery's hot
+commands straight on the core's data (`fast.FastPath`) and hands the rest to `execute`, which runs
+them through the core (`core.BrokerSocket`); every write is encoded into the append-only log's
+buffer as it takes effect, and after each read the buffered replies are sent.
 
 Blocking commands (BRPOP and kin, which Celery's workers wait on) are tried at once through the
 core; if there is nothing to pop, the client is parked on its keys and tried again when a write
@@ -397,12 +398,12 @@ class EmbeddedBroker:
                 parked.connection.process()
 
     def after_batch(self) -> None:
-        """After each read: serve the clients parked on keys it wrote, hand its writes to the log,
+        """After each read: serve the clients parked on keys it wrote, follow the log's health,
         send the replies (also to other clients: pushed messages, unparked pops).
 
         Right away rather than once per turn of the event loop: scheduling that cost a tenth of
-        the broker's time, and the writer thread batches the log's writes anyway. (The compiled
-        engine has its own copy of this, taking the same steps: see __init__.)"""
+        the broker's time. (The compiled engine has its own copy of this, taking the same steps:
+        see __init__.)"""
         if self.touched:
             if self.parked:
                 self._serve_parked()
