@@ -200,7 +200,8 @@ def compiled_session() -> tuple[type | None, str]:
     try:
         from runner.broker import _session
     except ImportError as error:
-        return None, f"the C extension is not built ({error}); a C compiler at install time builds it"
+        return None, (f"the C extension is not built ({error}); with a C compiler installed (Debian: gcc and "
+                      "python3-dev), reinstalling dify-local builds it (pip install -e . in a checkout)")
     if getattr(_session, "API", None) != API:
         return None, (f"the built C extension is for another version (API {getattr(_session, 'API', '?')}, "
                       f"this code {API}): reinstall dify-local to rebuild it")
