@@ -10,7 +10,7 @@ is the median of its per-round ratios embedded / real (target: at least 0.9× fo
 The embedded broker runs its compiled read loop (runner/broker/_session.c) where it is built;
 `--read-loop python` measures the Python one it mirrors (DIFY_LOCAL_BROKER_COMPILED=false).
 
-    .venv/bin/python bench/broker.py [--tasks 2000] [--rounds 7] [--pairing durable|memory|both]
+    .venv/bin/python bench/broker.py [--tasks 2000] [--rounds 9] [--pairing durable|memory|both]
                                      [--read-loop compiled|python]
 """
 
@@ -113,7 +113,7 @@ def pairing(durable: bool, tasks: int, rounds: int, read_loop: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--pairing", choices=("durable", "memory", "both"), default="both")
     parser.add_argument("--read-loop", choices=("compiled", "python"), default="compiled",
                         help="the embedded broker's read loop (default: the compiled one)")
