@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import socket
+import threading
 
 import pytest
 
@@ -95,6 +97,44 @@ def test_broker_down_is_503_not_500(project, api):
     assert status == 503 and "broker" in body["error"]
     status, body = api.post("/v1/tasks/send_mail_task", {"args": ["a@b.co", "s", "b"]}, timeout=60)
     assert status == 503 and "broker" in body["error"]
+
+
+class DroppingListener(threading.Thread):
+    """Stands on a port in a broker's place: accepts each connection, counts it, closes it."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.server = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self.accepted = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            self.accepted += 1
+            connection.close()
+
+
+def test_a_broker_that_drops_connections_is_asked_once_per_request(project, api):
+    """The broker's reads try once and answer 503: kombu's own retries (2 s, then 4 s) held each
+    request for six seconds and three connections."""
+    broker = project.procs[0]
+    broker.signal(signal.SIGTERM)
+    broker.wait(20)
+    listener = DroppingListener(project.broker_port)
+    listener.start()
+    try:
+        # (/v1/workers asks its four inspections at once: one connection each)
+        reads = {"/health": 1, "/v1/queues": 1, "/v1/queues?history=5": 1, "/v1/beat": 1, "/v1/workers": 4}
+        for path, connections in reads.items():
+            before = listener.accepted
+            status, body = api.get(path)
+            assert status == 503 and "broker" in str(body), (path, body)  # (/health: in its checks)
+            assert listener.accepted - before == connections, (path, listener.accepted - before)
+    finally:
+        listener.server.close()
 
 
 def test_pages_of_other_sites_cannot_change_anything_through_a_browser(api):

@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 from runner import topology
 from runner.api.openapi import errors, json_response, query
 from runner.api.validation import query_integer, query_parameters
+from runner.monitor.channel import read_channel
 from runner.monitor.queues import observed_queue_states
 from runner.monitor.workers import consumers_by_queue
 from runner.settings import mask_url
@@ -22,8 +23,8 @@ blueprint = Blueprint("status", __name__)
 def _check_broker(celery) -> dict:
     started = time.perf_counter()
     try:
-        with celery.connection_for_read() as connection:
-            connection.default_channel.client.ping()
+        with read_channel(celery) as channel:
+            channel.client.ping()
     except Exception as error:
         return {"ok": False, "url": mask_url(celery.conf.broker_url), "error": f"{type(error).__name__}: {error}"}
     return {"ok": True, "url": mask_url(celery.conf.broker_url),
@@ -74,8 +75,8 @@ def queues():
     consumers = consumers_by_queue({worker: sorted(queue["name"] for queue in queues or [])
                                     for worker, queues in consumed.items()})
     now = time.time()
-    with celery.connection_for_read() as connection:
-        states = observed_queue_states(connection.default_channel, consumers)
+    with read_channel(celery) as channel:
+        states = observed_queue_states(channel, consumers)
     body: dict = {"at": now, "sample_interval": interval, "workers_answered": len(consumed)}
     history = {}
     if minutes is not None:

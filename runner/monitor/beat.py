@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY
+from runner.monitor.channel import read_channel
 
 
 def _decoded(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -22,6 +23,6 @@ def _decoded(raw: bytes | str | None) -> dict[str, Any] | None:
 def beat_state(app) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(heartbeat, published schedule), each None when beat has not written it lately (both expire
     a minute after beat stops ticking)."""
-    with app.connection_for_read() as connection:
-        heartbeat, schedule = connection.default_channel.client.mget([BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY])
+    with read_channel(app) as channel:
+        heartbeat, schedule = channel.client.mget([BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY])
     return _decoded(heartbeat), _decoded(schedule)

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+from runner.monitor.channel import read_channel
+
 SENT_AT_HEADER = "sent_at"
 
 
@@ -40,8 +42,8 @@ def queue_depths(app, queues: Iterable[str]) -> dict[str, int]:
 
 
 def queue_states(app, queues: Iterable[str]) -> dict[str, QueueDepth]:
-    with app.connection_for_read() as connection:
-        return channel_queue_states(connection.default_channel, queues)
+    with read_channel(app) as channel:
+        return channel_queue_states(channel, queues)
 
 
 def channel_queue_depths(channel, queues: Iterable[str]) -> dict[str, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.monitor.channel import read_channel
+
 INSPECT_METHODS = ("active", "scheduled", "reserved", "registered", "stats", "ping", "active_queues")
 DEFAULT_TIMEOUT = 1.0
 POOL_NAMES = {"thread": "threads", "prefork": "prefork", "solo": "solo", "gevent": "gevent", "eventlet": "eventlet"}
@@ -28,8 +30,8 @@ def inspect(app, method: str, timeout: float = DEFAULT_TIMEOUT,
         raise ValueError(f"unknown inspect method {method!r}; one of: {', '.join(INSPECT_METHODS)}")
     limit = None  # Celery's default with a destination: as many as it names
     if not destination:
-        with app.connection_for_read() as connection:
-            limit = len(known_workers(connection.default_channel))
+        with read_channel(app) as channel:
+            limit = len(known_workers(channel))
         if limit == 0:
             return {}  # no worker is bound to the broadcast exchange: none can answer
     inspector = app.control.inspect(timeout=timeout, destination=destination, limit=limit)

@@ -1,0 +1,16 @@
+"""A channel on the app's broker for one read: the monitor's, the API's and the dashboard's."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def read_channel(app) -> Iterator:
+    """The default channel of a read connection, or kombu's OperationalError at once when the broker
+    does not answer. One attempt: kombu's own retries (2 s, then 4 s, for broker_connection_timeout)
+    held a health check, a page or a command six seconds on a broker that refused at once."""
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0)
+        yield connection.default_channel
