@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import socket
 
 import redis
 from celery import Celery
@@ -132,3 +134,24 @@ def test_wrong_or_missing_password_for_real_redis_names_the_url(project, redis_s
     none = redis_server.replace(":realredispw@", "") + "/1"
     done = project.run("broker", "info", env={"CELERY_BROKER_URL": none})
     assert_one_clear_line(done, "asks for a password", "CELERY_BROKER_URL")
+
+
+def test_client_connects_and_disconnects_are_logged_at_debug_level_only(project):
+    """The broker's own lines reach the console; a client coming and going is not one of them but
+    at LOG_LEVEL=DEBUG (Celery opens and closes connections all the time)."""
+    for level in ("INFO", "DEBUG"):
+        proc = project.serve_broker(env={"LOG_LEVEL": level})
+        with socket.create_connection(("127.0.0.1", project.broker_port), timeout=10) as client:
+            port = client.getsockname()[1]
+            client.sendall(b"AUTH difyai123456\r\nPING\r\n")
+            replies = b""
+            while replies.count(b"\r\n") < 2:
+                replies += client.recv(100)
+            assert replies == b"+OK\r\n+PONG\r\n"
+        if level == "DEBUG":
+            proc.wait_for_line(rf"client 127\.0\.0\.1:{port} disconnected", timeout=10)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "embedded broker stopped" in proc.output  # the broker's own lines, at either level
+        logged = re.search(rf"client 127\.0\.0\.1:{port} connected", proc.output)
+        assert bool(logged) == (level == "DEBUG"), (level, proc.output)
