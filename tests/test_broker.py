@@ -47,6 +47,32 @@ def test_password_is_required(broker):
     raw.close()
 
 
+UNAUTHENTICATED = [b"PING", b"INFO", b"SELECT 1", b"GET k", b'EVAL "return 1" 0', b"SUBSCRIBE ch", b"PSUBSCRIBE *",
+                   b"CLIENT LIST", b"MULTI", b"COMMAND COUNT", b"FLUSHALL", b"HELLO 3", b"HELLO 2 AUTH default wrong",
+                   b"AUTH wrong", b"QUIT"]
+
+
+def first_reply(port: int, line: bytes) -> bytes:
+    """What a new, unauthenticated connection is answered to one inline command."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(line + b"\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            data += raw.recv(1024)
+        return data
+
+
+def test_unauthenticated_clients_get_what_redis_answers(broker, redis_server):
+    """NOAUTH for every command but AUTH, HELLO … AUTH and QUIT, word for word as redis-server
+    (with requirepass) answers a client that has not authenticated."""
+    real = int(redis_server.rsplit(":", 1)[1])
+    for line in UNAUTHENTICATED:
+        ours, theirs = first_reply(broker, line), first_reply(real, line)
+        if line == b"HELLO 3":  # Redis 7.2 added "<proto>" to this text; we answer as the 7.4 we report
+            ours, theirs = ours.split(b" ")[0], theirs.split(b" ")[0]
+        assert ours == theirs, line
+
+
 def test_error_replies_keep_the_connection(broker):
     client = redis.Redis(port=broker, password="difyai123456", single_connection_client=True)
     client.set("text", "x")
