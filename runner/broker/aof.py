@@ -117,12 +117,20 @@ def _read_all(fd: int) -> bytes:
         return file.readall()
 
 
+def _link_refusal(path: Path, folder: bool = False) -> str:
+    return (f"{path} is a symbolic link: the broker never follows links in its state folder (it would "
+            "write to the file the link points at); remove the link, and the broker makes its own "
+            f"{'folder' if folder else 'file'} there")
+
+
 def _refusal(path: Path, error: OSError, folder: bool = False) -> str:
     """One line on a path of the log's that cannot be opened as what it must be, and what to do."""
-    if error.errno == errno.ELOOP:
-        return (f"{path} is a symbolic link: the broker never follows links in its state folder (it would "
-                "write to the file the link points at); remove the link, and the broker makes its own "
-                f"{'folder' if folder else 'file'} there")
+    try:
+        link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        link = False
+    if link or error.errno == errno.ELOOP:  # (Linux says ENOTDIR for a link opened O_DIRECTORY|O_NOFOLLOW)
+        return _link_refusal(path, folder)
     if folder and error.errno == errno.ENOTDIR:
         return f"{path} is not a folder: move it away, and the broker makes its own folder there"
     if error.errno == errno.EISDIR:
@@ -344,10 +352,11 @@ class AppendOnlyLog:
             found = os.stat(REWRITE_NAME, dir_fd=folder, follow_symlinks=False)
         except FileNotFoundError:
             return
+        if stat.S_ISLNK(found.st_mode):
+            raise LogRefused(_link_refusal(self.folder / REWRITE_NAME))
         if not stat.S_ISREG(found.st_mode):
-            what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a plain file"
-            raise LogRefused(f"{self.folder / REWRITE_NAME} is {what}: the broker writes its compacted log "
-                             "there and never follows links in its state folder; remove it")
+            raise LogRefused(f"{self.folder / REWRITE_NAME} is not a plain file: the broker writes its compacted "
+                             "log there; move it away")
         os.unlink(REWRITE_NAME, dir_fd=folder)
 
     def _set_aside(self, tail: bytes) -> Path:
@@ -458,8 +467,8 @@ class AppendOnlyLog:
             self._errors[what] = f"{what}: {error.strerror or error}" if error is not None else ""
             self.error = self._errors["write"] or self._errors["fsync"]
         if self.error and not was:
-            log.error("cannot %s the append-only log %s: %s; the writes are kept in memory and tried again",
-                      what, self.path, error.strerror or error)
+            log.error("cannot %s the append-only log %s (%s); the writes are kept in memory and tried again",
+                      what, self.path, self.error)
         elif was and not self.error:
             log.warning("the append-only log %s is written again (after: %s)", self.path, was)
 

@@ -621,17 +621,18 @@ class EmbeddedBroker:
         loop = self.event_loop()
         self._stopped = asyncio.Event()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        if self.aof is not None:  # before the first client can connect: its writes go to the file
+            try:
+                self.aof.open()
+            except LogRefused as error:
+                raise BrokerStartError(str(error)) from None
         try:
             self._server = await loop.create_server(lambda: self.connection_class(self), self.host, self.port,
                                                     family=family, reuse_address=True)
         except OSError as error:
+            if self.aof is not None:
+                self.aof.close()
             raise BrokerStartError(self._bind_error(error)) from None
-        if self.aof is not None:
-            try:
-                self.aof.open()
-            except LogRefused as error:
-                self._server.close()
-                raise BrokerStartError(str(error)) from None
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         self._expiry = loop.call_later(EXPIRE_INTERVAL, self._expire)
