@@ -1,8 +1,9 @@
 """Acknowledged means written (issue 16, point 3): a write's reply goes out only once the write is
 in the append-only log file (write(2); the fsync follows within a second), so kill -9 of the
 broker loses nothing it acknowledged, on both read loops, whatever way the write came: one by
-one, pipelined, in MULTI/EXEC, in a Lua script, or as the pop a parked BRPOP got when another
-client pushed. redis-server (appendonly, appendfsync everysec) runs the same for the record.
+one, pipelined, in MULTI/EXEC, in a Lua script, around compactions of the log, or as the pop a
+parked BRPOP got when another client pushed. redis-server (appendonly, appendfsync everysec) runs
+the same, for the record.
 """
 
 from __future__ import annotations
@@ -117,6 +118,20 @@ def by_script(client: redis.Redis) -> tuple[Expected, Reader]:
     return {"queue": NUMBERS, "also": NUMBERS}, lambda c: {**queue(c), "also": c.lrange("also", 0, -1)}
 
 
+def around_compactions(client: redis.Redis) -> tuple[Expected, Reader]:
+    """Pipelines with a BGREWRITEAOF in the middle: the writes before it are in the compacted log
+    (its snapshot), those after it go to the new file, none lost, none twice, in order."""
+    for start in range(0, ACKED, 500):
+        with client.pipeline(transaction=False) as pipe:
+            for n in range(start, start + 500):
+                pipe.lpush("queue", n)
+                if n % 500 == 250:
+                    pipe.bgrewriteaof()
+            replies = pipe.execute(raise_on_error=False)  # (redis-server: "already in progress", at times)
+        assert [reply for reply in replies if type(reply) is int] == list(range(start + 1, start + 501))
+    return {"queue": NUMBERS}, queue
+
+
 def parked_pops(client: redis.Redis) -> tuple[Expected, Reader]:
     """A client parked on BRPOP, woken each round by another client's transaction that pushes the
     value it pops and one that stays: the pop's effect and the push's must both be written before
@@ -141,7 +156,7 @@ def parked_pops(client: redis.Redis) -> tuple[Expected, Reader]:
 
 
 WAYS = {"one by one": one_by_one, "pipelined": pipelined, "MULTI/EXEC": in_transactions, "Lua script": by_script,
-        "parked BRPOP": parked_pops}
+        "around compactions": around_compactions, "parked BRPOP": parked_pops}
 
 
 def acknowledged_then_killed(server, way: str) -> tuple[Expected, Expected]:
