@@ -137,7 +137,7 @@ def parked_pops(client: redis.Redis) -> tuple[Expected, Reader]:
     value it pops and one that stays: the pop's effect and the push's must both be written before
     either client hears back (the pop undone would bring its value back to `wake`)."""
     popper = redis.Redis(connection_pool=redis.ConnectionPool(**client.connection_pool.connection_kwargs))
-    connection = popper.connection_pool.get_connection("BRPOP")
+    connection = popper.connection_pool.get_connection()
     popped = []
     try:
         for n in range(ROUNDS):
