@@ -3,8 +3,9 @@
  * Profiled under Celery, most of the broker's own time was the Python of its read loop and of
  * the fast path's commands (fast.py), run for every one of the ~21 commands a task costs. This is
  * the same loop, the same hot commands on the same fakeredis data, and the same end-of-batch
- * work, with the interpreter out of the way. Everything else (fakeredis' commands, parking a
- * blocked client, the append-only log's file work) is still the Python it was, called from here.
+ * work (the batch's write(2) to the append-only log included), with the interpreter out of the
+ * way. Everything else (fakeredis' commands, parking a blocked client, the log's fsync, failures
+ * and compaction) is still the Python it was, called from here.
  *
  * The Python in session.py and fast.py is the reference: each function below names the one it
  * mirrors, and tests/test_broker_fast.py runs both against redis-server reply by reply.
@@ -12,10 +13,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
-#define API 1                        /* session.API: the interface this file implements */
+#define API 2                        /* session.API: the interface this file implements */
 #define MAX_BULK (512LL * 1024 * 1024) /* Redis' proto-max-bulk-len */
 #define MAX_INLINE (64 * 1024)
 #define MAX_ARRAY (1024 * 1024)
@@ -27,8 +30,8 @@
 
 static PyObject *s_authenticated, *s_pubsub, *s_db, *s_db_num, *s_dict, *s_watches, *s_values,
     *s_expirations, *s_expiry_heap, *s_expire_keys, *s_bylex, *s_add, *s_write, *s_close,
-    *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_follow_log_health, *s_close_killed,
-    *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush;
+    *s_execute, *s_park, *s_attempt, *s_failed, *s_serve_parked, *s_close_killed,
+    *s_append, *s_begin_group, *s_end_group, *s_value, *s_flush, *s_write_log;
 static PyObject *s_error, *s_byscore, *s_remove_entry, *s_subscribers, *s_psubscribers, *s_data, *s_pending_removals, *s_commit_removals, *s_remove,
     *s_on_reply, *s_schedule_expiry;
 static PyObject *b_lpop, *b_rpop, *b_set, *b_pxat, *b_message;
@@ -132,16 +135,19 @@ buf_trim(Buf *b)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * LogBuffer: aof.LogBuffer in C, the batch's writes encoded for the append-only log
+ * LogBuffer: aof.LogBuffer in C, the batch's writes encoded for the append-only log, and written
+ * to its file at the end of the batch (Engine_after_batch, before the replies go out)
  */
 
 typedef struct {
     PyObject_HEAD
     long long db;      /* the database the log's next command runs on; -1: it must state it */
-    Buf parts;         /* the batch's writes, as the file holds them */
+    Buf parts;         /* writes not yet in the file, as the file holds them */
     Buf group;         /* a group's writes (a transaction's or a script's), kept together */
     int grouping;
     long group_writes;
+    int fd;            /* the log file's descriptor (aof.AppendOnlyLog sets it); -1: none */
+    long long written; /* bytes written to the file, ever: what the fsync thread has to cover */
 } LogBuffer;
 
 static PyTypeObject LogBufferType;
@@ -209,12 +215,46 @@ log_end_group(LogBuffer *lb)
     return rc;
 }
 
+/* everything in `parts` into the file: 0, or -1 with errno set and what was not written kept at
+ * the front of `parts` (the file stays a prefix of the writes, in order). Holds the GIL: a write to
+ * the kernel's page cache takes microseconds, and nothing else may touch the buffer meanwhile. */
+static int
+log_write(LogBuffer *lb)
+{
+    Py_ssize_t done = 0;
+    int error = 0;
+    while (done < lb->parts.len) {
+        ssize_t n = write(lb->fd, lb->parts.data + done, (size_t)(lb->parts.len - done));
+        if (n > 0) {
+            done += n;
+            lb->written += n;
+        }
+        else if (n < 0 && errno == EINTR)
+            continue;
+        else {
+            error = n < 0 ? errno : EIO; /* (0 bytes written of a regular file: never retried forever) */
+            break;
+        }
+    }
+    if (error == 0) {
+        lb->parts.len = 0;
+        buf_trim(&lb->parts);
+        return 0;
+    }
+    memmove(lb->parts.data, lb->parts.data + done, (size_t)(lb->parts.len - done));
+    lb->parts.len -= done;
+    errno = error;
+    return -1;
+}
+
 static PyObject *
 LogBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     LogBuffer *lb = (LogBuffer *)type->tp_alloc(type, 0);
-    if (lb != NULL)
+    if (lb != NULL) {
         lb->db = -1;
+        lb->fd = -1;
+    }
     return (PyObject *)lb;
 }
 
@@ -257,14 +297,11 @@ LogBuffer_end_group(LogBuffer *lb, PyObject *unused)
 }
 
 static PyObject *
-LogBuffer_take(LogBuffer *lb, PyObject *unused)
+LogBuffer_write(LogBuffer *lb, PyObject *unused)
 {
-    PyObject *data = PyBytes_FromStringAndSize(lb->parts.data ? lb->parts.data : "", lb->parts.len);
-    if (data != NULL) {
-        lb->parts.len = 0;
-        buf_trim(&lb->parts);
-    }
-    return data;
+    if (lb->parts.len && log_write(lb) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -305,13 +342,26 @@ static PyMethodDef LogBuffer_methods[] = {
     {"append", (PyCFunction)(void (*)(void))LogBuffer_append, METH_FASTCALL, NULL},
     {"begin_group", (PyCFunction)LogBuffer_begin_group, METH_NOARGS, NULL},
     {"end_group", (PyCFunction)LogBuffer_end_group, METH_NOARGS, NULL},
-    {"take", (PyCFunction)LogBuffer_take, METH_NOARGS, NULL},
+    {"write", (PyCFunction)LogBuffer_write, METH_NOARGS, NULL},
     {"clear", (PyCFunction)LogBuffer_clear, METH_NOARGS, NULL},
     {NULL},
 };
 
+static PyObject *
+LogBuffer_get_pending(LogBuffer *lb, void *unused)
+{
+    return PyLong_FromSsize_t(lb->parts.len);
+}
+
 static PyGetSetDef LogBuffer_getset[] = {
     {"db", (getter)LogBuffer_get_db, (setter)LogBuffer_set_db, NULL, NULL},
+    {"pending", (getter)LogBuffer_get_pending, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef LogBuffer_members[] = {
+    {"fd", T_INT, offsetof(LogBuffer, fd), 0, NULL},
+    {"written", T_LONGLONG, offsetof(LogBuffer, written), READONLY, NULL},
     {NULL},
 };
 
@@ -320,10 +370,11 @@ static PyTypeObject LogBufferType = {
     .tp_name = "runner.broker._session.LogBuffer",
     .tp_basicsize = sizeof(LogBuffer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "aof.LogBuffer in C: the batch's writes encoded for the append-only log.",
+    .tp_doc = "aof.LogBuffer in C: the batch's writes encoded for the append-only log, and written to it.",
     .tp_new = LogBuffer_new,
     .tp_dealloc = (destructor)LogBuffer_dealloc,
     .tp_methods = LogBuffer_methods,
+    .tp_members = LogBuffer_members,
     .tp_getset = LogBuffer_getset,
 };
 
@@ -2568,14 +2619,22 @@ Engine_after_batch(Engine *e, PyObject *unused)
         if (PySet_Clear(e->touched) < 0)
             goto done;
     }
-    if (e->aof != Py_None) { /* the log's health (the writer thread takes the writes from its buffer) */
-        PyObject *error = PyObject_GetAttr(e->aof, s_error);
-        int failing = error == NULL ? -1 : PyObject_IsTrue(error);
-        Py_XDECREF(error);
-        if (failing < 0)
-            goto done;
-        if (failing != e->halted) {
-            PyObject *r = PyObject_CallMethodNoArgs(e->server, s_follow_log_health);
+    if (e->aof != Py_None) {
+        /* The batch's writes into the log file before any reply goes out (EmbeddedBroker.write_log):
+         * here in the usual case, one write(2); in Python while the log is failing, or if this write
+         * fails (it is tried again there, and the replies waiting on it are held back). */
+        LogBuffer *lb = e->log;
+        int slow = lb == NULL || e->halted || lb->fd < 0 || (lb->parts.len && log_write(lb) < 0);
+        if (!slow) { /* the log's health, which the fsync thread may change */
+            PyObject *error = PyObject_GetAttr(e->aof, s_error);
+            int failing = error == NULL ? -1 : PyObject_IsTrue(error);
+            Py_XDECREF(error);
+            if (failing < 0)
+                goto done;
+            slow = failing;
+        }
+        if (slow) {
+            PyObject *r = PyObject_CallMethodNoArgs(e->server, s_write_log);
             if (r == NULL)
                 goto done;
             Py_DECREF(r);
@@ -2703,14 +2762,14 @@ PyInit__session(void)
 {
     const char *names[] = {"_authenticated", "_pubsub", "_db", "_db_num", "_dict", "_watches", "_values",
                            "_expirations", "_expiry_heap", "_expire_keys", "_bylex", "add", "write",
-                           "close", "execute", "park", "attempt", "failed", "_serve_parked", "_follow_log_health",
+                           "close", "execute", "park", "attempt", "failed", "_serve_parked",
                            "close_killed", "append", "begin_group", "end_group", "value", "flush",
-                           NULL};
+                           "write_log", NULL};
     PyObject **slots[] = {&s_authenticated, &s_pubsub, &s_db, &s_db_num, &s_dict, &s_watches, &s_values,
                           &s_expirations, &s_expiry_heap, &s_expire_keys, &s_bylex, &s_add, &s_write,
-                          &s_close, &s_execute, &s_park, &s_attempt, &s_failed, &s_serve_parked, &s_follow_log_health,
+                          &s_close, &s_execute, &s_park, &s_attempt, &s_failed, &s_serve_parked,
                           &s_close_killed, &s_append, &s_begin_group, &s_end_group, &s_value,
-                          &s_flush};
+                          &s_flush, &s_write_log};
     for (int i = 0; names[i]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;

@@ -6,7 +6,8 @@ half the speed of redis-server. This front end is one asyncio event loop for eve
 bytes arrive, each client's read loop (`session.py`, compiled where it is built) runs Celery's hot
 commands straight on the core's data (`fast.FastPath`) and hands the rest to `execute`, which runs
 them through the core (`core.BrokerSocket`); every write is encoded into the append-only log's
-buffer as it takes effect, and after each read the buffered replies are sent.
+buffer as it takes effect, and after each read the batch's writes go to the log file (one
+write(2)), then its buffered replies are sent: what a client is told was done is in the file.
 
 Blocking commands (BRPOP and kin, which Celery's workers wait on) are tried at once through the
 core; if there is nothing to pop, the client is parked on its keys and tried again when a write
@@ -33,7 +34,7 @@ import fakeredis
 from fakeredis import FakeServer
 from fakeredis._helpers import SimpleError, SimpleString
 
-from runner.broker.aof import AppendOnlyLog, LoadReport
+from runner.broker.aof import AppendOnlyLog, LoadReport, LogRefused
 from runner.broker.core import WRITE_COMMANDS, BrokerSocket
 from runner.broker.fast import Defer, FastPath
 from runner.broker.resp import NULL_ARRAY
@@ -45,6 +46,7 @@ log = logging.getLogger("dify_local.broker")
 
 PUBLISHED_PASSWORD = BY_NAME["REDIS_PASSWORD"].default  # Dify's own default: no secret off loopback
 EXPIRE_INTERVAL = 1.0  # seconds between sweeps for expired keys
+WRITE_RETRY = 0.1  # seconds between tries of a write to the log that the disk refused
 REDIS_VERSION = "7.4.0"  # what the broker tells clients it speaks (fakeredis' 7.4 command set)
 
 
@@ -133,6 +135,7 @@ class Connection:
         self.server.unpark(self)
         self.server.connections.discard(self)
         self.server.dirty.pop(self, None)
+        self.server.held.pop(self, None)
         if self.sock is not None:
             self.sock.close()
         log.debug("client %s disconnected", self.peer)
@@ -171,6 +174,10 @@ class EmbeddedBroker:
         # connections with replies to send, in the order they got them (as Redis writes them): a
         # message published inside a transaction goes out before the transaction's own reply
         self.dirty: dict[Connection, None] = {}
+        # connections whose replies wait for writes the log file refused (a full disk): sent once written
+        self.held: dict[Connection, None] = {}
+        self._logged = 0  # the log buffer's written + pending when write_log last ran
+        self._retry: asyncio.TimerHandle | None = None
         self.parked: collections.OrderedDict[int, Parked] = collections.OrderedDict()
         self.touched: set[tuple[int, bytes]] = set()  # written keys someone waits on
         self.waiting: dict[tuple[int, bytes], int] = {}  # (db, key): how many parked clients wait on it
@@ -398,8 +405,9 @@ class EmbeddedBroker:
                 parked.connection.process()
 
     def after_batch(self) -> None:
-        """After each read: serve the clients parked on keys it wrote, follow the log's health,
-        send the replies (also to other clients: pushed messages, unparked pops).
+        """After each read: serve the clients parked on keys it wrote, write the batch's writes
+        (theirs included) to the log file, send the replies (also to other clients: pushed
+        messages, unparked pops).
 
         Right away rather than once per turn of the event loop: scheduling that cost a tenth of
         the broker's time. (The compiled engine has its own copy of this, taking the same steps:
@@ -408,19 +416,51 @@ class EmbeddedBroker:
             if self.parked:
                 self._serve_parked()
             self.touched.clear()
-        if self.aof is not None and bool(self.aof.error) is not self.fast.halted:
-            self._follow_log_health()  # (the writer thread takes the writes from the log's buffer)
+        if self.aof is not None:
+            self.write_log()
         for connection in self.dirty:
             connection.flush()
         self.dirty.clear()
         if self.check_kills:
             self.close_killed()
 
+    def write_log(self) -> None:
+        """The writes made so far into the log file, before any reply goes out, as Redis does
+        before it writes to clients: kill -9 then loses nothing acknowledged, and the fsync
+        each second bounds a power loss to about a second.
+
+        If the file refuses them (a full disk), the replies that may tell of them are held back
+        (every client's with replies in the batch that made them; nothing can claim a write that
+        is not in the file), writes are refused (MISCONF), and the write is tried again every
+        WRITE_RETRY s; once it goes through, the held replies are sent."""
+        aof = self.aof
+        buffer = aof.buffer
+        fresh = buffer.written + buffer.pending != self._logged  # this batch made writes
+        written = aof.write()
+        self._logged = buffer.written + buffer.pending
+        if written:
+            if self.held:
+                held, self.held = self.held, {}
+                for connection in held:
+                    connection.flush()
+        else:
+            for connection in list(self.dirty) if fresh else [c for c in self.dirty if c in self.held]:
+                self.held[connection] = None
+                del self.dirty[connection]
+            if self._retry is None and self.loop is not None:
+                self._retry = self.loop.call_later(WRITE_RETRY, self._retry_log)
+        if bool(aof.error) is not self.fast.halted:
+            self._follow_log_health()
+
+    def _retry_log(self) -> None:
+        self._retry = None
+        self.after_batch()
+
     def check_log(self) -> None:
         """Compaction once the log has grown enough, and the log's health (each second)."""
         if self.aof.needs_rewrite():
             self.rewrite()
-        self._follow_log_health()
+        self.write_log()
 
     def close_killed(self) -> None:
         self.check_kills = False
@@ -444,6 +484,8 @@ class EmbeddedBroker:
                 return True
 
             self.load_report = self.aof.load(execute)
+        except LogRefused as error:
+            raise BrokerStartError(str(error)) from None
         finally:
             self.loading = False
             self.touched.clear()
@@ -579,13 +621,18 @@ class EmbeddedBroker:
         loop = self.event_loop()
         self._stopped = asyncio.Event()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        if self.aof is not None:  # before the first client can connect: its writes go to the file
+            try:
+                self.aof.open()
+            except LogRefused as error:
+                raise BrokerStartError(str(error)) from None
         try:
             self._server = await loop.create_server(lambda: self.connection_class(self), self.host, self.port,
                                                     family=family, reuse_address=True)
         except OSError as error:
+            if self.aof is not None:
+                self.aof.close()
             raise BrokerStartError(self._bind_error(error)) from None
-        if self.aof is not None:
-            self.aof.open()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         self._expiry = loop.call_later(EXPIRE_INTERVAL, self._expire)
@@ -596,8 +643,10 @@ class EmbeddedBroker:
             if connection.transport is not None:
                 connection.transport.close()
         await self._server.wait_closed()
+        if self._retry is not None:
+            self._retry.cancel()
         if self.aof is not None:
-            self.aof.flush()  # the writer writes every 0.1 s: until then aof.size does not count the last writes
+            self.aof.write()  # (a write the disk still refuses: close says what is lost)
             if self.aof.size > self.aof.base_size:
                 self.rewrite()  # a compact log makes the next start quick
             self.aof.close()

@@ -26,7 +26,7 @@ from runner.broker.resp import PROTOCOL_ERRORS, encode, reader_for
 
 log = logging.getLogger("dify_local.broker")
 
-API = 1  # the interface's version: a compiled extension built for another one is not used
+API = 2  # the interface's version: a compiled extension built for another one is not used
 
 
 class PySession:

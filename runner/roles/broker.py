@@ -37,9 +37,9 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
     try:
         broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder,
                                 compiled=settings.DIFY_LOCAL_BROKER_COMPILED)
+        report = broker.load()  # (refuses a log path that is a link or a folder)
     except ServerStartError as error:
         raise BrokerStartError(str(error)) from None
-    report = broker.load()
     if folder is None:
         log.info("persistence off (--no-persist): the data lives in memory only and is gone when it stops")
     elif report.commands:
