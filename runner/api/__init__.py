@@ -24,6 +24,13 @@ POLL_HEADER = "X-Dashboard-Poll"
 log = logging.getLogger("dify_local.api")
 
 
+def largest_body(settings: Settings) -> int:
+    """The largest request body any route takes (a document upload, a plugin package, each with
+    its form's overhead): what the HTTP server reads at most. Each route keeps its own limit."""
+    largest = max(MAX_JSON_BODY, settings.UPLOAD_FILE_SIZE_LIMIT * datasets.MEGABYTE, settings.PLUGIN_MAX_PACKAGE_SIZE)
+    return largest + datasets.MULTIPART_OVERHEAD
+
+
 def create_api(settings: Settings, celery: Celery) -> Flask:
     app = Flask("dify_local.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
