@@ -95,3 +95,14 @@ def test_what_the_server_refuses_itself_is_a_json_error(api, raw, status, messag
     assert head.split(b" ", 2)[1] == b"%d" % status, answer[:300]
     assert b"Content-Type: application/json" in head, head
     assert message in json.loads(body)["error"], body
+
+
+def test_a_request_naming_no_host_is_answered_as_by_the_listening_address(api):
+    """HTTP/1.0 needs no Host: the loopback check then sees the address the API listens on."""
+    port = int(api.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == b"200", answer[:300]

@@ -199,7 +199,9 @@ def make_server(app, sock: socket.socket, *, threads: int, max_body: int) -> Api
     adj = Adjustments(sockets=[sock], threads=threads, connection_limit=connection_limit(), backlog=BACKLOG,
                       cleanup_interval=LOOP_TICK, channel_timeout=OUTPUT_TIMEOUT,
                       max_request_header_size=MAX_HEADER_BYTES, max_request_body_size=max_body + 1,
-                      asyncore_use_poll=True, log_socket_errors=False, ident="dify-local")
+                      asyncore_use_poll=True, log_socket_errors=False, ident="dify-local",
+                      # the Host of a request that names none (HTTP/1.0), as werkzeug's was: the address
+                      server_name=sock.getsockname()[0])
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(threads)
     return ApiServer(app, map={}, _sock=sock, dispatcher=dispatcher, adj=adj, bind_socket=False,
