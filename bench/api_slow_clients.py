@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BIN, env, free_port, median, process, wait_for  # noqa: E402
 from tests.slow_clients import KINDS, StalledClients  # noqa: E402
 
-HEALTH = "/health"
+HEALTH = "/health/api"  # this API alone: the stack's /health also asks for a worker and beat
 
 
 def latency(port: int) -> float:

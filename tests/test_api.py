@@ -15,7 +15,7 @@ from tests.helpers import wait_until
 def api(project):
     project.serve_broker()
     proc = project.start("serve", "api")
-    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    wait_until(lambda: project.api.status("/health/api") == 200, 30, "the API to be healthy")
     yield project.api
     assert "Traceback" not in proc.output, proc.output
 
@@ -145,7 +145,7 @@ def test_a_broker_that_accepts_and_never_answers_is_a_503_not_a_hung_request(pro
     broker.wait(20)
     silent = socket.create_server(("127.0.0.1", project.broker_port))  # accepts (the backlog), never reads
     try:
-        for path in ("/health", "/v1/queues", "/v1/beat"):
+        for path in ("/health/api", "/health", "/v1/queues", "/v1/beat"):
             status, body = api.get(path, timeout=60)
             assert status == 503 and "broker" in str(body), (path, body)
     finally:

@@ -20,7 +20,7 @@ STALLED = 100
 def api(project):
     project.serve_broker()
     proc = project.start("serve", "api")
-    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    wait_until(lambda: project.api.status("/health/api") == 200, 30, "the API to be healthy")
     yield project.api
     assert "Traceback" not in proc.output, proc.output
 
@@ -31,13 +31,13 @@ def test_health_answers_while_100_clients_stall_and_the_server_closes_them(proje
     try:
         wait_until(lambda: stalled.open() == STALLED, 10, "the stalled connections to be open")
         for _ in range(3):  # (a deadline, not a threshold: the development server never answered)
-            assert api.get("/health", timeout=30)[0] == 200
+            assert api.get("/health/api", timeout=30)[0] == 200
         assert stalled.open() == STALLED  # answered while they stall, not once they were closed
         # the server closes them: REQUEST_TIMEOUT after the accept (generously: the machine is busy)
         wait_until(lambda: stalled.open() == 0, 6 * REQUEST_TIMEOUT, f"the server to close the {kind} connections")
     finally:
         stalled.close()
-    assert api.get("/health")[0] == 200
+    assert api.get("/health/api")[0] == 200
 
 
 def test_a_full_server_closes_the_connection_waiting_longest_to_let_a_new_client_in(project, api):
@@ -45,7 +45,7 @@ def test_a_full_server_closes_the_connection_waiting_longest_to_let_a_new_client
     limit = connection_limit()  # as the API computes it (this raises our soft limit on open files as well)
     stalled = StalledClients(project.api_port, "silent", limit + 20)
     try:
-        assert api.get("/health", timeout=30)[0] == 200
+        assert api.get("/health/api", timeout=30)[0] == 200
         closed = [index for index, sock in enumerate(stalled.socks) if closed_by_peer(sock)]
         # the oldest, one for each newer connection, were closed to make room (without that, waitress
         # stops accepting until the deadlines close connections, a second's worth at a time: 129 here)
@@ -101,7 +101,7 @@ def test_a_request_naming_no_host_is_answered_as_by_the_listening_address(api):
     """HTTP/1.0 needs no Host: the loopback check then sees the address the API listens on."""
     port = int(api.base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        sock.sendall(b"GET /health/api HTTP/1.0\r\n\r\n")
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk

@@ -16,7 +16,7 @@ from runner.api.request_guard import install_request_guard
 from runner.settings import Settings
 
 MAX_JSON_BODY = 1024 * 1024  # bytes; task arguments travel through the broker, keep them small
-QUIET_PATHS = ("/health",)  # polled by `up` and monitors; not worth a log line each
+QUIET_PATHS = ("/health", "/health/api")  # polled by `up` and monitors; not worth a log line each
 # The dashboard's refreshes (a handful of GETs every few seconds) mark themselves with this header:
 # logged only when they fail, so the API's log keeps the requests someone made.
 POLL_HEADER = "X-Dashboard-Poll"
