@@ -40,4 +40,7 @@ def configure_logging(settings, role: str) -> None:
         root.addHandler(handler)
     root.setLevel(settings.LOG_LEVEL)
     # Connection chatter of the HTTP server and the broker client is noise at INFO.
-    logging.getLogger("werkzeug").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("waitress").setLevel(max(logging.WARNING, root.level))
+    # "Task queue depth is N": requests waiting for one of the SERVER_WORKER_CONNECTIONS threads, as
+    # expected under load; shown at DEBUG
+    logging.getLogger("waitress.queue").setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.ERROR)

@@ -15,7 +15,7 @@ from tests.helpers import wait_until
 def api(project):
     project.serve_broker()
     proc = project.start("serve", "api")
-    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    wait_until(lambda: project.api.status("/health/api") == 200, 30, "the API to be healthy")
     yield project.api
     assert "Traceback" not in proc.output, proc.output
 
@@ -135,6 +135,21 @@ def test_a_broker_that_drops_connections_is_asked_once_per_request(project, api)
             assert listener.accepted - before == connections, (path, listener.accepted - before)
     finally:
         listener.server.close()
+
+
+def test_a_broker_that_accepts_and_never_answers_is_a_503_not_a_hung_request(project, api):
+    """Something on the broker's port that never answers (a hung broker): each read gives up after
+    READ_TIMEOUT instead of holding the request, and the API thread answering it, for good."""
+    broker = project.procs[0]
+    broker.signal(signal.SIGTERM)
+    broker.wait(20)
+    silent = socket.create_server(("127.0.0.1", project.broker_port))  # accepts (the backlog), never reads
+    try:
+        for path in ("/health/api", "/health", "/v1/queues", "/v1/beat"):
+            status, body = api.get(path, timeout=60)
+            assert status == 503 and "broker" in str(body), (path, body)
+    finally:
+        silent.close()
 
 
 def test_pages_of_other_sites_cannot_change_anything_through_a_browser(api):

@@ -173,8 +173,8 @@ def test_editing_an_api_module_reloads_only_the_api_and_refuses_no_request(proje
     try:
         wait_until(lambda: answers, 10, "the first answer")
         status_module = stack_source["source"] / "runner" / "api" / "status.py"
-        edit(status_module, 'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
-             'return jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
+        edit(status_module, 'jsonify({"status": "ok" if ok else "unavailable", "checks": checks})',
+             'jsonify({"status": "ok" if ok else "unavailable", "checks": checks, "edited": True})')
         wait_for_reloads(stack, 1)
         wait_until(lambda: answers[-1] is True, 30, "the API to serve the edited code")
     finally:

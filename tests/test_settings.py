@@ -37,6 +37,7 @@ INVALID = [
     ({"MODE": "scheduler"}, "MODE='scheduler'"),
     ({"ENABLE_CLEAN_MESSAGES": "sometimes"}, "ENABLE_CLEAN_MESSAGES='sometimes'"),
     ({"WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK": "-1"}, "WORKFLOW_SCHEDULE_MAX_DISPATCH_PER_TICK='-1'"),
+    ({"SERVER_WORKER_CONNECTIONS": "100000"}, "SERVER_WORKER_CONNECTIONS='100000'"),  # a thread each
 ]
 
 

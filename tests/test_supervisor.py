@@ -71,7 +71,9 @@ def test_process_crashing_at_start_backs_off_then_fails_and_the_stack_stays_up(p
     rows = ps(project)
     assert rows["flaky"]["status"] == "failed" and rows["flaky"]["restarts"] == 4
     assert all(rows[name]["status"] == "ready" for name in ("broker", "api", "worker", "beat"))
-    assert project.api.status("/health") == 200
+    status, health = project.api.get("/health")  # the rest runs, and /health says what does not
+    assert status == 503 and health["checks"]["processes"]["failed"] == ["flaky"], health
+    assert project.api.status("/health/api") == 200
 
 
 def test_restart_from_another_terminal_loses_no_task(project, tmp_path):

@@ -175,7 +175,7 @@ def test_the_running_api_follows_an_edited_task_module(project, tmp_path):
     mail = copy / "runner" / "tasks" / "mail.py"
     project.serve_broker()
     api = project.start(argv=[sys.executable, "-m", "runner", "serve", "api"], env={"PYTHONPATH": str(copy)})
-    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    wait_until(lambda: project.api.status("/health/api") == 200, 30, "the API to be healthy")
     with_cc = {"args": ["a@b.co", "s", "b"], "kwargs": {"cc": "c@d.co"}}
 
     status, body = project.api.post("/v1/tasks/send_mail_task", with_cc)

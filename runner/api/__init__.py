@@ -16,12 +16,19 @@ from runner.api.request_guard import install_request_guard
 from runner.settings import Settings
 
 MAX_JSON_BODY = 1024 * 1024  # bytes; task arguments travel through the broker, keep them small
-QUIET_PATHS = ("/health",)  # polled by `up` and monitors; not worth a log line each
+QUIET_PATHS = ("/health", "/health/api")  # polled by `up` and monitors; not worth a log line each
 # The dashboard's refreshes (a handful of GETs every few seconds) mark themselves with this header:
 # logged only when they fail, so the API's log keeps the requests someone made.
 POLL_HEADER = "X-Dashboard-Poll"
 
 log = logging.getLogger("dify_local.api")
+
+
+def largest_body(settings: Settings) -> int:
+    """The largest request body any route takes (a document upload, a plugin package, each with
+    its form's overhead): what the HTTP server reads at most. Each route keeps its own limit."""
+    largest = max(MAX_JSON_BODY, settings.UPLOAD_FILE_SIZE_LIMIT * datasets.MEGABYTE, settings.PLUGIN_MAX_PACKAGE_SIZE)
+    return largest + datasets.MULTIPART_OVERHEAD
 
 
 def create_api(settings: Settings, celery: Celery) -> Flask:

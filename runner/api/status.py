@@ -1,21 +1,26 @@
-"""Health and the queues: depth, oldest message, consumers and the depth over time."""
+"""Health (the stack's, and this API's own for readiness probes) and the queues: depth, oldest
+message, consumers and the depth over time."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from flask import Blueprint, current_app, jsonify, request
 
 from runner import topology
 from runner.api.openapi import errors, json_response, query
+from runner.api.stack import CONTROL_TIMEOUT
 from runner.api.validation import query_integer, query_parameters
 from runner.monitor.channel import read_channel
 from runner.monitor.queues import observed_queue_states
+from runner.monitor.stack_health import heartbeat_checks, supervised_check
 from runner.monitor.workers import consumers_by_queue
 from runner.settings import mask_url
 from runner.store.migrations import schema_state
 from runner.store.queue_samples import sample_history
+from runner.supervisor import control
 
 blueprint = Blueprint("status", __name__)
 
@@ -42,12 +47,47 @@ def _check_database(celery) -> dict:
     return {"ok": True, "path": str(database.path), "migrations": len(state.applied)}
 
 
+def _check_processes(celery, broker: dict) -> dict[str, dict]:
+    """Under `up` (one runs for this state folder), its view of every process; otherwise the
+    workers' and beat's heartbeats on the broker (runner.monitor.stack_health)."""
+    try:
+        reply = control.request(current_app.extensions["dify_settings"].state_dir, {"command": "ps"},
+                                timeout=CONTROL_TIMEOUT)
+    except control.NotRunning:
+        reply = None
+    except (OSError, ValueError) as error:  # a timeout, a reply that is not JSON
+        return {"processes": {"ok": False, "error": f"`dify-local up` did not answer `ps` in {CONTROL_TIMEOUT:.0f} s: "
+                                                    f"{error}"}}
+    if reply is not None and reply.get("ok"):
+        return {"processes": supervised_check(reply, os.getpid())}
+    if not broker["ok"]:
+        unknown = {"ok": False, "error": "unknown: the broker does not answer (see broker)"}
+        return {"workers": unknown, "beat": unknown}
+    try:
+        with read_channel(celery) as channel:
+            return heartbeat_checks(channel.client)
+    except Exception as error:
+        failed = {"ok": False, "error": f"cannot read the heartbeats: {type(error).__name__}: {error}"}
+        return {"workers": failed, "beat": failed}
+
+
+def _answer(checks: dict[str, dict]):
+    ok = all(check["ok"] for check in checks.values())
+    return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
+
+
 @blueprint.get("/health")
 def health():
     celery = current_app.extensions["celery"]
     checks = {"broker": _check_broker(celery), "database": _check_database(celery)}
-    ok = all(check["ok"] for check in checks.values())
-    return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
+    checks.update(_check_processes(celery, checks["broker"]))
+    return _answer(checks)
+
+
+@blueprint.get("/health/api")
+def api_health():
+    celery = current_app.extensions["celery"]
+    return _answer({"broker": _check_broker(celery), "database": _check_database(celery)})
 
 
 QUEUE_PARAMETERS = ("history",)
@@ -110,13 +150,21 @@ QUEUE = {"type": "object", "required": ["name", "priority", "depth", "oldest_age
                         "consumers": {"type": "array", "items": {"type": "string"}},
                         "history": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
 CHECK = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
+HEALTH = {"type": "object", "required": ["status", "checks"],
+          "properties": {"status": {"type": "string", "description": "ok or unavailable"},
+                         "checks": {"type": "object", "additionalProperties": CHECK}}}
 PATHS = {
     "/health": {"get": {
-        "summary": "Whether the broker and the metadata database answer", "operationId": "health",
-        "responses": {"200": json_response("both answer", {"type": "object", "required": ["status", "checks"],
-                                                           "properties": {"status": {"type": "string"},
-                                                                          "checks": {"type": "object"}}}),
-                      "503": json_response("one of them does not (the body says which and why)")}}},
+        "summary": "Whether the stack can do its work: the broker and the metadata database answer, and every "
+                   "process is ready (under `up`, its view: `processes`; otherwise the workers' and beat's "
+                   "heartbeats on the broker: `workers`, `beat`)", "operationId": "health",
+        "responses": {"200": json_response("all is well", HEALTH),
+                      "503": json_response("something is not (each check says what and why)", HEALTH)}}},
+    "/health/api": {"get": {
+        "summary": "Whether this API can answer: the broker and the metadata database answer (`up`'s readiness "
+                   "probe for the API)", "operationId": "api_health",
+        "responses": {"200": json_response("both answer", HEALTH),
+                      "503": json_response("one of them does not (the body says which and why)", HEALTH)}}},
     "/v1/queues": {"get": {
         "summary": "The 16 queues (then any other holding messages or consumed): priority class, depth "
                    "(priority sub-lists included), the oldest waiting "

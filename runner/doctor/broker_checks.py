@@ -7,23 +7,10 @@ import json
 import time
 
 from runner import broker_config, topology
-from runner.doctor.context import FAIL, PASS, PING_TIMEOUT, SKIP, WARN, Context, Result, read_heartbeats
+from runner.doctor.context import FAIL, PASS, PING_TIMEOUT, SKIP, WARN, Context, Result
 from runner.doctor.host_checks import describe_process, is_local
+from runner.monitor.heartbeats import age as _age, late as _late, read_heartbeats
 from runner.settings import mask_url
-
-# A heartbeat is late past this many of its writer's intervals (plus LATE_SLACK seconds): generous,
-# so a busy laptop does not raise false alarms, yet seconds, not minutes.
-LATE_INTERVALS = 3
-LATE_SLACK = 5.0
-
-
-def _age(heartbeat: dict, now: float) -> float:
-    return max(0.0, now - float(heartbeat.get("at", 0)))
-
-
-def _late(heartbeat: dict, now: float) -> bool:
-    return _age(heartbeat, now) > LATE_INTERVALS * float(heartbeat.get("interval") or 1) + LATE_SLACK
-
 
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 60 else f"{value / 60:.0f} min"

@@ -3,11 +3,11 @@ Celery app, the running `up`'s answer, and what the workers said, each fetched o
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from runner.monitor.heartbeats import read_heartbeats
 from runner.settings import Settings
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
@@ -122,18 +122,3 @@ class Context:
                 except Exception:  # already broken: nothing left to release
                     pass
 
-
-def read_heartbeats(client, prefix: str) -> dict[str, dict]:
-    """Every heartbeat key under `prefix`: the rest of the key name → its value."""
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    found = {}
-    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
-        if raw is None:  # expired between SCAN and MGET
-            continue
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            continue
-        name = key.decode() if isinstance(key, bytes) else key
-        found[name[len(prefix):]] = value if isinstance(value, dict) else {}
-    return found

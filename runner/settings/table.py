@@ -109,8 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
             "queues the worker consumes, served by priority class whatever the order given"),
     Setting("CELERY_WORKER_PREFETCH_MULTIPLIER", Integer(minimum=1), 1, "worker",
             "messages reserved per pool slot; 1 lets a high-priority task overtake a backlog"),
-    Setting("SERVER_WORKER_CONNECTIONS", Integer(minimum=1), 10, "worker",
-            "Dify: connections per gevent worker; here: requests the API serves at once"),
+    Setting("SERVER_WORKER_CONNECTIONS", Integer(minimum=1, maximum=1000), 10, "worker",
+            "Dify: connections per gevent worker; here: the API's threads, the requests it answers at once "
+            "(one event loop reads every connection, so clients still sending hold no thread)"),
     # beat
     Setting("CELERY_BEAT_SCHEDULER_TIME", Integer(minimum=1), 1, "beat",
             "seconds between beat's checks of the schedule"),

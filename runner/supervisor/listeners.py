@@ -16,6 +16,12 @@ log = logging.getLogger("dify_local.supervisor")
 BACKLOG = 128
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is written as one, as werkzeug chose)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=BACKLOG)
+
+
 class ApiListener:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -25,9 +31,8 @@ class ApiListener:
         """The socket, opened if it is not; None if it cannot be (the API then binds it itself,
         and says why if it cannot either)."""
         if self.sock is None:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             try:
-                self.sock = socket.create_server((self.host, self.port), family=family, backlog=BACKLOG)
+                self.sock = listen(self.host, self.port)
             except OSError as error:
                 log.debug("cannot hold %s:%s for the API: %s", self.host, self.port, error)
                 return None

@@ -330,7 +330,7 @@ class Supervisor:
             what = {
                 "broker": f"does it answer PING with the password on {self.settings.REDIS_HOST}:"
                           f"{self.settings.REDIS_PORT}?",
-                "api": f"does {self.settings.api_url}/health answer?",
+                "api": f"does {self.settings.api_url}/health/api answer?",
                 "worker": "can it reach the broker, and does it answer `celery inspect ping`?",
                 "beat": "can it reach the broker (its heartbeat is written there)?",
             }.get(process.spec.role or "", "is the command right?")

@@ -1,6 +1,6 @@
 """Readiness probes: a real check per role, never a sleep.
 
-broker: answers PING after AUTH · api: /health answers 200 · worker: answers a Celery ping ·
+broker: answers PING after AUTH · api: /health/api answers 200 · worker: answers a Celery ping ·
 beat: has written a heartbeat since it started · a configured probe (http, tcp, a log line) ·
 anything else: stayed up a short while.
 
@@ -169,7 +169,7 @@ def probe_for(process: ManagedProcess, settings: Settings, link: BrokerLink) -> 
     if role == "broker":
         return broker_probe(settings)
     if role == "api":
-        return http_probe(f"{settings.api_url}/health")
+        return http_probe(f"{settings.api_url}/health/api")  # the API itself; /health is the whole stack
     if role == "worker":
         return worker_probe(link)
     if role == "beat" and process.spec.is_ours:  # our scheduler writes the heartbeat

@@ -134,12 +134,20 @@
     if (error) {
       content = html`<span class="item"><span class="dot bad"></span>${error.message}</span>`;
     } else {
-      const { broker, database } = health.checks;
+      const { broker, database, ...others } = health.checks;
+      // processes (under up), or workers and beat (their heartbeats): what is down, named
+      const rest = Object.entries(others).map(([name, check]) => {
+        const down = [...(check.failed || []), ...(check.not_ready || [])];
+        const state = check.ok ? "ok" : down.length ? `not ready: ${down.join(", ")}` : "not running";
+        return html`<span class="item" title="${check.error || ""}"><span class="dot ${check.ok ? "ok" : "bad"}"></span>
+          ${name} ${state}</span>`;
+      });
       content = html`
         <span class="item" title="${broker.error || ""}"><span class="dot ${broker.ok ? "ok" : "bad"}"></span>
           broker ${broker.ok ? `${broker.latency_ms} ms` : "unreachable"}</span>
         <span class="item" title="${database.error || database.path || ""}">
           <span class="dot ${database.ok ? "ok" : "bad"}"></span>database ${database.ok ? "ok" : "unavailable"}</span>
+        ${rest}
         <span class="item url">${broker.url}</span>`;
     }
     const text = piece(content);
