@@ -75,7 +75,14 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     and keep them running until Ctrl-C or `dify-local down`. Edited code is reloaded: see --no-reload."""
     from runner.settings.loader import read_env_files
     from runner.state import StatePaths
-    from runner.supervisor import control
+    from runner.state_access import (
+        GONE_HOLDER_WAIT,
+        StateFolderBusy,
+        StateFolderRefused,
+        broker_lock,
+        make_private,
+        up_lock,
+    )
     from runner.supervisor.manager import Supervisor
     from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import broker_problems, port_problems, route_problems
@@ -107,11 +114,15 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     except ProcessOptionsError as error:
         _echo_all(error.lines, CONFIG_ERROR)
     try:
-        running = control.request(settings.state_dir, {"command": "ps"}, timeout=5)
-        fail(f"dify-local is already running for {settings.state_dir} (pid {running['supervisor']['pid']}): "
-             "see `dify-local ps`, or stop it with `dify-local down`")
-    except control.NotRunning:
-        pass
+        tightened = make_private(settings.state_dir)
+        lock = up_lock(settings.state_dir)  # held until this process ends
+        lock.acquire(GONE_HOLDER_WAIT, waiting=lambda line: click.echo(f"dify-local: {line}", err=True))
+        if settings.uses_embedded_broker:
+            broker_lock(settings.state_dir).check()  # a `serve broker` of its own on this folder
+    except StateFolderRefused as error:
+        fail(str(error), CONFIG_ERROR)
+    except StateFolderBusy as error:
+        fail(str(error))
     problems = port_problems(specs, settings) + broker_problems(settings)
     if problems:
         _echo_all(problems, 1)
@@ -128,6 +139,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
                             options, dotenv, ready_timeout=ready_timeout, grace=grace, watch=plan,
                             read_by_up=read_by_up)
     supervisor.say(f"dify-local up: {len(supervisor.states)} processes from {source}, state in {settings.state_dir}")
+    if tightened:
+        supervisor.say(tightened)
     if plan is not None:
         supervisor.say(f"reloading on changes in {plan.describe()} (--no-reload turns it off)")
     sys.exit(supervisor.run())

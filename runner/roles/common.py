@@ -38,21 +38,25 @@ def process_name(default: str) -> str:
 
 
 def start_role(settings: Settings, role: str) -> StatePaths:
+    from runner.state_access import StateFolderRefused, make_private
+
     configure_logging(settings, role)
     stop_when_supervisor_is_gone()
+    try:
+        tightened = make_private(settings.state_dir)  # under `up`, done already
+    except StateFolderRefused as error:
+        raise RoleStartError(str(error)) from None
+    if tightened:
+        log.warning("%s", tightened)
     return StatePaths(settings.state_dir).ensure()
 
 
 def supervisor_alive(identity: str) -> bool:
     """Whether the `up` named by SUPERVISOR ("pid:start time") still runs (not another process
     that got its pid since)."""
-    import psutil
+    from runner.process_identity import alive
 
-    pid, _, started = identity.partition(":")
-    try:
-        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
-    except (ValueError, psutil.Error):
-        return False
+    return alive(identity)
 
 
 def stop_when_supervisor_is_gone(every: float = 1.0) -> None:

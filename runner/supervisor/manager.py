@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 
@@ -34,6 +33,7 @@ from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.frozen import foreign_environment, program_dir
 from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, WATCH_ROOTS
+from runner.process_identity import identity_of
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
 from runner.supervisor import control
@@ -101,7 +101,7 @@ class Supervisor:
         self.dotenv = dotenv or {}
         self.events: queue.Queue = queue.Queue()
         self.signals: queue.SimpleQueue = queue.SimpleQueue()  # from the signal handler (see _on_signal)
-        self.identity = f"{os.getpid()}:{psutil.Process().create_time()}"  # roles watch it (SUPERVISOR)
+        self.identity = identity_of()  # roles watch it (SUPERVISOR)
         self.printer = Printer(output or sys.stdout)
         self.link = BrokerLink(settings)
         self.stopping = threading.Event()
