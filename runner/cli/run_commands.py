@@ -115,7 +115,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         _echo_all(error.lines, CONFIG_ERROR)
     try:
         tightened = make_private(settings.state_dir)
-        lock = up_lock(settings.state_dir)  # held until this process ends
+        lock = up_lock(settings.state_dir)  # held until this process ends (its watchdog's, after a kill)
         lock.acquire(GONE_HOLDER_WAIT, waiting=lambda line: click.echo(f"dify-local: {line}", err=True))
         if settings.uses_embedded_broker:
             broker_lock(settings.state_dir).check()  # a `serve broker` of its own on this folder
@@ -137,7 +137,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         (settings.project_dir / OPTIONS_FILE).resolve(), (procfile or settings.project_dir / PROCFILE).resolve()}
     supervisor = Supervisor(settings, expand(specs, replicas, int(base_port) if base_port else None),
                             options, dotenv, ready_timeout=ready_timeout, grace=grace, watch=plan,
-                            read_by_up=read_by_up)
+                            read_by_up=read_by_up, lock=lock)
     supervisor.say(f"dify-local up: {len(supervisor.states)} processes from {source}, state in {settings.state_dir}")
     if tightened:
         supervisor.say(tightened)

@@ -1,0 +1,120 @@
+"""`up` killed with -9 leaves nothing behind (issue 16, point 7): every process it started, other
+projects' included, and their children and daemons, are gone within seconds, their ports free
+for the next `up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import REPO, free_port, port_open, wait_until
+
+STACK = "broker: dify-local serve broker\napi: dify-local serve api\nbeat: dify-local serve beat\n"
+DEADLINE = 20.0  # seconds; `up` promises 5 (README), the wait allows for a loaded machine
+
+
+def ps(project) -> dict[str, dict]:
+    result = project.run("ps", "--json")
+    assert result.returncode == 0, result.stderr
+    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def survivors(pids: dict[str, int]) -> dict[str, int]:
+    return {name: pid for name, pid in pids.items() if not gone(pid)}
+
+
+def require_cgroup(stack) -> None:
+    """Skip where `up` found no writable cgroup (it says so), or fail where one is required
+    (DIFY_LOCAL_REQUIRE_CGROUP=1, as CI sets it: CI runs as root with cgroup v2 mounted)."""
+    if "no writable cgroup" not in stack.output:
+        return
+    line = next(line for line in stack.lines if "no writable cgroup" in line)
+    if os.environ.get("DIFY_LOCAL_REQUIRE_CGROUP") == "1":
+        pytest.fail(f"a writable cgroup is required here (DIFY_LOCAL_REQUIRE_CGROUP=1): {line}")
+    pytest.skip(line)
+
+
+@pytest.mark.parametrize("finder", ["cgroup", "environment"])
+def test_other_projects_processes_and_their_daemons_are_gone_soon_after_up_is_killed(project, tmp_path, finder):
+    """A Procfile's `python3 -m http.server`, and a daemon another line starts (double fork,
+    setsid: re-parented, out of every process group and session of `up`'s), outlived a kill -9 of
+    `up` and kept their ports: the next `up` crash-looped. Found through the cgroup `up` puts its
+    processes in (the daemon clears its environment, so only the cgroup can name it), and without
+    one (DIFY_LOCAL_CGROUP=false, as on a laptop that has none) through the marker in their
+    environment."""
+    web, daemon = free_port(), free_port()
+    pidfile = tmp_path / "daemon.pid"
+    clean = " --clean-env" if finder == "cgroup" else ""
+    (project.dir / "Procfile").write_text(
+        f"web: python3 -m http.server {web} --bind 127.0.0.1\n"
+        f"launcher: python3 {REPO / 'tests' / 'support' / 'daemonise.py'} {daemon} {pidfile}{clean}\n")
+    env = {"DIFY_LOCAL_CGROUP": "true" if finder == "cgroup" else "false"}
+    stack = project.up("--no-reload", env=env)
+    wait_until(lambda: pidfile.exists() and port_open(web) and port_open(daemon), 30, "the server and the daemon")
+    rows = ps(project)
+    pids = {name: rows[name]["pid"] for name in ("broker", "web", "launcher")}
+    pids["daemon"] = int(pidfile.read_text())
+    stack.tree()  # remembered, so that the test's clean-up kills them even if `up` left them
+    if finder == "cgroup":
+        require_cgroup(stack)
+        assert f"dify-local-up.{stack.popen.pid}" in Path(f"/proc/{pids['daemon']}/cgroup").read_text()
+    os.kill(stack.popen.pid, signal.SIGKILL)
+    stack.wait(10)
+    wait_until(lambda: not survivors(pids), DEADLINE, f"the processes of the killed `up` to be gone: {pids}")
+    assert not port_open(web) and not port_open(daemon) and not port_open(project.broker_port)
+    pidfile.unlink()
+    again = project.up("--no-reload", env=env)  # the ports are free: the next `up` starts cleanly
+    wait_until(lambda: pidfile.exists() and port_open(web) and port_open(daemon), 30, "the next server and daemon")
+    assert "restarting" not in again.output
+
+
+def test_our_roles_are_gone_soon_after_up_is_killed_even_with_a_long_task_running(project, tmp_path):
+    """Our roles stop themselves warmly when `up` is gone, but a worker's warm stop waits for its
+    running task: with a 300 s task it outlived `up` by minutes. Now it has a few seconds, then it
+    is killed (its task's message stays unacknowledged, so the broker hands it out again)."""
+    from runner.celery_app import create_celery_app
+    from runner.settings import load_settings
+
+    (project.dir / "Procfile").write_text(STACK + "worker: dify-local serve worker -I tests.support.slow_tasks -c 1\n")
+    env = {"PYTHONPATH": str(REPO)}
+    stack = project.up("--no-reload", env=env)
+    import tests.support.slow_tasks  # noqa: F401  (registers tests.sleep with the client)
+
+    app = create_celery_app(load_settings(project.dir, environ={**project.env, **env}))
+    try:
+        long = app.tasks["tests.sleep"].apply_async((300, str(tmp_path / "runs"), "long"), queue="dataset")
+
+        def started() -> bool:
+            with sqlite3.connect(project.database) as db:
+                row = db.execute("SELECT state FROM task_runs WHERE id = ?", [long.id]).fetchone()
+            return bool(row) and row[0] == "STARTED"
+        wait_until(started, 30, "the long task to start")
+    finally:
+        app.close()
+    rows = ps(project)
+    pids = {name: rows[name]["pid"] for name in ("broker", "api", "beat", "worker")}
+    stack.tree()
+    os.kill(stack.popen.pid, signal.SIGKILL)
+    stack.wait(10)
+    wait_until(lambda: not survivors(pids), DEADLINE, f"the roles of the killed `up` to be gone: {pids}")
+    assert not port_open(project.api_port) and not port_open(project.broker_port)
+    # the watchdog's account (up's output): the broker, the API and beat stopped on SIGTERM, warmly
+    account = re.compile(r"stopped the processes of `up` \(pid \d+\) in [\d.]+ s(: (\d+) had to be killed)?")
+    summary = wait_until(lambda: account.search(stack.output), 10, "the watchdog's account of the stop")
+    assert summary.group(2) == "1", summary.group(0)  # the worker, busy with its 300 s task
+    again = project.up("--no-reload", env=env)
+    assert "ready in" in again.output
