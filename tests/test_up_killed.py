@@ -1,6 +1,6 @@
 """`up` killed with -9 leaves nothing behind (issue 16, point 7): every process it started, other
 projects' included, and their children and daemons, are gone within seconds, their ports free
-for the next `up`."""
+for the next `up`. Also the bound on --scale, which once left 16,190 orphans."""
 
 from __future__ import annotations
 
@@ -118,3 +118,19 @@ def test_our_roles_are_gone_soon_after_up_is_killed_even_with_a_long_task_runnin
     assert summary.group(2) == "1", summary.group(0)  # the worker, busy with its 300 s task
     again = project.up("--no-reload", env=env)
     assert "ready in" in again.output
+
+
+def test_scale_is_bounded_with_one_line(project):
+    """`--scale web=100000` started processes until the machine ran out (16,190 orphans)."""
+    (project.dir / "Procfile").write_text("web: /nonexistent/web-server\n")  # nothing could start, should it run
+    for flag, count in (("--scale", "100000"), ("-c", "100000"), ("--scale", "9" * 5000)):
+        result = project.run("up", flag, f"web={count}", "--broker", "redis://127.0.0.1:1/0", timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and f"--scale 'web={count}'" in result.stderr, result.stderr
+        assert "at most 64 replicas" in result.stderr
+    # what is not a count, the same way (int() refuses these: "²" is a digit to str.isdigit)
+    for count in ("²", "٣"):
+        result = project.run("up", "--scale", f"web={count}", timeout=30)
+        assert result.returncode == 2 and "NAME=COUNT" in result.stderr, result.stderr
+        result = project.run("export", "compose", "out", "--scale", f"web={count}", timeout=30)
+        assert result.returncode == 2 and "NAME=COUNT" in result.stderr, result.stderr

@@ -86,7 +86,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     from runner.supervisor.manager import Supervisor
     from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import broker_problems, port_problems, route_problems
-    from runner.supervisor.procfile import PROCFILE, ProcfileError, expand, load_procfile, parse_scale
+    from runner.supervisor.procfile import MAX_REPLICAS, PROCFILE, ProcfileError, expand, load_procfile, parse_scale
 
     settings = settings_from(
         ctx, follow_stack=False, broker=("--broker", "CELERY_BROKER_URL", broker_url),
@@ -98,7 +98,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     try:
         specs, source = load_procfile(settings.project_dir, procfile)
         types = [spec.process_type for spec in specs]
-        replicas = parse_scale(scale + concurrency, types)
+        replicas = parse_scale(scale + concurrency, types, at_most=MAX_REPLICAS)
     except ProcfileError as error:
         fail(str(error), CONFIG_ERROR)
     problems = route_problems(specs, settings)
