@@ -50,6 +50,11 @@ class StatePaths:
         """Held by the embedded broker that serves from this folder."""
         return self.root / "broker.lock"
 
+    @property
+    def beat_lock(self) -> Path:
+        """Held by the beat that keeps its schedule in this folder."""
+        return self.root / "beat.lock"
+
     def ensure(self) -> "StatePaths":
         """Create the folder tree, readable by its owner only."""
         for folder in (self.root, self.files, self.logs):

@@ -10,8 +10,9 @@ sticky bit, where anyone could put a folder of theirs in its place. Group-writab
 it are left alone: with per-user groups (Debian's and Ubuntu's default) that is the norm.
 
 One at a time. An exclusive flock on a file in the folder, held for the process's life (the kernel
-drops it when the process dies, however it dies). `up` and `serve broker` take one each, since
-`up` starts `serve broker` as its own child. The holder writes its identity (pid and start time)
+drops it when the process dies, however it dies). `up`, `serve broker` and `serve beat` take one
+each, since `up` starts the other two as its own children. Two beats on one folder would share
+its schedule file and send every periodic task twice. The holder writes its identity (pid and start time)
 into the file, so the one refused can name it. The watchdog of a killed `up` keeps that `up`'s lock
 (it shares the open file) until it has stopped every process the `up` started: a new `up` waits
 for it instead of finding their ports taken.
@@ -52,7 +53,7 @@ def _ours(root: Path) -> bool:
     """Empty, or holding something a state folder holds."""
     paths = StatePaths(root)
     names = {path.name for path in (paths.database, paths.files, paths.logs, paths.broker, paths.beat_schedule,
-                                    paths.up_lock, paths.broker_lock)}
+                                    paths.up_lock, paths.broker_lock, paths.beat_lock)}
     with os.scandir(root) as entries:
         seen = [entry.name for entry in entries]
     return not seen or any(name in names for name in seen)
@@ -221,3 +222,8 @@ def up_lock(root: Path) -> StateLock:
 def broker_lock(root: Path) -> StateLock:
     return StateLock(StatePaths(root).broker_lock, "a broker",
                      "stop it (`dify-local down` if `up` started it), or use another --state-dir")
+
+
+def beat_lock(root: Path) -> StateLock:
+    return StateLock(StatePaths(root).beat_lock, "beat",
+                     "one beat per stack, or its periodic tasks run twice (`dify-local down` if `up` started it)")

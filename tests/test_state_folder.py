@@ -1,5 +1,6 @@
-"""The state folder is ours alone (issue 16, point 4): one `up` and one broker at a time on it
-(flock), created owner-only, tightened when it is ours and open, refused when it is not ours."""
+"""The state folder is ours alone (issue 16, point 4): one `up`, one broker and one beat at a
+time on it (flock), created owner-only, tightened when it is ours and open, refused when it is not
+ours."""
 
 from __future__ import annotations
 
@@ -98,6 +99,17 @@ def test_a_second_broker_on_a_live_state_folder_is_refused_and_the_live_one_keep
     # and `up` on the same folder says so before it starts anything
     up = project.run("up", "--broker-port", str(free_port()), timeout=30)
     assert up.returncode == 1 and f"in use by a broker (pid {live.popen.pid})" in up.stderr, up.stderr
+    assert live.popen.poll() is None
+
+
+def test_a_second_beat_on_a_live_state_folder_is_refused(project):
+    """Two beats on one folder shared its schedule file and sent every periodic task twice."""
+    project.serve_broker()
+    live = project.start("serve", "beat")
+    live.wait_for_line("beat: Starting", timeout=60)
+    second = project.run("serve", "beat", timeout=60)
+    assert second.returncode == 1 and f"in use by beat (pid {live.popen.pid})" in second.stderr, second.stderr
+    assert second.stderr.splitlines()[-1].startswith("dify-local: the state folder")
     assert live.popen.poll() is None
 
 
