@@ -54,8 +54,11 @@ def _ours(root: Path) -> bool:
     paths = StatePaths(root)
     names = {path.name for path in (paths.database, paths.files, paths.logs, paths.broker, paths.beat_schedule,
                                     paths.up_lock, paths.broker_lock, paths.beat_lock)}
-    with os.scandir(root) as entries:
-        seen = [entry.name for entry in entries]
+    try:
+        with os.scandir(root) as entries:
+            seen = [entry.name for entry in entries]
+    except OSError:  # its owner's, unreadable even to them: theirs to open up again
+        return True
     return not seen or any(name in names for name in seen)
 
 
@@ -110,6 +113,9 @@ def make_private(root: Path) -> str | None:
         raise StateFolderRefused(f"{root} holds files that are not dify-local's and others may open it (mode "
                                  f"{mode:04o}): it will not be changed to be the state folder; {CHOOSE_ANOTHER}")
     os.chmod(root, OWNER_ONLY)
+    if stat.S_IMODE(os.stat(root).st_mode) & 0o077:  # a file system without Unix modes (vfat, WSL's /mnt/c)
+        raise StateFolderRefused(f"the state folder {root} stays open to others (mode {mode:04o}) on its file "
+                                 f"system, which keeps no owner-only modes: {CHOOSE_ANOTHER}")
     return f"the state folder {root} was open to others (mode {mode:04o}): made it owner-only ({OWNER_ONLY:04o})"
 
 
