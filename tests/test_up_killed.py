@@ -48,14 +48,11 @@ def require_cgroup(stack) -> None:
     pytest.skip(line)
 
 
-@pytest.mark.parametrize("finder", ["cgroup", "environment"])
-def test_other_projects_processes_and_their_daemons_are_gone_soon_after_up_is_killed(project, tmp_path, finder):
-    """A Procfile's `python3 -m http.server`, and a daemon another line starts (double fork,
-    setsid: re-parented, out of every process group and session of `up`'s), outlived a kill -9 of
-    `up` and kept their ports: the next `up` crash-looped. Found through the cgroup `up` puts its
-    processes in (the daemon clears its environment, so only the cgroup can name it), and without
-    one (DIFY_LOCAL_CGROUP=false, as on a laptop that has none) through the marker in their
-    environment."""
+def foreign_stack(project, tmp_path, finder: str):
+    """`up` running another project's `python3 -m http.server` and a launcher of a daemon; in
+    the "cgroup" case the daemon clears its environment (only the cgroup can name it), in the
+    "environment" case `up` makes no cgroup (DIFY_LOCAL_CGROUP=false, as on a laptop that has
+    none)."""
     web, daemon = free_port(), free_port()
     pidfile = tmp_path / "daemon.pid"
     clean = " --clean-env" if finder == "cgroup" else ""
@@ -72,13 +69,43 @@ def test_other_projects_processes_and_their_daemons_are_gone_soon_after_up_is_ki
     if finder == "cgroup":
         require_cgroup(stack)
         assert f"dify-local-up.{stack.popen.pid}" in Path(f"/proc/{pids['daemon']}/cgroup").read_text()
+    return stack, env, pids, (web, daemon), pidfile
+
+
+@pytest.mark.parametrize("finder", ["cgroup", "environment"])
+def test_other_projects_processes_and_their_daemons_are_gone_soon_after_up_is_killed(project, tmp_path, finder):
+    """A Procfile's `python3 -m http.server`, and a daemon another line starts (double fork,
+    setsid: re-parented, out of every process group and session of `up`'s), outlived a kill -9 of
+    `up` and kept their ports: the next `up` crash-looped. Found through the cgroup `up` puts its
+    processes in, and without one through the marker in their environment."""
+    stack, env, pids, ports, pidfile = foreign_stack(project, tmp_path, finder)
     os.kill(stack.popen.pid, signal.SIGKILL)
     stack.wait(10)
     wait_until(lambda: not survivors(pids), DEADLINE, f"the processes of the killed `up` to be gone: {pids}")
-    assert not port_open(web) and not port_open(daemon) and not port_open(project.broker_port)
+    assert not any(port_open(port) for port in (*ports, project.broker_port))
     pidfile.unlink()
     again = project.up("--no-reload", env=env)  # the ports are free: the next `up` starts cleanly
-    wait_until(lambda: pidfile.exists() and port_open(web) and port_open(daemon), 30, "the next server and daemon")
+    wait_until(lambda: pidfile.exists() and all(port_open(port) for port in ports), 30, "the next server and daemon")
+    assert "restarting" not in again.output
+
+
+@pytest.mark.parametrize("finder", ["cgroup", "environment"])
+def test_the_next_up_stops_what_is_left_when_the_watchdog_was_killed_too(project, tmp_path, finder):
+    """`pkill -9 -f 'dify-local up'` kills the watchdog with `up` (it is a fork of `up`: the same
+    command line). Our roles stop themselves; the rest waits for the next `up` on the folder, which
+    stops it (found by the identity and cgroup the killed `up` recorded) before it starts."""
+    stack, env, pids, ports, pidfile = foreign_stack(project, tmp_path, finder)
+    watchdog = json.loads(project.run("ps", "--json").stdout)["supervisor"]["watchdog"]
+    os.kill(watchdog, signal.SIGKILL)
+    os.kill(stack.popen.pid, signal.SIGKILL)
+    stack.wait(10)
+    foreign = {name: pid for name, pid in pids.items() if name != "broker"}
+    assert survivors(foreign) == foreign  # nothing stopped them yet
+    pidfile.unlink()
+    again = project.up("--no-reload", env=env)
+    assert f"`up` (pid {stack.popen.pid}) is gone: stopping the" in again.output
+    assert not survivors(foreign)
+    wait_until(lambda: pidfile.exists() and all(port_open(port) for port in ports), 30, "the next server and daemon")
     assert "restarting" not in again.output
 
 

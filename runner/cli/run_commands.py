@@ -87,6 +87,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import broker_problems, port_problems, route_problems
     from runner.supervisor.procfile import MAX_REPLICAS, PROCFILE, ProcfileError, expand, load_procfile, parse_scale
+    from runner.supervisor.watchdog import stop_leftovers
 
     settings = settings_from(
         ctx, follow_stack=False, broker=("--broker", "CELERY_BROKER_URL", broker_url),
@@ -117,6 +118,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         tightened = make_private(settings.state_dir)
         lock = up_lock(settings.state_dir)  # held until this process ends (its watchdog's, after a kill)
         lock.acquire(GONE_HOLDER_WAIT, waiting=lambda line: click.echo(f"dify-local: {line}", err=True))
+        stop_leftovers(settings.state_dir, lambda line: click.echo(f"dify-local: {line}", err=True))
         if settings.uses_embedded_broker:
             broker_lock(settings.state_dir).check()  # a `serve broker` of its own on this folder
     except StateFolderRefused as error:

@@ -505,7 +505,10 @@ class Supervisor:
             self.reloads.start()
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
                                             "project_dir": str(self.settings.project_dir),
-                                            "settings": self.settings.stack_address()})
+                                            "settings": self.settings.stack_address(),
+                                            # what the next `up` stops, should this one's watchdog die with it
+                                            "identity": self.identity,
+                                            "cgroup": str(self.cgroup.path) if self.cgroup else None})
         status = 0
         try:
             for state in self.states:

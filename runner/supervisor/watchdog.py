@@ -17,7 +17,8 @@ that are left, so that within 5 s of `up`'s death nothing of it runs and its por
 roles also stop themselves when `up` is gone (runner.roles.common), as before.
 
 The watchdog keeps `up`'s lock on the state folder (it shares its open file) until it is done: a
-new `up` waits for it instead of finding the ports taken. When `up` stops normally it leaves its
+new `up` waits for it instead of finding the ports taken. Should the watchdog die with `up`, the
+next `up` on the folder does its work first (stop_leftovers). When `up` stops normally it leaves its
 cgroup, says so over the pipe, and waits for the watchdog, which then only kills what `up`'s own
 stop left (nothing, normally) and removes the cgroup.
 
@@ -38,9 +39,10 @@ from typing import Callable
 import psutil
 
 from runner.process_env import SUPERVISOR
+from runner.process_identity import alive, pid_of
 from runner.roles.common import BROKER_LAST
 from runner.supervisor import control
-from runner.supervisor.cgroup import Cgroup
+from runner.supervisor.cgroup import PREFIX, Cgroup
 from runner.supervisor.tree import name_process
 
 TERM_GRACE = 3.0  # seconds the processes get to stop on SIGTERM before SIGKILL
@@ -152,6 +154,24 @@ class Sweep:
         killed = self.kill(time.monotonic() + KILL_WAIT)
         if killed:
             self.say(f"killed {killed} process(es) that `up`'s stop left behind")
+
+
+def stop_leftovers(state_dir: Path, say: Callable[[str], None]) -> None:
+    """Stop what a previous `up` on this folder left running when its watchdog could not (killed
+    with it, as `pkill -9 -f 'dify-local up'` does: the watchdog is a fork of `up`): found by the
+    identity and cgroup that `up` recorded in supervisor.json. Called by a new `up` that holds the
+    folder's lock, so the previous one has certainly stopped."""
+    info = control.read_info(state_dir) or {}
+    identity, recorded = info.get("identity"), info.get("cgroup")
+    if not isinstance(identity, str) or pid_of(identity) is None or alive(identity):
+        return
+    cgroup = None
+    if isinstance(recorded, str) and Path(recorded).name.startswith(PREFIX):
+        cgroup = Cgroup(Path(recorded), Path(recorded).parent)
+    Sweep(identity, cgroup, pid_of(identity), say).after_death()
+    if cgroup is not None:
+        cgroup.remove()
+    control.forget(state_dir)
 
 
 def _close_others(keep: set[int]) -> None:
