@@ -40,6 +40,21 @@ class StatePaths:
     def broker(self) -> Path:
         return self.root / "broker"
 
+    @property
+    def up_lock(self) -> Path:
+        """Held by the `up` that runs on this folder (runner.state_access)."""
+        return self.root / "up.lock"
+
+    @property
+    def broker_lock(self) -> Path:
+        """Held by the embedded broker that serves from this folder."""
+        return self.root / "broker.lock"
+
+    @property
+    def beat_lock(self) -> Path:
+        """Held by the beat that keeps its schedule in this folder."""
+        return self.root / "beat.lock"
+
     def ensure(self) -> "StatePaths":
         """Create the folder tree, readable by its owner only."""
         for folder in (self.root, self.files, self.logs):

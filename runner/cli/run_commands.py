@@ -75,11 +75,19 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     and keep them running until Ctrl-C or `dify-local down`. Edited code is reloaded: see --no-reload."""
     from runner.settings.loader import read_env_files
     from runner.state import StatePaths
-    from runner.supervisor import control
+    from runner.state_access import (
+        GONE_HOLDER_WAIT,
+        StateFolderBusy,
+        StateFolderRefused,
+        broker_lock,
+        make_private,
+        up_lock,
+    )
     from runner.supervisor.manager import Supervisor
     from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import broker_problems, port_problems, route_problems
-    from runner.supervisor.procfile import PROCFILE, ProcfileError, expand, load_procfile, parse_scale
+    from runner.supervisor.procfile import MAX_REPLICAS, PROCFILE, ProcfileError, expand, load_procfile, parse_scale
+    from runner.supervisor.watchdog import stop_leftovers
 
     settings = settings_from(
         ctx, follow_stack=False, broker=("--broker", "CELERY_BROKER_URL", broker_url),
@@ -91,7 +99,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     try:
         specs, source = load_procfile(settings.project_dir, procfile)
         types = [spec.process_type for spec in specs]
-        replicas = parse_scale(scale + concurrency, types)
+        replicas = parse_scale(scale + concurrency, types, at_most=MAX_REPLICAS)
     except ProcfileError as error:
         fail(str(error), CONFIG_ERROR)
     problems = route_problems(specs, settings)
@@ -107,11 +115,16 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     except ProcessOptionsError as error:
         _echo_all(error.lines, CONFIG_ERROR)
     try:
-        running = control.request(settings.state_dir, {"command": "ps"}, timeout=5)
-        fail(f"dify-local is already running for {settings.state_dir} (pid {running['supervisor']['pid']}): "
-             "see `dify-local ps`, or stop it with `dify-local down`")
-    except control.NotRunning:
-        pass
+        tightened = make_private(settings.state_dir)
+        lock = up_lock(settings.state_dir)  # held until this process ends (its watchdog's, after a kill)
+        lock.acquire(GONE_HOLDER_WAIT, waiting=lambda line: click.echo(f"dify-local: {line}", err=True))
+        stop_leftovers(settings.state_dir, lambda line: click.echo(f"dify-local: {line}", err=True))
+        if settings.uses_embedded_broker:
+            broker_lock(settings.state_dir).check()  # a `serve broker` of its own on this folder
+    except StateFolderRefused as error:
+        fail(str(error), CONFIG_ERROR)
+    except StateFolderBusy as error:
+        fail(str(error))
     problems = port_problems(specs, settings) + broker_problems(settings)
     if problems:
         _echo_all(problems, 1)
@@ -126,8 +139,10 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         (settings.project_dir / OPTIONS_FILE).resolve(), (procfile or settings.project_dir / PROCFILE).resolve()}
     supervisor = Supervisor(settings, expand(specs, replicas, int(base_port) if base_port else None),
                             options, dotenv, ready_timeout=ready_timeout, grace=grace, watch=plan,
-                            read_by_up=read_by_up)
+                            read_by_up=read_by_up, lock=lock)
     supervisor.say(f"dify-local up: {len(supervisor.states)} processes from {source}, state in {settings.state_dir}")
+    if tightened:
+        supervisor.say(tightened)
     if plan is not None:
         supervisor.say(f"reloading on changes in {plan.describe()} (--no-reload turns it off)")
     sys.exit(supervisor.run())

@@ -12,6 +12,8 @@ from runner.broker.server import COMPILED_UNAVAILABLE, EmbeddedBroker
 from runner.roles.common import RoleStartError, start_role
 from runner.settings import Settings
 from runner.settings.kinds import mask_url
+from runner.state import StatePaths
+from runner.state_access import StateFolderBusy, StateFolderRefused, broker_lock
 
 log = logging.getLogger("dify_local.broker")
 
@@ -32,6 +34,18 @@ class BrokerStartError(RoleStartError):
 
 def serve_broker(settings: Settings, password: bool = True) -> None:
     paths = start_role(settings, "broker")
+    lock = broker_lock(paths.root)  # one broker per state folder: two would write one log
+    try:
+        lock.acquire()
+    except (StateFolderBusy, StateFolderRefused) as error:
+        raise BrokerStartError(str(error)) from None
+    try:
+        _serve(settings, paths, password)
+    finally:
+        lock.release()
+
+
+def _serve(settings: Settings, paths: StatePaths, password: bool) -> None:
     host, port = settings.REDIS_HOST, settings.REDIS_PORT
     folder = paths.broker if settings.DIFY_LOCAL_BROKER_PERSIST else None
     try:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dify_local")
 BROKER_WAIT = 60.0  # seconds a role waits for the broker before giving up
+BROKER_LAST = 2.0  # seconds the broker waits, once `up` is gone, before it stops itself (as the watchdog asks)
 
 
 class RoleStartError(Exception):
@@ -38,26 +39,31 @@ def process_name(default: str) -> str:
 
 
 def start_role(settings: Settings, role: str) -> StatePaths:
+    from runner.state_access import StateFolderRefused, make_private
+
     configure_logging(settings, role)
-    stop_when_supervisor_is_gone()
+    stop_when_supervisor_is_gone(after=BROKER_LAST if role == "broker" else 0.0)
+    try:
+        tightened = make_private(settings.state_dir)  # under `up`, done already
+    except StateFolderRefused as error:
+        raise RoleStartError(str(error)) from None
+    if tightened:
+        log.warning("%s", tightened)
     return StatePaths(settings.state_dir).ensure()
 
 
 def supervisor_alive(identity: str) -> bool:
     """Whether the `up` named by SUPERVISOR ("pid:start time") still runs (not another process
     that got its pid since)."""
-    import psutil
+    from runner.process_identity import alive
 
-    pid, _, started = identity.partition(":")
-    try:
-        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
-    except (ValueError, psutil.Error):
-        return False
+    return alive(identity)
 
 
-def stop_when_supervisor_is_gone(every: float = 1.0) -> None:
-    """Under `up`: stop this role the way `up` would (SIGTERM to itself) once `up` is gone. An `up`
-    killed with -9 cannot stop its processes; they would otherwise run on and keep its ports."""
+def stop_when_supervisor_is_gone(every: float = 1.0, after: float = 0.0) -> None:
+    """Under `up`: stop this role the way `up` would (SIGTERM to itself) once `up` is gone, `after`
+    seconds more (the broker: the others may still need it). An `up` killed with -9 cannot stop its
+    processes: its watchdog does (runner.supervisor.watchdog); this is for a watchdog killed too."""
     identity = os.environ.get(SUPERVISOR, "")
     if not identity or not supervisor_alive(identity):
         return  # not under `up` (or it is gone already: then the supervisor's checks never passed)
@@ -66,6 +72,7 @@ def stop_when_supervisor_is_gone(every: float = 1.0) -> None:
         while supervisor_alive(identity):
             time.sleep(every)
         log.warning("`up` (pid %s) is gone: stopping", identity.partition(":")[0])
+        time.sleep(after)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

@@ -207,6 +207,10 @@ SETTINGS: tuple[Setting, ...] = (
     # state
     Setting("DIFY_LOCAL_STATE_DIR", Text(), ".dify-local", "state",
             "folder for the database, files, logs, beat schedule and broker data (relative to the project)"),
+    # up
+    Setting("DIFY_LOCAL_CGROUP", Boolean(), True, "up",
+            "`up` puts what it starts in a cgroup of its own where it may make one (Linux cgroup v2), so that "
+            "nothing outlives a kill -9 of `up`; false: found by their environment only"),
     # doctor's thresholds
     Setting("DIFY_LOCAL_STUCK_DOCUMENT_MINUTES", PositiveNumber("minutes, e.g. 10 or 0.5"), 10, "doctor",
             "minutes a document may stay waiting, parsing, splitting or indexing before `doctor` calls it stuck"),

@@ -39,7 +39,7 @@ class PoolLimits:
 
 def open_connection(path: Path, busy_timeout: float) -> sqlite_utils.Database:
     """A connection, wrapped by sqlite-utils once (wrapping runs a PRAGMA and plugin hooks)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the state folder: its owner's alone
     conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL is durable across application crashes in WAL mode; only a power loss can undo the

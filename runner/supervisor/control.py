@@ -171,3 +171,11 @@ def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None
 def remove_info(state_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         (state_dir / INFO_NAME).unlink()
+
+
+def forget(state_dir: Path) -> None:
+    """What a killed `up` left of itself: its info file and its socket (by its watchdog, which
+    holds the `up`'s lock: no new `up` has made its own yet)."""
+    remove_info(state_dir)
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / SOCKET_NAME).unlink()

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 
@@ -34,9 +33,12 @@ from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.frozen import foreign_environment, program_dir
 from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, WATCH_ROOTS
+from runner.process_identity import identity_of
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
+from runner.state_access import StateLock
 from runner.supervisor import control
+from runner.supervisor.cgroup import Cgroup
 from runner.supervisor.listeners import ApiListener
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
 from runner.supervisor.options import ProcessOptions
@@ -45,6 +47,7 @@ from runner.supervisor.reloads import Reloads
 from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
 from runner.supervisor.tree import alive, become_subreaper, descendants, kill, memory_of, reap_orphans
+from runner.supervisor.watchdog import Watchdog
 
 SYSTEM = "system"
 BROKER_START_TIMEOUT = 15.0
@@ -95,13 +98,17 @@ def describe_exit(returncode: int) -> str:
 class Supervisor:
     def __init__(self, settings: Settings, specs: list[ProcessSpec], options: dict[str, ProcessOptions],
                  dotenv: dict[str, str] | None = None, *, ready_timeout: float = 60.0, grace: float = 10.0,
-                 output=None, watch: WatchPlan | None = None, read_by_up: set[Path] | None = None):
+                 output=None, watch: WatchPlan | None = None, read_by_up: set[Path] | None = None,
+                 lock: StateLock | None = None):
         self.settings = settings
+        self.lock = lock  # the state folder's, held by this process (and its watchdog)
+        self.cgroup: Cgroup | None = None
+        self.watchdog: Watchdog | None = None
         self.ready_timeout = ready_timeout
         self.dotenv = dotenv or {}
         self.events: queue.Queue = queue.Queue()
         self.signals: queue.SimpleQueue = queue.SimpleQueue()  # from the signal handler (see _on_signal)
-        self.identity = f"{os.getpid()}:{psutil.Process().create_time()}"  # roles watch it (SUPERVISOR)
+        self.identity = identity_of()  # roles watch it (SUPERVISOR); the watchdog finds them by it
         self.printer = Printer(output or sys.stdout)
         self.link = BrokerLink(settings)
         self.stopping = threading.Event()
@@ -446,6 +453,7 @@ class Supervisor:
         if now >= self.next_reap:
             self.next_reap = now + REAP_INTERVAL
             managed = {state.process.pid for state in self.states if state.process.pid}
+            managed |= {self.watchdog.pid} if self.watchdog is not None else set()
             reap_orphans(managed | (self.reloads.pids() if self.reloads is not None else set()))
 
     def _pump(self, timeout: float) -> None:
@@ -463,18 +471,44 @@ class Supervisor:
     def start_signal_thread(self) -> None:
         threading.Thread(target=self._follow_signals, name="signals", daemon=True).start()
 
+    def _start_watchdog(self) -> None:
+        """Before anything starts (and before any thread: it forks), the watchdog that stops it
+        all if this process dies, and the cgroup that holds it all where one can be made."""
+        why = ""
+        if self.settings.DIFY_LOCAL_CGROUP:
+            self.cgroup, why = Cgroup.create() if sys.platform.startswith("linux") else (None, "not Linux")
+        watchdog = Watchdog(self.identity, self.cgroup, self.state_dir,
+                            keep=(self.lock.fd,) if self.lock is not None and self.lock.fd is not None else ())
+        try:
+            watchdog.start()
+            self.watchdog = watchdog
+        except OSError as error:  # no process to spare: our roles still stop themselves without `up`
+            self.say(f"cannot start the watchdog ({error.strerror}): should `up` be killed, other projects' "
+                     "processes would be left running")
+        if self.cgroup is not None:
+            why = self.cgroup.join()
+            if why:
+                self.cgroup = None
+        if self.cgroup is None and self.settings.DIFY_LOCAL_CGROUP:
+            self.say(f"no writable cgroup ({why}): should `up` be killed, its watchdog finds what it started by "
+                     "their environment, and a daemon that clears its own could be left running")
+
     def run(self) -> int:
+        become_subreaper()
+        self._start_watchdog()
         self.start_signal_thread()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        become_subreaper()
         self.control_server = control.ControlServer(self.state_dir / control.SOCKET_NAME, self.answer, self.follow)
         self.control_server.start()
         if self.reloads is not None:
             self.reloads.start()
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
                                             "project_dir": str(self.settings.project_dir),
-                                            "settings": self.settings.stack_address()})
+                                            "settings": self.settings.stack_address(),
+                                            # what the next `up` stops, should this one's watchdog die with it
+                                            "identity": self.identity,
+                                            "cgroup": str(self.cgroup.path) if self.cgroup else None})
         status = 0
         try:
             for state in self.states:
@@ -527,7 +561,9 @@ class Supervisor:
         command = request.get("command")
         if command == "ps":
             return {"ok": True, "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started,
-                                               "state_dir": str(self.state_dir), "stopping": self.stopping.is_set()},
+                                               "state_dir": str(self.state_dir), "stopping": self.stopping.is_set(),
+                                               "watchdog": self.watchdog.pid if self.watchdog else None,
+                                               "cgroup": str(self.cgroup.path) if self.cgroup else None},
                     "processes": [self._row(state) for state in self.states],
                     "reload": self.reloads.describe() if self.reloads is not None else None}
         if command == "down":
@@ -640,11 +676,16 @@ class Supervisor:
             for thread in threads:
                 thread.join()
         self._pump(0.05)
-        leftovers = alive(descendants(os.getpid()))
+        watchdog = self.watchdog.pid if self.watchdog is not None else None
+        leftovers = [process for process in alive(descendants(os.getpid())) if process.pid != watchdog]
         if leftovers:
             self.say(f"killing {len(leftovers)} leftover process(es): {', '.join(str(p.pid) for p in leftovers)}")
             kill(leftovers)
-        reap_orphans(set())
+        reap_orphans({watchdog} if watchdog else set())
+        if self.cgroup is not None:
+            self.cgroup.leave()
+        if self.watchdog is not None:
+            self.watchdog.finish()  # it kills what is left of ours anywhere, and removes the cgroup
         self._pump(0.05)
         self.say("stopped")
         with self.feed_lock:

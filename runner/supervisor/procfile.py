@@ -26,6 +26,11 @@ beat: dify-local serve beat
 """
 OUR_COMMANDS = ("dify-local",)
 HONCHO_BASE_PORT = 5000  # honcho's default for $PORT: 5000, +100 per process type, +1 per replica
+# Replicas of one process type `up` runs. Each is a process of its own (one of our workers is about
+# 60 MB: 64 are 4 GB, a laptop's worth) and costs `up` a pipe and two threads; 100,000 ran the
+# machine out of processes and left 16,190 orphans. Beyond the CPU count replicas rarely help:
+# a worker's pool (CELERY_WORKER_AMOUNT, or autoscale) is the way to more concurrency.
+MAX_REPLICAS = 64
 
 
 class ProcfileError(Exception):
@@ -104,15 +109,21 @@ def _replica_node(spec: ProcessSpec) -> ProcessSpec:
     return replace(describe(spec.name, command, spec.process_type), env=spec.env)
 
 
-def parse_scale(items: tuple[str, ...], known: list[str]) -> dict[str, int]:
-    """`worker=3` items (also comma-separated, as honcho's -c takes them) → replicas per process type."""
+def parse_scale(items: tuple[str, ...], known: list[str], at_most: int | None = None) -> dict[str, int]:
+    """`worker=3` items (also comma-separated, as honcho's -c takes them) → replicas per process type
+    (`at_most` each: `up` runs them all on this machine)."""
     scale: dict[str, int] = {}
     for item in (part.strip() for value in items for part in value.split(",") if part.strip()):
         name, sep, count = item.partition("=")
-        if not sep or not count.strip().isdigit():
+        count = count.strip()
+        # ASCII digits only ("²" is a digit to str.isdigit, not to int), and few enough for int()
+        if not sep or not (count.isascii() and count.isdigit()) or (at_most is None and len(count) > 9):
             raise ProcfileError(f"--scale {item!r} is not allowed: NAME=COUNT, e.g. worker=3")
         if name not in known:
             raise ProcfileError(f"--scale {item!r}: no process type {name!r}; the Procfile has: {', '.join(known)}")
+        if at_most is not None and (len(count) > 9 or int(count) > at_most):
+            raise ProcfileError(f"--scale {item!r} is not allowed: at most {at_most} replicas of a process type "
+                                "on one machine (a worker gets more concurrency from its pool: CELERY_WORKER_AMOUNT)")
         scale[name] = int(count)
     return scale
 

@@ -15,17 +15,27 @@ from pathlib import Path
 
 import psutil
 
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def become_subreaper() -> bool:
+def _prctl(option: int, argument) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc.prctl(option, argument, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def become_subreaper() -> bool:
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def name_process(name: bytes) -> bool:
+    """This process's short name (15 bytes), as `ps -o comm` and top show it."""
+    return _prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]))
 
 
 def descendants(pid: int) -> list[psutil.Process]:
