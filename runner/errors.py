@@ -1,7 +1,14 @@
-"""Errors that report several problems at once, one complete line each (bad settings, bad options)."""
+"""Errors that report several problems at once, one complete line each (bad settings, bad options),
+and the one kind every command and role reports the same way: a state folder it cannot use."""
 
 
 class ProblemsError(Exception):
     def __init__(self, lines: list[str]):
         self.lines = lines
         super().__init__("\n".join(lines))
+
+
+class StateError(Exception):
+    """The state folder, or something in it, cannot be used as it is (a symbolic link, a file where a
+    folder belongs, no write permission, a corrupt database). The message names the path and says
+    what to do; only the user can fix it, so a role that stops over one is not restarted."""

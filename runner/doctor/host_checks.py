@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 
 from runner.doctor.context import FAIL, PASS, Context, Result
+from runner.errors import StateError
+from runner.state import StatePaths
 from runner.supervisor.preflight import port_in_use
 
 # -- 7. state folder ---------------------------------------------------------------------------------
@@ -19,6 +21,11 @@ from runner.supervisor.preflight import port_in_use
 def check_state_folder(ctx: Context) -> Result:
     root = ctx.settings.state_dir
     min_free_mb = ctx.settings.DIFY_LOCAL_MIN_FREE_MB
+    try:
+        StatePaths(root).check_links()
+    except StateError as error:
+        message, _, fix = str(error).partition("; ")
+        return Result("state", FAIL, message, fix=fix, data={"path": str(root)})
     if root.exists() and not root.is_dir():
         return Result("state", FAIL, f"the state folder {root} is a file, not a folder",
                       fix="move that file away, or point DIFY_LOCAL_STATE_DIR at a folder")
