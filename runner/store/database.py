@@ -87,7 +87,7 @@ def open_connection(path: Path, busy_timeout: float) -> sqlite_utils.Database:
         # last commits, which is the trade Dify's PostgreSQL defaults make too.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout={min(int(busy_timeout * 1000), 2**31 - 1)}")  # SQLite's is an int of ms
     except sqlite3.DatabaseError as error:
         conn.close()
         raise unusable(path, error) or error from None
