@@ -33,6 +33,7 @@ FILE_MODES = {  # open()'s modes, as flags
 }
 SET_STATE_DIR = "set DIFY_LOCAL_STATE_DIR (or --state-dir)"
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+BAD_SETTING = 2  # the exit status of a bad setting: DIFY_LOCAL_STATE_DIR names a link or a file
 
 
 class LinkInStateFolder(StateError):
@@ -47,7 +48,7 @@ class LinkInStateFolder(StateError):
         else:
             message = (f"{path} is a symbolic link (to {target}): dify-local never follows one in its state "
                        f"folder; remove the link (rm {path}) and start again")
-        super().__init__(message)
+        super().__init__(message, exit_status=BAD_SETTING if path == root else 1)
         self.path = path
 
 
@@ -70,13 +71,14 @@ def explain(path: Path, root: Path, error: OSError) -> Exception:
     if error.errno in (errno.ENOTDIR, errno.EEXIST) and path.exists() and not path.is_dir():
         if path == root:
             return StateError(f"the state folder {path} is a file, not a folder: move the file away, or "
-                              f"{SET_STATE_DIR} to a folder")
+                              f"{SET_STATE_DIR} to a folder", BAD_SETTING)
         return StateError(f"{path} is a file where the state folder keeps a folder: move it away "
                           "(dify-local makes the folder)")
     if error.errno == errno.ENOTDIR:
         above = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
         if above is not None:
-            return StateError(f"cannot make {path}: {above} is a file, not a folder; {SET_STATE_DIR} to a folder")
+            return StateError(f"cannot make {path}: {above} is a file, not a folder; {SET_STATE_DIR} to a folder",
+                              BAD_SETTING)
     return error
 
 

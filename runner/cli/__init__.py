@@ -140,12 +140,15 @@ class Main(click.Group):
         try:
             return super().invoke(ctx)
         except StateError as error:
-            fail(str(error))
+            fail(str(error), error.exit_status)
         except BrokenPipeError:  # `dify-local … | head`: the reader has gone, nothing to say
             sys.stderr.close()
             sys.exit(1)
         except OSError as error:
             fail(describe_os_error(error))
+        except UnicodeError as error:  # a name from bytes that are not UTF-8, where only UTF-8 goes
+            fail(f"{error.reason} ({error.object[error.start:error.end]!r}): a name or value that is not UTF-8 "
+                 "text; use UTF-8", CONFIG_ERROR)
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -83,6 +83,9 @@ def export(ctx: click.Context, format_name: str, folder: Path, broker_url, procf
                f"docker compose -f {folder / 'compose.yaml'} up -d"
     try:
         written = exporter.write(folder, files, private)
+    except UnicodeEncodeError:  # a path or value from bytes that are not UTF-8, in files that must be
+        fail(f"cannot write the {format_name} files to {folder}: a path or setting in them is not UTF-8 text; "
+             "use UTF-8 names", CONFIG_ERROR)
     except OSError as error:
         at = f" at {error.filename}" if error.filename and Path(error.filename) != folder else ""
         fail(f"cannot write the {format_name} files to {folder} ({error.strerror or error}{at}): name a folder this "

@@ -38,7 +38,7 @@ def reachable(path: Path) -> Iterator[str]:
     goes through /proc/self/fd/N/, N being an open descriptor of its folder.
     """
     text = str(path)
-    if len(text.encode()) < SUN_PATH_LIMIT:
+    if len(os.fsencode(text)) < SUN_PATH_LIMIT:
         yield text
         return
     descriptor = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
