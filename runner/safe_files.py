@@ -82,6 +82,20 @@ def explain(path: Path, root: Path, error: OSError) -> Exception:
     return error
 
 
+KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "device", stat.S_IFBLK: "device",
+         stat.S_IFDIR: "folder", stat.S_IFREG: "file"}
+
+
+def wrong_kind(path: Path, root: Path, kind: str) -> StateError:
+    """A path of the state folder that holds another kind of thing than the one kept there."""
+    if path == root:
+        return StateError(f"the state folder {path} is a file, not a folder: move the file away, or "
+                          f"{SET_STATE_DIR} to a folder", BAD_SETTING)
+    found = KINDS.get(stat.S_IFMT(os.lstat(path).st_mode), "special file")
+    return StateError(f"{path} is a {found} where the state folder keeps a {kind}: move it away "
+                      f"(dify-local makes the {kind})")
+
+
 def _parts(root: Path, path: PurePath | str) -> tuple[str, ...]:
     """`path` (absolute, or relative to the state folder) as names below the state folder."""
     relative = PurePath(path)
@@ -174,12 +188,14 @@ def open_fd(root: Path, path: PurePath | str, flags: int, perms: int = 0o600) ->
         except OSError as error:
             if error.errno in (errno.ELOOP, errno.EEXIST) and _link(root.joinpath(*parts)):
                 raise LinkInStateFolder(root.joinpath(*parts), root) from None
+            if error.errno == errno.ENXIO:  # a FIFO (or a socket) nobody reads, where a file goes
+                raise wrong_kind(root.joinpath(*parts), root, "file") from None
             if error.errno in NOT_WRITABLE and writing:
                 raise explain(root.joinpath(*parts), root, error) from None
             raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StateError(f"{root.joinpath(*parts)} is not a regular file: move it away from the state folder")
+            raise wrong_kind(root.joinpath(*parts), root, "file")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)

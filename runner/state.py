@@ -1,14 +1,15 @@
 """Where everything lives inside the state folder: the one place for these paths.
 
 Each path is declared once, as a `Place` of StatePaths; `StatePaths.places()` lists them all, for
-the check that none is a symbolic link (`check_links`, at every start) and for the tests that plant
-one at each. Files and folders of the state folder are opened through runner.safe_files, which
+the check that none is a symbolic link nor the wrong kind of thing (`check`, at every start) and for
+the tests that plant a link at each. Files and folders of the state folder are opened through runner.safe_files, which
 never follows a link.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -87,23 +88,33 @@ class StatePaths:
     def ensure(self) -> "StatePaths":
         """Create the folder tree, readable by its owner only; a link or a file in the way, or a
         folder this user cannot write, is a StateError naming it."""
-        self.check_links()
+        self.check()
         safe_files.ensure_folders(self.root, ("", self.files.relative_to(self.root), self.logs.relative_to(self.root)))
         return self
 
-    def check_links(self) -> None:
-        """Refuse (LinkInStateFolder) when the state folder, any path of it with a fixed name, or a
-        log file is a symbolic link: every start checks, before any process opens one."""
-        found = [self.root] + [self.root / place.relative for place in self.PLACES.values()]
-        if self.logs.is_dir() and not _is_link(self.logs):
-            found += sorted(self.logs.iterdir())
-        for path in found:
-            if _is_link(path):
+    def check(self) -> None:
+        """Refuse (a StateError naming it) the state folder, any path of it with a fixed name, or a
+        log file, when it is a symbolic link or not the kind of thing kept there (a FIFO where a log
+        goes, a file where a folder goes): every start checks, before any process opens one."""
+        expected = [(self.root, FOLDER)] + [(self.root / place.relative, place.kind) for place in self.PLACES.values()]
+        if _mode(self.logs) is not None and stat.S_ISDIR(_mode(self.logs)):
+            expected += [(path, FILE) for path in sorted(self.logs.iterdir()) if LOG_NAME.match(path.name)]
+        for path, kind in expected:
+            mode = _mode(path)
+            if mode is None:
+                continue
+            if stat.S_ISLNK(mode):
                 raise safe_files.LinkInStateFolder(path, self.root)
+            if not KIND_TEST[kind](mode):
+                raise safe_files.wrong_kind(path, self.root, kind)
 
 
-def _is_link(path: Path) -> bool:
+LOG_NAME = re.compile(r"^.+\.log(\.\d+)?$")  # a process's log and its rotations
+KIND_TEST = {FOLDER: stat.S_ISDIR, FILE: stat.S_ISREG, SOCKET: lambda mode: not stat.S_ISDIR(mode)}
+
+
+def _mode(path: Path) -> int | None:
     try:
-        return stat.S_ISLNK(os.lstat(path).st_mode)
-    except OSError:
-        return False
+        return os.lstat(path).st_mode
+    except OSError:  # none there (or a folder above it is not one: that folder is checked itself)
+        return None

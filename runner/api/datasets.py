@@ -8,6 +8,7 @@ The API never imports a task module: work is sent by name, routed by runner.topo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -18,6 +19,7 @@ from runner import safe_files, topology
 from runner.api.errors import ApiError, error_response
 from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import json_body as read_json_body
+from runner.errors import StateError
 from runner.rag import files, index
 from runner.rag.embedders import EmbedderError, configured_embedder
 from runner.rag.files import UploadRefused
@@ -271,7 +273,8 @@ def add_document(dataset_id: str):
                                   size=size, chunk_size=size_setting, chunk_overlap=overlap,
                                   document_id=document_id)
     except BaseException:
-        safe_files.remove(ctx.paths.root, path)
+        with contextlib.suppress(OSError, StateError):  # the error that got here says what is wrong
+            safe_files.remove(ctx.paths.root, path)
         raise
     with ctx.database.connect() as db:  # as queued: the worker may have moved it on before we answer
         document = _document_view(db, index.get_document(db, document_id))
