@@ -17,11 +17,14 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from celery.beat import PersistentScheduler
 
+from runner import safe_files
 from runner.beat_schedule import BY_TASK
+from runner.errors import StateError
 from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY, beat_instance_key
 from runner.topology import QUEUE_NAMES, ROUTES
 
@@ -51,6 +54,17 @@ class HeartbeatScheduler(PersistentScheduler):
     _published_at = 0.0
     _publish_failed = False
     _sampler = None  # None: not started yet; False: none for this app
+
+    def _open_schedule(self):
+        """shelve opens the schedule by its path, and dbm follows a link at it: refuse one first."""
+        path = Path(self.schedule_filename)
+        safe_files.refuse_links(path.parent, [path.name + suffix for suffix in self.known_suffixes])
+        return super()._open_schedule()
+
+    def _destroy_open_corrupted_schedule(self, exc):
+        if isinstance(exc, StateError):  # a link is not a corrupt schedule: Celery would remove it and go on
+            raise exc
+        return super()._destroy_open_corrupted_schedule(exc)
 
     def tick(self, *args, **kwargs):
         interval = super().tick(*args, **kwargs)

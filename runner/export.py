@@ -136,12 +136,17 @@ def compose(app: str, processes: list[ExportedProcess], env_name: str, redis_pas
 
 
 def write(folder: Path, files: dict[str, str], private: set[str]) -> list[Path]:
+    """Write the files into `folder`; the `private` ones (they hold passwords) owner-only from the
+    moment they exist, not after."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in files.items():
         path = folder / name
-        path.write_text(text, encoding="utf-8")
-        if name in private:
-            os.chmod(path, 0o600)
+        perms = 0o600 if name in private else 0o644
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, perms), "w",
+                       encoding="utf-8") as out:
+            if name in private:
+                os.fchmod(out.fileno(), perms)  # a file that was there keeps its mode otherwise
+            out.write(text)
         written.append(path)
     return written

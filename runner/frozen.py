@@ -12,8 +12,13 @@ with.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
+
+from runner import safe_files
+from runner.state import StatePaths
 
 PROGRAM = "dify-local"  # the name Procfile lines run; PATH resolves it to this installation
 BOOTLOADER_PREFIXES = ("_PYI_", "_MEIPASS")
@@ -32,13 +37,18 @@ def program_dir(state_dir: Path) -> str:
     binary = Path(sys.executable).resolve()
     if binary.name == PROGRAM:
         return str(binary.parent)
-    folder = state_dir / "bin"
-    link = folder / PROGRAM
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (link.is_symlink() and link.resolve() == binary):
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(binary)
+    paths = StatePaths(state_dir)
+    folder = paths.program_links
+    # the one link of the state folder, ours: made in a folder opened without following one
+    with safe_files.folder(paths.root, folder) as fd:
+        try:
+            current = os.readlink(PROGRAM, dir_fd=fd)
+        except OSError:
+            current = None
+        if current != str(binary):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(PROGRAM, dir_fd=fd)
+            os.symlink(binary, PROGRAM, dir_fd=fd)
     return str(folder)
 
 

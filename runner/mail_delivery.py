@@ -3,17 +3,17 @@ server the settings name (MAIL_TYPE=smtp), with Dify's setting names."""
 
 from __future__ import annotations
 
-import os
 import smtplib
 import ssl
 import time
 import uuid
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from pathlib import Path
 
+from runner import safe_files
 from runner.settings import Settings
 from runner.settings.kinds import EMAIL
+from runner.state import StatePaths
 
 SMTP_TIMEOUT = 30.0  # seconds per SMTP operation; a refused or silent server is retried by the task
 MESSAGE_DOMAIN = "dify-local.localhost"
@@ -34,14 +34,11 @@ def build_message(sender: str, to: str, subject: str, text: str, html: str | Non
     return message
 
 
-def write_to_outbox(outbox: Path, message: EmailMessage) -> str:
-    """The file appears whole or not at all; returns its name."""
-    outbox.mkdir(parents=True, exist_ok=True)
+def write_to_outbox(paths: StatePaths, message: EmailMessage) -> str:
+    """The file appears whole or not at all, never through a link in the state folder; returns its name."""
     stamp = time.time()  # to the microsecond, so that names sort in the order the mails were written
     name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(stamp))}.{int(stamp % 1 * 1e6):06d}Z-{uuid.uuid4()}.eml"
-    partial = outbox / f".{name}.partial"
-    partial.write_bytes(bytes(message))
-    os.replace(partial, outbox / name)
+    safe_files.write_atomic(paths.root, paths.outbox / name, bytes(message))
     return name
 
 
@@ -60,10 +57,10 @@ def send_over_smtp(settings: Settings, message: EmailMessage) -> None:
         client.send_message(message)
 
 
-def deliver_message(settings: Settings, outbox: Path, message: EmailMessage) -> dict:
+def deliver_message(settings: Settings, paths: StatePaths, message: EmailMessage) -> dict:
     """Deliver as MAIL_TYPE says; what happened, for the task's result."""
     result = {"to": message["To"], "subject": message["Subject"], "message_id": message["Message-ID"]}
     if settings.MAIL_TYPE == "smtp":
         send_over_smtp(settings, message)
         return {**result, "transport": "smtp", "server": f"{settings.SMTP_SERVER}:{settings.SMTP_PORT}"}
-    return {**result, "transport": "outbox", "file": write_to_outbox(outbox, message)}
+    return {**result, "transport": "outbox", "file": write_to_outbox(paths, message)}

@@ -2,51 +2,54 @@
 
 from __future__ import annotations
 
+import os
 import re
 from email import policy
 from email.parser import BytesHeaderParser, BytesParser
-from pathlib import Path
 from typing import Any
+
+from runner import safe_files
+from runner.state import StatePaths
 
 MAIL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.eml$")
 HEADERS = ("from", "to", "subject", "date", "message_id")
 
 
-def _summary(path: Path) -> dict[str, Any] | None:
+def _summary(paths: StatePaths, name: str, raw: bytes | None = None) -> dict[str, Any] | None:
     try:
-        with path.open("rb") as handle:
-            headers = BytesHeaderParser(policy=policy.default).parse(handle)
-        size = path.stat().st_size
+        if raw is None:
+            with safe_files.open_file(paths.root, paths.outbox / name, "rb") as handle:
+                headers = BytesHeaderParser(policy=policy.default).parse(handle)
+                size = os.fstat(handle.fileno()).st_size
+        else:
+            headers, size = BytesHeaderParser(policy=policy.default).parsebytes(raw), len(raw)
     except FileNotFoundError:  # removed meanwhile
         return None
-    return {"name": path.name, "from": str(headers["From"] or ""), "to": str(headers["To"] or ""),
+    return {"name": name, "from": str(headers["From"] or ""), "to": str(headers["To"] or ""),
             "subject": str(headers["Subject"] or ""), "date": str(headers["Date"] or ""),
             "message_id": str(headers["Message-ID"] or ""), "size": size}
 
 
-def list_mail(outbox: Path, to: str | None = None, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+def list_mail(paths: StatePaths, to: str | None = None, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
     """(how many mails match, the newest `limit` of them); names start with their UTC time."""
-    if not outbox.is_dir():
-        return 0, []
-    paths = sorted((path for path in outbox.iterdir() if MAIL_NAME.match(path.name)),
-                   key=lambda path: path.name, reverse=True)
-    summaries = (summary for summary in map(_summary, paths) if summary is not None)
+    names = sorted((name for name in safe_files.list_folder(paths.root, paths.outbox) if MAIL_NAME.match(name)),
+                   reverse=True)
+    summaries = (summary for summary in (_summary(paths, name) for name in names) if summary is not None)
     if to is not None:
         summaries = (summary for summary in summaries if summary["to"].lower() == to.lower())
     matching = list(summaries)
     return len(matching), matching[:limit]
 
 
-def read_mail(outbox: Path, name: str) -> dict[str, Any] | None:
+def read_mail(paths: StatePaths, name: str) -> dict[str, Any] | None:
     """One mail with its text and HTML bodies; None when there is no such mail."""
     if not MAIL_NAME.match(name):
         raise ValueError("a mail name is letters, digits, '.', '_' and '-' ending in .eml (GET /v1/mail lists them)")
-    path = outbox / name
     try:
-        raw = path.read_bytes()
+        raw = safe_files.read_bytes(paths.root, paths.outbox / name)
     except (FileNotFoundError, IsADirectoryError):
         return None
-    summary = _summary(path)
+    summary = _summary(paths, name, raw)
     if summary is None:
         return None
     message = BytesParser(policy=policy.default).parsebytes(raw)

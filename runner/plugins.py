@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
-import shutil
 import stat
 import zipfile
 from contextlib import contextmanager
@@ -28,6 +28,10 @@ except ImportError:  # Windows: installs are not serialised across processes the
 import yaml
 from packaging.version import InvalidVersion, Version
 
+from runner import safe_files
+from runner.state import StatePaths
+
+LOCK_NAME = StatePaths.plugins_lock.relative.name
 MANIFESTS = ("manifest.yaml", "manifest.yml", "manifest.json")
 REQUIRED = ("name", "version", "author")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
@@ -153,22 +157,21 @@ def inspect_package(data: bytes, max_package: int, max_unpacked: int) -> Package
         return Package(name, version, json.loads(json.dumps(manifest, default=str)), total, len(infos))
 
 
-def unpack(data: bytes, destination: Path, max_unpacked: int) -> int:
-    """Unpack a checked package into `destination` (created; must not exist); the bytes written."""
-    destination.mkdir(parents=True)
-    root = destination.resolve()
+def unpack(data: bytes, state_root: Path, destination: Path, max_unpacked: int) -> int:
+    """Unpack a checked package into `destination` (a path of the state folder, made here: it must
+    not exist); the bytes written. Every folder and file is made through runner.safe_files, so a
+    link in the state folder redirects nothing."""
+    with safe_files.folder(state_root, destination.parent) as parent:
+        os.mkdir(destination.name, 0o700, dir_fd=parent)
     written = 0
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         for info in archive.infolist():
             _check_entry(info)
-            target = (root / info.filename).resolve()
-            if not target.is_relative_to(root):  # belt and braces over _check_entry
-                raise PluginPackageError(f"entry {info.filename!r} escapes the plugin folder", entry=info.filename)
+            target = destination.joinpath(*PurePosixPath(info.filename).parts)
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+                safe_files.ensure_folders(state_root, [target])
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as source, open(target, "xb") as sink:
+            with archive.open(info) as source, safe_files.open_file(state_root, target, "xb") as sink:
                 while chunk := source.read(64 * 1024):
                     written += len(chunk)
                     if written > max_unpacked:
@@ -178,18 +181,11 @@ def unpack(data: bytes, destination: Path, max_unpacked: int) -> int:
     return written
 
 
-def remove_folder(folder: Path, inside: Path) -> None:
-    """Remove a plugin's folder, only ever below `inside`."""
-    if folder.resolve().is_relative_to(inside.resolve()) and folder.resolve() != inside.resolve() and folder.exists():
-        shutil.rmtree(folder)
-
-
 @contextmanager
-def folder_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the plugins folder: one install or removal at a time, across
+def folder_lock(state_root: Path, root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the plugins folder `root`: one install or removal at a time, across
     worker threads and processes."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as handle:
+    with safe_files.open_file(state_root, root / LOCK_NAME, "a") as handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -8,16 +8,18 @@ The API never imports a task module: work is sent by name, routed by runner.topo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from runner import topology
+from runner import safe_files, topology
 from runner.api.errors import ApiError, error_response
 from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import json_body as read_json_body
+from runner.errors import StateError
 from runner.rag import files, index
 from runner.rag.embedders import EmbedderError, configured_embedder
 from runner.rag.files import UploadRefused
@@ -259,19 +261,20 @@ def add_document(dataset_id: str):
     size_setting, overlap = _segmenting(options, dataset)
     document_id = index.new_id()
     path = files.document_path(ctx.paths.files, dataset_id, document_id, file_type)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        if upload is not None:
-            upload.save(path)
-        else:
-            path.write_bytes(data)
+        with safe_files.open_file(ctx.paths.root, path, "xb") as out:  # never through a link in the state folder
+            if upload is not None:
+                upload.save(out)
+            else:
+                out.write(data)
         with ctx.database.transaction() as db:
             index.create_document(db, dataset_id, name, source="upload" if upload is not None else "text",
                                   file_path=files.relative_to_store(ctx.paths.files, path), file_type=file_type,
                                   size=size, chunk_size=size_setting, chunk_overlap=overlap,
                                   document_id=document_id)
     except BaseException:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, StateError):  # the error that got here says what is wrong
+            safe_files.remove(ctx.paths.root, path)
         raise
     with ctx.database.connect() as db:  # as queued: the worker may have moved it on before we answer
         document = _document_view(db, index.get_document(db, document_id))

@@ -1,5 +1,6 @@
 """Every error the API returns is JSON: {"error": message, ...details}, with a 4xx status where
-the request was at fault and 503 when the broker or database is unreachable."""
+the request was at fault, 503 when the broker or database is unreachable, and 500 naming the path
+when the state folder holds something only the user can fix (a link, a corrupt database)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flask import Flask, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from runner.errors import StateError
 from runner.store.database import DatabaseBusy
 
 log = logging.getLogger("dify_local.api")
@@ -49,6 +51,11 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(sqlite3.OperationalError)
     def database_unavailable(error: Exception):
         return error_response(503, f"the metadata database is unavailable: {error}")
+
+    @app.errorhandler(StateError)
+    def state_unusable(error: StateError):  # a link in the state folder, a corrupt database: the user must act
+        log.error("%s", error)
+        return error_response(500, str(error))
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):

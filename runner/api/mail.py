@@ -18,8 +18,8 @@ LIST_PARAMETERS = ("to", "limit")
 MAX_LIMIT = 1000
 
 
-def _outbox():
-    return StatePaths(current_app.extensions["dify_settings"].state_dir).outbox
+def _paths() -> StatePaths:
+    return StatePaths(current_app.extensions["dify_settings"].state_dir)
 
 
 @blueprint.get("/v1/mail")
@@ -27,14 +27,14 @@ def list_outbox():
     query_parameters(LIST_PARAMETERS)
     limit = query_integer("limit", 100, 1, MAX_LIMIT)
     to = query_matching("to", EMAIL, "an e-mail address")
-    total, mails = list_mail(_outbox(), to, limit)
+    total, mails = list_mail(_paths(), to, limit)
     return jsonify({"total": total, "mail": mails})
 
 
 @blueprint.get("/v1/mail/<name>")
 def get_mail(name: str):
     try:
-        mail = read_mail(_outbox(), name)
+        mail = read_mail(_paths(), name)
     except ValueError as error:
         raise ApiError(400, str(error)) from None
     if mail is None:

@@ -4,20 +4,18 @@ keep the local index of latest versions, and ask which plugins can be upgraded."
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 from flask import Blueprint, jsonify, request
 from packaging.version import InvalidVersion, Version
 
-from runner import plugins
+from runner import plugins, safe_files
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import celery, database, json_object, sent, settings
 
 blueprint = Blueprint("plugins", __name__)
 
-PACKAGE_FOLDER = "plugin-packages"  # as runner.tasks.plugin reads them
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
 
 
@@ -51,12 +49,9 @@ def upload_plugin():
     except plugins.PluginPackageError as error:
         raise ApiError(413 if error.too_large else 400, f"plugin package refused: {error}",
                        **error.details()) from None
-    folder = celery().dify.paths.files / PACKAGE_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    paths = celery().dify.paths
     name = f"{uuid.uuid4()}.zip"
-    partial = folder / f".{name}.partial"
-    partial.write_bytes(data)
-    os.replace(partial, folder / name)
+    safe_files.write_atomic(paths.root, paths.plugin_packages / name, data)
     result = celery().send_task("install_plugin_task", args=[name])
     return jsonify(sent(result, "install_plugin_task", name=package.name, version=package.version)), 202
 

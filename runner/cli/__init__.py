@@ -3,12 +3,16 @@ it before anything starts, with one line per problem and exit status 2."""
 
 from __future__ import annotations
 
+import errno
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from runner import __version__
+from runner.errors import StateError
 from runner.process_env import ENV_FILES
 from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
 from runner.settings.loader import LOCAL_CONFIG_DIR
@@ -74,7 +78,80 @@ def _parse_assignments(ctx, param, values) -> dict[str, Override]:
     return parsed
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Seconds(click.ParamType):
+    """A finite number of seconds above `least` (or from it, `included`) up to `most`: click's
+    FloatRange lets 'nan' and 'inf' through."""
+
+    name = "seconds"
+
+    def __init__(self, most: float, least: float = 0.0, included: bool = False):
+        self.most, self.least, self.included = most, least, included
+
+    def convert(self, value: Any, param, ctx) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        above = seconds >= self.least if self.included else seconds > self.least
+        if math.isnan(seconds) or not above or seconds > self.most:
+            low = f"at least {self.least:g}" if self.included else f"more than {self.least:g}"
+            self.fail(f"{value!r} is not allowed: {low} and at most {self.most:g} seconds", param, ctx)
+        return seconds
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a file the command could not use, with what to do where the error says."""
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    text = f"{where}: {error.strerror or error}" if where else str(error.strerror or error)
+    hint = {errno.EACCES: "make it writable by this user, or choose another path",
+            errno.EPERM: "make it writable by this user, or choose another path",
+            errno.EROFS: "that file system is read-only: choose a path on another",
+            errno.ENOSPC: "free some space on that disk",
+            errno.EDQUOT: "free some space, or raise the quota",
+            errno.ENOENT: "check the path",
+            errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EISDIR: "that is a folder; name a file"}.get(error.errno)
+    return f"{text} ({hint})" if hint else text
+
+
+class Main(click.Group):
+    """The `dify-local` group: every error ends a command with one line, never a traceback: bad
+    arguments (click's usage errors, exit status 2, without click's usage lines), a state folder it
+    cannot use (StateError), a file the system refuses (OSError)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            hint = f" (`{error.ctx.command_path} --help` shows what it takes)" if error.ctx is not None else ""
+            click.echo(f"dify-local: {error.format_message().rstrip('.')}{hint}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StateError as error:
+            fail(str(error), error.exit_status)
+        except BrokenPipeError:  # `dify-local … | head`: the reader has gone, nothing to say
+            sys.stderr.close()
+            sys.exit(1)
+        except OSError as error:
+            fail(describe_os_error(error))
+        except UnicodeError as error:  # a name from bytes that are not UTF-8, where only UTF-8 goes
+            fail(f"{error.reason} ({error.object[error.start:error.end]!r}): a name or value that is not UTF-8 "
+                 "text; use UTF-8", CONFIG_ERROR)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="dify-local")
 @click.option("--project-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               envvar="DIFY_LOCAL_PROJECT_DIR", help="Folder with the Procfile and local_config/ (default: here).")

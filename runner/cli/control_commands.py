@@ -189,12 +189,14 @@ def logs(ctx: click.Context, names: tuple[str, ...], follow: bool, count: int | 
     from honcho.colour import get_colours
     from honcho.printer import Message, Printer
 
+    from runner.state import StatePaths
     from runner.supervisor import control
     from runner.supervisor.logfiles import logged_names, recent_lines
 
     state_dir = _state_dir(ctx)
-    folder = state_dir / "logs"
-    known = logged_names(folder) if folder.is_dir() else []
+    paths = StatePaths(state_dir)
+    folder = paths.logs
+    known = logged_names(paths)
     chosen = sorted({name for pattern in names for name in known
                      if name == pattern or name.rsplit(".", 1)[0] == pattern or fnmatch.fnmatchcase(name, pattern)})
     if names and not chosen:
@@ -213,7 +215,7 @@ def logs(ctx: click.Context, names: tuple[str, ...], follow: bool, count: int | 
     if not follow:
         if not known:
             fail(f"no logs yet in {folder}: they appear once `dify-local up` has run here")
-        for line in recent_lines(folder, chosen or known, count):
+        for line in recent_lines(paths, chosen or known, count):
             show(line.time, line.name, line.text)
         return
     try:
@@ -221,7 +223,7 @@ def logs(ctx: click.Context, names: tuple[str, ...], follow: bool, count: int | 
                                                "lines": count}):
             show(datetime.datetime.fromisoformat(line["time"]), line["name"], line["text"])
     except control.NotRunning as error:
-        for line in recent_lines(folder, chosen or known, count) if known else []:
+        for line in recent_lines(paths, chosen or known, count) if known else []:
             show(line.time, line.name, line.text)
         fail(f"{error}: there is nothing to follow")
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ import click
 
 from runner.cli import CONFIG_ERROR, CliState, fail, main, settings_from
 
+MOST_SECONDS = 24 * 3600  # --worker-grace and --grace: a day; systemd and supervisord take larger ones badly
+
 
 @main.command("export")
 @click.argument("format_name", metavar="FORMAT", type=click.Choice(["systemd", "supervisord", "compose"]))
@@ -18,9 +20,9 @@ from runner.cli import CONFIG_ERROR, CliState, fail, main, settings_from
               help="Procfile to export (default: the project's, or the built-in Dify stack).")
 @click.option("--scale", "scale", multiple=True, metavar="NAME=N", help="Replicas of a process type; repeatable.")
 @click.option("--app", "app", help="Name of the exported units (default: the project folder's name).")
-@click.option("--worker-grace", type=click.IntRange(min=1), default=600, show_default=True,
+@click.option("--worker-grace", type=click.IntRange(1, MOST_SECONDS), default=600, show_default=True,
               help="Seconds a Celery worker gets to finish its running tasks when stopped.")
-@click.option("--grace", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--grace", type=click.IntRange(1, MOST_SECONDS), default=10, show_default=True,
               help="Seconds any other process gets to stop.")
 @click.pass_context
 def export(ctx: click.Context, format_name: str, folder: Path, broker_url, procfile, scale, app, worker_grace,
@@ -79,7 +81,16 @@ def export(ctx: click.Context, format_name: str, folder: Path, broker_url, procf
         private = {env_name}
         hint = f"build an image with your project and dify-local as {app} (or set DIFY_LOCAL_IMAGE), then: " \
                f"docker compose -f {folder / 'compose.yaml'} up -d"
-    for path in exporter.write(folder, files, private):
+    try:
+        written = exporter.write(folder, files, private)
+    except UnicodeEncodeError:  # a path or value from bytes that are not UTF-8, in files that must be
+        fail(f"cannot write the {format_name} files to {folder}: a path or setting in them is not UTF-8 text; "
+             "use UTF-8 names", CONFIG_ERROR)
+    except OSError as error:
+        at = f" at {error.filename}" if error.filename and Path(error.filename) != folder else ""
+        fail(f"cannot write the {format_name} files to {folder} ({error.strerror or error}{at}): name a folder this "
+             "user can write", CONFIG_ERROR)
+    for path in written:
         click.echo(f"wrote {path}")
     click.echo(f"{len(processes)} process type(s) from {source}; {hint}")
     if warning:

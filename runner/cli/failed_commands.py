@@ -50,6 +50,9 @@ def _failure(settings: Settings, failure_id: int) -> tuple[Database, dict[str, A
     return database, row
 
 
+ROW_ID = click.IntRange(1, 2**63 - 1)  # SQLite's INTEGER: a larger one cannot name a row (and overflows the query)
+
+
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--pending", is_flag=True, help="Only those not retried yet.")
@@ -83,7 +86,7 @@ def failed(ctx: click.Context, as_json: bool, pending: bool, limit: int) -> None
 
 
 @failed.command("show")
-@click.argument("failure_id", metavar="ID", type=int)
+@click.argument("failure_id", metavar="ID", type=ROW_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def show(ctx: click.Context, failure_id: int, as_json: bool) -> None:
@@ -105,7 +108,7 @@ def show(ctx: click.Context, failure_id: int, as_json: bool) -> None:
 
 
 @failed.command("retry")
-@click.argument("failure_id", metavar="ID", type=int)
+@click.argument("failure_id", metavar="ID", type=ROW_ID)
 @click.pass_context
 def retry(ctx: click.Context, failure_id: int) -> None:
     """Send a failed task again, with the same arguments to the same queue, and mark it retried."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runner.cli import CliState, fail, main
+from runner.cli import CONFIG_ERROR, CliState, fail, main
 from runner.settings.reference import render_defaults_env
 from runner.supervisor.procfile import DEFAULT_PROCFILE, PROCFILE
 
@@ -46,7 +46,7 @@ def init(ctx: click.Context, folder: Path | None, force: bool) -> None:
     state: CliState = ctx.find_object(CliState)
     folder = (folder or state.project_dir or Path.cwd()).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
-        fail(f"{folder} is not a folder", 2)
+        fail(f"{folder} is not a folder", CONFIG_ERROR)
     files = project_files()
     existing = [name for name in files if (folder / name).exists()]
     if existing and not force:
@@ -63,7 +63,7 @@ def init(ctx: click.Context, folder: Path | None, force: bool) -> None:
             path.write_text(content, encoding="utf-8")
             written.append(name)
     except OSError as error:
-        fail(f"cannot write into {folder}: {error.strerror or error}", 1)
+        fail(f"cannot write into {folder}: {error.strerror or error}; name a folder this user can write", CONFIG_ERROR)
     click.echo(f"wrote {', '.join(written)} in {folder}" + (f" (kept your {', '.join(kept)})" if kept else ""))
     here = folder == Path.cwd().resolve()
     click.echo("next: " + ("" if here else f"cd {folder} && ") + "dify-local up    "

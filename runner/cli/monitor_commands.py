@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -19,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from runner.cli import fail, main, settings_from
+from runner.cli import Seconds, fail, main, settings_from
 from runner.cli.monitor_tables import INSPECT_TABLES, queue_table
 from runner.monitor.workers import DEFAULT_TIMEOUT, INSPECT_METHODS
 from runner.settings import Settings, mask_url
@@ -27,24 +26,6 @@ from runner.settings import Settings, mask_url
 USAGE = 2  # bad input, as click's own usage errors
 TREND_WINDOW = 300.0  # seconds of queue samples behind the trend column
 TREND_POINTS = 10  # characters of the trend's sparkline
-
-
-class Seconds(click.ParamType):
-    """A positive, finite number of seconds up to `most` (click's FloatRange lets 'nan' through)."""
-
-    name = "seconds"
-
-    def __init__(self, most: float):
-        self.most = most
-
-    def convert(self, value: Any, param, ctx) -> float:
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not (0 < seconds <= self.most) or math.isnan(seconds):
-            self.fail(f"{value!r} is not allowed: more than 0 and at most {self.most:g} seconds", param, ctx)
-        return seconds
 
 
 def _broker_label(settings: Settings) -> str:

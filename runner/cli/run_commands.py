@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from runner.cli import CONFIG_ERROR, CliState, fail, main, settings_from
+from runner.cli import CONFIG_ERROR, CliState, Seconds, fail, main, settings_from
+
+MOST_SECONDS = 24 * 3600.0  # --ready-timeout and --grace: a day is more than any start or stop needs
 
 
 def watch_plan(settings, specs, watch: tuple[str, ...], ignore: tuple[str, ...]):
@@ -56,9 +58,9 @@ def _echo_all(problems: list[str], status: int) -> None:
               help="Run N replicas of a process type (worker.1, worker.2, …); repeatable.")
 @click.option("-c", "--concurrency", "concurrency", multiple=True, metavar="NAME=N[,NAME=N]",
               help="The same, as honcho's -c takes it.")
-@click.option("--ready-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+@click.option("--ready-timeout", type=Seconds(MOST_SECONDS, 1, included=True), default=60.0, show_default=True,
               help="Seconds a process may take to become ready before it is reported.")
-@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--grace", type=Seconds(MOST_SECONDS, 0, included=True), default=10.0, show_default=True,
               help="Seconds a process gets to stop before it is forced (workers finish running tasks).")
 @click.option("--reload/--no-reload", default=True, show_default=True,
               help="Reload the processes whose code changed (never the broker).")

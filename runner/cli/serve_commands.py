@@ -26,6 +26,8 @@ def _run_role(role: str, settings: Settings, **options) -> None:
 
     from runner.reload import child
 
+    from runner.errors import StateError
+
     try:
         from runner.roles.common import RoleStartError
 
@@ -35,8 +37,8 @@ def _run_role(role: str, settings: Settings, **options) -> None:
         raise
     try:
         getattr(module, f"serve_{role}")(settings, **options)
-    except RoleStartError as error:
-        child.failed(error, code=False)
+    except (RoleStartError, StateError) as error:
+        child.failed(error, code=False, user_must_fix=getattr(error, "user_must_fix", True))
         fail(str(error))
     except Exception as error:
         child.failed(error)

@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 
 from runner.doctor.context import FAIL, PASS, Context, Result
+from runner.errors import StateError
+from runner.state import StatePaths
 from runner.supervisor.preflight import port_in_use
 
 # -- 7. state folder ---------------------------------------------------------------------------------
@@ -22,6 +24,12 @@ def check_state_folder(ctx: Context) -> Result:
     if root.exists() and not root.is_dir():
         return Result("state", FAIL, f"the state folder {root} is a file, not a folder",
                       fix="move that file away, or point DIFY_LOCAL_STATE_DIR at a folder")
+    try:
+        StatePaths(root).check()
+    except StateError as error:  # "what is wrong; what to do", or "what is wrong: what to do"
+        text = str(error)
+        message, _, fix = text.partition("; ") if "; " in text else text.rpartition(": ")
+        return Result("state", FAIL, message, fix=fix, data={"path": str(root)})
     # a folder not made yet is made by the first command that needs it: its nearest parent must take it
     target = root
     while not target.exists():

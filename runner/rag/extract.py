@@ -210,11 +210,15 @@ EXTRACTORS: dict[str, Callable[[bytes], Extracted]] = {
 
 
 def extract(path: Path, file_type: str) -> Extracted:
-    extractor = EXTRACTORS.get(file_type)
-    if extractor is None:
-        raise ExtractionError(f"no extractor for file type {file_type!r}; supported: {', '.join(EXTRACTORS)}")
     try:
         data = path.read_bytes()
     except OSError as error:
         raise ExtractionError(f"the uploaded file cannot be read: {error.strerror}") from None
+    return extract_data(data, file_type)
+
+
+def extract_data(data: bytes, file_type: str) -> Extracted:
+    extractor = EXTRACTORS.get(file_type)
+    if extractor is None:
+        raise ExtractionError(f"no extractor for file type {file_type!r}; supported: {', '.join(EXTRACTORS)}")
     return extractor(data)

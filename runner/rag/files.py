@@ -11,12 +11,15 @@ import re
 import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from runner.state import StatePaths
+
 # extension → file type (the extractor's name)
 FILE_TYPES: dict[str, str] = {
     "txt": "txt", "text": "txt", "md": "md", "markdown": "md", "html": "html", "htm": "html",
     "csv": "csv", "json": "json", "pdf": "pdf", "docx": "docx",
 }
 MAX_NAME_BYTES = 255
+DATASETS = StatePaths.datasets.relative.name  # the file store's folder of datasets
 ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -58,35 +61,29 @@ def check_id(value: str, what: str) -> str:
 
 
 def document_path(files_root: Path, dataset_id: str, document_id: str, file_type: str) -> Path:
-    """Where a document's file is kept: inside the file store, whatever the ids hold."""
+    """Where a document's file is kept: inside the file store, whatever the ids hold. The path is
+    lexical (never resolved through a link); runner.safe_files opens it without following one."""
     check_id(dataset_id, "dataset id")
     check_id(document_id, "document id")
     if file_type not in FILE_TYPES.values():
         raise UploadRefused("file", f"unknown file type {file_type!r}")
-    root = (files_root / "datasets").resolve()
-    path = (root / dataset_id / f"{document_id}.{file_type}").resolve()
-    if not path.is_relative_to(root):
-        raise UploadRefused("file", "the document's path would leave the file store")
-    return path
+    return files_root / DATASETS / dataset_id / f"{document_id}.{file_type}"
 
 
 def dataset_folder(files_root: Path, dataset_id: str) -> Path | None:
     """The folder of a dataset's files, or None for an id that is not one of ours."""
     if not ID.match(dataset_id):
         return None
-    root = (files_root / "datasets").resolve()
-    folder = (root / dataset_id).resolve()
-    return folder if folder.is_relative_to(root) and folder != root else None
+    return files_root / DATASETS / dataset_id
 
 
 def relative_to_store(files_root: Path, path: Path) -> str:
-    return path.relative_to(files_root.resolve()).as_posix()
+    return path.relative_to(files_root).as_posix()
 
 
 def stored_path(files_root: Path, relative: str) -> Path:
     """A path recorded in the database, back inside the file store (refusing one that would leave it)."""
-    root = files_root.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
+    recorded = PurePosixPath(relative)
+    if recorded.is_absolute() or any(part in ("..", ".") for part in recorded.parts) or not recorded.parts:
         raise ValueError(f"the recorded path {relative!r} leaves the file store")
-    return path
+    return files_root.joinpath(*recorded.parts)

@@ -137,8 +137,9 @@ def describe_failure(error: BaseException) -> dict[str, Any]:
     return {"file": frame.filename, "line": frame.lineno, "error": text}
 
 
-def failed(error: BaseException, code: bool = True) -> None:
-    """Report a failure before "loaded"; `code` False for one no edit fixes (the broker is down)."""
+def failed(error: BaseException, code: bool = True, user_must_fix: bool = False) -> None:
+    """Report a failure before "loaded"; `code` False for one no edit fixes (the broker is down),
+    `user_must_fix` for one no restart fixes either (a corrupt database: `up` stops trying)."""
     link = channel()
     if link is not None and not _loaded:
-        link.send("failed", code=code, **describe_failure(error))
+        link.send("failed", code=code, user_must_fix=user_must_fix, **describe_failure(error))

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
+from runner.errors import StateError
 from runner.logs import configure_logging
 from runner.process_env import PROCESS_NAME, SUPERVISOR
 from runner.settings import Settings, mask_url
@@ -27,7 +28,13 @@ BROKER_LAST = 2.0  # seconds the broker waits, once `up` is gone, before it stop
 
 
 class RoleStartError(Exception):
-    """A role cannot start: the message says why and what to do."""
+    """A role cannot start: the message says why and what to do. `user_must_fix`: nothing changes
+    by trying again (a corrupt database, a link in the state folder), so `up` marks the role failed
+    at once rather than restarting it."""
+
+    def __init__(self, message: str, user_must_fix: bool = False):
+        super().__init__(message)
+        self.user_must_fix = user_must_fix
 
 
 class BrokerUnreachable(RoleStartError):
@@ -46,10 +53,13 @@ def start_role(settings: Settings, role: str) -> StatePaths:
     try:
         tightened = make_private(settings.state_dir)  # under `up`, done already
     except StateFolderRefused as error:
-        raise RoleStartError(str(error)) from None
+        raise RoleStartError(str(error), user_must_fix=True) from None
     if tightened:
         log.warning("%s", tightened)
-    return StatePaths(settings.state_dir).ensure()
+    try:
+        return StatePaths(settings.state_dir).ensure()
+    except StateError as error:
+        raise RoleStartError(str(error), user_must_fix=True) from None
 
 
 def supervisor_alive(identity: str) -> bool:
@@ -94,8 +104,10 @@ def celery_for_role(settings: Settings, poll_results: bool = False,
     app = create_celery_app(settings, poll_results, register_tasks)
     try:
         prepare_database(app.dify.database, migrate=settings.MIGRATION_ENABLED)
-    except (SchemaOutOfDate, DatabaseBusy) as error:
+    except DatabaseBusy as error:
         raise RoleStartError(str(error)) from None
+    except (SchemaOutOfDate, StateError) as error:
+        raise RoleStartError(str(error), user_must_fix=True) from None
     wait_for_broker(app)
     install_dead_letters(app)
     return app, install_task_recording(app)

@@ -17,6 +17,11 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
+# The ceiling of every number setting without a maximum of its own: what the things they end in all
+# take (a timeout, a timedelta, a SQLite or Redis integer); 10**23 used to pass and then crash a role.
+LARGEST = 2**31 - 1
+
+
 class Kind:
     """Base kind: free text."""
 
@@ -68,13 +73,15 @@ class Integer(Kind):
 
     def parse(self, raw: str) -> int:
         text = raw.strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
+        if not re.fullmatch(r"[+-]?[0-9]{1,30}", text):
             raise ValueError(self.allowed)
         value = int(text)
         if self.minimum is not None and value < self.minimum:
             raise ValueError(self.allowed)
         if self.maximum is not None and value > self.maximum:
             raise ValueError(self.allowed)
+        if value > LARGEST:
+            raise ValueError(f"{self.allowed}, at most {LARGEST}")
         return value
 
 
@@ -93,6 +100,8 @@ class PositiveNumber(Kind):
             raise ValueError(self.allowed) from None
         if not value > 0 or value != value or value == float("inf"):
             raise ValueError(self.allowed)
+        if value > LARGEST:
+            raise ValueError(f"{self.allowed}, at most {LARGEST}")
         return value
 
 

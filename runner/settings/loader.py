@@ -174,10 +174,16 @@ def _default_source(setting: Setting, why: str = "") -> str:
     return "default" + (f" ({'; '.join(notes)})" if notes else "")
 
 
+NOT_TEXT = re.compile("[\ud800-\udfff\x00]")  # lone surrogates: how Python keeps bytes that are not UTF-8
+
+
 def _parse(setting: Setting, raw: str, source: str) -> Value:
     if raw.strip() == "":
         # Blank means unset, as in Dify's .env.example: the default applies.
         return Value(setting.default_value(), _default_source(setting, f"empty in {source}"))
+    if NOT_TEXT.search(raw):  # undecodable bytes from the environment or the command line, or a NUL
+        raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: it holds bytes "
+                             "that are not UTF-8 (or a NUL); settings are UTF-8 text"])
     try:
         return Value(setting.kind.parse(raw), source, raw)
     except ValueError as error:

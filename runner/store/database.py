@@ -19,9 +19,39 @@ from typing import Iterator
 
 import sqlite_utils
 
+from runner.errors import StateError
+from runner.safe_files import explain, refuse_links
+from runner.state import SQLITE_COMPANIONS
+
+CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+CANNOT_WRITE = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")
+
 
 class DatabaseBusy(Exception):
     """No connection came free in time."""
+
+
+class DatabaseUnusable(StateError, sqlite3.DatabaseError):
+    """The database file is not a SQLite database, is damaged, or cannot be opened for writing."""
+
+
+def unusable(path: Path, error: sqlite3.DatabaseError) -> DatabaseUnusable | None:
+    """What a SQLite error means for the user, when it is one only they can fix (a locked database
+    is not: it is waited for)."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    if name.startswith(CORRUPT) or (type(error) is sqlite3.DatabaseError and "not a database" in str(error)):
+        return DatabaseUnusable(
+            f"the metadata database {path} is damaged or not a SQLite database ({error}): stop the stack, move it "
+            f"aside (mv {path} {path}.broken) and start again for a new, empty one, or restore it from a backup")
+    if name.startswith(CANNOT_WRITE) and path.is_dir():
+        return DatabaseUnusable(f"the metadata database {path} is a folder, not a file: move it away (dify-local makes "
+                                "the database)")
+    if name.startswith(CANNOT_WRITE):
+        return DatabaseUnusable(
+            f"cannot open the metadata database {path} for writing ({error}): make {path.parent} and the files "
+            "metadata.db* in it writable by this user, or set DIFY_LOCAL_STATE_DIR (or --state-dir) to another "
+            "folder")
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,15 +68,29 @@ class PoolLimits:
 
 
 def open_connection(path: Path, busy_timeout: float) -> sqlite_utils.Database:
-    """A connection, wrapped by sqlite-utils once (wrapping runs a PRAGMA and plugin hooks)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the state folder: its owner's alone
-    conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable across application crashes in WAL mode; only a power loss can undo the
-    # last commits, which is the trade Dify's PostgreSQL defaults make too.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    """A connection, wrapped by sqlite-utils once (wrapping runs a PRAGMA and plugin hooks).
+
+    SQLite follows a symbolic link at the database or its -wal/-shm/-journal (the unix VFS has no
+    O_NOFOLLOW for them), so the folder and those names are checked first."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the state folder: its owner's alone
+    except OSError as error:
+        raise explain(path.parent, path.parent, error) from None
+    refuse_links(path.parent, [path.name] + [path.name + suffix for suffix in SQLITE_COMPANIONS])
+    try:
+        conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
+    except sqlite3.DatabaseError as error:
+        raise unusable(path, error) or error from None
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across application crashes in WAL mode; only a power loss can undo the
+        # last commits, which is the trade Dify's PostgreSQL defaults make too.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={min(int(busy_timeout * 1000), 2**31 - 1)}")  # SQLite's is an int of ms
+    except sqlite3.DatabaseError as error:
+        conn.close()
+        raise unusable(path, error) or error from None
     return sqlite_utils.Database(conn)
 
 
@@ -96,6 +140,11 @@ class Database:
         db, opened = self._checkout()
         try:
             yield db
+        except sqlite3.DatabaseError as error:
+            found = unusable(self.path, error) if not isinstance(error, DatabaseUnusable) else None
+            if found is None:
+                raise
+            raise found from error
         finally:
             if db.conn.in_transaction:
                 db.conn.rollback()

@@ -12,12 +12,17 @@ import json
 import os
 import socket
 import socketserver
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-SOCKET_NAME = "control.sock"
-INFO_NAME = "supervisor.json"
+from runner import safe_files
+from runner.errors import StateError
+from runner.state import StatePaths
+
+SOCKET_NAME = StatePaths.control_socket.relative.name  # for runner.supervisor.manager, which joins it itself
+MAX_INFO = 1024 * 1024  # bytes: supervisor.json is a pid and a few settings
 SUN_PATH_LIMIT = 100  # bytes; Linux allows 108 in sockaddr_un
 
 
@@ -33,10 +38,10 @@ def reachable(path: Path) -> Iterator[str]:
     goes through /proc/self/fd/N/, N being an open descriptor of its folder.
     """
     text = str(path)
-    if len(text.encode()) < SUN_PATH_LIMIT:
+    if len(os.fsencode(text)) < SUN_PATH_LIMIT:
         yield text
         return
-    descriptor = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    descriptor = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         yield f"/proc/self/fd/{descriptor}/{path.name}"
     finally:
@@ -75,14 +80,16 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.path = path
         self.answer = answer
         self.follow = follow
-        if path.exists() or path.is_symlink():
-            path.unlink()  # a stale socket of a supervisor that did not stop cleanly
+        # a stale socket of a supervisor that did not stop cleanly (a link is removed, never followed)
+        safe_files.remove(path.parent, path.name)
         previous = os.umask(0o177)  # the socket is created owner-only: no window where others can connect
         try:
             with reachable(path) as address:
                 super().__init__(address, _Handler)
         finally:
             os.umask(previous)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):  # replaced meanwhile: never chmod through a link
+            raise safe_files.LinkInStateFolder(path, path.parent)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="control-socket", daemon=True)
@@ -98,9 +105,15 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def _connect(state_dir: Path, timeout: float | None) -> socket.socket:
-    path = state_dir / SOCKET_NAME
-    if not path.exists():
-        raise NotRunning(f"nothing is running for {state_dir} (no control socket)")
+    path = StatePaths(state_dir).control_socket
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotRunning(f"nothing is running for {state_dir} (no control socket)") from None
+    if stat.S_ISLNK(mode):  # connect() would follow it to whatever socket it names
+        raise NotRunning(str(safe_files.LinkInStateFolder(path, state_dir)))
+    if not stat.S_ISSOCK(mode):
+        raise NotRunning(f"nothing is running for {state_dir} ({path} is not a socket)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -136,19 +149,15 @@ def stream(state_dir: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]
 def write_info(state_dir: Path, info: dict[str, Any]) -> None:
     """The running `up`: its pid, and the settings its command line gave (owner-only: a password
     given with --broker-password is among them)."""
-    path = state_dir / INFO_NAME
-    partial = path.with_suffix(".partial")
-    with contextlib.suppress(FileNotFoundError):
-        partial.unlink()
-    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as out:
-        out.write(json.dumps(info, indent=2))
-    os.replace(partial, path)
+    paths = StatePaths(state_dir)
+    safe_files.write_atomic(paths.root, paths.supervisor_info, json.dumps(info, indent=2).encode())
 
 
 def read_info(state_dir: Path) -> dict[str, Any] | None:
+    paths = StatePaths(state_dir)
     try:
-        info = json.loads((state_dir / INFO_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none, unreadable, or the state folder is not a folder (settings say so)
+        info = json.loads(safe_files.read_bytes(paths.root, paths.supervisor_info, limit=MAX_INFO))
+    except (OSError, ValueError, StateError):  # none, unreadable, a link (never followed), or no state folder
         return None
     return info if isinstance(info, dict) else None
 
@@ -157,10 +166,11 @@ def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None
     """The pid of the `up` running for this state folder and where its broker and API are
     (Settings.stack_address), so commands from another terminal look at the stack that runs."""
     info = read_info(state_dir)
-    if not info or not isinstance(info.get("pid"), int) or not isinstance(info.get("settings"), dict):
+    pid = info.get("pid") if info else None
+    if not isinstance(pid, int) or not 0 < pid < 2**31 or not isinstance(info.get("settings"), dict):
         return None
     try:
-        os.kill(info["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return None  # a stale file of an `up` that did not stop cleanly
     except PermissionError:
@@ -169,13 +179,19 @@ def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None
 
 
 def remove_info(state_dir: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (state_dir / INFO_NAME).unlink()
+    paths = StatePaths(state_dir)
+    try:
+        safe_files.remove(paths.root, paths.supervisor_info)
+    except (OSError, StateError):
+        pass
 
 
 def forget(state_dir: Path) -> None:
     """What a killed `up` left of itself: its info file and its socket (by its watchdog, which
     holds the `up`'s lock: no new `up` has made its own yet)."""
     remove_info(state_dir)
-    with contextlib.suppress(FileNotFoundError):
-        (state_dir / SOCKET_NAME).unlink()
+    paths = StatePaths(state_dir)
+    try:
+        safe_files.remove(paths.root, paths.control_socket)
+    except (OSError, StateError):
+        pass

@@ -10,6 +10,9 @@ import logging.handlers
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from runner import safe_files
+from runner.state import StatePaths
+
 STAMP = "%Y-%m-%dT%H:%M:%S.%f"  # sorts as text, so several files merge by time
 
 
@@ -19,21 +22,36 @@ class LogLine(NamedTuple):
     text: str
 
 
+class StateLogHandler(logging.handlers.RotatingFileHandler):
+    """logging's rotating handler for a log file of the state folder: the file is opened through
+    runner.safe_files, never through a link. Its rotations rename and remove names (a link itself,
+    never what it points to), so only the open needed replacing."""
+
+    def __init__(self, state_root: Path, path: Path, **options):
+        self.state_root = state_root
+        super().__init__(path, **options)
+
+    def _open(self):
+        return safe_files.open_file(self.state_root, Path(self.baseFilename), self.mode, encoding=self.encoding,
+                                    errors=self.errors)
+
+
 class ProcessLogFiles:
-    """`<folder>/<name>.log` for each process, rotated at `max_bytes` keeping `backups` old files."""
+    """`<folder>/<name>.log` for each process, rotated at `max_bytes` keeping `backups` old files.
+    `folder` is StatePaths.logs (runner.supervisor.manager joins it itself): its parent is the state folder."""
 
     def __init__(self, folder: Path, max_bytes: int, backups: int):
-        self.folder = folder
+        self.paths = StatePaths(folder.parent)
         self.max_bytes = max_bytes
         self.backups = backups
         self._handlers: dict[str, logging.Handler] = {}
-        folder.mkdir(parents=True, exist_ok=True)
+        safe_files.ensure_folders(self.paths.root, [self.paths.logs])
 
     def _handler(self, name: str) -> logging.Handler:
         handler = self._handlers.get(name)
         if handler is None:
-            handler = logging.handlers.RotatingFileHandler(
-                self.folder / f"{name}.log", maxBytes=self.max_bytes, backupCount=self.backups, encoding="utf-8")
+            handler = StateLogHandler(self.paths.root, self.paths.log_file(name), maxBytes=self.max_bytes,
+                                      backupCount=self.backups, encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(message)s"))
             self._handlers[name] = handler
         return handler
@@ -56,23 +74,25 @@ def _parse(name: str, raw: str) -> LogLine | None:
         return None
 
 
-def _file_lines(folder: Path, name: str) -> list[LogLine]:
+def _file_lines(paths: StatePaths, name: str) -> list[LogLine]:
     """A process's lines, oldest first, from its current file and the newest rotated one."""
     lines: list[LogLine] = []
-    for path in (folder / f"{name}.log.1", folder / f"{name}.log"):
+    current = paths.log_file(name)
+    for path in (current.with_name(current.name + ".1"), current):
         try:
-            with path.open(encoding="utf-8", errors="replace") as handle:
+            with safe_files.open_file(paths.root, path, "r", errors="replace") as handle:
                 lines.extend(line for line in (_parse(name, raw) for raw in handle) if line)
         except FileNotFoundError:
             continue
     return lines
 
 
-def logged_names(folder: Path) -> list[str]:
-    return sorted(path.name[: -len(".log")] for path in folder.glob("*.log"))
+def logged_names(paths: StatePaths) -> list[str]:
+    return sorted(name[: -len(".log")] for name in safe_files.list_folder(paths.root, paths.logs)
+                  if name.endswith(".log") and len(name) > len(".log"))
 
 
-def recent_lines(folder: Path, names: list[str], count: int) -> list[LogLine]:
+def recent_lines(paths: StatePaths, names: list[str], count: int) -> list[LogLine]:
     """The last `count` lines of these processes together, in time order."""
-    merged: Iterator[LogLine] = heapq.merge(*(_file_lines(folder, name) for name in names))
+    merged: Iterator[LogLine] = heapq.merge(*(_file_lines(paths, name) for name in names))
     return list(merged)[-count:] if count else []

@@ -189,6 +189,12 @@ class Reloads:
         if not self.speaks_channel(state.process) or exited.pid in self.loaded_pids or exited.returncode < 0:
             return False  # not ours, or it had loaded, or a signal stopped it: the usual crash handling
         failure = state.failure or self._failure_from_tail(state.process)
+        if failure.get("user_must_fix"):  # a corrupt database, a link in the state folder: said once, not retried
+            state.status = "failed"
+            message = failure.get("error") or "it exited before it had loaded"
+            self.supervisor.say(f"{state.name} cannot start: {message.partition(': ')[2] or message} "
+                                f"(marked failed; `dify-local start {state.name}` once that is fixed)")
+            return True
         if failure.get("code") is False:
             return False
         state.status = "failed"

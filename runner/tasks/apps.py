@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from runner import safe_files
+from runner.rag.files import stored_path
 from runner.tasks.base import context, delete_older_than, new_id, now, task
 from runner.tasks.workflow import run_log_relative
 
@@ -77,13 +79,13 @@ def remove_app_and_related_data_task(self, app_id: str) -> dict:
             db.execute(statement, [app_id])
         db.execute("INSERT OR REPLACE INTO deleted_apps (app_id, deleted_at) VALUES (?, ?)", [app_id, now()])
     files = 0
-    root = ctx.paths.files.resolve()
     for run_id, log_path in runs:
         # by id as well as by the recorded path: a log written just before its run was deleted
         # may not have had its path recorded yet
         for relative in {run_log_relative(run_id), log_path} - {None}:
-            path = (ctx.paths.files / relative).resolve()
-            if path.is_relative_to(root) and path.is_file():
-                path.unlink()
-                files += 1
+            try:
+                path = stored_path(ctx.paths.files, relative)
+            except ValueError:  # a recorded path that would leave the file store: never followed
+                continue
+            files += safe_files.remove(ctx.paths.root, path)
     return {"app_id": app_id, "removed": {**removed, "files": files}}

@@ -9,14 +9,16 @@ from typing import Any, Callable
 from celery import shared_task
 
 from runner.context import AppContext
+from runner.errors import StateError
 from runner.topology import ROUTES
 
 DAY = 86400  # seconds
 
 
-# Errors that say the input is wrong (a bad address, a missing row, an invalid graph): running the
-# task again cannot help, so it fails at once and goes to the failed tasks.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, TypeError)
+# Errors that say the input is wrong (a bad address, a missing row, an invalid graph), or that the
+# state folder holds what only the user can fix (a link, a corrupt database): running the task again
+# cannot help, so it fails at once and goes to the failed tasks (`dify-local failed retry` once fixed).
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, TypeError, StateError)
 
 # The seed: a failed task is retried with exponential backoff, configurable per task. Celery's
 # autoretry waits a random 0..2^n s before retry n+1 (1 s base, "full jitter", at most

@@ -3,10 +3,9 @@ Dify runs from beat. User-triggered indexing goes to priority_dataset, backgroun
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
-from runner import rag
+from runner import rag, safe_files
 from runner.context import AppContext
 from runner.rag import files, index
 from runner.rag.embedders import EmbedderError, configured_embedder
@@ -17,9 +16,8 @@ from runner.tasks.pipeline import prepare_document
 def _store_text(ctx: AppContext, dataset_id: str, document_id: str, text: str) -> tuple[str, int]:
     """Keep a text document in the file store like an upload, so it can be re-indexed from it."""
     path = files.document_path(ctx.paths.files, dataset_id, document_id, "txt")
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode()
-    path.write_bytes(data)
+    safe_files.write_atomic(ctx.paths.root, path, data)
     return files.relative_to_store(ctx.paths.files, path), len(data)
 
 
@@ -132,9 +130,8 @@ def clean_unused_datasets_task(self, days: int = 30) -> dict:
     removed_files = 0
     for row in stale:
         folder = files.dataset_folder(ctx.paths.files, row["id"])
-        if folder is not None and folder.is_dir():
-            removed_files += sum(1 for path in folder.rglob("*") if path.is_file())
-            shutil.rmtree(folder)
+        if folder is not None:
+            removed_files += safe_files.remove_tree(ctx.paths.root, folder)
     return {"removed": len(stale), "removed_files": removed_files, "older_than_days": days}
 
 

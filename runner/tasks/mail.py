@@ -18,7 +18,7 @@ RESET_CODE_DIGITS = 6
 def deliver(ctx: AppContext, to: str, subject: str, body: str, html: str | None = None) -> dict:
     """Build one mail from the settings' sender and deliver it as MAIL_TYPE says."""
     message = build_message(ctx.settings.MAIL_DEFAULT_SEND_FROM, to, subject, body, html)
-    return deliver_message(ctx.settings, ctx.paths.outbox, message)
+    return deliver_message(ctx.settings, ctx.paths, message)
 
 
 def deliver_template(ctx: AppContext, to: str, template: str, **values) -> dict:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner import rag
+from runner import rag, safe_files
 from runner.context import AppContext
+from runner.errors import StateError
 from runner.rag import index
-from runner.rag.extract import ExtractionError, extract
+from runner.rag.extract import ExtractionError, extract_data
 from runner.rag.files import stored_path
 from runner.rag.metadata import document_metadata
 from runner.tasks.base import context, task
@@ -19,6 +20,16 @@ def run_pipeline(text: str, chunk_size: int, overlap: int) -> dict:
     cleaned = rag.clean_text(text)
     chunks = rag.chunk_text(cleaned, chunk_size, overlap)
     return {"chunks": chunks, "metadata": {**rag.text_metadata(cleaned), "chunks": len(chunks)}}
+
+
+def _stored_file(ctx: AppContext, relative: str) -> bytes:
+    """An uploaded file's content, read without following a link in the state folder."""
+    try:
+        return safe_files.read_bytes(ctx.paths.root, stored_path(ctx.paths.files, relative))
+    except StateError as error:
+        raise ExtractionError(str(error)) from None
+    except OSError as error:
+        raise ExtractionError(f"the uploaded file cannot be read: {error.strerror}") from None
 
 
 def prepare_document(ctx: AppContext, document_id: str) -> dict[str, Any] | None:
@@ -33,8 +44,7 @@ def prepare_document(ctx: AppContext, document_id: str) -> dict[str, Any] | None
         raise LookupError(f"no document {document_id!r}")
     index.set_status(ctx.database, document_id, "parsing")
     try:
-        path = stored_path(ctx.paths.files, document["file_path"])
-        extracted = extract(path, document["file_type"])
+        extracted = extract_data(_stored_file(ctx, document["file_path"]), document["file_type"])
         index.set_status(ctx.database, document_id, "splitting")
         cleaned = rag.clean_text(extracted.text)
         chunks = rag.chunk_text(cleaned, document["chunk_size"], document["chunk_overlap"])

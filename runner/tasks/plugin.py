@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-from runner import plugins
+from runner import plugins, safe_files
 from runner.tasks.base import context, new_id, now, task
 
-PACKAGE_FOLDER = "plugin-packages"  # uploads waiting for the plugin queue
-PLUGIN_FOLDER = "plugins"  # installed plugins, one folder per name
 PACKAGE_FILE = re.compile(r"^[0-9a-f-]{36}\.zip$")
 
 
@@ -20,30 +18,31 @@ def install_plugin_task(self, package_file: str) -> dict:
     if not PACKAGE_FILE.match(package_file):
         raise ValueError(f"package_file {package_file!r} must be the <uuid>.zip name the upload returned")
     ctx = context(self)
-    settings = ctx.settings
-    source = ctx.paths.files / PACKAGE_FOLDER / package_file
-    if not source.exists():
-        raise LookupError(f"no uploaded package {package_file!r}")
-    data = source.read_bytes()
+    settings, paths = ctx.settings, ctx.paths
+    source = paths.plugin_packages / package_file
+    try:
+        data = safe_files.read_bytes(paths.root, source, limit=settings.PLUGIN_MAX_PACKAGE_SIZE)
+    except FileNotFoundError:
+        raise LookupError(f"no uploaded package {package_file!r}") from None
     package = plugins.inspect_package(data, settings.PLUGIN_MAX_PACKAGE_SIZE,
                                       settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
-    installed_root = ctx.paths.files / PLUGIN_FOLDER
+    installed_root = paths.plugins
     staging = installed_root / f".{package.name}.{new_id()}"
-    relative = f"{PLUGIN_FOLDER}/{package.name}"
-    with plugins.folder_lock(installed_root):
+    relative = paths.plugins.joinpath(package.name).relative_to(paths.files).as_posix()
+    with plugins.folder_lock(paths.root, installed_root):
         try:
-            size = plugins.unpack(data, staging, settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
+            size = plugins.unpack(data, paths.root, staging, settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
             final = installed_root / package.name
             previous = installed_root / f".{package.name}.old.{new_id()}"
-            if final.exists():
-                final.rename(previous)
-            staging.rename(final)
-            plugins.remove_folder(previous, installed_root)
+            if safe_files.exists(paths.root, final):
+                safe_files.replace(paths.root, final, previous)
+            safe_files.replace(paths.root, staging, final)
+            safe_files.remove_tree(paths.root, previous)
         except BaseException:
-            plugins.remove_folder(staging, installed_root)
+            safe_files.remove_tree(paths.root, staging)
             raise
         _record(ctx, package, len(data), relative)
-    source.unlink(missing_ok=True)
+    safe_files.remove(paths.root, source)
     return {"name": package.name, "version": package.version, "path": relative, "unpacked_bytes": size,
             "entries": package.entries}
 
@@ -64,11 +63,10 @@ def uninstall_plugin_task(self, name: str) -> dict:
     if not plugins.NAME.match(name):
         raise ValueError(f"{name!r} is not a plugin name")
     ctx = context(self)
-    installed_root = ctx.paths.files / PLUGIN_FOLDER
-    with plugins.folder_lock(installed_root):
+    with plugins.folder_lock(ctx.paths.root, ctx.paths.plugins):
         with ctx.database.transaction() as db:
             removed = db.execute("DELETE FROM plugins WHERE name = ?", [name]).rowcount
-        plugins.remove_folder(installed_root / name, installed_root)
+        safe_files.remove_tree(ctx.paths.root, ctx.paths.plugins / name)
     return {"name": name, "removed": bool(removed)}
 
 

@@ -29,7 +29,7 @@ def clean_temp_files_task(self) -> dict:
     """Remove temporary files older than DIFY_LOCAL_TEMP_FILE_HOURS from the state folder's files/tmp."""
     ctx = context(self)
     hours = ctx.settings.DIFY_LOCAL_TEMP_FILE_HOURS
-    return {**remove_older_than(ctx.paths.temp, now() - hours * HOUR), "older_than_hours": hours}
+    return {**remove_older_than(ctx.paths.root, ctx.paths.temp, now() - hours * HOUR), "older_than_hours": hours}
 
 
 @task("clean_old_logs_task")
@@ -37,7 +37,8 @@ def clean_old_logs_task(self) -> dict:
     """Remove rotated log files (NAME.log.1 …) older than DIFY_LOCAL_LOG_RETENTION_DAYS; live logs stay."""
     ctx = context(self)
     days = ctx.settings.DIFY_LOCAL_LOG_RETENTION_DAYS
-    return {**remove_older_than(ctx.paths.logs, now() - days * DAY, ROTATED_LOG), "older_than_days": days}
+    removed = remove_older_than(ctx.paths.root, ctx.paths.logs, now() - days * DAY, ROTATED_LOG)
+    return {**removed, "older_than_days": days}
 
 
 @task("clean_queue_samples_task")

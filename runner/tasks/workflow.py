@@ -4,15 +4,15 @@ schedule_executor, triggered_workflow_dispatcher, trigger_refresh_executor)."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-from runner import workflow_http, workflows
+from runner import safe_files, workflow_http, workflows
 from runner.context import AppContext
 from runner.schedules import claim_due_schedules, claim_expiring_subscriptions
+from runner.state import StatePaths
 from runner.tasks.base import context, new_id, now, row_by_id, task
 
-RUN_LOG_FOLDER = "workflow-runs"
+RUN_LOG_FOLDER = StatePaths.run_logs.relative.name  # in the file store
 
 
 def run_log_relative(run_id: str) -> str:
@@ -73,16 +73,14 @@ def save_workflow_run_log_task(self, run_id: str) -> dict:
         document[key] = json.loads(document[key]) if document[key] else None
     relative = run_log_relative(run_id)
     path = ctx.paths.files / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
-    os.replace(partial, path)
+    data = json.dumps(document, indent=2, default=str).encode()
+    safe_files.write_atomic(ctx.paths.root, path, data)
     with ctx.database.transaction() as db:
         updated = db.execute("UPDATE workflow_runs SET log_path = ? WHERE id = ?", [relative, run_id]).rowcount
     if not updated:  # the run was deleted while its log was written: no orphan file
-        path.unlink(missing_ok=True)
+        safe_files.remove(ctx.paths.root, path)
         return deleted
-    return {"run_id": run_id, "log_path": relative, "bytes": path.stat().st_size}
+    return {"run_id": run_id, "log_path": relative, "bytes": len(data)}
 
 
 @task("workflow_schedule_poller_task")
