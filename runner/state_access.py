@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from runner.errors import StateError
 from runner.process_identity import alive, identity_of, pid_of
+from runner.safe_files import LinkInStateFolder
 from runner.state import StatePaths
 
 OWNER_ONLY = 0o700
@@ -39,8 +41,11 @@ POLL = 0.05
 CHOOSE_ANOTHER = "pick another with --state-dir or DIFY_LOCAL_STATE_DIR"
 
 
-class StateFolderRefused(Exception):
-    """This folder cannot be the state folder: one line, with what to do."""
+class StateFolderRefused(StateError):
+    """This folder cannot be the state folder: one line, with what to do (a setting fixes it: exit 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_status=2)
 
 
 class StateFolderBusy(Exception):
@@ -50,10 +55,8 @@ class StateFolderBusy(Exception):
 # -- who may get in --------------------------------------------------------------------------------
 
 def _ours(root: Path) -> bool:
-    """Empty, or holding something a state folder holds."""
-    paths = StatePaths(root)
-    names = {path.name for path in (paths.database, paths.files, paths.logs, paths.broker, paths.beat_schedule,
-                                    paths.up_lock, paths.broker_lock, paths.beat_lock)}
+    """Empty, or holding something a state folder holds (a name of runner.state's places, or a log)."""
+    names = {place.relative.parts[0] for place in StatePaths.places().values()}
     try:
         with os.scandir(root) as entries:
             seen = [entry.name for entry in entries]
@@ -78,7 +81,9 @@ def make_private(root: Path) -> str | None:
     """Create the state folder owner-only, or check an existing one (see the module's docstring).
 
     Returns the line to show when it tightened the folder, None when there was nothing to do;
-    raises StateFolderRefused for a folder it must not use."""
+    raises StateFolderRefused for a folder it must not use (LinkInStateFolder for a link)."""
+    if os.path.islink(root):  # never followed, not even to look at what it points to
+        raise LinkInStateFolder(root, root)
     shared = _open_ancestor(root)
     if shared is not None:
         raise StateFolderRefused(

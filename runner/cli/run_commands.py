@@ -77,10 +77,10 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     and keep them running until Ctrl-C or `dify-local down`. Edited code is reloaded: see --no-reload."""
     from runner.settings.loader import read_env_files
     from runner.state import StatePaths
+    from runner.errors import StateError
     from runner.state_access import (
         GONE_HOLDER_WAIT,
         StateFolderBusy,
-        StateFolderRefused,
         broker_lock,
         make_private,
         up_lock,
@@ -123,8 +123,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         stop_leftovers(settings.state_dir, lambda line: click.echo(f"dify-local: {line}", err=True))
         if settings.uses_embedded_broker:
             broker_lock(settings.state_dir).check()  # a `serve broker` of its own on this folder
-    except StateFolderRefused as error:
-        fail(str(error), CONFIG_ERROR)
+    except StateError as error:  # StateFolderRefused among them
+        fail(str(error), error.exit_status)
     except StateFolderBusy as error:
         fail(str(error))
     problems = port_problems(specs, settings) + broker_problems(settings)

@@ -46,13 +46,13 @@ def process_name(default: str) -> str:
 
 
 def start_role(settings: Settings, role: str) -> StatePaths:
-    from runner.state_access import StateFolderRefused, make_private
+    from runner.state_access import make_private
 
     configure_logging(settings, role)
     stop_when_supervisor_is_gone(after=BROKER_LAST if role == "broker" else 0.0)
     try:
         tightened = make_private(settings.state_dir)  # under `up`, done already
-    except StateFolderRefused as error:
+    except StateError as error:  # StateFolderRefused, a link
         raise RoleStartError(str(error), user_must_fix=True) from None
     if tightened:
         log.warning("%s", tightened)

@@ -3,7 +3,7 @@ written, truncated or removed, and the link is named in one line saying to remov
 
 The paths come from runner.state (StatePaths.places()), so a new state path is covered here without
 touching this file; beside them, the paths whose names are not fixed (the processes' logs and a
-rotated one) and the embedded broker's own files (runner/broker/aof.py: fixed on the broker branch).
+rotated one) and the embedded broker's own files (runner/broker/aof.py).
 Three ways in: a link planted before `up` at the path, a link planted at the folder above it, and
 links planted under a running stack at the file store's folders, where each is written at work time.
 """
@@ -23,7 +23,6 @@ from tests.conftest import Project
 from tests.helpers import free_port, wait_until
 
 OUTSIDE_TEXT = "outside the state folder: must stay exactly as it is\n"
-BROKER_BRANCH = pytest.mark.xfail(reason="broker files: fixed on the broker branch", strict=False)
 PROCESSES = ("broker", "api", "worker", "beat", "system")  # the built-in stack's log files, and up's own
 
 
@@ -34,7 +33,7 @@ def state_paths() -> list:
              for name, place in StatePaths.places().items()]
     rows += [pytest.param(f"logs/{name}.log", "file", id=f"logs/{name}.log") for name in PROCESSES]
     rows += [pytest.param("logs/worker.log.1", "file", id="logs/worker.log.1")]
-    rows += [pytest.param(f"broker/{name}", "file", id=f"broker/{name}", marks=BROKER_BRANCH)
+    rows += [pytest.param(f"broker/{name}", "file", id=f"broker/{name}")
              for name in ("appendonly.aof", "appendonly.rewrite")]
     return rows
 
