@@ -40,6 +40,11 @@ class StatePaths:
     def broker(self) -> Path:
         return self.root / "broker"
 
+    @property
+    def broker_password(self) -> Path:
+        """The embedded broker's password when the user sets none (runner.settings.generated)."""
+        return self.root / "broker-password"
+
     def ensure(self) -> "StatePaths":
         """Create the folder tree, readable by its owner only."""
         for folder in (self.root, self.files, self.logs):

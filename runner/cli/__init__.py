@@ -11,7 +11,7 @@ import click
 from runner import __version__
 from runner.process_env import ENV_FILES
 from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
-from runner.settings.loader import LOCAL_CONFIG_DIR
+from runner.settings.loader import GENERATED, LOCAL_CONFIG_DIR
 from runner.supervisor.control import running_stack_settings
 
 CONFIG_ERROR = 2
@@ -35,9 +35,9 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
 
     `follow_stack`: when an `up` runs for the same state folder, where its broker and API are
     (`up --port 5002 --broker redis://…`, or the same from its environment) replaces the project's
-    defaults and local_config/ here, not what this terminal sets itself (flags, environment,
-    .env): `doctor` or `queues` in another terminal look at the stack that runs. `up` and the
-    roles it starts do not.
+    defaults, local_config/ and generated password here, not what this terminal sets itself
+    (flags, environment, .env): `doctor` or `queues` in another terminal look at the stack that
+    runs. `up` and the roles it starts do not.
     """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)
@@ -53,7 +53,7 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
             sources = {setting.name: value.source for setting, value in settings.items()}
             inherited = {name: Override(value, f"of the running `up`, pid {pid}")
                          for name, value in given.items()
-                         if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR))
+                         if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR, GENERATED))
                          and BY_NAME[name].kind.format(getattr(settings, name)) != value}
             if inherited:
                 settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files)

@@ -45,8 +45,7 @@ def export(ctx: click.Context, format_name: str, folder: Path, broker_url, procf
     app = app or exporter.app_name(settings.project_dir)
     processes = exporter.plan(specs, replicas, options, worker_grace, grace)
     env = read_env_files(settings.project_dir, ctx.find_object(CliState).env_files)
-    env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()
-                if not value.source.startswith("default")})
+    env.update(settings.given())  # not the generated broker password: that one is this machine's
     warning = None
     if format_name == "compose" and settings.uses_embedded_broker:
         password = secrets.token_urlsafe(18)

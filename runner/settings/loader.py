@@ -5,6 +5,10 @@ process environment, so the values `up` hands its processes are the ones every c
 `load_settings` reads every layer, parses each value with its kind, runs the checks that involve
 more than one setting, and returns a `Settings` that knows each value's source. Any bad value
 raises `SettingsError` whose lines each name the variable, the value and what is allowed.
+
+REDIS_PASSWORD that no layer sets is, for the embedded broker, the state folder's own random one
+(runner.settings.generated), so `up`, its processes and every command in another terminal agree
+on it without being told, and no one else knows it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from honcho.environ import parse as honcho_parse
 
 from runner.errors import ProblemsError
 from runner.settings.envfile import EnvFileError, read_env_file
+from runner.settings.generated import BrokerPasswordError, broker_password
 from runner.settings.kinds import MASK, BrokerUrl, host_port, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
 from runner.settings.tls_files import tls_file_problems
+from runner.state import StatePaths
 
 LOCAL_CONFIG_DIR = "local_config"
 DEFAULT_ENV_FILES = (".env",)
@@ -39,6 +45,7 @@ class SettingsError(ProblemsError):
 
 STACK_ADDRESS_GROUPS = ("broker / backend", "embedded broker")
 STACK_ADDRESS_SETTINGS = ("DIFY_BIND_ADDRESS", "DIFY_PORT")
+GENERATED = "generated"  # the source of the state folder's own broker password
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,10 @@ class Settings:
         for setting in SETTINGS:
             yield setting, self._values[setting.name]
 
-    def display(self, name: str) -> str:
+    def display(self, name: str, reveal: bool = False) -> str:
         setting = BY_NAME[name]
-        return shown(setting, setting.kind.format(self._values[name].value))
+        text = setting.kind.format(self._values[name].value)
+        return text if reveal else shown(setting, text)
 
     # -- derived values -------------------------------------------------------------------------
 
@@ -142,9 +150,17 @@ class Settings:
     def stack_address(self) -> dict[str, str]:
         """Every setting that says where a running stack is: its broker (embedded or real, with
         Sentinel and TLS) and its API. Kept by `up` for commands in other terminals, which may not
-        share the flags or the environment it was started with: the whole group, so it stays coherent."""
+        share the flags or the environment it was started with: the whole group, so it stays coherent.
+        A generated password stays in its own file, which those commands read themselves."""
         return {setting.name: setting.kind.format(value.value) for setting, value in self.items()
-                if setting.group in STACK_ADDRESS_GROUPS or setting.name in STACK_ADDRESS_SETTINGS}
+                if (setting.group in STACK_ADDRESS_GROUPS or setting.name in STACK_ADDRESS_SETTINGS)
+                and not value.source.startswith(GENERATED)}
+
+    def given(self) -> dict[str, str]:
+        """The values someone set (local_config/, environment, .env, command line) as .env text:
+        neither defaults nor the state folder's generated password."""
+        return {setting.name: setting.kind.format(value.value) for setting, value in self.items()
+                if not value.source.startswith(("default", GENERATED))}
 
     def command_line_environment(self) -> dict[str, str]:
         """Values given on the command line, as environment for child processes."""
@@ -182,6 +198,18 @@ def _parse(setting: Setting, raw: str, source: str) -> Value:
         return Value(setting.kind.parse(raw), source, raw)
     except ValueError as error:
         raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"]) from None
+
+
+def _generated_password(values: dict[str, Value], settings: Settings) -> None:
+    """REDIS_PASSWORD that no layer set: the state folder's own, for the embedded broker (a real
+    broker's password is in CELERY_BROKER_URL)."""
+    if not settings.uses_embedded_broker or not values["REDIS_PASSWORD"].source.startswith("default"):
+        return
+    path = StatePaths(settings.state_dir).broker_password
+    try:
+        values["REDIS_PASSWORD"] = Value(broker_password(path), f"{GENERATED}, {path}")
+    except BrokerPasswordError as error:
+        raise SettingsError([str(error)]) from None
 
 
 def _cross_checks(settings: Settings) -> list[str]:
@@ -298,4 +326,5 @@ def load_settings(
     problems = _cross_checks(settings)
     if problems:
         raise SettingsError(problems)
+    _generated_password(values, settings)
     return settings
