@@ -48,6 +48,13 @@ def shown_config(project, *args: str, env: dict | None = None) -> dict[str, tupl
     return {item["name"]: (item["value"], item["source"]) for item in json.loads(done.stdout)["settings"]}
 
 
+def make_password(project, env: dict | None = None) -> str:
+    """What starts the stack or a role of it makes the folder's password: here a `job`."""
+    done = project.run("job", "--", "true", env=env)
+    assert done.returncode == 0, done.stderr
+    return shown_config(project, env=env)["REDIS_PASSWORD"][0]
+
+
 def one_line_error(done, status: int, *needles: str) -> str:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == status and len(lines) == 1, (done.returncode, done.stdout, done.stderr)
@@ -83,17 +90,25 @@ def test_with_no_password_set_the_broker_gets_a_random_one_kept_owner_only_and_s
 
 
 def test_each_state_folder_has_its_own_password_and_a_real_broker_needs_none(project, tmp_path):
+    # a command that only looks makes nothing: there is no password before a broker or a role starts
+    assert shown_config(project)["REDIS_PASSWORD"] == (
+        "", f"generated, {password_file(project)} (none yet: made when the broker first starts)")
+    assert not project.state.exists()
+    elsewhere = {"DIFY_LOCAL_STATE_DIR": str(tmp_path / "other-state")}
+    make_password(project)
+    make_password(project, env=elsewhere)
     first = shown_config(project)["REDIS_PASSWORD"]
-    other = shown_config(project, env={"DIFY_LOCAL_STATE_DIR": str(tmp_path / "other-state")})["REDIS_PASSWORD"]
+    other = shown_config(project, env=elsewhere)["REDIS_PASSWORD"]
     assert first[1] == f"generated, {password_file(project)}"
     assert other[1] == f"generated, {tmp_path / 'other-state' / 'broker-password'}"
     assert first[0] != other[0] and PUBLISHED not in (first[0], other[0])
     assert shown_config(project)["REDIS_PASSWORD"] == first  # read again, not made again
     # with CELERY_BROKER_URL there is no embedded broker: nothing is generated for it
-    real = shown_config(project, env={"CELERY_BROKER_URL": "redis://:theirs@127.0.0.1:6390/1",
-                                      "DIFY_LOCAL_STATE_DIR": str(tmp_path / "real-state")})
-    assert real["REDIS_PASSWORD"][0] == "" and real["REDIS_PASSWORD"][1].startswith("default")
-    assert not (tmp_path / "real-state").exists()
+    real = {"CELERY_BROKER_URL": "redis://:theirs@127.0.0.1:6390/1", "DIFY_LOCAL_STATE_DIR": str(tmp_path / "real")}
+    assert project.run("job", "--", "true", env=real).returncode == 0
+    assert shown_config(project, env=real)["REDIS_PASSWORD"][0] == ""
+    assert shown_config(project, env=real)["REDIS_PASSWORD"][1].startswith("default")
+    assert not (tmp_path / "real" / "broker-password").exists()
 
 
 def test_concurrent_first_uses_agree_on_one_password(tmp_path):
@@ -182,7 +197,7 @@ def test_a_foreign_procfile_process_gets_the_password_in_its_environment(project
 
 @pytest.mark.parametrize("where", ["environment", ".env", "local_config", "--password", "--set"])
 def test_a_password_the_user_sets_is_used_as_it_is(project, where):
-    generated = shown_config(project)["REDIS_PASSWORD"][0]  # the folder has one already
+    generated = make_password(project)  # the folder has one already
     env, args, before = {}, [], []
     if where == "environment":
         password, env = PUBLISHED, {"REDIS_PASSWORD": PUBLISHED}  # Dify's .env.example sets it
@@ -282,7 +297,7 @@ def test_a_password_file_of_another_user_is_refused(project):
 
 
 def test_exported_units_do_not_carry_the_generated_password(project, tmp_path):
-    password = shown_config(project)["REDIS_PASSWORD"][0]
+    password = make_password(project)
     for format_name in ("systemd", "supervisord", "compose"):
         folder = tmp_path / format_name
         done = project.run("export", format_name, str(folder))

@@ -10,7 +10,7 @@ from runner.settings import load_settings
 
 
 def config(tmp_path, **environ):
-    return celery_config(load_settings(tmp_path, environ=environ))
+    return celery_config(load_settings(tmp_path, environ=environ, make_password=True))  # as a role loads them
 
 
 def test_embedded_broker_json_only_and_expiring_results(tmp_path):

@@ -73,7 +73,8 @@ def test_nothing_running_names_the_broker_and_the_database_with_their_fixes(proj
                                 "beat": "skip", "documents": "skip", "state": "pass", "ports": "pass"}
     broker = checks["broker"]
     assert broker["data"]["kind"] == "unreachable" and "Connection refused" in broker["detail"]
-    assert f"redis://:****@127.0.0.1:{project.broker_port}/1 (embedded)" in broker["detail"]
+    # no broker has started in this folder, so it has no password yet (doctor makes none)
+    assert f"redis://127.0.0.1:{project.broker_port}/1 (embedded)" in broker["detail"]
     assert "`dify-local up`" in broker["fix"]
     assert "no database yet" in checks["migrations"]["detail"] and "`dify-local migrate`" in checks["migrations"]["fix"]
     assert "the broker does not answer" in checks["worker"]["detail"]
@@ -205,7 +206,8 @@ def test_a_healthy_stack_is_green_and_a_stopped_hung_or_doubled_role_is_named(pr
     doctor_until(project, "beat", "pass")
 
     # a second beat on the same broker (another folder's)
-    stray = project.start("serve", "beat", env={"DIFY_LOCAL_STATE_DIR": str(tmp_path / "elsewhere")})
+    stray = project.start("serve", "beat", env={"DIFY_LOCAL_STATE_DIR": str(tmp_path / "elsewhere"),
+                                                "REDIS_PASSWORD": project.broker_password})  # that folder has its own
     beat = doctor_until(project, "beat", "fail")["beat"]
     assert "2 beats tick on this broker" in beat["detail"]
     assert f"`kill {stray.popen.pid}`" in beat["fix"] and "not this stack's beat" in beat["fix"]

@@ -30,7 +30,8 @@ def fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[str, str, object]) -> Settings:
+def settings_from(ctx: click.Context, follow_stack: bool = True, make_password: bool = False,
+                  **flags: tuple[str, str, object]) -> Settings:
     """Effective settings with `--set` values and this command's own flags (flag, name, value) on top.
 
     `follow_stack`: when an `up` runs for the same state folder, where its broker and API are
@@ -38,6 +39,9 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
     defaults, local_config/ and generated password here, not what this terminal sets itself
     (flags, environment, .env): `doctor` or `queues` in another terminal look at the stack that
     runs. `up` and the roles it starts do not.
+
+    `make_password`: what starts the stack, a role of it or a job makes the state folder's broker
+    password if it has none yet; a command that only looks does not.
     """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)
@@ -45,7 +49,7 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
         if value is not None:
             overrides[name] = Override(str(value), flag)
     try:
-        settings = load_settings(state.project_dir, overrides, env_files=state.env_files)
+        settings = load_settings(state.project_dir, overrides, env_files=state.env_files, make_password=make_password)
         stack = running_stack_settings(settings.state_dir) if follow_stack else None
         if stack is not None:
             pid, given = stack
@@ -56,7 +60,8 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
                          if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR, GENERATED))
                          and BY_NAME[name].kind.format(getattr(settings, name)) != value}
             if inherited:
-                settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files)
+                settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files,
+                                         make_password=make_password)
         return settings
     except SettingsError as error:
         for line in error.lines:

@@ -82,7 +82,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     from runner.supervisor.procfile import PROCFILE, ProcfileError, expand, load_procfile, parse_scale
 
     settings = settings_from(
-        ctx, follow_stack=False, broker=("--broker", "CELERY_BROKER_URL", broker_url),
+        ctx, follow_stack=False, make_password=True, broker=("--broker", "CELERY_BROKER_URL", broker_url),
         port=("--port", "DIFY_PORT", port),
         broker_port=("--broker-port", "REDIS_PORT", broker_port),
         broker_password=("--broker-password", "REDIS_PASSWORD", broker_password),

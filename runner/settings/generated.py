@@ -31,12 +31,13 @@ class BrokerPasswordError(Exception):
     """One line: the file, what is wrong with it, and what to do."""
 
 
-def broker_password(path: Path) -> str:
-    """The password kept at `path`, made there first if there is none."""
+def broker_password(path: Path, make: bool = True) -> str | None:
+    """The password kept at `path`; where there is none, made there (`make`), or None."""
     try:
         return _read(path)
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, NotADirectoryError):
+        if not make:
+            return None
     _create(path)
     return _read(path)
 
@@ -45,7 +46,7 @@ def _read(path: Path) -> str:
     try:
         # O_NONBLOCK: a FIFO put there must not hang the command
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise
     except OSError as error:
         if os.path.islink(path):
@@ -78,6 +79,12 @@ def _create(path: Path) -> None:
     partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (FileExistsError, NotADirectoryError):
+        raise BrokerPasswordError(f"the state folder {path.parent} is not a folder, so the broker password cannot be "
+                                  "kept in it; set DIFY_LOCAL_STATE_DIR (or --state-dir) to a folder") from None
+    except OSError as error:
+        raise BrokerPasswordError(f"cannot make the state folder {path.parent}: {error.strerror}") from None
+    try:
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(descriptor, 0o600)  # whatever the umask

@@ -117,7 +117,9 @@ class Settings:
         return not self.CELERY_BROKER_URL
 
     def embedded_url(self, db: int) -> str:
-        return f"redis://:{quote(self.REDIS_PASSWORD, safe='')}@{host_port(self.REDIS_HOST, self.REDIS_PORT)}/{db}"
+        # no password yet (see _generated_password), or a broker started with --no-password: no AUTH
+        auth = f":{quote(self.REDIS_PASSWORD, safe='')}@" if self.REDIS_PASSWORD else ""
+        return f"redis://{auth}{host_port(self.REDIS_HOST, self.REDIS_PORT)}/{db}"
 
     @property
     def broker_url(self) -> str:
@@ -200,16 +202,20 @@ def _parse(setting: Setting, raw: str, source: str) -> Value:
         raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"]) from None
 
 
-def _generated_password(values: dict[str, Value], settings: Settings) -> None:
+def _generated_password(values: dict[str, Value], settings: Settings, make: bool) -> None:
     """REDIS_PASSWORD that no layer set: the state folder's own, for the embedded broker (a real
-    broker's password is in CELERY_BROKER_URL)."""
+    broker's password is in CELERY_BROKER_URL). Made by what starts the stack or a role of it
+    (`make`); a command that only looks (doctor, queues, config) leaves the folder as it is, and
+    where there is none yet, no broker of this folder has started with one."""
     if not settings.uses_embedded_broker or not values["REDIS_PASSWORD"].source.startswith("default"):
         return
     path = StatePaths(settings.state_dir).broker_password
     try:
-        values["REDIS_PASSWORD"] = Value(broker_password(path), f"{GENERATED}, {path}")
+        password = broker_password(path, make)
     except BrokerPasswordError as error:
         raise SettingsError([str(error)]) from None
+    values["REDIS_PASSWORD"] = (Value(password, f"{GENERATED}, {path}") if password is not None else
+                                Value("", f"{GENERATED}, {path} (none yet: made when the broker first starts)"))
 
 
 def _cross_checks(settings: Settings) -> list[str]:
@@ -281,8 +287,12 @@ def load_settings(
     overrides: Mapping[str, Override] | None = None,
     environ: Mapping[str, str] | None = None,
     env_files: tuple[str, ...] = DEFAULT_ENV_FILES,
+    make_password: bool = False,
 ) -> Settings:
-    """Read every layer and return the effective settings, or raise `SettingsError`."""
+    """Read every layer and return the effective settings, or raise `SettingsError`.
+
+    `make_password`: make the state folder's broker password if it has none (for `up` and the
+    roles; see _generated_password)."""
     project = Path(project_dir or os.getcwd()).resolve()
     env = os.environ if environ is None else environ
     dotenv = read_env_files(project, env_files)
@@ -326,5 +336,5 @@ def load_settings(
     problems = _cross_checks(settings)
     if problems:
         raise SettingsError(problems)
-    _generated_password(values, settings)
+    _generated_password(values, settings, make_password)
     return settings
