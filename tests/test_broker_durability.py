@@ -73,7 +73,8 @@ def kill9(proc: Proc) -> None:
 
 
 def connect(project, db: int = 1) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=project.broker_port, password=project.broker_password, db=db, socket_timeout=30)
+    return redis.Redis(host="127.0.0.1", port=project.broker_port, password=project.broker_password, db=db,
+                       socket_timeout=30)
 
 
 def persistence(project) -> dict:

@@ -116,19 +116,19 @@ def test_concurrent_first_uses_agree_on_one_password(tmp_path):
     the password if it is missing: one wins, and none reads a half-written file."""
     from runner.settings.generated import broker_password
 
+    def first_use(path: Path, barrier: threading.Barrier, seen: list, errors: list) -> None:
+        barrier.wait()
+        try:
+            seen.append(broker_password(path))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
     for round_number in range(20):
         path = tmp_path / f"state-{round_number}" / "broker-password"
         barrier = threading.Barrier(8)
         seen: list[str] = []
         errors: list[BaseException] = []
-
-        def first_use() -> None:
-            barrier.wait()
-            try:
-                seen.append(broker_password(path))
-            except BaseException as error:  # noqa: BLE001 - reported below
-                errors.append(error)
-        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        threads = [threading.Thread(target=first_use, args=(path, barrier, seen, errors)) for _ in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
