@@ -114,8 +114,8 @@ def test_real_redis_info_shows_its_version_keys_and_queues(project, redis_server
 
 def test_unreachable_broker_is_one_line_naming_the_url_and_what_to_do(project):
     done = project.run("broker", "info")  # nothing started: the embedded broker is not running
-    # no broker has started here, so there is no password yet: none in the URL
-    assert_one_clear_line(done, f"redis://127.0.0.1:{project.broker_port}/1", "dify-local up")
+    assert_one_clear_line(done, f"redis://:****@127.0.0.1:{project.broker_port}/1", "dify-local up")
+    assert project.broker_password not in done.stderr  # made for the broker that starts next
 
 
 def test_wrong_password_for_the_embedded_broker_names_redis_password(project):

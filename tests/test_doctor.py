@@ -73,13 +73,13 @@ def test_nothing_running_names_the_broker_and_the_database_with_their_fixes(proj
                                 "beat": "skip", "documents": "skip", "state": "pass", "ports": "pass"}
     broker = checks["broker"]
     assert broker["data"]["kind"] == "unreachable" and "Connection refused" in broker["detail"]
-    # no broker has started in this folder, so it has no password yet (doctor makes none)
-    assert f"redis://127.0.0.1:{project.broker_port}/1 (embedded)" in broker["detail"]
+    assert f"redis://:****@127.0.0.1:{project.broker_port}/1 (embedded)" in broker["detail"]
     assert "`dify-local up`" in broker["fix"]
     assert "no database yet" in checks["migrations"]["detail"] and "`dify-local migrate`" in checks["migrations"]["fix"]
     assert "the broker does not answer" in checks["worker"]["detail"]
     assert [entry["state"] for entry in checks["ports"]["data"]["ports"]] == ["free", "free"]
-    assert not project.state.exists()  # doctor made nothing
+    # doctor made nothing but the folder's broker password (for the broker that starts next)
+    assert [entry.name for entry in project.state.iterdir()] == ["broker-password"]
 
     text = project.run("doctor")
     assert text.returncode == 1

@@ -198,7 +198,7 @@ def test_without_a_worker_inspect_says_who_was_asked_where_and_fails(project):
 
 
 def test_a_broker_that_is_not_there_is_one_line_for_every_command(project):
-    url = f"redis://127.0.0.1:{project.broker_port}/1"  # none has started here: no password yet
+    url = f"redis://:****@127.0.0.1:{project.broker_port}/1"
     for args in (("inspect", "ping"), ("queues",), ("queues", "--json"), ("purge", "mail", "--yes")):
         line = one_line_error(run(project, *args))
         assert line.startswith(f"dify-local: cannot use the embedded broker at {url}: "), line

@@ -11,7 +11,7 @@ import click
 from runner import __version__
 from runner.process_env import ENV_FILES
 from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
-from runner.settings.loader import GENERATED, LOCAL_CONFIG_DIR
+from runner.settings.loader import GENERATED, LOCAL_CONFIG_DIR, NEVER
 from runner.supervisor.control import running_stack_settings
 
 CONFIG_ERROR = 2
@@ -30,7 +30,7 @@ def fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-def settings_from(ctx: click.Context, follow_stack: bool = True, make_password: bool = False,
+def settings_from(ctx: click.Context, follow_stack: bool = True, make_password: str = NEVER,
                   **flags: tuple[str, str, object]) -> Settings:
     """Effective settings with `--set` values and this command's own flags (flag, name, value) on top.
 
@@ -40,8 +40,9 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, make_password: 
     (flags, environment, .env): `doctor` or `queues` in another terminal look at the stack that
     runs. `up` and the roles it starts do not.
 
-    `make_password`: what starts the stack, a role of it or a job makes the state folder's broker
-    password if it has none yet; a command that only looks does not.
+    `make_password`: whether the state folder's broker password is made if it has none yet:
+    ALWAYS for what starts the stack, a role of it or a job; IF_POSSIBLE for a client of the
+    broker; NEVER (the default) for a command that only looks.
     """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)

@@ -31,6 +31,10 @@ class BrokerPasswordError(Exception):
     """One line: the file, what is wrong with it, and what to do."""
 
 
+class CannotMakeError(BrokerPasswordError):
+    """There is none, and the state folder cannot take one (not a folder, not writable)."""
+
+
 def broker_password(path: Path, make: bool = True) -> str | None:
     """The password kept at `path`; where there is none, made there (`make`), or None."""
     try:
@@ -80,10 +84,10 @@ def _create(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except (FileExistsError, NotADirectoryError):
-        raise BrokerPasswordError(f"the state folder {path.parent} is not a folder, so the broker password cannot be "
-                                  "kept in it; set DIFY_LOCAL_STATE_DIR (or --state-dir) to a folder") from None
+        raise CannotMakeError(f"the state folder {path.parent} is not a folder, so the broker password cannot be "
+                              "kept in it; set DIFY_LOCAL_STATE_DIR (or --state-dir) to a folder") from None
     except OSError as error:
-        raise BrokerPasswordError(f"cannot make the state folder {path.parent}: {error.strerror}") from None
+        raise CannotMakeError(f"cannot make the state folder {path.parent}: {error.strerror}") from None
     try:
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -97,7 +101,7 @@ def _create(path: Path) -> None:
         with contextlib.suppress(FileExistsError):  # another command made it first: its password stands
             os.link(partial, path, follow_symlinks=False)
     except OSError as error:
-        raise BrokerPasswordError(f"cannot make the broker password {path}: {error.strerror or error}") from None
+        raise CannotMakeError(f"cannot make the broker password {path}: {error.strerror or error}") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(partial)

@@ -27,7 +27,7 @@ from honcho.environ import parse as honcho_parse
 
 from runner.errors import ProblemsError
 from runner.settings.envfile import EnvFileError, read_env_file
-from runner.settings.generated import BrokerPasswordError, broker_password
+from runner.settings.generated import BrokerPasswordError, CannotMakeError, broker_password
 from runner.settings.kinds import MASK, BrokerUrl, host_port, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
 from runner.settings.tls_files import tls_file_problems
@@ -46,6 +46,10 @@ class SettingsError(ProblemsError):
 STACK_ADDRESS_GROUPS = ("broker / backend", "embedded broker")
 STACK_ADDRESS_SETTINGS = ("DIFY_BIND_ADDRESS", "DIFY_PORT")
 GENERATED = "generated"  # the source of the state folder's own broker password
+# Whether load_settings makes that password where there is none yet (see _generated_password):
+NEVER = "never"  # a command that only looks (config, export, topology …): the folder stays as it is
+IF_POSSIBLE = "if possible"  # a client of the broker (queues, doctor …): made unless the folder cannot take it
+ALWAYS = "always"  # what starts the stack, a role of it or a job: made, or one line saying why not
 
 
 @dataclass(frozen=True)
@@ -202,16 +206,21 @@ def _parse(setting: Setting, raw: str, source: str) -> Value:
         raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"]) from None
 
 
-def _generated_password(values: dict[str, Value], settings: Settings, make: bool) -> None:
+def _generated_password(values: dict[str, Value], settings: Settings, make: str) -> None:
     """REDIS_PASSWORD that no layer set: the state folder's own, for the embedded broker (a real
-    broker's password is in CELERY_BROKER_URL). Made by what starts the stack or a role of it
-    (`make`); a command that only looks (doctor, queues, config) leaves the folder as it is, and
-    where there is none yet, no broker of this folder has started with one."""
+    broker's password is in CELERY_BROKER_URL). Made by the first command that starts or reaches
+    the broker (`make`: NEVER, IF_POSSIBLE, ALWAYS), so a client started before the broker (a
+    `queues --watch`) already has the one the broker will take; where there is none yet, no
+    broker of this folder has started with one."""
     if not settings.uses_embedded_broker or not values["REDIS_PASSWORD"].source.startswith("default"):
         return
     path = StatePaths(settings.state_dir).broker_password
     try:
-        password = broker_password(path, make)
+        password = broker_password(path, make != NEVER)
+    except CannotMakeError as error:
+        if make == ALWAYS:
+            raise SettingsError([str(error)]) from None
+        password = None  # a client: it reports the folder's trouble itself (doctor), or the broker's absence
     except BrokerPasswordError as error:
         raise SettingsError([str(error)]) from None
     values["REDIS_PASSWORD"] = (Value(password, f"{GENERATED}, {path}") if password is not None else
@@ -287,12 +296,12 @@ def load_settings(
     overrides: Mapping[str, Override] | None = None,
     environ: Mapping[str, str] | None = None,
     env_files: tuple[str, ...] = DEFAULT_ENV_FILES,
-    make_password: bool = False,
+    make_password: str = NEVER,
 ) -> Settings:
     """Read every layer and return the effective settings, or raise `SettingsError`.
 
-    `make_password`: make the state folder's broker password if it has none (for `up` and the
-    roles; see _generated_password)."""
+    `make_password`: whether to make the state folder's broker password if it has none
+    (NEVER, IF_POSSIBLE, ALWAYS; see _generated_password)."""
     project = Path(project_dir or os.getcwd()).resolve()
     env = os.environ if environ is None else environ
     dotenv = read_env_files(project, env_files)
