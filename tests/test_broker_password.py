@@ -90,13 +90,14 @@ def test_with_no_password_set_the_broker_gets_a_random_one_kept_owner_only_and_s
 
 
 def test_each_state_folder_has_its_own_password_and_a_real_broker_needs_none(project, tmp_path):
-    # a command that only looks makes nothing: there is no password before a broker or a role starts
+    # a command that only looks makes nothing: none before a command starts or reaches the broker
     assert shown_config(project)["REDIS_PASSWORD"] == (
-        "", f"generated, {password_file(project)} (none yet: made when the broker first starts)")
+        "", f"generated, {password_file(project)} (none yet: made when the broker first starts or is first reached)")
     assert not project.state.exists()
     elsewhere = {"DIFY_LOCAL_STATE_DIR": str(tmp_path / "other-state")}
     make_password(project)
-    make_password(project, env=elsewhere)
+    # a client of the broker makes it too (here with no broker to answer), for the broker that starts next
+    assert project.run("queues", env=elsewhere).returncode == 1
     first = shown_config(project)["REDIS_PASSWORD"]
     other = shown_config(project, env=elsewhere)["REDIS_PASSWORD"]
     assert first[1] == f"generated, {password_file(project)}"
