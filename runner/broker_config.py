@@ -115,6 +115,11 @@ def broker_error_kind(error: BaseException) -> tuple[str, str]:
     return OTHER, f"{type(chain[-1]).__name__}: {chain[-1]}"
 
 
+def _password_source(settings: Any) -> str:
+    source = settings.source("REDIS_PASSWORD")
+    return f"here: {source}" if source.startswith("generated") else f"here from {source}"
+
+
 def broker_advice(kind: str, settings: Any) -> str:
     """What to do about a broker error of `kind`."""
     embedded = settings.uses_embedded_broker
@@ -130,10 +135,11 @@ def broker_advice(kind: str, settings: Any) -> str:
                 else "something listens there but does not answer: is it a Redis server (rediss:// for a TLS "
                      "port), and not stopped or overloaded?")
     if kind == WRONG_PASSWORD:
-        return ("check REDIS_PASSWORD: it must be the password the embedded broker was started with" if embedded
+        return (f"check REDIS_PASSWORD: it must be the password the embedded broker was started with "
+                f"({_password_source(settings)})" if embedded
                 else "check the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db)")
     if kind == NO_PASSWORD:
-        return ("set REDIS_PASSWORD to the embedded broker's password" if embedded
+        return (f"set REDIS_PASSWORD to the embedded broker's password ({_password_source(settings)})" if embedded
                 else "put the password in CELERY_BROKER_URL (redis://:PASSWORD@host:port/db; "
                      "for sentinels, the master's password in each sentinel://:PASSWORD@host:port)")
     if kind == CERTIFICATE:

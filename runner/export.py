@@ -111,10 +111,14 @@ def _yaml(value: str) -> str:
     return json.dumps(value)  # a JSON string is a YAML scalar, quoting included
 
 
-def compose(app: str, processes: list[ExportedProcess], env_name: str, redis_password: str) -> dict[str, str]:
+def compose(app: str, processes: list[ExportedProcess], env_name: str) -> dict[str, str]:
+    # Redis' password comes from the owner-only env file (REDIS_PASSWORD, as in Dify's own compose
+    # file), not from compose.yaml, which others may read; $$ is a `$` for the container's shell,
+    # which refuses to start Redis without one.
+    start_redis = f'exec redis-server --requirepass "$${{REDIS_PASSWORD:?set REDIS_PASSWORD in {env_name}}}"'
     lines = [f"# {app}: the Procfile's processes against a real Redis", "name: " + _yaml(app), "services:",
-             "  redis:", "    image: redis:7", "    command: " + _yaml(f"redis-server --requirepass {redis_password}"),
-             "    restart: unless-stopped"]
+             "  redis:", "    image: redis:7", "    command: " + json.dumps(["/bin/sh", "-c", start_redis]),
+             "    env_file: " + _yaml(env_name), "    restart: unless-stopped"]
     for process in processes:
         lines += [
             f"  {process.name}:",
@@ -142,9 +146,9 @@ def write(folder: Path, files: dict[str, str], private: set[str]) -> list[Path]:
     written = []
     for name, text in files.items():
         path = folder / name
-        perms = 0o600 if name in private else 0o644
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, perms), "w",
-                       encoding="utf-8") as out:
+        perms = 0o600 if name in private else 0o644  # private: owner-only from the start (the password)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, perms),
+                       "w", encoding="utf-8") as out:
             if name in private:
                 os.fchmod(out.fileno(), perms)  # a file that was there keeps its mode otherwise
             out.write(text)

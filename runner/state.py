@@ -67,6 +67,8 @@ class StatePaths:
     program_links = Place("bin", FOLDER, "the binary's `dify-local` link, for its children's PATH")
     up_lock = Place("up.lock", FILE, "held (flock) by the `up` that runs on this folder (runner.state_access)")
     broker_lock = Place("broker.lock", FILE, "held by the embedded broker that serves from this folder")
+    broker_password = Place("broker-password", FILE, "the embedded broker's password when the user sets none "
+                            "(runner.settings.generated), readable by its owner alone")
     beat_lock = Place("beat.lock", FILE, "held by the beat that keeps its schedule in this folder")
 
     @classmethod

@@ -48,8 +48,21 @@ class Project:
         return self.state / "metadata.db"
 
     @property
+    def broker_password(self) -> str:
+        """The broker's password as a second terminal of the user's finds it: the one set in this
+        project's environment, else the one the stack generated in its state folder (so read it
+        once the stack, or `serve broker`, has started)."""
+        given = self.env.get("REDIS_PASSWORD")
+        if given:
+            return given
+        path = self.state / "broker-password"
+        assert path.is_file(), f"no {path}: start the stack (or its broker) before asking for its password"
+        return path.read_text(encoding="ascii").strip()
+
+    @property
     def broker_url(self) -> str:
-        return f"redis://:difyai123456@127.0.0.1:{self.broker_port}/1"
+        """This project's embedded broker, with its password, on Celery's database 1."""
+        return f"redis://:{self.broker_password}@127.0.0.1:{self.broker_port}/1"
 
     @property
     def api(self) -> Http:

@@ -31,10 +31,16 @@ def broker(project, read_loop):
     return project.broker_port
 
 
+def resp_auth(project) -> bytes:
+    """AUTH with the project's broker password, as a client sends it."""
+    password = project.broker_password.encode()
+    return b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(password), password)
+
+
 NO_RETRY = Retry(NoBackoff(), 0)  # redis-py retries an AuthenticationError (a ConnectionError) by default
 
 
-def test_password_is_required(broker):
+def test_password_is_required(project, broker):
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=broker, protocol=2, retry=NO_RETRY).set("key", "value")  # no AUTH: NOAUTH
     with pytest.raises(redis.AuthenticationError):
@@ -42,7 +48,7 @@ def test_password_is_required(broker):
     raw = socket.create_connection(("127.0.0.1", broker))
     raw.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
     assert read_until(raw, b"-NOAUTH Authentication required.\r\n") == b"-NOAUTH Authentication required.\r\n"
-    raw.sendall(b"*2\r\n$4\r\nAUTH\r\n$12\r\ndifyai123456\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+    raw.sendall(resp_auth(project) + b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
     assert read_until(raw, b"+OK\r\n$-1\r\n") == b"+OK\r\n$-1\r\n"  # the refused SET wrote nothing
     raw.close()
 
@@ -73,8 +79,8 @@ def test_unauthenticated_clients_get_what_redis_answers(broker, redis_server):
         assert ours == theirs, line
 
 
-def test_error_replies_keep_the_connection(broker):
-    client = redis.Redis(port=broker, password="difyai123456", single_connection_client=True)
+def test_error_replies_keep_the_connection(project, broker):
+    client = redis.Redis(port=broker, password=project.broker_password, single_connection_client=True)
     client.set("text", "x")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         client.lpush("text", "y")
@@ -84,32 +90,32 @@ def test_error_replies_keep_the_connection(broker):
     assert client.client_id() == client.client_id()
 
 
-def test_lua_scripts_as_kombu_uses_them(broker):
-    client = redis.Redis(port=broker, password="difyai123456")
+def test_lua_scripts_as_kombu_uses_them(project, broker):
+    client = redis.Redis(port=broker, password=project.broker_password)
     script = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
     assert script(keys=["n"], args=[2]) == 2 and script(keys=["n"], args=[3]) == 5  # EVALSHA after NOSCRIPT
     lock = client.lock("unacked_mutex", timeout=5)
     assert lock.acquire(blocking=False) and lock.release() is None
 
 
-def test_a_dead_clients_blocking_pop_does_not_swallow_a_message(broker):
+def test_a_dead_clients_blocking_pop_does_not_swallow_a_message(project, broker):
     """A worker killed while its BRPOP waits must not take the next message with it: Redis drops a
     disconnected client's blocking state, and so must the embedded broker."""
     raw = socket.create_connection(("127.0.0.1", broker))
-    raw.sendall(b"*2\r\n$4\r\nAUTH\r\n$12\r\ndifyai123456\r\n*3\r\n$5\r\nBRPOP\r\n$5\r\njobs1\r\n$1\r\n5\r\n")
+    raw.sendall(resp_auth(project) + b"*3\r\n$5\r\nBRPOP\r\n$5\r\njobs1\r\n$1\r\n5\r\n")
     assert read_until(raw, b"+OK\r\n") == b"+OK\r\n"
     time.sleep(0.2)  # the BRPOP is now blocked in the broker
     raw.close()  # the client dies (as with kill -9)
     time.sleep(0.2)
-    client = redis.Redis(port=broker, password="difyai123456")
+    client = redis.Redis(port=broker, password=project.broker_password)
     client.lpush("jobs1", "the message")
     assert client.brpop(["jobs1"], timeout=5) == (b"jobs1", b"the message")
 
 
-def test_expired_keys_leave_memory_without_being_read(broker):
+def test_expired_keys_leave_memory_without_being_read(project, broker):
     """Redis drops keys whose time is up on its own (active expiry); fakeredis only when keys are
     listed or counted. Nothing here lists them (INFO memory's count does not): the broker's sweep must."""
-    client = redis.Redis(port=broker, password="difyai123456")
+    client = redis.Redis(port=broker, password=project.broker_password)
     client.set("short-lived", "x", px=200)
     client.set("kept", "y")
 
@@ -120,11 +126,12 @@ def test_expired_keys_leave_memory_without_being_read(broker):
     assert client.get("kept") == b"y"
 
 
-def test_client_list_and_kill_as_redis_shows_them(broker):
+def test_client_list_and_kill_as_redis_shows_them(project, broker):
     """Each client with its address as host:port and its database; the broker's own internal
     client not among them; CLIENT KILL ADDR finds a client by that address."""
-    watcher = redis.Redis(port=broker, password="difyai123456", db=1, single_connection_client=True)
-    other = redis.Redis(port=broker, password="difyai123456", db=3, single_connection_client=True, retry=NO_RETRY)
+    watcher = redis.Redis(port=broker, password=project.broker_password, db=1, single_connection_client=True)
+    other = redis.Redis(port=broker, password=project.broker_password, db=3, single_connection_client=True,
+                        retry=NO_RETRY)
     other.ping()
     clients = watcher.client_list()
     assert len(clients) == 2, clients
@@ -139,8 +146,8 @@ def test_client_list_and_kill_as_redis_shows_them(broker):
     other.close()
 
 
-def test_info_keyspace_counts_keys_expiring_and_their_average_ttl(broker):
-    client = redis.Redis(port=broker, password="difyai123456", db=2)
+def test_info_keyspace_counts_keys_expiring_and_their_average_ttl(project, broker):
+    client = redis.Redis(port=broker, password=project.broker_password, db=2)
     client.set("forever", "x")
     client.set("a", "x", ex=100)
     client.set("b", "x", ex=300)
@@ -155,9 +162,9 @@ def test_the_start_line_names_the_read_loop(project, read_loop):
     proc.wait_for_line(rf"embedded broker \(fakeredis [\d.]+, {loop} read loop\) listening on", timeout=20)
 
 
-def test_commands_split_anywhere_inline_or_pipelined_are_read_as_redis_reads_them(broker):
+def test_commands_split_anywhere_inline_or_pipelined_are_read_as_redis_reads_them(project, broker):
     raw = socket.create_connection(("127.0.0.1", broker))
-    raw.sendall(b"AUTH difyai123456\r\n")  # inline, as typed into telnet
+    raw.sendall(b"AUTH %s\r\n" % project.broker_password.encode())  # inline, as typed into telnet
     assert read_until(raw, b"+OK\r\n") == b"+OK\r\n"
     big = b"x" * 300_000  # bigger than one read
     pipelined = (b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n%s\r\n" % (len(big), big)
@@ -180,9 +187,10 @@ def test_commands_split_anywhere_inline_or_pipelined_are_read_as_redis_reads_the
     (b"*x\r\n", b"invalid multibulk length"),
     (b"*1\r\n$-3\r\n", b"invalid bulk length"),
 ])
-def test_bytes_that_are_not_the_protocol_get_an_error_and_the_connection_closes(broker, read_loop, garbage, error):
+def test_bytes_that_are_not_the_protocol_get_an_error_and_the_connection_closes(project, broker, read_loop, garbage,
+                                                                                 error):
     raw = socket.create_connection(("127.0.0.1", broker))
-    raw.sendall(b"*2\r\n$4\r\nAUTH\r\n$12\r\ndifyai123456\r\n*1\r\n$4\r\nPING\r\n" + garbage)
+    raw.sendall(resp_auth(project) + b"*1\r\n$4\r\nPING\r\n" + garbage)
     raw.settimeout(5)
     data = b""
     while chunk := raw.recv(1024):  # until the broker closes it
@@ -191,7 +199,7 @@ def test_bytes_that_are_not_the_protocol_get_an_error_and_the_connection_closes(
     if read_loop["DIFY_LOCAL_BROKER_COMPILED"] == "true":  # (the Python loop has hiredis' words for it)
         assert error in data
     raw.close()
-    client = redis.Redis(port=broker, password="difyai123456")
+    client = redis.Redis(port=broker, password=project.broker_password)
     assert client.ping()  # the broker itself goes on
 
 
@@ -204,7 +212,7 @@ def test_without_the_compiled_loop_the_broker_says_so_and_serves_from_python(pro
     warning = proc.wait_for_line(r"read loop runs in Python.*", timeout=30).group(0)
     assert "the C extension is not built" in warning and "C compiler" in warning
     proc.wait_for_line(r"Python read loop\) listening on", timeout=30)
-    client = redis.Redis(port=project.broker_port, password="difyai123456")
+    client = redis.Redis(port=project.broker_port, password=project.broker_password)
     client.rpush("q", "a", "b")
     assert client.brpop(["q"], timeout=5) == (b"q", b"b") and client.lrange("q", 0, -1) == [b"a"]
 
@@ -233,7 +241,7 @@ def test_a_command_that_fails_inside_the_broker_costs_that_command_only(project,
               "from runner.cli import main; main()")
     proc = project.start(argv=[sys.executable, "-c", broken, "serve", "broker"], env=read_loop)
     wait_until(lambda: port_open(project.broker_port), 20, "the broker to listen")
-    client = redis.Redis(port=project.broker_port, password="difyai123456", single_connection_client=True)
+    client = redis.Redis(port=project.broker_port, password=project.broker_password, single_connection_client=True)
     with pytest.raises(redis.ResponseError, match="internal error in the embedded broker"):
         client.execute_command("ZADD", "z", "1e3", "m")  # (a plain "1000" needs no reading)
     with client.pipeline() as pipe:  # the same inside a fast-path transaction

@@ -33,7 +33,6 @@ from runner.broker import aof as aof_module
 from runner.broker.aof import AppendOnlyLog
 from tests.helpers import Proc, dify_local, port_open, require_compiled_loop, wait_until
 
-PASSWORD = "difyai123456"
 LISTENING = r"embedded broker \(fakeredis [\d.]+, \w+ read loop\) listening on"
 SET_ASIDE = re.compile(r"WARNING .*the append-only log ended with (?P<reason>.+): restored everything before it "
                        r"\((?P<writes>\d+) writes\); the last (?P<bytes>\d+) bytes are kept in (?P<path>\S+) ")
@@ -76,7 +75,8 @@ def kill9(proc: Proc) -> None:
 
 
 def connect(project, db: int = 1) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=project.broker_port, password=PASSWORD, db=db, socket_timeout=30)
+    return redis.Redis(host="127.0.0.1", port=project.broker_port, password=project.broker_password, db=db,
+                       socket_timeout=30)
 
 
 def persistence(project) -> dict:
@@ -623,9 +623,12 @@ def test_no_password_is_refused_off_loopback(project, args, env, address):
     assert not port_open(project.broker_port)
 
 
-def test_the_default_password_is_refused_off_loopback(project):
-    """difyai123456 is printed in Dify's documentation: off loopback it protects nothing."""
-    done = project.run("serve", "broker", "--host", "0.0.0.0")
+@pytest.mark.parametrize("args, env", [(["--password", "difyai123456"], {}), ([], {"REDIS_PASSWORD": "difyai123456"})],
+                         ids=["--password", "REDIS_PASSWORD"])
+def test_the_published_password_is_refused_off_loopback(project, args, env):
+    """difyai123456 is printed in Dify's documentation: off loopback it protects nothing, even
+    when the user sets it (on loopback that is their choice)."""
+    done = project.run("serve", "broker", "--host", "0.0.0.0", *args, env=env)
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "Traceback" not in output, output
     assert "refusing to listen on 0.0.0.0 with the default password" in output

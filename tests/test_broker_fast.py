@@ -66,7 +66,7 @@ def run(client: redis.Redis, commands: list[list[bytes]]) -> list:
 @pytest.fixture
 def brokers(project, redis_server, read_loop):
     project.serve_broker(env=read_loop)
-    embedded = redis.Redis(port=project.broker_port, password="difyai123456", protocol=3)
+    embedded = redis.Redis(port=project.broker_port, password=project.broker_password, protocol=3)
     real = redis.Redis.from_url(redis_server, protocol=3)
     yield embedded, real
     embedded.close()
@@ -125,8 +125,8 @@ def test_pub_sub_messages_are_resp3_pushes_as_in_redis(project, redis_server, re
     subscribe = b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n"
     expected = b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
     assert raw_exchange(real_port, b"realredispw", subscribe, len(expected)) == expected
-    assert raw_exchange(project.broker_port, b"difyai123456", subscribe, len(expected)) == expected
-    client = redis.Redis(port=project.broker_port, password="difyai123456", protocol=3)
+    assert raw_exchange(project.broker_port, project.broker_password.encode(), subscribe, len(expected)) == expected
+    client = redis.Redis(port=project.broker_port, password=project.broker_password, protocol=3)
     pubsub = client.pubsub()
     pubsub.subscribe("news")
     wait_until(lambda: pubsub.get_message(timeout=0.1), 5, "the subscribe confirmation")

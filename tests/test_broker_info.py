@@ -61,7 +61,7 @@ def test_embedded_broker_info_shows_keys_queues_and_persistence(project):
     assert text.returncode == 0, text.stderr
     out = text.stdout
     assert f"redis://:****@127.0.0.1:{project.broker_port}/1 (embedded)" in out
-    assert "difyai123456" not in out + as_json.stdout
+    assert project.broker_password not in out + as_json.stdout
     loop = "compiled" if compiled_session()[0] is not None else "python"  # the default where it is built
     assert "dify-local embedded broker (fakeredis" in out and f", {loop} read loop)" in out
     assert re.search(r"^address\s+127\.0\.0\.1:%d$" % project.broker_port, out, re.M)
@@ -115,7 +115,7 @@ def test_real_redis_info_shows_its_version_keys_and_queues(project, redis_server
 def test_unreachable_broker_is_one_line_naming_the_url_and_what_to_do(project):
     done = project.run("broker", "info")  # nothing started: the embedded broker is not running
     assert_one_clear_line(done, f"redis://:****@127.0.0.1:{project.broker_port}/1", "dify-local up")
-    assert "difyai123456" not in done.stderr
+    assert project.broker_password not in done.stderr  # made for the broker that starts next
 
 
 def test_wrong_password_for_the_embedded_broker_names_redis_password(project):
@@ -143,7 +143,7 @@ def test_client_connects_and_disconnects_are_logged_at_debug_level_only(project)
         proc = project.serve_broker(env={"LOG_LEVEL": level})
         with socket.create_connection(("127.0.0.1", project.broker_port), timeout=10) as client:
             port = client.getsockname()[1]
-            client.sendall(b"AUTH difyai123456\r\nPING\r\n")
+            client.sendall(b"AUTH %s\r\nPING\r\n" % project.broker_password.encode())
             replies = b""
             while replies.count(b"\r\n") < 2:
                 replies += client.recv(100)

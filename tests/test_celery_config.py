@@ -10,12 +10,13 @@ from runner.settings import load_settings
 
 
 def config(tmp_path, **environ):
-    return celery_config(load_settings(tmp_path, environ=environ))
+    return celery_config(load_settings(tmp_path, environ=environ, make_password=True))  # as a role loads them
 
 
 def test_embedded_broker_json_only_and_expiring_results(tmp_path):
     conf = config(tmp_path, REDIS_PORT="7001", CELERY_RESULT_EXPIRES="600")
-    assert conf["broker_url"] == conf["result_backend"] == "redis://:difyai123456@127.0.0.1:7001/1"
+    password = (tmp_path / ".dify-local" / "broker-password").read_text().strip()  # generated: none was set
+    assert conf["broker_url"] == conf["result_backend"] == f"redis://:{password}@127.0.0.1:7001/1"
     assert conf["accept_content"] == ["json"] and conf["result_accept_content"] == ["json"]
     assert conf["task_serializer"] == conf["result_serializer"] == "json"
     assert conf["result_expires"] == 600 and conf["broker_connection_retry_on_startup"] is True

@@ -78,7 +78,8 @@ def test_nothing_running_names_the_broker_and_the_database_with_their_fixes(proj
     assert "no database yet" in checks["migrations"]["detail"] and "`dify-local migrate`" in checks["migrations"]["fix"]
     assert "the broker does not answer" in checks["worker"]["detail"]
     assert [entry["state"] for entry in checks["ports"]["data"]["ports"]] == ["free", "free"]
-    assert not project.state.exists()  # doctor made nothing
+    # doctor made nothing but the folder's broker password (for the broker that starts next)
+    assert [entry.name for entry in project.state.iterdir()] == ["broker-password"]
 
     text = project.run("doctor")
     assert text.returncode == 1
@@ -205,7 +206,8 @@ def test_a_healthy_stack_is_green_and_a_stopped_hung_or_doubled_role_is_named(pr
     doctor_until(project, "beat", "pass")
 
     # a second beat on the same broker (another folder's)
-    stray = project.start("serve", "beat", env={"DIFY_LOCAL_STATE_DIR": str(tmp_path / "elsewhere")})
+    stray = project.start("serve", "beat", env={"DIFY_LOCAL_STATE_DIR": str(tmp_path / "elsewhere"),
+                                                "REDIS_PASSWORD": project.broker_password})  # that folder has its own
     beat = doctor_until(project, "beat", "fail")["beat"]
     assert "2 beats tick on this broker" in beat["detail"]
     assert f"`kill {stray.popen.pid}`" in beat["fix"] and "not this stack's beat" in beat["fix"]

@@ -14,7 +14,7 @@ def test_up_runs_a_task_on_every_queue_and_ctrl_c_leaves_nothing(project):
     assert f"API http://127.0.0.1:{project.api_port}" in ready
     assert f"broker redis://:****@127.0.0.1:{project.broker_port}/1 (embedded)" in ready
     assert "16 queues" in ready and "worker threads×" in ready
-    assert "difyai123456" not in stack.output
+    assert project.broker_password not in stack.output
     run_a_task_on_every_queue(project)
 
     pids = stack.tree()

@@ -81,5 +81,21 @@ def test_compose_file_brings_its_own_redis(project):
     assert set(services) == {"redis", "api", "worker", "beat"}
     worker = services["worker"]
     assert (worker["stop_signal"], worker["stop_grace_period"], worker["deploy"]["replicas"]) == ("SIGTERM", "600s", 3)
-    password = services["redis"]["command"].split("--requirepass ")[1]
-    assert f"CELERY_BROKER_URL=redis://:{password}@redis:6379/1" in (project.dir / "compose" / "dify.env").read_text()
+    env_file = project.dir / "compose" / "dify.env"
+    assert services["redis"]["env_file"] == "dify.env" and stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
+    settings = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if not line.startswith("#"))
+    password = settings["REDIS_PASSWORD"]
+    assert len(password) >= 20 and settings["CELERY_BROKER_URL"] == f"redis://:{password}@redis:6379/1"
+    # the password is in the owner-only env file alone: compose.yaml may be read by anyone
+    assert password not in (project.dir / "compose" / "compose.yaml").read_text()
+    # the container's shell gives it to redis-server (compose turns $$ into $), and refuses without one
+    shim = project.dir / "bin"
+    shim.mkdir()
+    (shim / "redis-server").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (shim / "redis-server").chmod(0o755)
+    argv = [part.replace("$$", "$") for part in services["redis"]["command"]]
+    path = {"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    started = subprocess.run(argv, env={**path, "REDIS_PASSWORD": password}, capture_output=True, text=True)
+    assert started.stdout.splitlines() == ["--requirepass", password], started.stderr
+    refused = subprocess.run(argv, env=path, capture_output=True, text=True)
+    assert refused.returncode != 0 and "set REDIS_PASSWORD in dify.env" in refused.stderr

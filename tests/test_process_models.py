@@ -31,7 +31,7 @@ def test_honcho_start_in_the_repo_root_runs_the_four_processes(project):
         proc.wait_for_line(rf"{name}\.1 +\| ", timeout=30)
     wait_until(lambda: project.api.status("/health") == 200, 60, "the API to be healthy")
     wait_until(lambda: _worker_answers(project.broker_url), 60, "the worker to answer a ping")
-    client = redis.Redis(port=project.broker_port, password="difyai123456", db=1)
+    client = redis.Redis(port=project.broker_port, password=project.broker_password, db=1)
     wait_until(lambda: client.get("dify-local:beat:heartbeat"), 30, "beat to tick")
     status, sent = project.api.post("/v1/tasks/rag_pipeline_run_task", {"args": ["from honcho"]})
     assert status == 202

@@ -40,11 +40,10 @@ from runner.broker.fast import Defer, FastPath
 from runner.broker.resp import NULL_ARRAY
 from runner.broker.session import PySession, compiled_session, engine_for
 from runner.settings.kinds import host_port, is_loopback
-from runner.settings.table import BY_NAME
 
 log = logging.getLogger("dify_local.broker")
 
-PUBLISHED_PASSWORD = BY_NAME["REDIS_PASSWORD"].default  # Dify's own default: no secret off loopback
+PUBLISHED_PASSWORD = "difyai123456"  # Dify's .env.example and documentation print it: no secret off loopback
 EXPIRE_INTERVAL = 1.0  # seconds between sweeps for expired keys
 WRITE_RETRY = 0.1  # seconds between tries of a write to the log that the disk refused
 REDIS_VERSION = "7.4.0"  # what the broker tells clients it speaks (fakeredis' 7.4 command set)

@@ -15,7 +15,7 @@ from runner import __version__
 from runner.errors import StateError
 from runner.process_env import ENV_FILES
 from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
-from runner.settings.loader import LOCAL_CONFIG_DIR
+from runner.settings.loader import GENERATED, LOCAL_CONFIG_DIR, NEVER
 from runner.supervisor.control import running_stack_settings
 
 CONFIG_ERROR = 2
@@ -34,14 +34,19 @@ def fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[str, str, object]) -> Settings:
+def settings_from(ctx: click.Context, follow_stack: bool = True, make_password: str = NEVER,
+                  **flags: tuple[str, str, object]) -> Settings:
     """Effective settings with `--set` values and this command's own flags (flag, name, value) on top.
 
     `follow_stack`: when an `up` runs for the same state folder, where its broker and API are
     (`up --port 5002 --broker redis://…`, or the same from its environment) replaces the project's
-    defaults and local_config/ here, not what this terminal sets itself (flags, environment,
-    .env): `doctor` or `queues` in another terminal look at the stack that runs. `up` and the
-    roles it starts do not.
+    defaults, local_config/ and generated password here, not what this terminal sets itself
+    (flags, environment, .env): `doctor` or `queues` in another terminal look at the stack that
+    runs. `up` and the roles it starts do not.
+
+    `make_password`: whether the state folder's broker password is made if it has none yet:
+    ALWAYS for what starts the stack, a role of it or a job; IF_POSSIBLE for a client of the
+    broker; NEVER (the default) for a command that only looks.
     """
     state: CliState = ctx.find_object(CliState)
     overrides = dict(state.assignments)
@@ -49,7 +54,7 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
         if value is not None:
             overrides[name] = Override(str(value), flag)
     try:
-        settings = load_settings(state.project_dir, overrides, env_files=state.env_files)
+        settings = load_settings(state.project_dir, overrides, env_files=state.env_files, make_password=make_password)
         stack = running_stack_settings(settings.state_dir) if follow_stack else None
         if stack is not None:
             pid, given = stack
@@ -57,10 +62,11 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, **flags: tuple[
             sources = {setting.name: value.source for setting, value in settings.items()}
             inherited = {name: Override(value, f"of the running `up`, pid {pid}")
                          for name, value in given.items()
-                         if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR))
+                         if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR, GENERATED))
                          and BY_NAME[name].kind.format(getattr(settings, name)) != value}
             if inherited:
-                settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files)
+                settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files,
+                                         make_password=make_password)
         return settings
     except SettingsError as error:
         for line in error.lines:

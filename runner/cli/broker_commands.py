@@ -19,6 +19,7 @@ from runner.cli import fail, main, settings_from
 from runner.monitor.format import duration
 from runner.settings import Settings, mask_url
 from runner.settings.kinds import host_port
+from runner.settings.loader import IF_POSSIBLE
 
 CONNECT_TIMEOUT = 5.0  # seconds; bounds each socket operation, so a silent host cannot hang the command
 UNACKED_PARSE_LIMIT = 10_000  # unacked messages read one by one to count them per queue; beyond: total only
@@ -34,7 +35,7 @@ def broker() -> None:
 @click.pass_context
 def info(ctx: click.Context, as_json: bool) -> None:
     """Server, uptime, clients, memory, persistence, keys per database and the 16 queues."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, make_password=IF_POSSIBLE)
     try:
         with connected(settings) as channel:
             report = gather(settings, channel)

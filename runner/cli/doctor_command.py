@@ -9,6 +9,7 @@ import time
 import click
 
 from runner.cli import main, settings_from
+from runner.settings.loader import IF_POSSIBLE
 
 MARKS = {"pass": ("✓", "green"), "fail": ("✗", "red"), "warn": ("!", "yellow"), "skip": ("-", None)}
 
@@ -23,7 +24,8 @@ def doctor(ctx: click.Context, as_json: bool, stuck_minutes: str | None) -> None
     and the ports; say what to do about each failure. Exit status 1 when any check fails."""
     from runner.doctor import FAIL, run_doctor
 
-    settings = settings_from(ctx, stuck=("--stuck-minutes", "DIFY_LOCAL_STUCK_DOCUMENT_MINUTES", stuck_minutes))
+    settings = settings_from(ctx, make_password=IF_POSSIBLE,
+                             stuck=("--stuck-minutes", "DIFY_LOCAL_STUCK_DOCUMENT_MINUTES", stuck_minutes))
     started = time.monotonic()
     results = run_doctor(settings)
     elapsed = time.monotonic() - started

@@ -47,14 +47,13 @@ def export(ctx: click.Context, format_name: str, folder: Path, broker_url, procf
     app = app or exporter.app_name(settings.project_dir)
     processes = exporter.plan(specs, replicas, options, worker_grace, grace)
     env = read_env_files(settings.project_dir, ctx.find_object(CliState).env_files)
-    env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()
-                if not value.source.startswith("default")})
+    env.update(settings.given())  # not the generated broker password: that one is this machine's
     warning = None
     if format_name == "compose" and settings.uses_embedded_broker:
-        password = secrets.token_urlsafe(18)
+        password = secrets.token_urlsafe(18)  # the compose file's own Redis: a password of its own
         env["CELERY_BROKER_URL"] = exporter.COMPOSE_BROKER.format(password=password)
+        env["REDIS_PASSWORD"] = password
     else:
-        password = ""
         if settings.uses_embedded_broker:
             env["CELERY_BROKER_URL"] = exporter.PLACEHOLDER_BROKER
             warning = (f"no real Redis is configured: edit CELERY_BROKER_URL ({exporter.PLACEHOLDER_BROKER}) in the "
@@ -76,7 +75,7 @@ def export(ctx: click.Context, format_name: str, folder: Path, broker_url, procf
         hint = f"include it from supervisord.conf ([include] files = {folder.resolve()}/*.conf), then: " \
                f"supervisorctl update && supervisorctl start {app}:*"
     else:
-        files = exporter.compose(app, processes, env_name, password or "CHANGE-ME")
+        files = exporter.compose(app, processes, env_name)
         files[env_name] = exporter.environment_file(env)
         private = {env_name}
         hint = f"build an image with your project and dify-local as {app} (or set DIFY_LOCAL_IMAGE), then: " \

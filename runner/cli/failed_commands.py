@@ -11,6 +11,7 @@ import click
 
 from runner.cli import fail, main, settings_from
 from runner.cli.inspect_commands import table
+from runner.settings.loader import IF_POSSIBLE
 from runner.settings import Settings
 from runner.store.database import Database
 
@@ -114,7 +115,7 @@ def retry(ctx: click.Context, failure_id: int) -> None:
     """Send a failed task again, with the same arguments to the same queue, and mark it retried."""
     from runner.store.failed_tasks import mark_retried
 
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, make_password=IF_POSSIBLE)
     database, row = _failure(settings, failure_id)
     if not isinstance(row["args"], list) or not isinstance(row["kwargs"], dict):
         fail(f"failed task {failure_id}'s arguments were too large to keep whole; it cannot be sent again")

@@ -26,26 +26,29 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--show-secrets", is_flag=True,
+              help="Print passwords as they are (the embedded broker's, e.g. to give it to another program).")
 @click.pass_context
-def config(ctx: click.Context, as_json: bool) -> None:
+def config(ctx: click.Context, as_json: bool, show_secrets: bool) -> None:
     """Print every setting's effective value and where it came from (secrets masked)."""
     settings = settings_from(ctx)
+    broker_url = settings.broker_url if show_secrets else mask_url(settings.broker_url)
     if as_json:
         click.echo(json.dumps({
-            "settings": [{"name": setting.name, "group": setting.group, "value": settings.display(setting.name),
-                          "source": value.source, "help": setting.help} for setting, value in settings.items()],
-            "derived": {"broker_url": mask_url(settings.broker_url), "state_dir": str(settings.state_dir),
-                        "api_url": settings.api_url},
+            "settings": [{"name": setting.name, "group": setting.group,
+                          "value": settings.display(setting.name, show_secrets), "source": value.source,
+                          "help": setting.help} for setting, value in settings.items()],
+            "derived": {"broker_url": broker_url, "state_dir": str(settings.state_dir), "api_url": settings.api_url},
         }, indent=2))
         return
     for group in GROUPS:
-        rows = [[setting.name, value.source, settings.display(setting.name) or "(empty)"]
+        rows = [[setting.name, value.source, settings.display(setting.name, show_secrets) or "(empty)"]
                 for setting, value in settings.items() if setting.group == group]
         click.echo(click.style(group, bold=True))
         click.echo(table(rows, ["NAME", "SOURCE", "VALUE"]))
         click.echo()
     broker = "embedded" if settings.uses_embedded_broker else "external"
-    click.echo(f"broker in use: {mask_url(settings.broker_url)} ({broker})")
+    click.echo(f"broker in use: {broker_url} ({broker})")
     click.echo(f"state folder:  {settings.state_dir}")
     click.echo(f"API:           {settings.api_url}")
 

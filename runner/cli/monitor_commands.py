@@ -22,6 +22,7 @@ from runner.cli import Seconds, fail, main, settings_from
 from runner.cli.monitor_tables import INSPECT_TABLES, queue_table
 from runner.monitor.workers import DEFAULT_TIMEOUT, INSPECT_METHODS
 from runner.settings import Settings, mask_url
+from runner.settings.loader import IF_POSSIBLE
 
 USAGE = 2  # bad input, as click's own usage errors
 TREND_WINDOW = 300.0  # seconds of queue samples behind the trend column
@@ -96,7 +97,7 @@ def inspect_command(ctx: click.Context, method: str, as_json: bool, timeout: flo
     """
     from runner.monitor.workers import inspect
 
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, make_password=IF_POSSIBLE)
     try:
         with _channel(settings):  # checked first: Celery's broadcast would retry for seconds
             replies = inspect(_celery(settings), method, timeout, list(destinations) or None)
@@ -131,7 +132,7 @@ def queues_command(ctx: click.Context, as_json: bool, watch: bool, interval: flo
     """Each queue: priority class, messages waiting (priority sub-lists summed), the workers consuming
     it (NOBODY: none), its oldest waiting message's age and the trend of its depth (when beat has
     sampled it)."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, make_password=IF_POSSIBLE)
     app, history = _celery(settings), _sample_reader(settings)
 
     def frame() -> str:
@@ -266,7 +267,7 @@ def purge_command(ctx: click.Context, queues: tuple[str, ...], every: bool, yes:
     if bool(queues) == every:
         fail("name the queues to purge, or --all (not both); the queues are: "
              + ", ".join(topology.QUEUE_NAMES), USAGE)
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, make_password=IF_POSSIBLE)
     try:
         with _channel(settings) as channel:
             names = _purge_names(channel, settings, list(dict.fromkeys(queues)), every)

@@ -75,7 +75,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
        ready_timeout: float, grace: float, reload: bool, watch: tuple[str, ...], ignore: tuple[str, ...]) -> None:
     """Start the processes of the Procfile (broker, api, worker and beat by default; NAMES for some)
     and keep them running until Ctrl-C or `dify-local down`. Edited code is reloaded: see --no-reload."""
-    from runner.settings.loader import read_env_files
+    from runner.settings.loader import ALWAYS, read_env_files
     from runner.state import StatePaths
     from runner.errors import StateError
     from runner.state_access import (
@@ -91,13 +91,12 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     from runner.supervisor.procfile import MAX_REPLICAS, PROCFILE, ProcfileError, expand, load_procfile, parse_scale
     from runner.supervisor.watchdog import stop_leftovers
 
-    settings = settings_from(
-        ctx, follow_stack=False, broker=("--broker", "CELERY_BROKER_URL", broker_url),
-        port=("--port", "DIFY_PORT", port),
-        broker_port=("--broker-port", "REDIS_PORT", broker_port),
-        broker_password=("--broker-password", "REDIS_PASSWORD", broker_password),
-        state_dir=("--state-dir", "DIFY_LOCAL_STATE_DIR", state_dir),
-        persist=("--no-persist", "DIFY_LOCAL_BROKER_PERSIST", "false" if no_persist else None))
+    flags = dict(broker=("--broker", "CELERY_BROKER_URL", broker_url), port=("--port", "DIFY_PORT", port),
+                 broker_port=("--broker-port", "REDIS_PORT", broker_port),
+                 broker_password=("--broker-password", "REDIS_PASSWORD", broker_password),
+                 state_dir=("--state-dir", "DIFY_LOCAL_STATE_DIR", state_dir),
+                 persist=("--no-persist", "DIFY_LOCAL_BROKER_PERSIST", "false" if no_persist else None))
+    settings = settings_from(ctx, follow_stack=False, **flags)
     try:
         specs, source = load_procfile(settings.project_dir, procfile)
         types = [spec.process_type for spec in specs]
@@ -130,6 +129,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     problems = port_problems(specs, settings) + broker_problems(settings)
     if problems:
         _echo_all(problems, 1)
+    # the state folder's broker password, made only now: a refused `up` leaves the folder as it was
+    settings = settings_from(ctx, follow_stack=False, make_password=ALWAYS, **flags)
     StatePaths(settings.state_dir).ensure()
     dotenv = read_env_files(settings.project_dir, ctx.find_object(CliState).env_files)
     base_port = dotenv.get("PORT") or os.environ.get("PORT")  # honcho's base for each process's $PORT

@@ -11,6 +11,7 @@ import click
 
 from runner.cli import CONFIG_ERROR, fail, main, settings_from
 from runner.settings import Settings
+from runner.settings.loader import ALWAYS, NEVER
 
 
 ROLE_MODULES = {"api": "runner.roles.api", "worker": "runner.roles.worker", "beat": "runner.roles.beat",
@@ -71,7 +72,7 @@ def serve(ctx: click.Context) -> None:
 @click.pass_context
 def serve_api(ctx: click.Context, host: str | None, port: int | None) -> None:
     """The Flask API; applies pending migrations first when MIGRATION_ENABLED."""
-    settings = settings_from(ctx, follow_stack=False, host=("--host", "DIFY_BIND_ADDRESS", host),
+    settings = settings_from(ctx, follow_stack=False, make_password=ALWAYS, host=("--host", "DIFY_BIND_ADDRESS", host),
                              port=("--port", "DIFY_PORT", port))
     _run_role("api", settings)
 
@@ -103,7 +104,7 @@ def serve_worker(ctx: click.Context, queues, pool, concurrency, autoscale, prefe
         flags.update(scale=("--autoscale", "CELERY_AUTO_SCALE", "true"),
                      ceiling=("--autoscale", "CELERY_MAX_WORKERS", match.group(1)),
                      floor=("--autoscale", "CELERY_MIN_WORKERS", match.group(2)))
-    settings = settings_from(ctx, follow_stack=False, **flags)
+    settings = settings_from(ctx, follow_stack=False, make_password=ALWAYS, **flags)
     modules = tuple(module.strip() for item in include for module in item.split(",") if module.strip())
     _run_role("worker", settings, hostname=hostname, include=modules)
 
@@ -113,7 +114,8 @@ def serve_worker(ctx: click.Context, queues, pool, concurrency, autoscale, prefe
 @click.pass_context
 def serve_beat(ctx: click.Context, loglevel: str | None) -> None:
     """Celery beat with Dify's periodic tasks (the ENABLE_* flags)."""
-    _run_role("beat", settings_from(ctx, follow_stack=False, loglevel=("-l", "LOG_LEVEL", loglevel)))
+    _run_role("beat", settings_from(ctx, follow_stack=False, make_password=ALWAYS,
+                                    loglevel=("-l", "LOG_LEVEL", loglevel)))
 
 
 @serve.command("broker")
@@ -126,8 +128,9 @@ def serve_beat(ctx: click.Context, loglevel: str | None) -> None:
 def serve_broker(ctx: click.Context, host: str | None, port: int | None, password: str | None, no_password: bool,
                  no_persist: bool) -> None:
     """The embedded Redis-protocol broker (fakeredis): durable, on loopback, password required."""
-    settings = settings_from(ctx, follow_stack=False, host=("--host", "REDIS_HOST", host),
-                             port=("--port", "REDIS_PORT", port), password=("--password", "REDIS_PASSWORD", password),
+    settings = settings_from(ctx, follow_stack=False, make_password=NEVER if no_password else ALWAYS,
+                             host=("--host", "REDIS_HOST", host), port=("--port", "REDIS_PORT", port),
+                             password=("--password", "REDIS_PASSWORD", password),
                              persist=("--no-persist", "DIFY_LOCAL_BROKER_PERSIST", "false" if no_persist else None))
     _run_role("broker", settings, password=not no_password)
 
@@ -158,7 +161,7 @@ def job(ctx: click.Context, command: tuple[str, ...]) -> None:
     from runner.context import AppContext
     from runner.store import SchemaOutOfDate, prepare_database
 
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, make_password=ALWAYS)
     try:
         prepare_database(AppContext(settings).database, migrate=settings.MIGRATION_ENABLED)
     except SchemaOutOfDate as error:

@@ -48,6 +48,11 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
 def _serve(settings: Settings, paths: StatePaths, password: bool) -> None:
     host, port = settings.REDIS_HOST, settings.REDIS_PORT
     folder = paths.broker if settings.DIFY_LOCAL_BROKER_PERSIST else None
+    if password and not settings.REDIS_PASSWORD:
+        # only when CELERY_BROKER_URL is set: the password is then that URL's, not one of ours
+        raise BrokerStartError("the embedded broker has no password to require: REDIS_PASSWORD is empty and "
+                               "CELERY_BROKER_URL names a broker of its own; set REDIS_PASSWORD (or --password) to "
+                               "the password in that URL, or use --no-password on loopback")
     try:
         broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder,
                                 compiled=settings.DIFY_LOCAL_BROKER_COMPILED)

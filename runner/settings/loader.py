@@ -5,6 +5,10 @@ process environment, so the values `up` hands its processes are the ones every c
 `load_settings` reads every layer, parses each value with its kind, runs the checks that involve
 more than one setting, and returns a `Settings` that knows each value's source. Any bad value
 raises `SettingsError` whose lines each name the variable, the value and what is allowed.
+
+REDIS_PASSWORD that no layer sets is, for the embedded broker, the state folder's own random one
+(runner.settings.generated), so `up`, its processes and every command in another terminal agree
+on it without being told, and no one else knows it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from honcho.environ import parse as honcho_parse
 
 from runner.errors import ProblemsError
 from runner.settings.envfile import EnvFileError, read_env_file
+from runner.settings.generated import BrokerPasswordError, CannotMakeError, broker_password
 from runner.settings.kinds import MASK, BrokerUrl, host_port, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
 from runner.settings.tls_files import tls_file_problems
+from runner.state import StatePaths
 
 LOCAL_CONFIG_DIR = "local_config"
 DEFAULT_ENV_FILES = (".env",)
@@ -39,6 +45,11 @@ class SettingsError(ProblemsError):
 
 STACK_ADDRESS_GROUPS = ("broker / backend", "embedded broker")
 STACK_ADDRESS_SETTINGS = ("DIFY_BIND_ADDRESS", "DIFY_PORT")
+GENERATED = "generated"  # the source of the state folder's own broker password
+# Whether load_settings makes that password where there is none yet (see _generated_password):
+NEVER = "never"  # a command that only looks (config, export, topology …): the folder stays as it is
+IF_POSSIBLE = "if possible"  # a client of the broker (queues, doctor …): made unless the folder cannot take it
+ALWAYS = "always"  # what starts the stack, a role of it or a job: made, or one line saying why not
 
 
 @dataclass(frozen=True)
@@ -85,9 +96,10 @@ class Settings:
         for setting in SETTINGS:
             yield setting, self._values[setting.name]
 
-    def display(self, name: str) -> str:
+    def display(self, name: str, reveal: bool = False) -> str:
         setting = BY_NAME[name]
-        return shown(setting, setting.kind.format(self._values[name].value))
+        text = setting.kind.format(self._values[name].value)
+        return text if reveal else shown(setting, text)
 
     # -- derived values -------------------------------------------------------------------------
 
@@ -109,7 +121,9 @@ class Settings:
         return not self.CELERY_BROKER_URL
 
     def embedded_url(self, db: int) -> str:
-        return f"redis://:{quote(self.REDIS_PASSWORD, safe='')}@{host_port(self.REDIS_HOST, self.REDIS_PORT)}/{db}"
+        # no password yet (see _generated_password), or a broker started with --no-password: no AUTH
+        auth = f":{quote(self.REDIS_PASSWORD, safe='')}@" if self.REDIS_PASSWORD else ""
+        return f"redis://{auth}{host_port(self.REDIS_HOST, self.REDIS_PORT)}/{db}"
 
     @property
     def broker_url(self) -> str:
@@ -142,9 +156,17 @@ class Settings:
     def stack_address(self) -> dict[str, str]:
         """Every setting that says where a running stack is: its broker (embedded or real, with
         Sentinel and TLS) and its API. Kept by `up` for commands in other terminals, which may not
-        share the flags or the environment it was started with: the whole group, so it stays coherent."""
+        share the flags or the environment it was started with: the whole group, so it stays coherent.
+        A generated password stays in its own file, which those commands read themselves."""
         return {setting.name: setting.kind.format(value.value) for setting, value in self.items()
-                if setting.group in STACK_ADDRESS_GROUPS or setting.name in STACK_ADDRESS_SETTINGS}
+                if (setting.group in STACK_ADDRESS_GROUPS or setting.name in STACK_ADDRESS_SETTINGS)
+                and not value.source.startswith(GENERATED)}
+
+    def given(self) -> dict[str, str]:
+        """The values someone set (local_config/, environment, .env, command line) as .env text:
+        neither defaults nor the state folder's generated password."""
+        return {setting.name: setting.kind.format(value.value) for setting, value in self.items()
+                if not value.source.startswith(("default", GENERATED))}
 
     def command_line_environment(self) -> dict[str, str]:
         """Values given on the command line, as environment for child processes."""
@@ -188,6 +210,27 @@ def _parse(setting: Setting, raw: str, source: str) -> Value:
         return Value(setting.kind.parse(raw), source, raw)
     except ValueError as error:
         raise SettingsError([f"{setting.name}={shown(setting, raw)!r} ({source}) is not allowed: {error}"]) from None
+
+
+def _generated_password(values: dict[str, Value], settings: Settings, make: str) -> None:
+    """REDIS_PASSWORD that no layer set: the state folder's own, for the embedded broker (a real
+    broker's password is in CELERY_BROKER_URL). Made by the first command that starts or reaches
+    the broker (`make`: NEVER, IF_POSSIBLE, ALWAYS), so a client started before the broker (a
+    `queues --watch`) already has the one the broker will take; where there is none yet, no
+    broker of this folder has started with one."""
+    if not settings.uses_embedded_broker or not values["REDIS_PASSWORD"].source.startswith("default"):
+        return
+    path = StatePaths(settings.state_dir).broker_password
+    try:
+        password = broker_password(path, make != NEVER)
+    except CannotMakeError as error:
+        if make == ALWAYS:
+            raise SettingsError([str(error)]) from None
+        password = None  # a client: it reports the folder's trouble itself (doctor), or the broker's absence
+    except BrokerPasswordError as error:
+        raise SettingsError([str(error)]) from None
+    values["REDIS_PASSWORD"] = (Value(password, f"{GENERATED}, {path}") if password is not None else
+                                Value("", f"{GENERATED}, {path} (none yet: made when the broker first starts or is first reached)"))
 
 
 def _cross_checks(settings: Settings) -> list[str]:
@@ -259,8 +302,12 @@ def load_settings(
     overrides: Mapping[str, Override] | None = None,
     environ: Mapping[str, str] | None = None,
     env_files: tuple[str, ...] = DEFAULT_ENV_FILES,
+    make_password: str = NEVER,
 ) -> Settings:
-    """Read every layer and return the effective settings, or raise `SettingsError`."""
+    """Read every layer and return the effective settings, or raise `SettingsError`.
+
+    `make_password`: whether to make the state folder's broker password if it has none
+    (NEVER, IF_POSSIBLE, ALWAYS; see _generated_password)."""
     project = Path(project_dir or os.getcwd()).resolve()
     env = os.environ if environ is None else environ
     dotenv = read_env_files(project, env_files)
@@ -304,4 +351,5 @@ def load_settings(
     problems = _cross_checks(settings)
     if problems:
         raise SettingsError(problems)
+    _generated_password(values, settings, make_password)
     return settings

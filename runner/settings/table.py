@@ -83,11 +83,13 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds to wait for a sentinel to answer"),
     # embedded broker (Dify's Redis names, so Dify's own .env points at it unchanged)
     Setting("REDIS_HOST", BindAddress(), "127.0.0.1", "embedded broker",
-            "address the embedded broker listens on; other than loopback only with a password of your own"),
+            "address the embedded broker listens on; other than loopback only with a password (not Dify's "
+            "published one)"),
     Setting("REDIS_PORT", Integer(minimum=1, maximum=65535), 6379, "embedded broker",
             "port of the embedded broker"),
-    Setting("REDIS_PASSWORD", Text(), "difyai123456", "embedded broker",
-            "password every client of the embedded broker must give (AUTH)", secret=True),
+    Setting("REDIS_PASSWORD", Text(), "", "embedded broker",
+            "password every client of the embedded broker must give (AUTH)", secret=True,
+            default_note="random, made once per state folder and kept in its broker-password file"),
     Setting("DIFY_LOCAL_BROKER_PERSIST", Boolean(), True, "embedded broker",
             "keep the embedded broker's data in an append-only log in the state folder (false: memory only)"),
     Setting("DIFY_LOCAL_BROKER_COMPILED", Boolean(), True, "embedded broker",

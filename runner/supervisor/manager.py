@@ -185,8 +185,10 @@ class Supervisor:
         if not spec.is_ours:
             env = foreign_environment(env)
         if self.settings.uses_embedded_broker:
+            # the password too (generated or set): the broker role and a Dify app read REDIS_PASSWORD
             env["CELERY_BROKER_URL"] = self.settings.broker_url
             env["REDIS_URL"] = self.settings.embedded_url(0)
+            env["REDIS_PASSWORD"] = self.settings.REDIS_PASSWORD
         if self.watch is not None:
             env[WATCH_ROOTS] = os.pathsep.join(str(root) for root in self.watch.roots)
         return env
