@@ -30,7 +30,7 @@ from typing import Callable
 
 from runner.errors import StateError
 from runner.process_identity import alive, identity_of, pid_of
-from runner.safe_files import LinkInStateFolder
+from runner.safe_files import LinkInStateFolder, wrong_kind
 from runner.state import StatePaths
 
 OWNER_ONLY = 0o700
@@ -104,7 +104,7 @@ def make_private(root: Path) -> str | None:
     except OSError as error:
         raise StateFolderRefused(f"cannot use the state folder {root}: {error.strerror}; {CHOOSE_ANOTHER}") from None
     if not stat.S_ISDIR(info.st_mode):
-        raise StateFolderRefused(f"the state folder {root} is not a folder: {CHOOSE_ANOTHER}")
+        raise wrong_kind(root, root, "folder")  # the same line as every other check of it
     if info.st_uid != os.geteuid():
         raise StateFolderRefused(f"the state folder {root} belongs to {_user(info.st_uid)}, not to you: "
                                  f"{CHOOSE_ANOTHER}")

@@ -166,7 +166,9 @@ def test_a_corrupt_database_is_said_once_under_up_and_the_roles_are_not_restarte
         done = project.run("ps", "--json")
         return {row["name"]: row for row in json.loads(done.stdout)["processes"]} if done.returncode == 0 else {}
 
-    rows = wait_until(processes, 30, "`ps` to answer")
+    # the roles fail at their database, before they wait for the broker: it may still be starting
+    rows = wait_until(lambda: (rows := processes()) and rows["broker"]["status"] != "starting" and rows, 60,
+                      "`ps` to answer with the broker past its start")
     assert [rows[role]["status"] for role in roles] == ["failed"] * 3, rows
     assert [rows[role]["restarts"] for role in roles] == [0] * 3, rows
     assert rows["broker"]["status"] == "ready", rows
