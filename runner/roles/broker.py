@@ -7,6 +7,7 @@ import logging
 
 import fakeredis
 
+from runner.broker.lua_sandbox import set_time_limit
 from runner.broker.server import BrokerStartError as ServerStartError
 from runner.broker.server import COMPILED_UNAVAILABLE, EmbeddedBroker
 from runner.roles.common import RoleStartError, start_role
@@ -39,6 +40,7 @@ def serve_broker(settings: Settings, password: bool = True) -> None:
                                 compiled=settings.DIFY_LOCAL_BROKER_COMPILED)
     except ServerStartError as error:
         raise BrokerStartError(str(error)) from None
+    set_time_limit(broker.core, settings.DIFY_LOCAL_BROKER_LUA_TIME_LIMIT)
     report = broker.load()
     if folder is None:
         log.info("persistence off (--no-persist): the data lives in memory only and is gone when it stops")
