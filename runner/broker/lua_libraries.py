@@ -34,6 +34,8 @@ def type_name(value: Any) -> str:
         return "number"
     if isinstance(value, bytes):
         return "string"
+    if "Coroutine" in type(value).__name__ or "Thread" in type(value).__name__:
+        return "thread"  # (lupa's lua_type calls a coroutine a function)
     return lua.lua_type(value) or "userdata"
 
 
@@ -278,6 +280,13 @@ def _struct_call(name: str, body: Callable[..., Result]) -> Callable[..., Result
     return function
 
 
+def _pack_typeerror(args: tuple, n: int, expected: str) -> Result:
+    # b_pack pushes a nil after its arguments (a mark before its buffer): the first missing one is that nil
+    if n == len(args) + 1:
+        return argerror(n, "pack", f"{expected} expected, got nil")
+    return typeerror(args, n, "pack", expected)
+
+
 def _struct_pack(fmt: Format, *args: Any) -> Result:
     out = bytearray()
     arg = 2
@@ -287,7 +296,7 @@ def _struct_pack(fmt: Format, *args: Any) -> Result:
         if option in "bBhHlLTiI":
             number = to_number(args[arg - 1]) if arg <= len(args) else None
             if number is None:
-                return typeerror(args, arg, "pack", "number")
+                return _pack_typeerror(args, arg, "number")
             arg += 1
             value = truncate(number) & 0xFFFFFFFFFFFFFFFF
             raw = value.to_bytes(8, "little") + bytes(max(0, size - 8))
@@ -298,13 +307,13 @@ def _struct_pack(fmt: Format, *args: Any) -> Result:
         elif option in "fd":
             number = to_number(args[arg - 1]) if arg <= len(args) else None
             if number is None:
-                return typeerror(args, arg, "pack", "number")
+                return _pack_typeerror(args, arg, "number")
             arg += 1
             out += _pack_float(float(number), option, fmt.little)
         elif option in "cs":
             text = to_text(args[arg - 1]) if arg <= len(args) else None
             if text is None:
-                return typeerror(args, arg, "pack", "string")
+                return _pack_typeerror(args, arg, "string")
             arg += 1
             if size == 0:
                 size = len(text)
@@ -336,7 +345,7 @@ def _struct_unpack(fmt: Format, *args: Any) -> Result:
     if start is None:
         return typeerror(args, 3, "unpack", "number")
     position = truncate(start) - 1
-    if position < 0 or position > len(data):
+    if position < 0:
         return argerror(3, "unpack", "offset must be 1 or greater")
     values: list[Any] = []
     for option, size in fmt.options():
@@ -357,7 +366,7 @@ def _struct_unpack(fmt: Format, *args: Any) -> Result:
         elif option == "c":
             if size == 0:
                 if not values or not isinstance(values[-1], (int, float)):
-                    return False, "format `c0' needs a previous size"
+                    return False, "format 'c0' needs a previous size"
                 size = truncate(values.pop())
                 if size < 0 or position + size > len(data):
                     return argerror(2, "unpack", "data string too short")
@@ -379,9 +388,9 @@ def _struct_size(fmt: Format, *args: Any) -> Result:
     for option, size in fmt.options():
         position += fmt.to_align(position, option, size)
         if option == "s":
-            return argerror(1, "size", "options 's' has no fixed size")
+            return argerror(1, "size", "option 's' has no fixed size")
         if option == "c" and size == 0:
-            return argerror(1, "size", "options 'c0' has no fixed size")
+            return argerror(1, "size", "option 'c0' has no fixed size")
         if not option.isalnum():
             fmt.control(option)
         position += size
@@ -746,6 +755,29 @@ def _from_json(value: Any, null: Any) -> Any:
     return value
 
 
+def _too_deep_at(text: bytes) -> int:
+    """Where lua-cjson stops a document nested too deep: the position of the opening bracket past
+    MAX_DEPTH (only looked for once Python's parser has given up)."""
+    depth, in_string, escaped = 0, False, False
+    for at, char in enumerate(text, 1):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == 0x5C:
+                escaped = True
+            elif char == 0x22:
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return at
+        elif char in (0x5D, 0x7D):
+            depth -= 1
+    return len(text)
+
+
 def cjson(runtime: Any, null: Any, checkpoint: Callable[[], None]) -> dict[str, Callable[..., Result]]:
     def encode(*args: Any) -> Result:
         if len(args) != 1:
@@ -768,7 +800,7 @@ def cjson(runtime: Any, null: Any, checkpoint: Callable[[], None]) -> dict[str, 
         try:
             value = _from_json(json.loads(text.decode("utf-8", "surrogateescape")), null)
         except RecursionError:
-            return False, f"Found too many nested data structures ({MAX_DEPTH + 1})"
+            return False, f"Found too many nested data structures ({MAX_DEPTH + 1}) at character {_too_deep_at(text)}"
         except json.JSONDecodeError as error:
             return False, f"Expected value but found invalid token at character {error.pos + 1}"
         except (ValueError, UnicodeError):
@@ -786,9 +818,60 @@ def cjson(runtime: Any, null: Any, checkpoint: Callable[[], None]) -> dict[str, 
             "encode_invalid_numbers": setting(False), "decode_invalid_numbers": setting(True)}
 
 
+# -- math.random (redis-server's rand.c) ----------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+
+
+class RedisRandom:
+    """redis-server's math.random and math.randomseed: its own generator (POSIX lrand48's, 48 bits),
+    seeded when the server starts and by randomseed only, so a script draws the numbers
+    redis-server would give it in the same place."""
+
+    def __init__(self) -> None:
+        self.state = 0x1234ABCD330E
+
+    def next(self) -> int:
+        self.state = (0x5DEECE66D * self.state + 0xB) & (2**48 - 1)
+        return self.state >> 17
+
+    @staticmethod
+    def checkint(args: tuple, n: int, name: str) -> int | Result:
+        """luaL_checkint: a number (or numeric text), truncated toward zero to a C int."""
+        number = to_number(args[n - 1]) if n <= len(args) else None
+        if number is None:
+            return typeerror(args, n, name, "number")
+        value = truncate(number) & 0xFFFFFFFF
+        return value - 2**32 if value & 0x80000000 else value
+
+    def random(self, *args: Any) -> Result:
+        r = (self.next() % INT32_MAX) / INT32_MAX
+        if not args:
+            return True, r
+        if len(args) > 2:
+            return False, "wrong number of arguments"
+        bounds = [self.checkint(args, n, "random") for n in range(1, len(args) + 1)]
+        for bound in bounds:
+            if isinstance(bound, tuple):
+                return bound
+        low, high = (1, bounds[0]) if len(bounds) == 1 else bounds
+        if low > high:
+            return argerror(len(bounds), "random", "interval is empty")
+        return True, math.floor(r * (high - low + 1)) + low
+
+    def randomseed(self, *args: Any) -> Result:
+        seed = self.checkint(args, 1, "randomseed")
+        if isinstance(seed, tuple):
+            return seed
+        self.state = ((seed & 0xFFFFFFFF) << 16) | 0x330E
+        return (True,)
+
+
 def libraries(runtime: Any, null: Any, checkpoint: Callable[[], None]) -> tuple[dict, dict]:
-    """Each library's Python functions, and its constant fields."""
+    """Each library's Python functions, and its constant fields (math's are added to Lua's)."""
+    generator = RedisRandom()
     functions = {"bit": BIT, "struct": STRUCT, "cmsgpack": cmsgpack(runtime, checkpoint),
-                 "cjson": cjson(runtime, null, checkpoint)}
+                 "cjson": cjson(runtime, null, checkpoint),
+                 "math": {"random": generator.random, "randomseed": generator.randomseed}}
     values = {"cmsgpack": CMSGPACK_VALUES, "cjson": {"_NAME": b"cjson", "_VERSION": b"2.1.0", "null": null}}
     return functions, values

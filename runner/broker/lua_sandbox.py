@@ -41,7 +41,7 @@ from fakeredis._helpers import SimpleError, SimpleString
 from fakeredis.commands_mixins._lua_functions import _ENGINE_SOURCE, FunctionsEngine, _sha1hex
 from fakeredis.commands_mixins.scripting_mixin import REDIS_LOG_LEVELS_TO_LOGGING, _lua_cjson_null
 
-from runner.broker.lua_libraries import libraries
+from runner.broker.lua_libraries import libraries, type_name
 from runner.settings.table import BY_NAME
 
 log = logging.getLogger("dify_local.broker")
@@ -80,8 +80,31 @@ local getinfo, sethook, getupvalue, rawmetatable = debug.getinfo, debug.sethook,
 local clock = os.clock
 local byte, match, format = string.byte, string.match, string.format
 local floor = math.floor
-local concat, insert, remove, sort = table.concat, table.insert, table.remove, table.sort
+local concat, insert = table.concat, table.insert
 local real_globals = _G
+-- Python functions become C functions (lupa's python.as_function): a script that tail-calls one
+-- keeps its own frame, so an error names the script's line, as with Redis' C functions. An error
+-- such a function raises arrives as a Python exception: `explain` turns it into what Redis raises.
+local as_function, unwrap = python.as_function, bridge.unwrap
+local ours = {}  -- those C functions
+
+local function C(f)
+  local c = as_function(f)
+  ours[c] = true
+  return c
+end
+
+local function position_of(level)  -- luaL_where(L, 1) for one of those C functions, at `level` here
+  local c = getinfo(level + 1, "f")
+  local info = c ~= nil and ours[c.func] and getinfo(level + 2, "Sl")
+  if info and info.currentline > 0 then return info.short_src .. ":" .. info.currentline .. ": " end
+  return ""  -- (called in a coroutine, Python's call runs on the main thread: then no line is known)
+end
+
+local function explain(err)
+  if type(err) == "userdata" then return unwrap(err) end
+  return err
+end
 
 -- Read-only tables, as Redis' Lua has them: an empty view over the table, refusing every write.
 local READONLY = "Attempt to modify a readonly table"
@@ -147,9 +170,7 @@ end
 local string_meta = getmetatable("")
 local string_meta_view
 
-function base.getmetatable(...)
-  if select("#", ...) == 0 then error("bad argument #1 to 'getmetatable' (value expected)", 2) end
-  local v = ...
+local function metatable_of(v)
   if behind[v] ~= nil then return shown[v] end
   local kind = type(v)
   if kind == "string" then return string_meta_view end
@@ -160,7 +181,7 @@ end
 -- Redis' pcall: an error table's message (what redis.call raises) comes back as the error.
 local function caught(ok, ...)
   if ok then return true, ... end
-  local err = ...
+  local err = explain((...))
   if type(err) == "table" then
     local message = err.err
     local kind = type(message)
@@ -174,6 +195,12 @@ function base.pcall(...)
   return caught(pcall(...))
 end
 
+function base.xpcall(...)
+  local f, h = ...
+  if select("#", ...) < 2 then error("bad argument #2 to 'xpcall' (value expected)", 2) end
+  return xpcall(f, function(err) return h(explain(err)) end)
+end
+
 -- Text only: Redis' Lua parses every chunk, so one starting with "\27" (bytecode) is a syntax error.
 local chunk_env  -- where the chunks a script loads find their globals
 
@@ -184,87 +211,31 @@ local function compile(text, name)
   return chunk, err
 end
 
-local function check_name(count, n, name, fname)
-  local kind = type(name)
-  if n <= count and name ~= nil and kind ~= "string" and kind ~= "number" then
-    error(argerror(n, fname, "string", kind), 3)
-  end
-end
-
-function base.loadstring(...)
-  local count, text, name = select("#", ...), ...
-  local kind = type(text)
-  if kind ~= "string" and kind ~= "number" then error(argerror(1, "loadstring", "string", got(count, 1, text)), 2) end
-  check_name(count, 2, name, "loadstring")
+-- (loadstring and load: behind a Python front that checks their arguments, see `fronted` below)
+local function loadstring_checked(text, name)
   text = tostring(text)
   if name == nil then name = text end
   return compile(text, tostring(name))
 end
 
-function base.load(...)
-  local count, reader, name = select("#", ...), ...
-  if type(reader) ~= "function" then error(argerror(1, "load", "function", got(count, 1, reader)), 2) end
-  check_name(count, 2, name, "load")
+local handler  -- (below) the reader's errors go through it, as in Redis, whose lua_load keeps the
+               -- running error handler: a failing reader gives load's caller an error table
+
+local function load_checked(reader, name)
   if name == nil then name = "=(load)" end
   local pieces, n = {}, 0
   while true do
-    local ok, piece = pcall(reader)
+    local ok, piece = xpcall(reader, handler)
     if not ok then return nil, piece end
     if piece == nil or piece == "" then break end
     local kind = type(piece)
-    if kind ~= "string" and kind ~= "number" then return nil, "reader function must return a string" end
+    if kind ~= "string" and kind ~= "number" then
+      return nil, handler(position_of(2) .. "reader function must return a string")
+    end
     n = n + 1
     pieces[n] = piece
   end
   return compile(concat(pieces), tostring(name))
-end
-
--- redis-server's math.random: its own 48-bit generator (POSIX lrand48's), seeded when the server
--- starts and by math.randomseed only, so a script draws the numbers redis-server would give it.
-local x0, x1, x2 = 0x330E, 0xABCD, 0x1234
-
-local function lrand48()
-  local p = 0xE66D * x0 + 0xB
-  local n0 = p % 65536
-  p = (p - n0) / 65536 + 0xE66D * x1 + 0xDEEC * x0
-  local n1 = p % 65536
-  p = (p - n1) / 65536 + 0xE66D * x2 + 0xDEEC * x1 + 0x5 * x0
-  x0, x1, x2 = n0, n1, p % 65536
-  return x2 * 32768 + floor(x1 / 2)
-end
-
-local function checkint(count, n, value, fname)  -- luaL_checkint: a number (or numeric text), truncated
-  local number = tonumber(value)
-  local kind = type(value)
-  if number == nil or (kind ~= "number" and kind ~= "string") then
-    error(argerror(n, fname, "number", got(count, n, value)), 3)
-  end
-  if number >= 0 then number = floor(number) else number = -floor(-number) end
-  return (number + 2147483648) % 4294967296 - 2147483648
-end
-
-local INT32_MAX = 2147483647
-
-local function random(...)
-  local r = (lrand48() % INT32_MAX) / INT32_MAX
-  local count = select("#", ...)
-  if count == 0 then return r end
-  local first, second = ...
-  if count == 1 then
-    local u = checkint(count, 1, first, "random")
-    if u < 1 then error("bad argument #1 to 'random' (interval is empty)", 2) end
-    return floor(r * u) + 1
-  elseif count == 2 then
-    local l, u = checkint(count, 1, first, "random"), checkint(count, 2, second, "random")
-    if l > u then error("bad argument #2 to 'random' (interval is empty)", 2) end
-    return floor(r * (u - l + 1)) + l
-  end
-  error("wrong number of arguments", 2)
-end
-
-local function randomseed(...)
-  local seed = checkint(select("#", ...), 1, (...), "randomseed") % 4294967296
-  x0, x1, x2 = 0x330E, seed % 65536, floor(seed / 65536)
 end
 
 -- The table functions that write, refused on a read-only table as Redis' Lua refuses them.
@@ -273,17 +244,9 @@ function table_lib.insert(...)
   if behind[(...)] ~= nil then error(READONLY, 0) end
   return insert(...)
 end
-function table_lib.remove(...)
-  if behind[(...)] ~= nil then error(READONLY, 0) end
-  return remove(...)
-end
-function table_lib.sort(...)
-  if behind[(...)] ~= nil then error(READONLY, 0) end
-  return sort(...)
-end
+-- (remove and sort write nothing to a view, whose length is 0: Redis lets them be, and so do we)
 
-local math_lib = copy(math)
-math_lib.random, math_lib.randomseed = random, randomseed
+local math_lib = copy(math)  -- (with redis-server's random and randomseed: lua_libraries.py)
 
 local coroutine_lib = copy(coroutine)  -- (with create and wrap below: each coroutine gets the time limit's hook)
 
@@ -306,29 +269,31 @@ local function hook()
   error(STOPPED, 0)
 end
 
--- debug.sethook's hook is per coroutine, and a new one does not inherit a Lua hook: give it ours.
-local create, resume = coroutine.create, coroutine.resume
+-- debug.sethook's hook is per coroutine, and a new one does not get a Lua hook from its creator:
+-- each coroutine's function starts by setting ours (coroutine.create and wrap stay C's own).
+local create, wrap, resume = coroutine.create, coroutine.wrap, coroutine.resume
 
-function coroutine_lib.create(...)
-  local f = ...
-  if type(f) ~= "function" then error(argerror(1, "create", "Lua function", got(select("#", ...), 1, f)), 2) end
-  local co = create(f)
-  if killed then sethook(co, hook, "", 1) else sethook(co, hook, "", hook_instructions) end
-  return co
+local function hooked(name, make)
+  return function(...)
+    local f = ...
+    if type(f) ~= "function" or getinfo(f, "S").what == "C" then
+      error(format("bad argument #1 to '%s' (Lua function expected)", name), 2)
+    end
+    return make(function(...)
+      if killed then sethook(hook, "", 1) else sethook(hook, "", hook_instructions) end
+      return f(...)
+    end)
+  end
+end
+coroutine_lib.create, coroutine_lib.wrap = hooked("create", create), hooked("wrap", wrap)
+
+local function resumed(ok, ...)
+  if ok then return true, ... end
+  return false, explain((...))
 end
 
-local function wrapped(ok, ...)
-  if ok then return ... end
-  local err = ...
-  if type(err) == "string" then error(err, 3) end  -- at the caller's line (level 2: the tail-called wrapper)
-  error(err, 0)
-end
-
-function coroutine_lib.wrap(...)
-  local f = ...
-  if type(f) ~= "function" then error(argerror(1, "wrap", "Lua function", got(select("#", ...), 1, f)), 2) end
-  local co = coroutine_lib.create(f)
-  return function(...) return wrapped(resume(co, ...)) end
+function coroutine_lib.resume(...)
+  return resumed(resume(...))
 end
 
 local control = {}
@@ -365,8 +330,9 @@ local function script_frame(level)  -- the nearest frame that is the script's: n
   end
 end
 
-local function handler(err)
+function handler(err)
   local info = script_frame(3)
+  err = explain(err)
   local message
   if type(err) == "table" and type(err.err) == "string" then
     message = err.err
@@ -385,9 +351,7 @@ local function handler(err)
 end
 
 local globals = {}
-local function missing(_, name)
-  error("Script attempted to access nonexistent global variable '" .. tostring(name) .. "'", 2)
-end
+local missing = C(bridge.missing)  -- raises at the reader's line, as Redis' C function does
 setmetatable(globals, {__index = missing})
 local G = readonly(globals, readonly({__index = missing}))
 chunk_env = G
@@ -403,6 +367,10 @@ end
 
 function control.compile(text, name)
   return compile(text, name)
+end
+
+function control.where()  -- for Python: the position of the caller of the C function it runs in
+  return position_of(2)
 end
 
 -- A table the functions engine made read-only: guarded here too, showing what it holds.
@@ -425,47 +393,24 @@ function control.use_environment(env)  -- the functions engine's: for chunks its
   control.adopt(env, readonly({__index = missing}))
 end
 
-exempt[control.disarm], exempt[control.kill], exempt[control.run], exempt[handler], exempt[script_frame] =
-  true, true, true, true, true
+for _, f in next, {control.disarm, control.kill, control.run, control.where, handler, script_frame} do
+  exempt[f] = true
+end
 
 function control.exempt(f)  -- one of the functions engine's, which must finish even for a stopped script
   exempt[f] = true
 end
 
--- Python's side (each call answers ok, value…): an error of the redis library is Redis' error table,
--- one of the other libraries' a message at the caller's line.
-local function raise(ok, value)
-  if ok then return value end
-  error({err = value}, 0)
-end
-
-local function results(ok, ...)
-  if ok then return ... end
-  error((...), 3)  -- level 2 is the library function, which tail-called this one
-end
-
-local function library(functions, values)
-  local result = {}
-  for name, f in next, functions do result[name] = function(...) return results(f(...)) end end
-  for name, value in next, values do result[name] = value end
-  return result
-end
-
-local call, log, setresp, sha1hex, acl_check = bridge.call, bridge.log, bridge.setresp, bridge.sha1hex,
-  bridge.acl_check
-local pcall_command, error_text = bridge.pcall, bridge.error_text
+-- The redis library: Python's functions, raising Redis' error tables, and these few in Lua.
+local error_text = bridge.error_text
 
 local function one_string(...)
   return select("#", ...) == 1 and type((...)) == "string"
 end
 
 local redis = {
-  call = function(...) return raise(call(...)) end,
-  pcall = function(...) return pcall_command(...) end,
-  log = function(...) return raise(log(...)) end,
-  setresp = function(...) return raise(setresp(...)) end,
-  sha1hex = function(...) return raise(sha1hex(...)) end,
-  acl_check_cmd = function(...) return raise(acl_check(...)) end,
+  call = C(bridge.call), pcall = C(bridge.pcall), log = C(bridge.log), setresp = C(bridge.setresp),
+  sha1hex = C(bridge.sha1hex), acl_check_cmd = C(bridge.acl_check), set_repl = C(bridge.set_repl),
   error_reply = function(...)
     if not one_string(...) then return {err = "ERR wrong number or type of arguments"} end
     return {err = error_text((...))}
@@ -477,13 +422,6 @@ local redis = {
   breakpoint = function() return false end,  -- no debugging session (SCRIPT DEBUG) here
   debug = function() end,
   replicate_commands = function() return true end,  -- Redis 7 always replicates effects
-  set_repl = function(...)
-    if select("#", ...) ~= 1 then error({err = "ERR redis.set_repl() requires two arguments."}, 0) end
-    local flags = tonumber((...))
-    if flags == nil or flags < 0 or flags > 3 then
-      error({err = "ERR Invalid replication flags. Use REPL_AOF, REPL_REPLICA, REPL_ALL or REPL_NONE."}, 0)
-    end
-  end,
   REDIS_VERSION = bridge.version, REDIS_VERSION_NUM = bridge.version_num,
   REPL_NONE = 0, REPL_AOF = 1, REPL_SLAVE = 2, REPL_REPLICA = 2, REPL_ALL = 3,
   LOG_DEBUG = 0, LOG_VERBOSE = 1, LOG_NOTICE = 2, LOG_WARNING = 3,
@@ -495,9 +433,15 @@ local libs = {
   coroutine = readonly(coroutine_lib), redis = readonly(redis),
 }
 for name, functions in next, python_libraries.functions do
-  libs[name] = readonly(library(functions, python_libraries.values[name] or {}))
+  local library = name == "math" and math_lib or {}
+  for member, f in next, functions do library[member] = C(f) end
+  for member, value in next, python_libraries.values[name] or {} do library[member] = value end
+  if name ~= "math" then libs[name] = readonly(library) end
 end
 rawset(behind[libs.cjson], "new", function() return libs.cjson end)
+base.getmetatable = C(bridge.front("getmetatable", metatable_of))
+base.loadstring = C(bridge.front("loadstring", loadstring_checked))
+base.load = C(bridge.front("load", load_checked))
 rawset(string_meta, "__index", libs.string)
 string_meta_view = readonly(string_meta)
 
@@ -517,44 +461,18 @@ class TimeUp(Exception):
     """Python work for a script (a library's, a reply's conversion) ran past the time limit."""
 
 
-def _failure(error: BaseException) -> tuple[bool, bytes]:
-    """What a Python call from Lua answers for an exception (a fault of ours costs the script only).
-    Text goes to Lua as bytes: a str would arrive as a Python object."""
-    if isinstance(error, SimpleError):
-        return False, error.value.encode()
-    if isinstance(error, TimeUp):
-        return False, STOPPED.encode()
-    if isinstance(error, lua.LuaMemoryError):
-        return False, b"not enough memory"
-    log.error("a Lua script's call into the broker failed", exc_info=error)
-    return False, INTERNAL.encode()
+class ScriptError(SimpleError):
+    """An error a Python function raises into a script: `lua_value` is what the Lua error carries
+    (Redis' error table for the redis library, a message at the caller's line for the others); the
+    SimpleError's own text is the reply, should it reach one (a function's uncaught error)."""
+
+    def __init__(self, reply: str, lua_value: Any):
+        super().__init__(reply)
+        self.lua_value = lua_value
 
 
-def _answering(function: Callable[..., Any]) -> Callable[..., tuple]:
-    """A Python function Lua calls, answering (True, value) or (False, Redis' error text)."""
-
-    def call(*args: Any) -> tuple:
-        try:
-            return True, function(*args)
-        except Exception as error:
-            return _failure(error)
-
-    return call
-
-
-def _guarded(function: Callable[..., tuple]) -> Callable[..., tuple]:
-    """A library function (already answering (ok, …)), made safe from exceptions."""
-
-    def call(*args: Any) -> tuple:
-        try:
-            result = function(*args)
-        except Exception as error:
-            return _failure(error)
-        if not result[0] and isinstance(result[1], str):
-            return False, result[1].encode()
-        return result
-
-    return call
+# fakeredis' words where redis-server 7's differ
+REDIS_WORDS = {msgs.COMMAND_IN_SCRIPT_MSG: "ERR This Redis command is not allowed from script"}
 
 
 def _no_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
@@ -569,6 +487,37 @@ def error_text(message: bytes) -> bytes:
     if not space:
         return b"ERR " + body.strip(b"\r\n")
     return code + b" " + rest.strip(b"\r\n")
+
+
+def _lua_type(args: tuple, n: int) -> str:
+    if n > len(args):
+        return "no value"
+    return type_name(args[n - 1])
+
+
+def _checklstring(args: tuple, n: int, name: str, optional: bool = False) -> str | None:
+    kind = _lua_type(args, n)
+    if kind in ("string", "number") or (optional and kind in ("nil", "no value")):
+        return None
+    return f"bad argument #{n} to '{name}' (string expected, got {kind})"
+
+
+FRONT_CHECKS: dict[str, Callable[[tuple], str | None]] = {
+    "getmetatable": lambda args: None if args else "bad argument #1 to 'getmetatable' (value expected)",
+    "loadstring": lambda args: _checklstring(args, 1, "loadstring") or _checklstring(args, 2, "loadstring", True),
+    "load": lambda args: (None if _lua_type(args, 1) == "function"
+                          else f"bad argument #1 to 'load' (function expected, got {_lua_type(args, 1)})")
+    or _checklstring(args, 2, "load", True),
+}
+
+
+def _lua_text(value: Any) -> str:
+    """A Lua value as lua_tostring gives it, for a message."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return ("%.14g" % value) if isinstance(value, float) else str(value)
 
 
 class Interpreter:
@@ -588,22 +537,84 @@ class Interpreter:
         table = self.runtime.table_from
         functions, values = libraries(self.runtime, _lua_cjson_null, self.check_time)
         python_libraries = table({
-            b"functions": table({name.encode(): table({member.encode(): _guarded(function)
+            b"functions": table({name.encode(): table({member.encode(): self._library_function(function)
                                                         for member, function in members.items()})
                                  for name, members in functions.items()}),
             b"values": table({name.encode(): table({member.encode(): value for member, value in members.items()})
                               for name, members in values.items()}),
         })
+        redis_function = self._redis_function
         bridge = table({
-            b"call": _answering(self._call), b"pcall": self._pcall, b"log": _answering(self._log),
-            b"setresp": _answering(self._setresp), b"sha1hex": _answering(_sha1hex),
-            b"acl_check": _answering(self._acl_check), b"error_text": error_text, b"stopped": STOPPED.encode(),
+            b"call": redis_function(self._call), b"pcall": self._pcall, b"log": redis_function(self._log),
+            b"setresp": redis_function(self._setresp), b"sha1hex": redis_function(_sha1hex),
+            b"acl_check": redis_function(self._acl_check), b"set_repl": redis_function(self._set_repl),
+            b"missing": self._missing, b"unwrap": self._unwrap, b"error_text": error_text,
+            b"front": self._front,
+            b"stopped": STOPPED.encode(), b"names": table([name.encode() for name in names]),
             b"version": f"{major}.{minor}.{patch}".encode(), b"version_num": (major << 16) | (minor << 8) | patch,
-            b"names": table([name.encode() for name in names]),
         })
         sandbox = self.runtime.compile(SANDBOX_LUA, name=b"=sandbox")
-        self.control = sandbox(bridge, python_libraries, HOOK_INSTRUCTIONS)
-        self._call_answering = _answering(self._call)
+        self.control = control = sandbox(bridge, python_libraries, HOOK_INSTRUCTIONS)
+        # The controls, fetched now: read from a table while a coroutine runs, lupa answers a tuple.
+        self.where, self.kill, self.arm, self.disarm = control.where, control.kill, control.arm, control.disarm
+        self._run, self._compile = control.run, control.compile
+
+    # -- errors raised into Lua ---------------------------------------------------------------------
+
+    def redis_error(self, text: str) -> ScriptError:
+        """An error of the redis library: Redis raises it as a table {err = text}."""
+        return ScriptError(text, self.runtime.table_from({b"err": text.encode()}))
+
+    def plain_error(self, text: str | bytes) -> ScriptError:
+        """A library's error (luaL_error): the message, after the caller's line."""
+        message = self.where() + (text.encode() if isinstance(text, str) else text)
+        return ScriptError("ERR " + message.decode("utf-8", "replace"), message)
+
+    def _fault(self, error: BaseException) -> str:
+        """The words for an exception a Python function did not mean: a fault of ours costs the
+        script, never the broker."""
+        if isinstance(error, TimeUp):
+            return STOPPED
+        if isinstance(error, lua.LuaMemoryError):
+            return "not enough memory"
+        log.error("a Lua script's call into the broker failed", exc_info=error)
+        return INTERNAL
+
+    def _redis_function(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except ScriptError:
+                raise
+            except SimpleError as error:
+                raise self.redis_error(REDIS_WORDS.get(error.value, error.value)) from None
+            except Exception as error:
+                raise self.redis_error(self._fault(error)) from None
+        return call
+
+    def _library_function(self, function: Callable[..., tuple]) -> Callable[..., Any]:
+        """A library function answering (True, values…) or (False, message), for Lua: the values, or
+        the message raised at the caller's line."""
+        def call(*args: Any) -> Any:
+            try:
+                result = function(*args)
+            except ScriptError:
+                raise
+            except Exception as error:
+                raise self.plain_error(self._fault(error)) from None
+            if result[0]:
+                return result[1:]
+            raise self.plain_error(result[1])
+        return call
+
+    def _unwrap(self, value: Any) -> Any:
+        """What a Lua error from Python carries: a ScriptError's value, another SimpleError's text
+        (the functions engine's), anything else as it is."""
+        if isinstance(value, ScriptError):
+            return value.lua_value
+        if isinstance(value, SimpleError):
+            return value.value.encode()
+        return value
 
     # -- what Lua calls -----------------------------------------------------------------------------
 
@@ -611,10 +622,12 @@ class Interpreter:
         return self.caller._function_redis_call(self.runtime, self.read_only, *args)
 
     def _pcall(self, *args: Any) -> Any:
-        ok, value = self._call_answering(*args)
-        return value if ok else self.runtime.table_from({b"err": value})
+        try:
+            return self._redis_function(self._call)(*args)
+        except ScriptError as error:
+            return error.lua_value
 
-    def _log(self, *args: Any) -> None:
+    def _log(self, *args: Any) -> tuple:
         if len(args) < 2:
             raise SimpleError(msgs.REQUIRES_MORE_ARGS_MSG.format("redis.log()", "two"))
         level = args[0]
@@ -623,9 +636,19 @@ class Interpreter:
         text = " ".join(arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
                         for arg in args[1:] if not isinstance(arg, bool))
         logging.getLogger("fakeredis").log(REDIS_LOG_LEVELS_TO_LOGGING[int(level)], text)
+        return ()
 
-    def _setresp(self, *args: Any) -> None:
+    def _setresp(self, *args: Any) -> tuple:
         self.caller._lua_setresp(self.runtime, set(self.runtime.globals().keys()), *args)
+        return ()
+
+    def _set_repl(self, *args: Any) -> tuple:
+        if len(args) != 1:
+            raise SimpleError("ERR redis.set_repl() requires two arguments.")  # (sic, redis-server 7)
+        flags = args[0]
+        if isinstance(flags, bool) or not isinstance(flags, (int, float)) or flags not in (0, 1, 2, 3):
+            raise SimpleError("ERR Invalid replication flags. Use REPL_AOF, REPL_REPLICA, REPL_ALL or REPL_NONE.")
+        return ()
 
     def _acl_check(self, *args: Any) -> bool:
         if not args:
@@ -639,10 +662,29 @@ class Interpreter:
             raise SimpleError("ERR Invalid command passed to redis.acl_check_cmd()")
         return True  # the broker's one user may run every command
 
+    def _front(self, name: bytes, lua_function: Any) -> Callable[..., Any]:
+        """A C function checking a base function's arguments as Lua's C one does (so its error names
+        the caller's line, even for `return f(...)`), then running the sandbox's Lua for it."""
+        check = FRONT_CHECKS[name.decode()]
+
+        def front(*args: Any) -> Any:
+            problem = check(args)
+            if problem:
+                raise self.plain_error(problem)
+            return lua_function(*args)
+
+        return front
+
+    def _missing(self, table: Any, name: Any) -> None:
+        """A read of a global that is not there (Redis' luaProtectedTableError)."""
+        if not isinstance(name, (bytes, int, float)) or isinstance(name, bool):
+            raise self.plain_error("Second argument to luaProtectedTableError must be a string or number")
+        raise self.plain_error(f"Script attempted to access nonexistent global variable '{_lua_text(name)}'")
+
     def check_time(self) -> None:
         """For Python work done for a script: past the limit, stop the script."""
         if self.started is not None and time.process_time() - self.started > self.time_limit:
-            self.control.kill()
+            self.kill()
             raise TimeUp
 
     def tick(self) -> None:
@@ -657,7 +699,7 @@ class Interpreter:
         chunk = self._compiled.get(sha1)
         if chunk is None:
             try:
-                chunk, error = self.control.compile(script, b"@user_script")
+                chunk, error = self._compile(script, b"@user_script")
             except lua.LuaMemoryError:
                 self.runtime.gccollect()
                 raise SimpleError(MEMORY_ERROR.format(MEMORY_LIMIT // 2**20)) from None
@@ -671,7 +713,7 @@ class Interpreter:
     def run(self, chunk: Any, keys: Any, argv: Any) -> tuple[bool, Any]:
         """Run a compiled script (inside `bounded`): (True, its result) or (False, its error)."""
         table = self.runtime.table_from
-        return self.control.run(chunk, table(keys), table(argv))
+        return self._run(chunk, table(keys), table(argv))
 
     def failure(self, result: Any, name: bytes) -> SimpleError:
         """The error reply for a script that failed with `result` (the error handler's table, or
@@ -720,7 +762,7 @@ class Bounded:
         self.outer = (interpreter.caller, interpreter.read_only, interpreter.started)
         interpreter.caller, interpreter.read_only = self.caller, self.read_only
         interpreter.started = time.process_time()
-        interpreter.control.arm(interpreter.time_limit)
+        interpreter.arm(interpreter.time_limit)
         if self.caller is not None:
             self.caller._lua_bounded = interpreter
         return self
@@ -731,10 +773,10 @@ class Bounded:
         if self.caller is not None:
             self.caller._lua_bounded = None
         try:
-            self.killed = bool(interpreter.control.disarm())
+            self.killed = bool(interpreter.disarm())
         except lua.LuaError:  # no memory left even for that: collect, and once more
             interpreter.runtime.gccollect()
-            self.killed = bool(interpreter.control.disarm())
+            self.killed = bool(interpreter.disarm())
         if self.killed or kind is not None:
             interpreter.runtime.gccollect()
 
@@ -828,6 +870,11 @@ class SandboxedScripting:
         if script is None:
             raise SimpleError(msgs.NO_MATCHING_SCRIPT_MSG)
         return self._run_script(script, numkeys, keys_and_args, read_only=True)
+
+    @command(name="SCRIPT KILL", fixed=(), flags=msgs.FLAG_NO_SCRIPT)
+    def script_kill(self) -> None:
+        # A script runs to its end (or its time limit) before any other command is read.
+        raise SimpleError("NOTBUSY No scripts in execution right now.")
 
     def script_load(self, *args: bytes) -> bytes:
         if len(args) != 1:
