@@ -666,6 +666,7 @@ CMSGPACK_VALUES = {"_NAME": b"cmsgpack", "_VERSION": b"lua-cmsgpack 0.4.0",
 # -- cjson (lua-cjson 2.1.0, as in redis-server, with its default settings) -----------------------
 
 MAX_DEPTH = 1000
+MAX_JSON = 16 * 2**20  # bytes of JSON cjson.decode takes (a sixteenth of a script's Lua memory)
 JSON_ESCAPES = {**{i: b"\\u%04x" % i for i in range(32)}, 8: b"\\b", 9: b"\\t", 10: b"\\n", 12: b"\\f",
                 13: b"\\r", 34: b'\\"', 92: b"\\\\", 47: b"\\/", 127: b"\\u007f"}
 JSON_SPECIAL = re.compile(rb'[\x00-\x1f"\\\\/\x7f]')
@@ -797,6 +798,9 @@ def cjson(runtime: Any, null: Any, checkpoint: Callable[[], None]) -> dict[str, 
         text = to_text(args[0])
         if text is None:
             return typeerror(args, 1, "decode", "string")
+        if len(text) > MAX_JSON:
+            # Python's parse holds every value as an object before Lua gets one: bounded here
+            return False, f"JSON text over {MAX_JSON // 2**20} MiB: more than the embedded broker decodes"
         try:
             value = _from_json(json.loads(text.decode("utf-8", "surrogateescape")), null)
         except RecursionError:

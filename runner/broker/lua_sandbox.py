@@ -195,10 +195,17 @@ function base.pcall(...)
   return caught(pcall(...))
 end
 
+local killed  -- (the time limit's, below)
+
 function base.xpcall(...)
   local f, h = ...
   if select("#", ...) < 2 then error("bad argument #2 to 'xpcall' (value expected)", 2) end
-  return xpcall(f, function(err) return h(explain(err)) end)
+  return xpcall(f, function(err)
+    -- The stop is raised from the count hook, and Lua runs a handler for an error raised there with
+    -- hooks off: a script's handler would then run unbounded. Once stopped, it is not run at all.
+    if killed then return err end
+    return h(explain(err))
+  end)
 end
 
 -- Text only: Redis' Lua parses every chunk, so one starting with "\27" (bytecode) is a syntax error.
@@ -248,6 +255,41 @@ end
 
 local math_lib = copy(math)  -- (with redis-server's random and randomseed: lua_libraries.py)
 
+-- Lua 5.1's pattern matcher recurses once per quantified item or capture, without a bound: a long
+-- enough pattern overflows the C stack and kills the process (redis-server 7.0 too, "a?" 200,000
+-- times). Lua 5.2 refuses past 200 levels ("pattern too complex"): so do we, counting every
+-- character that can make one (a pattern of 200 characters or fewer is never refused).
+local string_lib = copy(string)
+local find, gmatch, gsub = string.find, string.gmatch, string.gsub
+local MAX_PATTERN_DEPTH = 200
+
+local function too_complex(pattern)
+  if type(pattern) ~= "string" or #pattern <= MAX_PATTERN_DEPTH then return false end
+  local _, levels = gsub(pattern, "[%(%)%*%+%-%?]", "")
+  return levels > MAX_PATTERN_DEPTH
+end
+
+function string_lib.find(...)
+  local _, pattern, _, plain = ...
+  if not plain and too_complex(pattern) then error("pattern too complex", 2) end
+  return find(...)
+end
+function string_lib.match(...)
+  local _, pattern = ...
+  if too_complex(pattern) then error("pattern too complex", 2) end
+  return match(...)
+end
+function string_lib.gmatch(...)
+  local _, pattern = ...
+  if too_complex(pattern) then error("pattern too complex", 2) end
+  return gmatch(...)
+end
+function string_lib.gsub(...)
+  local _, pattern = ...
+  if too_complex(pattern) then error("pattern too complex", 2) end
+  return gsub(...)
+end
+
 local coroutine_lib = copy(coroutine)  -- (with create and wrap below: each coroutine gets the time limit's hook)
 
 -- The time limit: a count hook looks at the clock every `hook_instructions` instructions. Once the
@@ -255,7 +297,7 @@ local coroutine_lib = copy(coroutine)  -- (with create and wrap below: each coro
 -- sandbox's own functions that end a script (`exempt`).
 local limit = 5
 local started = nil  -- CPU time the running script started at (nil: none runs)
-local killed = false
+killed = false
 local exempt = {}
 
 local STOPPED = bridge.stopped
@@ -429,7 +471,7 @@ local redis = {
 
 -- The script's globals: Redis' list, each library a read-only view (the string metatable too).
 local libs = {
-  string = readonly(copy(string)), math = readonly(math_lib), table = readonly(table_lib),
+  string = readonly(string_lib), math = readonly(math_lib), table = readonly(table_lib),
   coroutine = readonly(coroutine_lib), redis = readonly(redis),
 }
 for name, functions in next, python_libraries.functions do
