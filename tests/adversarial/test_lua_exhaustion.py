@@ -28,11 +28,15 @@ REPLY_DEADLINE = 120  # seconds: a stopped script's reply, on a machine six othe
 RUNS_FOREVER = {
     "a bare loop": "while true do end",
     "a loop pcall keeps catching": "local function f() while true do end end while true do pcall(f) end",
-    "a loop that catches its own stop": "while true do pcall(function() local x = 0 while true do x = x + 1 end end) end",
-    "xpcall whose handler loops": "while true do xpcall(function() error('x') end, function() while true do end end) end",
+    "a loop that catches its own stop":
+        "while true do pcall(function() local x = 0 while true do x = x + 1 end end) end",
+    "xpcall whose handler loops":
+        "while true do xpcall(function() error('x') end, function() while true do end end) end",
     "a coroutine": "local co = coroutine.wrap(function() while true do end end) co()",
-    "a coroutine resumed": "local co = coroutine.create(function() while true do end end) return coroutine.resume(co)",
-    "nested coroutines": "coroutine.wrap(function() coroutine.wrap(function() while true do pcall(error) end end)() end)()",
+    "a coroutine resumed":
+        "local co = coroutine.create(function() while true do end end) return coroutine.resume(co)",
+    "nested coroutines":
+        "coroutine.wrap(function() coroutine.wrap(function() while true do pcall(error) end end)() end)()",
     "a coroutine made before the loop": "local co = coroutine.create(function() while true do coroutine.yield() end end) "
                                         "while true do coroutine.resume(co) end",
     "recursion that never ends": "local function f() return f() end return f()",
