@@ -49,7 +49,8 @@ log = logging.getLogger("dify_local.broker")
 MEMORY_LIMIT = 256 * 1024 * 1024  # bytes each interpreter may hold (scripts; functions)
 DEFAULT_TIME_LIMIT = BY_NAME["DIFY_LOCAL_BROKER_LUA_TIME_LIMIT"].default
 HOOK_INSTRUCTIONS = 100_000  # between two looks at the clock (as redis-server's own hook)
-COMPILED_KEPT = 1000  # compiled scripts kept by SHA1; beyond, the oldest goes
+COMPILED_KEPT = 1000  # compiled scripts kept by SHA1; beyond (or past COMPILED_BYTES of source), the oldest go
+COMPILED_BYTES = 16 * 1024 * 1024  # (they live in the interpreter's memory, which scripts need)
 MEMORY_ERROR = "ERR Script used more than the embedded broker's {} MiB of Lua memory"
 KILLED = ("ERR Script killed: it ran for more than {:g} s of CPU (the embedded broker's limit, "
           "DIFY_LOCAL_BROKER_LUA_TIME_LIMIT); what it wrote before stays written")
@@ -574,7 +575,8 @@ class Interpreter:
         self.read_only = False
         self.started: float | None = None  # CPU time the running script started at
         self.ticks = 0
-        self._compiled: dict[bytes, Any] = {}
+        self._compiled: dict[bytes, tuple[Any, int]] = {}  # SHA1: (chunk, length of its source)
+        self._compiled_bytes = 0
         major, minor, patch = (tuple(server.version) + (0, 0, 0))[:3]
         table = self.runtime.table_from
         functions, values = libraries(self.runtime, _lua_cjson_null, self.check_time)
@@ -738,7 +740,8 @@ class Interpreter:
 
     def compile(self, script: bytes, sha1: bytes) -> Any:
         """The script's chunk (kept by SHA1); a syntax error is Redis' error."""
-        chunk = self._compiled.get(sha1)
+        kept = self._compiled.get(sha1)
+        chunk = kept[0] if kept is not None else None
         if chunk is None:
             try:
                 chunk, error = self._compile(script, b"@user_script")
@@ -747,9 +750,11 @@ class Interpreter:
                 raise SimpleError(MEMORY_ERROR.format(MEMORY_LIMIT // 2**20)) from None
             if chunk is None:
                 raise SimpleError(f"ERR Error compiling script (new function): {_text(error)}")
-            if len(self._compiled) >= COMPILED_KEPT:
-                del self._compiled[next(iter(self._compiled))]
-            self._compiled[sha1] = chunk
+            while self._compiled and (len(self._compiled) >= COMPILED_KEPT
+                                      or self._compiled_bytes + len(script) > COMPILED_BYTES):
+                self._compiled_bytes -= self._compiled.pop(next(iter(self._compiled)))[1]
+            self._compiled[sha1] = (chunk, len(script))
+            self._compiled_bytes += len(script)
         return chunk
 
     def run(self, chunk: Any, keys: Any, argv: Any) -> tuple[bool, Any]:
