@@ -5,7 +5,8 @@ messages other clients publish to it) go to a callback instead of a thread-safe 
 keep Redis' exact text; a blocking command never waits inside the core (the server parks the
 client instead, see `server.py`); and every write that takes effect is reported, with the database
 it ran on, for the append-only log. Commands inside MULTI/EXEC and inside Lua scripts pass
-through the same place, so the log holds what they did, not the scripts that did it.
+through the same place, so the log holds what they did, not the scripts that did it. And scripts
+run in Redis' Lua sandbox, not in fakeredis' open interpreter (`lua_sandbox.SandboxedScripting`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import fakeredis
 from fakeredis._helpers import NoResponse, SimpleError, SimpleString, compile_pattern
 from fakeredis._socket import FakeSocket
 
+from runner.broker.lua_sandbox import SandboxedScripting
 from runner.broker.resp import Push
 from runner.broker.scores import zadd_scores
 
@@ -74,7 +76,7 @@ BLOCKING_COMMANDS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax", "brpopl
 WriteListener = Callable[[int, list[bytes]], None]
 
 
-class BrokerSocket(FakeSocket):
+class BrokerSocket(SandboxedScripting, FakeSocket):  # scripts run in Redis' sandbox (lua_sandbox.py)
     def __init__(self, server: Any, *, password: bytes | None, on_reply: Callable[[Any], None],
                  on_write: WriteListener, client_info: dict | None = None):
         super().__init__(server, 0, client_class=object, client_info=client_info or {})

@@ -7,6 +7,7 @@ import logging
 
 import fakeredis
 
+from runner.broker.lua_sandbox import set_time_limit
 from runner.broker.server import BrokerStartError as ServerStartError
 from runner.broker.server import COMPILED_UNAVAILABLE, EmbeddedBroker
 from runner.roles.common import RoleStartError, start_role
@@ -56,6 +57,7 @@ def _serve(settings: Settings, paths: StatePaths, password: bool) -> None:
     try:
         broker = EmbeddedBroker(host, port, settings.REDIS_PASSWORD if password else None, folder,
                                 compiled=settings.DIFY_LOCAL_BROKER_COMPILED)
+        set_time_limit(broker.core, settings.DIFY_LOCAL_BROKER_LUA_TIME_LIMIT)
         report = broker.load()  # (refuses a log path that is a link or a folder)
     except ServerStartError as error:
         raise BrokerStartError(str(error)) from None

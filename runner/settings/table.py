@@ -95,6 +95,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DIFY_LOCAL_BROKER_COMPILED", Boolean(), True, "embedded broker",
             "run the embedded broker's read loop compiled (C, built at install where a compiler is found); "
             "false: the same loop in Python, slower (for debugging it)"),
+    Setting("DIFY_LOCAL_BROKER_LUA_TIME_LIMIT", PositiveNumber("seconds of CPU, e.g. 5 or 0.5"), 5,
+            "embedded broker",
+            "CPU seconds a Lua script (EVAL, FCALL) may run before the embedded broker stops it with an error, so "
+            "its other clients are served again (redis-server's lua-time-limit, after which it answers them BUSY)"),
     # worker
     Setting("CELERY_WORKER_CLASS", Choice(WORKER_CLASSES), "threads", "worker",
             "worker pool: threads (local default, debugger-friendly), prefork, gevent, solo"),
