@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
 from flask import current_app, request
 
+from runner.api import json_input
 from runner.api.errors import ApiError
 
 ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -17,14 +17,16 @@ WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 def json_body(cache: bool = False) -> Any:
-    """The body parsed as JSON (an empty body is {}); JSON that does not parse is a 400."""
+    """The body parsed as JSON (an empty body is {}); JSON that does not parse, or that holds what
+    runner.api.json_input refuses, is a 400 naming the field."""
     raw = request.get_data(cache=cache)
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+        return json_input.loads(raw)
+    except json_input.JsonRefused as error:
+        details = {"field": error.field} if error.field is not None else {}
+        raise ApiError(400, str(error), **details) from None
 
 
 def json_object(allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> dict:
