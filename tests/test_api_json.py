@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from celery import Celery
 
-from runner.api import json_input
+from runner import strict_json
 from tests.helpers import wait_until
 
 
@@ -81,5 +81,5 @@ def test_no_response_carries_nan_or_infinity(project, api):
     with urllib.request.urlopen(f"{api.base}/v1/tasks/nan-result", timeout=10) as response:
         raw = response.read().decode()
     assert "NaN" not in raw and "Infinity" not in raw, raw
-    body = json_input.loads(raw)
+    body = strict_json.loads(raw)
     assert body["result"] == {"ratio": None, "top": [None, 1.5]}, body

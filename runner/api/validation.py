@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from runner.api import json_input
+from runner import strict_json
 from runner.api.errors import ApiError
 
 ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -18,13 +18,13 @@ WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 def json_body(cache: bool = False) -> Any:
     """The body parsed as JSON (an empty body is {}); JSON that does not parse, or that holds what
-    runner.api.json_input refuses, is a 400 naming the field."""
+    runner.strict_json refuses, is a 400 naming the field."""
     raw = request.get_data(cache=cache)
     if not raw.strip():
         return {}
     try:
-        return json_input.loads(raw)
-    except json_input.JsonRefused as error:
+        return strict_json.loads(raw)
+    except strict_json.JsonRefused as error:
         details = {"field": error.field} if error.field is not None else {}
         raise ApiError(400, str(error), **details) from None
 

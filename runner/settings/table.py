@@ -131,6 +131,12 @@ SETTINGS: tuple[Setting, ...] = (
             "schedules dispatched per poll at most (0: no limit)"),
     Setting("DIFY_LOCAL_WORKFLOW_HTTP_ALLOWED_HOSTS", Text(), "", "workflows",
             "hosts (name or name:port, comma-separated) a workflow's http node may reach; empty: none"),
+    Setting("DIFY_LOCAL_TEMPLATE_MAX_OUTPUT", Integer(minimum=1), 1_000_000, "workflows",
+            "characters a workflow template (or http node url or body) may render"),
+    Setting("DIFY_LOCAL_TEMPLATE_TIME_LIMIT", PositiveNumber(), 5, "workflows",
+            "seconds of CPU one template or condition may take (compiling a graph's templates: all of them)"),
+    Setting("DIFY_LOCAL_TEMPLATE_MEMORY", Integer(minimum=16), 256, "workflows",
+            "megabytes of memory one template or condition may use (it runs in a child process)"),
     # plugins
     Setting("PLUGIN_MAX_PACKAGE_SIZE", Integer(minimum=1), 15 * 1024 * 1024, "plugins",
             "bytes a plugin package (zip) may have"),

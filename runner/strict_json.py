@@ -1,5 +1,6 @@
-"""Request bodies as JSON, strictly: what Python's json module accepts but our storage, the broker's
-serializer or another JSON parser would choke on is refused here, naming where it is.
+"""JSON from outside (request bodies, plugin manifests), strictly: what Python's json module accepts
+but our storage, the broker's serializer or another JSON parser would choke on is refused here,
+naming where it is.
 
 Python's parser recurses (1,000 nested arrays raised RecursionError), reads `NaN`, `Infinity` and
 `1e400` (not JSON; they came back out as `NaN`), keeps the last of two equal keys (another parser
