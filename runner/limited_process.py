@@ -73,6 +73,22 @@ def _address_space() -> int | None:
         return None
 
 
+def _near_memory_limit() -> bool:
+    """Whether this process's peak address space came within 16 MB of its limit: a C library that
+    ran out (lxml, zlib) reports its own error, not MemoryError, and this is what it was."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    try:
+        with open("/proc/self/status", "rb") as status:
+            peak = next(line for line in status if line.startswith(b"VmPeak:"))
+    except (OSError, StopIteration):
+        return False
+    return int(peak.split()[1]) * 1024 >= soft - 16 * 1024 * 1024
+
+
 def _set_limits(limits: Limits) -> None:
     import resource
 
@@ -112,7 +128,7 @@ def _child(function: Callable[..., Any], args: tuple, limits: Limits, write_end:
         except RecursionError as error:
             reply = {"error": ["RecursionError", f"it nests too deeply ({error})"]}
         except Exception as error:  # reported to the parent, which raises ChildError
-            reply = {"error": [type(error).__name__, str(error)]}
+            reply = {"memory": True} if _near_memory_limit() else {"error": [type(error).__name__, str(error)]}
         data = json.dumps(reply, ensure_ascii=False, default=str, allow_nan=False).encode("utf-8", "replace")
         view = memoryview(data)
         while view:

@@ -209,6 +209,16 @@ SETTINGS: tuple[Setting, ...] = (
             "largest segment size a dataset or upload may ask for (Dify counts tokens; here characters)"),
     Setting("DIFY_LOCAL_EMBEDDER", Text(), "hashing", "knowledge base",
             "embedder of segments and queries: hashing (local, no download) or package.module:attribute"),
+    Setting("DIFY_LOCAL_EXTRACT_MAX_UNPACKED_SIZE", Integer(minimum=1), 50, "knowledge base",
+            "megabytes a document may unpack to while its text is extracted: a DOCX's parts, each PDF stream, "
+            "the text"),
+    Setting("DIFY_LOCAL_EXTRACT_MAX_EXPANSION", Integer(minimum=1), 100, "knowledge base",
+            "times its own size a DOCX may unpack to (Word's own files: under 20; a zip bomb: about 1000)"),
+    Setting("DIFY_LOCAL_EXTRACT_MAX_PAGES", Integer(minimum=1), 5000, "knowledge base", "pages a PDF may have"),
+    Setting("DIFY_LOCAL_EXTRACT_MEMORY", Integer(minimum=64), 1024, "knowledge base",
+            "megabytes of memory the extraction of one document may use (it runs in a child process)"),
+    Setting("DIFY_LOCAL_EXTRACT_TIME_LIMIT", PositiveNumber(), 120, "knowledge base",
+            "seconds of CPU the extraction of one document may take"),
     # state
     Setting("DIFY_LOCAL_STATE_DIR", Text(), ".dify-local", "state",
             "folder for the database, files, logs, beat schedule and broker data (relative to the project)"),

@@ -9,7 +9,7 @@ from typing import Any
 from runner import rag
 from runner.context import AppContext
 from runner.rag import index
-from runner.rag.extract import ExtractionError, extract
+from runner.rag.extract import ExtractionError, ExtractionLimits, extract
 from runner.rag.files import stored_path
 from runner.rag.metadata import document_metadata
 from runner.tasks.base import context, task
@@ -34,7 +34,7 @@ def prepare_document(ctx: AppContext, document_id: str) -> dict[str, Any] | None
     index.set_status(ctx.database, document_id, "parsing")
     try:
         path = stored_path(ctx.paths.files, document["file_path"])
-        extracted = extract(path, document["file_type"])
+        extracted = extract(path, document["file_type"], ExtractionLimits.from_settings(ctx.settings))
         index.set_status(ctx.database, document_id, "splitting")
         cleaned = rag.clean_text(extracted.text)
         chunks = rag.chunk_text(cleaned, document["chunk_size"], document["chunk_overlap"])
