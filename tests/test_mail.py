@@ -141,3 +141,27 @@ def test_smtp_without_a_server_is_a_configuration_error(project):
     assert result.returncode == 2 and "SMTP_SERVER=''" in result.stderr
     result = project.run("config", env={"MAIL_DEFAULT_SEND_FROM": "nobody"})
     assert result.returncode == 2 and "MAIL_DEFAULT_SEND_FROM" in result.stderr
+
+
+ADDRESSES = [  # (address, valid): the shapes the pattern must still tell apart
+    ("ops@example.com", True), ("a.b+tag@mail.example.co.uk", True), ("a@b", False), ("a@b.", False),
+    ("a@.b", False), ("a@b..c", False), ("a b@c.d", False), ("a@b@c.d", False), ("a@" + "b" * 250 + ".cd", False),
+]
+
+
+def test_an_address_is_checked_in_linear_time():
+    """`to` comes from a task's arguments (1 MB through the API): the pattern backtracked."""
+    from runner import limited_process
+    from runner.mail_delivery import build_message
+    from runner.settings.kinds import EMAIL
+
+    for address, valid in ADDRESSES:
+        assert bool(EMAIL.match(address)) is valid, address
+    hostile = "a@" + ".a" * 200_000 + "@"
+    limits = limited_process.Limits(memory=256 << 20, cpu_seconds=20, max_result=4096)
+    try:
+        limited_process.run(build_message, ("me@example.com", hostile, "s", "b"), limits, "checking the address")
+    except limited_process.ChildError as error:
+        assert error.kind == "ValueError" and "is not an e-mail address" in str(error)
+    else:
+        raise AssertionError("the hostile address was accepted")
