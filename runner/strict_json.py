@@ -145,3 +145,19 @@ def loads(raw: bytes | str) -> Any:
         raise JsonRefused(f"the body is not valid JSON: {error}") from None
     check(value)
     return value
+
+
+MAX_SHOWN_VALUE = 4 * 1024 * 1024  # bytes of a broker value parsed to be shown (a message with 1 MB of arguments)
+
+
+def loads_or_none(raw: bytes | str | None, max_bytes: int = MAX_SHOWN_VALUE) -> Any:
+    """`raw` parsed, or None when it is missing, larger than `max_bytes`, not JSON or nested too
+    deeply: for values on the broker that any client with its password may have written, read to
+    show (a queue's oldest message, beat's heartbeat), never to act on. 10,000 nested arrays in a
+    message raised RecursionError through /v1/queues."""
+    if raw is None or len(raw) > max_bytes:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None

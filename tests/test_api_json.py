@@ -83,3 +83,23 @@ def test_no_response_carries_nan_or_infinity(project, api):
     assert "NaN" not in raw and "Infinity" not in raw, raw
     body = strict_json.loads(raw)
     assert body["result"] == {"ratio": None, "top": [None, 1.5]}, body
+
+
+def test_broker_values_any_client_wrote_are_read_to_show_never_to_fail(project, api):
+    """A queue's head message and beat's keys are JSON another client may have written: 10,000
+    nested arrays, or bytes that are not JSON, leave /v1/queues and /v1/beat a 200."""
+    import redis
+
+    from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY
+
+    client = redis.Redis.from_url(project.broker_url)
+    deep = b"[" * 10_000 + b"]" * 10_000
+    client.lpush("mail", deep, b"\xff not json")
+    client.set(BEAT_HEARTBEAT_KEY, deep)
+    client.set(BEAT_SCHEDULE_KEY, b"{" * 10_000)
+    status, body = api.get("/v1/queues")
+    assert status == 200 and {q["name"]: q for q in body["queues"]}["mail"]["depth"] == 2, body
+    status, body = api.get("/v1/beat")
+    assert status == 200, body
+    doctor = project.run("doctor")
+    assert "Traceback" not in doctor.stdout + doctor.stderr, doctor.stdout + doctor.stderr

@@ -3,13 +3,13 @@ consumer; a worker answers and beats; one beat ticks."""
 
 from __future__ import annotations
 
-import json
 import time
 
 from runner import broker_config, topology
 from runner.doctor.context import FAIL, PASS, PING_TIMEOUT, SKIP, WARN, Context, Result, read_heartbeats
 from runner.doctor.host_checks import describe_process, is_local
 from runner.settings import mask_url
+from runner.strict_json import loads_or_none
 
 # A heartbeat is late past this many of its writer's intervals (plus LATE_SLACK seconds): generous,
 # so a busy laptop does not raise false alarms, yet seconds, not minutes.
@@ -163,7 +163,8 @@ def check_beat(ctx: Context) -> Result:
     client = ctx.client()
     instances = read_heartbeats(client, broker_config.BEAT_INSTANCE_PREFIX)
     raw = client.get(broker_config.BEAT_HEARTBEAT_KEY)
-    last = json.loads(raw) if raw else None
+    last = loads_or_none(raw)
+    last = last if isinstance(last, dict) else None
     now = time.time()
     live = {name: beat for name, beat in instances.items() if not _late(beat, now)}
     stale = {name: beat for name, beat in instances.items() if name not in live}

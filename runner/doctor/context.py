@@ -3,12 +3,12 @@ Celery app, the running `up`'s answer, and what the workers said, each fetched o
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from runner.settings import Settings
+from runner.strict_json import loads_or_none
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 BROKER_TIMEOUT = 2.0  # seconds to connect to the broker, and for each of its answers
@@ -130,9 +130,8 @@ def read_heartbeats(client, prefix: str) -> dict[str, dict]:
     for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
         if raw is None:  # expired between SCAN and MGET
             continue
-        try:
-            value = json.loads(raw)
-        except ValueError:
+        value = loads_or_none(raw)
+        if value is None:
             continue
         name = key.decode() if isinstance(key, bytes) else key
         found[name[len(prefix):]] = value if isinstance(value, dict) else {}
