@@ -8,14 +8,18 @@ from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
 from typing import Any
 
+from runner.capped_files import read_capped
+
 MAIL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.eml$")
 HEADERS = ("from", "to", "subject", "date", "message_id")
+MAX_HEADERS = 64 * 1024  # bytes read for a mail's summary (the header parser read each file to its end)
+MAX_MAIL = 16 * 1024 * 1024  # bytes of one mail read whole (the tasks write at most a few megabytes)
 
 
 def _summary(path: Path) -> dict[str, Any] | None:
     try:
         with path.open("rb") as handle:
-            headers = BytesHeaderParser(policy=policy.default).parse(handle)
+            headers = BytesHeaderParser(policy=policy.default).parsebytes(handle.read(MAX_HEADERS))
         size = path.stat().st_size
     except FileNotFoundError:  # removed meanwhile
         return None
@@ -43,7 +47,7 @@ def read_mail(outbox: Path, name: str) -> dict[str, Any] | None:
         raise ValueError("a mail name is letters, digits, '.', '_' and '-' ending in .eml (GET /v1/mail lists them)")
     path = outbox / name
     try:
-        raw = path.read_bytes()
+        raw = read_capped(path, MAX_MAIL, "a mail read through the API")
     except (FileNotFoundError, IsADirectoryError):
         return None
     summary = _summary(path)

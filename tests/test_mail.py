@@ -165,3 +165,20 @@ def test_an_address_is_checked_in_linear_time():
         assert error.kind == "ValueError" and "is not an e-mail address" in str(error)
     else:
         raise AssertionError("the hostile address was accepted")
+
+
+def test_a_mail_too_large_to_read_whole_is_a_413_and_still_listed(project):
+    project.serve_broker()
+    api = project.start("serve", "api")
+    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    outbox = project.state / "files" / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    name = "20990101T000000.000000Z-big.eml"
+    with open(outbox / name, "wb") as mail:
+        mail.write(b"From: a@example.com\r\nTo: b@example.com\r\nSubject: big\r\n\r\n")
+        mail.write(b"x" * (17 * 1024 * 1024))
+    status, body = project.api.get(f"/v1/mail/{name}")
+    assert status == 413 and "over 16 MiB" in body["error"], body
+    status, body = project.api.get("/v1/mail")
+    assert status == 200 and body["mail"][0]["subject"] == "big" and body["mail"][0]["size"] > 17_000_000, body
+    assert "Traceback" not in api.output

@@ -7,6 +7,7 @@ import json
 import re
 
 from runner import plugins
+from runner.capped_files import read_capped
 from runner.tasks.base import context, new_id, now, task
 
 PACKAGE_FOLDER = "plugin-packages"  # uploads waiting for the plugin queue
@@ -24,7 +25,7 @@ def install_plugin_task(self, package_file: str) -> dict:
     source = ctx.paths.files / PACKAGE_FOLDER / package_file
     if not source.exists():
         raise LookupError(f"no uploaded package {package_file!r}")
-    data = source.read_bytes()
+    data = read_capped(source, settings.PLUGIN_MAX_PACKAGE_SIZE, "a plugin package (PLUGIN_MAX_PACKAGE_SIZE)")
     package = plugins.inspect_package(data, settings.PLUGIN_MAX_PACKAGE_SIZE,
                                       settings.DIFY_LOCAL_PLUGIN_MAX_UNPACKED_SIZE)
     installed_root = ctx.paths.files / PLUGIN_FOLDER
