@@ -32,31 +32,33 @@ def _celery():
 def _read_json_object() -> dict:
     body = read_json_body()
     if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}")
+        raise ApiError(400, "the body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}", field=None)
     return body
 
 
 def _send_options(body: dict) -> tuple[list, dict, dict]:
     unknown = sorted(set(body) - set(SEND_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(SEND_FIELDS)}")
+        raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(SEND_FIELDS)}", field=unknown[0])
     args, kwargs = body.get("args", []), body.get("kwargs", {})
     if not isinstance(args, list):
-        raise ApiError(400, "'args' must be an array")
+        raise ApiError(400, "'args' must be an array", field="args")
     if not isinstance(kwargs, dict):
-        raise ApiError(400, "'kwargs' must be an object")
+        raise ApiError(400, "'kwargs' must be an object", field="kwargs")
     options: dict = {}
     if body.get("countdown") is not None:
         countdown = body["countdown"]
         if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not math.isfinite(countdown) \
                 or not 0 <= countdown <= MAX_COUNTDOWN:
             raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {MAX_COUNTDOWN} (longer delays "
-                                "outlive the broker's visibility timeout and would run twice; use a schedule)")
+                                "outlive the broker's visibility timeout and would run twice; use a schedule)",
+                           field="countdown")
         options["countdown"] = countdown
     if body.get("priority") is not None:
         priority = body["priority"]
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
-            raise ApiError(400, "'priority' must be an integer from 0 to 9 (on Redis 0 is served first)")
+            raise ApiError(400, "'priority' must be an integer from 0 to 9 (on Redis 0 is served first)",
+                           field="priority")
         options["priority"] = priority
     return args, kwargs, options
 
@@ -90,7 +92,7 @@ def send_task(name: str):
         try:
             check_arguments(name, definition.signature, definition.hints, args, kwargs)
         except ArgumentError as error:
-            raise ApiError(400, str(error)) from None
+            raise ApiError(400, str(error), field=error.field) from None
     # By name: the route (task_routes in runner.celery_app) picks the queue, as apply_async would.
     result = _celery().send_task(name, args=args, kwargs=kwargs, **options)
     queue = topology.ROUTES[name]
@@ -104,7 +106,7 @@ def send_task(name: str):
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str):
     if not TASK_ID.match(task_id):
-        raise ApiError(400, "a task id is 1 to 128 letters, digits and . _ : -")
+        raise ApiError(400, "a task id is 1 to 128 letters, digits and . _ : -", field="task")
     celery = _celery()
     result = AsyncResult(task_id, app=celery)
     state = result.state  # PENDING also means "unknown", as Celery has it

@@ -25,15 +25,14 @@ def json_body(cache: bool = False) -> Any:
     try:
         return strict_json.loads(raw)
     except strict_json.JsonRefused as error:
-        details = {"field": error.field} if error.field is not None else {}
-        raise ApiError(400, str(error), **details) from None
+        raise ApiError(400, str(error), field=error.field) from None  # None: the body as a whole
 
 
 def json_object(allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> dict:
     """The body as a JSON object (empty body: {}), with only `allowed` fields and all `required` ones."""
     body = json_body()
     if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
+        raise ApiError(400, "the body must be a JSON object", field=None)
     if allowed is not None:
         unknown = sorted(set(body) - set(allowed))
         if unknown:

@@ -1,0 +1,199 @@
+"""Every operation of the API's OpenAPI document, sent what Python's json module accepts and JSON,
+UTF-8 or our storage do not: bodies nested deep, huge strings and arrays, lone surrogates and NUL,
+right-to-left and combining marks, overlong numbers, NaN and Infinity, duplicate keys; and the
+same in query strings and path parameters.
+
+schemathesis makes a request that fits each operation's schema; hypothesis then puts one hostile
+value somewhere in it (a leaf of the body, a new field, the whole body, a query or path value) and
+the request is sent raw. Every answer must be: no 5xx, no traceback text, strict JSON (no NaN),
+and a 400 must say which field it is about (`field`; null: the body as a whole).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.parse
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner import strict_json
+
+MARK = "\x00hostile\x00"  # stands in the serialized body where the raw hostile text goes
+EXAMPLES_PER_OPERATION = 12
+
+# raw JSON texts: each is a value Python's json module reads (or almost: the NUL byte, the cut surrogate pair)
+HOSTILE_JSON = [
+    "[" * 65 + "]" * 65, "[" * 1000 + "]" * 1000, '{"a":' * 3000 + "1" + "}" * 3000, "[" * 200_000 + "]" * 200_000,
+    '"' + "a" * 900_000 + '"', "[" + "0," * 400_000 + "0]", '{"' + '": 1, "'.join(f"k{i}" for i in range(50_000)) + '": 1}',
+    '"\\ud800"', '"a\\udfffb"', '"\\ud83d"', '"\\ude00\\ud83d"', '"a\\u0000b"', '"a\x00b"', '"\\u0000"',
+    '"\\u202eevil\\u202c"', '"e\\u0301\\u0301\\u0301"', '"\\u200f\\u0627\\u0644"', '"\\ufeffbom"', '"\\u200d"',
+    '"\\uffff\\ufffe"', '"\\U0001F600"', '"\\ud83d\\ude00"',
+    "1" * 5000, "-" + "9" * 30, "1e99999", "-1e99999", "1e-99999", "0." + "0" * 5000 + "1", "18446744073709551616",
+    "NaN", "Infinity", "-Infinity", "1.7976931348623157e309",
+    "true", "null", "{}", "[]", '""',
+]
+# query and path values: text, URL-encoded when sent
+HOSTILE_TEXT = ["\x00", "a\x00b", "\ud800", "\u202e\u0301", "e\u0301" * 100, "a" * 20_000, "%00", "%ED%A0%80",
+                "../../etc/passwd", "1" * 400, "-1", "NaN", "Infinity", "1e400", "[]", "{}", "\ufeff"]
+
+
+def _json_paths(value, path=()):
+    """Every place in a JSON value a hostile value can go: each leaf, each container, a new key."""
+    yield path
+    if isinstance(value, dict):
+        yield (*path, "\x01new")
+        for key, item in value.items():
+            yield from _json_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _json_paths(item, (*path, index))
+
+
+def _placed(value, path):
+    """`value` with MARK at `path` (a copy)."""
+    if not path:
+        return MARK
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        key = "injected" if head == "\x01new" else head
+        return {**value, key: _placed(value.get(key), rest)}
+    copy = list(value)
+    copy[head] = _placed(copy[head], rest)
+    return copy
+
+
+def _with_duplicate(text: str) -> str:
+    """A serialized object with its first member repeated."""
+    document = json.loads(text)
+    if not isinstance(document, dict) or not document:
+        return text
+    key, item = next(iter(document.items()))
+    return "{" + json.dumps(key) + ": " + json.dumps(item) + ", " + text[1:]
+
+
+@st.composite
+def hostile_body(draw, body):
+    """The raw bytes of `body` with one hostile thing in it."""
+    if not isinstance(body, (dict, list)) or draw(st.integers(0, 9)) == 0:
+        body = {}
+    if isinstance(body, dict) and body and draw(st.booleans()) and draw(st.booleans()):
+        return _with_duplicate(json.dumps(body)).encode("utf-8")
+    paths = list(_json_paths(body))
+    path = draw(st.sampled_from(paths))
+    hostile = draw(st.sampled_from(HOSTILE_JSON))
+    text = json.dumps(_placed(body, path)).replace(json.dumps(MARK), hostile, 1)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _quoted(value, safe: str) -> str:
+    """URL-encoded UTF-8 of any text, lone surrogates included (as their three bytes)."""
+    return urllib.parse.quote(str(value).encode("utf-8", "surrogatepass"), safe=safe)
+
+
+def check_answer(response: requests.Response, what: str) -> None:
+    assert response.status_code < 500, f"{what}: {response.status_code} {response.text[:500]}"
+    assert "Traceback" not in response.text, f"{what}: {response.text[:2000]}"
+    if "json" in response.headers.get("Content-Type", ""):
+        body = strict_json.loads(response.content)  # no NaN, no duplicate keys, no lone surrogates
+        if response.status_code >= 400:
+            assert isinstance(body, dict) and isinstance(body.get("error"), str), f"{what}: {body}"
+        if response.status_code == 400:
+            assert "field" in body, f"{what}: a 400 must name its field (null: the body): {body}"
+
+
+def _operations(schema):
+    found = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        found.append(operation)
+    return found
+
+
+def test_no_hostile_body_query_or_path_value_gets_a_5xx(project):
+    proc = project.up()
+    base = f"http://127.0.0.1:{project.api_port}"
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", wait_for_schema=30)
+    session = requests.Session()
+    operations = _operations(schema)
+    assert len(operations) > 40
+    sent = 0
+
+    for operation in operations:
+        method = operation.method.upper()
+        reads_json = method in ("POST", "PUT", "PATCH") and (
+            operation.definition.raw.get("requestBody") is None
+            or "application/json" in operation.definition.raw["requestBody"].get("content", {}))
+
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(), data=st.data())
+        def attack(case, data):
+            nonlocal sent
+            path_parameters = dict(case.path_parameters or {})
+            query = dict(case.query or {})
+            where = data.draw(st.sampled_from(["body", "query", "path"] if reads_json else ["query", "path"]))
+            raw = None
+            if reads_json:
+                body = case.body if isinstance(case.body, (dict, list)) else {}
+                raw = data.draw(hostile_body(body)) if where == "body" else json.dumps(body).encode()
+            if where == "query":
+                name = data.draw(st.sampled_from([*query, "injected"] if query else ["injected", "limit"]))
+                query[name] = data.draw(st.sampled_from(HOSTILE_TEXT))
+            elif where == "path" and path_parameters:
+                name = data.draw(st.sampled_from(sorted(path_parameters)))
+                path_parameters[name] = data.draw(st.sampled_from(HOSTILE_TEXT))
+            path = operation.path
+            for name, value in path_parameters.items():
+                path = path.replace("{" + name + "}", _quoted(value, safe=""))
+            url = base + path
+            if query:
+                url += "?" + "&".join(f"{_quoted(k, safe='')}={_quoted(v, safe='%')}" for k, v in query.items())
+            headers = {"Content-Type": "application/json"} if raw is not None else {}
+            response = session.request(method, url, data=raw, headers=headers, timeout=60)
+            sent += 1
+            check_answer(response, f"{method} {path} ({where}: {(raw or b'')[:120]!r} query {str(query)[:120]})")
+
+        attack()
+
+    assert sent > 40 * EXAMPLES_PER_OPERATION // 2, sent
+    assert project.api.status("/health") == 200
+    assert "Traceback" not in proc.output, proc.output[-5000:]
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    """What the API answers to these bytes (b"" when it closes without an answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+BODY = b'{"name": "x"}'
+HEADERS = [  # raw header lines
+    ("200 headers", b"".join(b"X-Many-%d: x\r\n" % i for i in range(200))),
+    ("a 60 KB header", b"X-Long: " + b"a" * 60_000 + b"\r\n"),
+    ("NUL in a header", b"X-Nul: a\x00b\r\n"),
+    ("UTF-8 and RTL in a header", "X-Text: \u202eevil e\u0301\r\n".encode()),
+    ("a 100 KB query string", None),
+]
+
+
+@pytest.mark.parametrize("lines", [case[1] for case in HEADERS], ids=[case[0] for case in HEADERS])
+def test_hostile_headers_and_request_lines_are_a_4xx_or_served(project, lines):
+    project.up()
+    target = b"/v1/datasets" if lines is not None else b"/v1/datasets?" + b"&".join(b"k%d=v" % i for i in range(12_000))
+    request = (b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\nConnection: close\r\n" % (project.api_port, len(BODY))) + (lines or b"") \
+        + b"\r\n" + BODY
+    answer = raw_request(project.api_port, request)
+    if answer:  # a server may also close a request it will not read; it must keep serving the others
+        status = int(answer.split(b" ", 2)[1])
+        assert status < 500 and b"Traceback" not in answer, answer[:2000]
+    assert project.api.status("/health") == 200
