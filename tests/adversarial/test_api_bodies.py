@@ -197,3 +197,37 @@ def test_hostile_headers_and_request_lines_are_a_4xx_or_served(project, lines):
         status = int(answer.split(b" ", 2)[1])
         assert status < 500 and b"Traceback" not in answer, answer[:2000]
     assert project.api.status("/health") == 200
+
+
+def _form(parts: list[tuple[bytes, bytes]], boundary: bytes = b"b0undary") -> tuple[bytes, dict]:
+    """A multipart body of (part headers, content) pairs."""
+    body = b"".join(b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + content + b"\r\n" for headers, content in parts)
+    return body + b"--" + boundary + b"--\r\n", {"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+FILE = b'Content-Disposition: form-data; name="file"; filename="a.txt"'
+FORMS = [  # (id, parts): each a multipart upload a browser would never send
+    ("20,000 fields", [(b'Content-Disposition: form-data; name="f%d"' % i, b"x") for i in range(20_000)]),
+    ("a 2 MB field", [(b'Content-Disposition: form-data; name="chunk_size"', b"1" * (2 << 20)), (FILE, b"text")]),
+    ("a 100 KB file name", [(b'Content-Disposition: form-data; name="file"; filename="' + b"a" * 100_000 + b'.txt"',
+                            b"text")]),
+    ("NUL and RTL in the file name", [(b'Content-Disposition: form-data; name="file"; filename="a\x00\xe2\x80\xae.txt"',
+                                      b"text")]),
+    ("2,000 headers in a part", [(FILE + b"".join(b"\r\nX-%d: y" % i for i in range(2000)), b"text")]),
+    ("a file without an end", [(FILE, b"text")]),
+]
+
+
+@pytest.mark.parametrize("parts", [case[1] for case in FORMS], ids=[case[0] for case in FORMS])
+def test_hostile_multipart_uploads_are_a_4xx(project, parts):
+    project.up()
+    status, body = project.api.post("/v1/datasets", {"name": "forms"})
+    assert status == 201, body
+    raw, headers = _form(parts)
+    if parts is FORMS[-1][1]:
+        raw = raw[:-len(b"--b0undary--\r\n")]  # the closing boundary never comes
+    for path in (f"/v1/datasets/{body['id']}/documents", "/v1/plugins"):
+        response = requests.post(f"http://127.0.0.1:{project.api_port}{path}", data=raw, headers=headers, timeout=60)
+        check_answer(response, f"{path} {raw[:100]!r}")
+        assert response.status_code in (202, 400, 413, 415), (path, response.status_code, response.text[:300])
+    assert project.api.status("/health") == 200
