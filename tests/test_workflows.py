@@ -305,3 +305,49 @@ def test_a_graph_whose_templates_do_not_compile_is_refused_naming_the_node():
     with pytest.raises(workflows.WorkflowError, match="more than 0.5 s of CPU"):
         workflows.validate({"nodes": [{"id": "s", "type": "start"}, {"id": "t", "type": "template", "template": slow}]},
                            workflows.TemplateLimits(cpu_seconds=0.5))
+
+
+class HostileServer(threading.Thread):
+    """An HTTP server on loopback answering every request with the raw bytes given."""
+
+    def __init__(self, answer: bytes):
+        import socket
+
+        super().__init__(daemon=True)
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+
+    def run(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(self.answer)
+
+
+@pytest.mark.parametrize("answer, words", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + b"[" * 10_000 + b"]" * 10_000,
+     None),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"Connection: close\r\n\r\nok",
+     "got more than 100 headers"),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\nok", "LineTooLong"),
+], ids=["deep JSON", "200 headers", "a 70 KB header line"])
+def test_an_http_node_reads_a_hostile_response_without_crashing_the_run(answer, words):
+    server = HostileServer(answer)
+    server.start()
+    try:
+        graph = {"nodes": [{"id": "s", "type": "start"},
+                           {"id": "h", "type": "http", "url": f"http://127.0.0.1:{server.port}/", "output": "r"},
+                           {"id": "end", "type": "end", "outputs": ["r"]}],
+                 "edges": [{"source": "s", "target": "h"}, {"source": "h", "target": "end"}]}
+        result = workflows.run(graph, {}, frozenset({f"127.0.0.1:{server.port}"}))
+    finally:
+        server.server.close()
+    if words is None:
+        assert result.status == "succeeded" and result.outputs["r"]["json"] is None, result.error
+    else:
+        assert result.status == "failed" and words in result.error, result.error
