@@ -384,3 +384,39 @@ def test_every_bomb_through_a_running_stack(project):
         assert peak_rss(proc, role) < PEAK_RSS, (role, peak_rss(proc, role))
     assert project.api.status("/health") == 200
     assert "Traceback" not in proc.output, proc.output[-5000:]
+
+
+# -- files the CLI reads ---------------------------------------------------------------------------
+
+def run_limited(project, *args: str, limit: int = 1 << 30):
+    """`dify-local ARGS` under an address-space limit (a read without end fails instead of filling memory)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", UNDER_LIMIT, str(limit), *project.program, *args], cwd=project.dir,
+                          env=project.env, capture_output=True, text=True, timeout=120)
+
+
+def test_an_env_file_without_end_is_refused(project):
+    result = run_limited(project, "-e", "/dev/zero", "config")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "at most" in result.stderr, result.stderr
+
+
+# runner/supervisor/ reads the Procfile and local_config/processes.toml whole (read_text, then
+# tomllib, which recurses): another engineer's module on this branch; runner.capped_files has what
+# it needs. These flip to XPASS, and fail as strict, once it caps them.
+SUPERVISOR_FILES = pytest.mark.xfail(strict=True, reason="runner/supervisor reads the Procfile and processes.toml "
+                                                         "whole; cap them with runner.capped_files.read_text_capped")
+
+
+@SUPERVISOR_FILES
+def test_a_procfile_without_end_is_refused(project):
+    result = run_limited(project, "up", "--procfile", "/dev/zero")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+
+
+@SUPERVISOR_FILES
+def test_a_processes_toml_nested_deep_is_refused(project):
+    (project.dir / "local_config").mkdir()
+    (project.dir / "local_config" / "processes.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    result = run_limited(project, "up")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
