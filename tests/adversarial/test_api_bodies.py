@@ -185,18 +185,19 @@ HEADERS = [  # raw header lines
 ]
 
 
-@pytest.mark.parametrize("lines", [case[1] for case in HEADERS], ids=[case[0] for case in HEADERS])
-def test_hostile_headers_and_request_lines_are_a_4xx_or_served(project, lines):
+def test_hostile_headers_and_request_lines_are_a_4xx_or_served(project):
     project.up()
-    target = b"/v1/datasets" if lines is not None else b"/v1/datasets?" + b"&".join(b"k%d=v" % i for i in range(12_000))
-    request = (b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\nConnection: close\r\n" % (project.api_port, len(BODY))) + (lines or b"") \
-        + b"\r\n" + BODY
-    answer = raw_request(project.api_port, request)
-    if answer:  # a server may also close a request it will not read; it must keep serving the others
-        status = int(answer.split(b" ", 2)[1])
-        assert status < 500 and b"Traceback" not in answer, answer[:2000]
-    assert project.api.status("/health") == 200
+    for name, lines in HEADERS:
+        target = b"/v1/datasets" if lines is not None else \
+            b"/v1/datasets?" + b"&".join(b"k%d=v" % i for i in range(12_000))
+        request = (b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\nConnection: close\r\n" % (project.api_port, len(BODY))) \
+            + (lines or b"") + b"\r\n" + BODY
+        answer = raw_request(project.api_port, request)
+        if answer:  # a server may also close a request it will not read; it must keep serving the others
+            status = int(answer.split(b" ", 2)[1])
+            assert status < 500 and b"Traceback" not in answer, (name, answer[:2000])
+        assert project.api.status("/health") == 200, name
 
 
 def _form(parts: list[tuple[bytes, bytes]], boundary: bytes = b"b0undary") -> tuple[bytes, dict]:
@@ -218,16 +219,17 @@ FORMS = [  # (id, parts): each a multipart upload a browser would never send
 ]
 
 
-@pytest.mark.parametrize("parts", [case[1] for case in FORMS], ids=[case[0] for case in FORMS])
-def test_hostile_multipart_uploads_are_a_4xx(project, parts):
+def test_hostile_multipart_uploads_are_a_4xx(project):
     project.up()
     status, body = project.api.post("/v1/datasets", {"name": "forms"})
     assert status == 201, body
-    raw, headers = _form(parts)
-    if parts is FORMS[-1][1]:
-        raw = raw[:-len(b"--b0undary--\r\n")]  # the closing boundary never comes
-    for path in (f"/v1/datasets/{body['id']}/documents", "/v1/plugins"):
-        response = requests.post(f"http://127.0.0.1:{project.api_port}{path}", data=raw, headers=headers, timeout=60)
-        check_answer(response, f"{path} {raw[:100]!r}")
-        assert response.status_code in (202, 400, 413, 415), (path, response.status_code, response.text[:300])
-    assert project.api.status("/health") == 200
+    for name, parts in FORMS:
+        raw, headers = _form(parts)
+        if name == "a file without an end":
+            raw = raw[:-len(b"--b0undary--\r\n")]  # the closing boundary never comes
+        for path in (f"/v1/datasets/{body['id']}/documents", "/v1/plugins"):
+            response = requests.post(f"http://127.0.0.1:{project.api_port}{path}", data=raw, headers=headers,
+                                     timeout=60)
+            check_answer(response, f"{name}: {path}")
+            assert response.status_code in (202, 400, 413, 415), (name, path, response.status_code, response.text[:300])
+        assert project.api.status("/health") == 200, name
