@@ -15,7 +15,6 @@ import json
 import socket
 import urllib.parse
 
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
