@@ -167,6 +167,14 @@ def _setting(name: str) -> str:
     return f" ({name})" if name else ""
 
 
+def _wait(pid: int) -> int | None:
+    """The child's wait status; None when something else reaped it first (a SIGCHLD handler)."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+
+
 def run(function: Callable[..., Any], args: tuple, limits: Limits, what: str) -> Any:
     """`function(*args)` run in a limited child; its JSON-able result. Raises LimitReached (naming
     the limit) or ChildError (the function's own exception, by class name and message)."""
@@ -174,7 +182,12 @@ def run(function: Callable[..., Any], args: tuple, limits: Limits, what: str) ->
         return function(*args)
     read_end, write_end = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as error:  # EAGAIN: the user's process limit; ENOMEM
+        os.close(read_end)
+        os.close(write_end)
+        raise LimitReached(f"{what} could not start its process: {error.strerror}") from None
     if pid == 0:
         os.close(read_end)
         _child(function, args, limits, write_end, parent)
@@ -183,21 +196,25 @@ def run(function: Callable[..., Any], args: tuple, limits: Limits, what: str) ->
         raw = _read(read_end, pid, limits, what)
     except BaseException:
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _wait(pid)
         raise
     finally:
         os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
+    status = _wait(pid)
+    if status is not None and os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        if number in (signal.SIGXCPU, signal.SIGKILL):
+        if number == signal.SIGXCPU:
             raise LimitReached(f"{what} took more than {limits.cpu_seconds:g} s of CPU{_setting(limits.time_setting)}")
+        if number == signal.SIGKILL:  # the CPU limit's hard end, or the kernel out of memory
+            raise LimitReached(f"{what} was killed (more than {limits.cpu_seconds:g} s of CPU, or the machine out "
+                               f"of memory){_setting(limits.time_setting)}")
         raise LimitReached(f"{what} crashed ({signal.Signals(number).name})")
-    if os.WEXITSTATUS(status) == MEMORY_EXIT or raw.startswith(b'{"memory"'):
+    exit_status = os.WEXITSTATUS(status) if status is not None else None
+    if exit_status == MEMORY_EXIT or raw.startswith(b'{"memory"'):
         raise LimitReached(f"{what} needed more than {limits.memory // (1024 * 1024)} MB of memory"
                            f"{_setting(limits.memory_setting)}")
     if not raw:
-        raise LimitReached(f"{what} ended without a result (exit status {os.WEXITSTATUS(status)})")
+        raise LimitReached(f"{what} ended without a result (exit status {exit_status})")
     reply = json.loads(raw)
     if "error" in reply:
         raise ChildError(*reply["error"])
