@@ -103,3 +103,22 @@ def test_broker_values_any_client_wrote_are_read_to_show_never_to_fail(project, 
     assert status == 200, body
     doctor = project.run("doctor")
     assert "Traceback" not in doctor.stdout + doctor.stderr, doctor.stdout + doctor.stderr
+
+
+UNREADABLE = [  # what another client may have SET as a task's result
+    b"[" * 10_000 + b"]" * 10_000, b"\xff not json", b'{"status": "SUCCESS"', b"[1, 2]", b'"text"', b"{}",
+    b'{"status": "FAILURE", "result": {"exc_module": "os", "exc_type": "system", "exc_message": ["id"]}}',
+    b'{"status": "FAILURE", "result": "not an exception"}', b'{"status": "FAILURE", "result": [1]}',
+    b'{"status": "SUCCESS", "result": {"a": NaN}}', b'{"status": 7}',
+]
+
+
+@pytest.mark.parametrize("stored", UNREADABLE, ids=[raw[:40].decode("utf-8", "replace") for raw in UNREADABLE])
+def test_a_result_another_client_stored_unreadable_is_reported_not_a_500(project, api, stored):
+    import redis
+
+    redis.Redis.from_url(project.broker_url).set("celery-task-meta-unreadable", stored)
+    status, body = api.get("/v1/tasks/unreadable")
+    assert status == 200, body
+    assert body["state"] == "UNREADABLE" and "cannot be read" in body["error"]["message"] or \
+        body["state"] in ("PENDING", "SUCCESS", "FAILURE"), body

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import re
 
+import redis
 from celery.result import AsyncResult
 from flask import Blueprint, current_app, jsonify, url_for
+from kombu.exceptions import DecodeError, OperationalError
 
 from runner import topology
 from runner.api.arguments import ArgumentError, check_arguments, signature_text
@@ -23,6 +25,7 @@ SEND_FIELDS = ("args", "kwargs", "countdown", "priority")
 # hour) is delivered again, so a longer delay would run the task twice.
 MAX_COUNTDOWN = 3600
 TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNREADABLE = "UNREADABLE"  # the state of a task whose stored result does not decode (not one of Celery's)
 
 
 def _celery():
@@ -109,8 +112,24 @@ def get_task(task_id: str):
         raise ApiError(400, "a task id is 1 to 128 letters, digits and . _ : -", field="task")
     celery = _celery()
     result = AsyncResult(task_id, app=celery)
-    state = result.state  # PENDING also means "unknown", as Celery has it
     record = get_task_run(celery.dify.database, task_id)
+    try:
+        return jsonify(_task_view(task_id, result, record))
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError):
+        raise  # the broker is unreachable: a 503 (runner.api.errors)
+    except Exception as error:
+        # Any client with the broker's password may have written the result: Celery decodes it and
+        # raises whatever its shape makes it raise (DecodeError, KeyError, TypeError, SecurityError …).
+        cause = error.__cause__ if isinstance(error, DecodeError) and error.__cause__ else error
+        return jsonify({"id": task_id, "state": UNREADABLE, "error": {
+            "type": "UnreadableResult", "message": f"the result stored for this task cannot be read "
+                                                   f"({type(cause).__name__}); it was not written by Celery"}})
+
+
+def _task_view(task_id: str, result: AsyncResult, record: dict | None) -> dict:
+    state = result.state  # PENDING also means "unknown", as Celery has it
+    if not isinstance(state, str):  # Celery passes on whatever "status" the stored result holds
+        raise TypeError(f"its status is {type(state).__name__}, not a state name")
     if state == "PENDING" and record and record["state"] == "STARTED":
         # The worker records starts in SQLite; Celery's own STARTED state would cost a Redis write
         # per task (task_track_started), which measurably slows the worker.
@@ -126,7 +145,7 @@ def get_task(task_id: str):
         body["error"] = {"type": type(error).__name__, "message": str(error)}
         if result.traceback:
             body["error"]["traceback"] = result.traceback
-    return jsonify(body)
+    return body
 
 
 SEND_BODY = {"type": "object", "additionalProperties": False, "properties": {
