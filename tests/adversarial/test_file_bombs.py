@@ -276,7 +276,17 @@ PACKAGES = [  # (id, builder, words)
     ("overlapping entries", overlapping_zip, "'b.py'"),
     ("yaml: billion laughs", lambda: plugin_zip(manifest=BILLION_LAUGHS), "aliases (*name) are not allowed"),
     ("json manifest 10,000 deep", lambda: json_manifest_zip("[" * 10_000 + "]" * 10_000), "deeper than 64"),
+    ("a folder named manifest.yaml/", lambda: folder_manifest_zip(), "'manifest.yaml/' is a folder"),
+    ("'a' beside 'a/b'", lambda: plugin_zip(("a", b"1"), ("a/b", b"2")), "'a' is a file, but 'a/b' needs a folder"),
 ]
+
+
+def folder_manifest_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("manifest.yaml/", b"")
+        archive.writestr("manifest.yaml/name", b"p")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("build, words", [case[1:] for case in PACKAGES], ids=[case[0] for case in PACKAGES])
