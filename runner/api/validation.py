@@ -20,6 +20,11 @@ def json_body(cache: bool = False) -> Any:
     """The body parsed as JSON (an empty body is {}); JSON that does not parse, or that holds what
     runner.strict_json refuses, is a 400 naming the field."""
     raw = request.get_data(cache=cache)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A body sent without a length (chunked) is cut at the limit by werkzeug, silently: the
+        # first megabyte was parsed, and "not valid JSON" blamed the client for the cut.
+        raise ApiError(413, f"the body is larger than {limit} bytes")
     if not raw.strip():
         return {}
     try:

@@ -165,13 +165,19 @@ def test_no_hostile_body_query_or_path_value_gets_a_5xx(project):
 
 
 def raw_request(port: int, request: bytes) -> bytes:
-    """What the API answers to these bytes (b"" when it closes without an answer)."""
+    """The API's answer to these bytes, head and body (b"" when it closes without one). Read by its
+    Content-Length: a server need not close a connection whose request it did not read to the end."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
         connection.sendall(request)
         answer = b""
-        while chunk := connection.recv(65536):
+        while b"\r\n\r\n" not in answer and (chunk := connection.recv(65536)):
             answer += chunk
-    return answer
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), None)
+        while length is not None and len(body) < length and (chunk := connection.recv(65536)):
+            body += chunk
+    return head + b"\r\n\r\n" + body if head else b""
 
 
 BODY = b'{"name": "x"}'
@@ -180,22 +186,30 @@ HEADERS = [  # raw header lines
     ("a 60 KB header", b"X-Long: " + b"a" * 60_000 + b"\r\n"),
     ("NUL in a header", b"X-Nul: a\x00b\r\n"),
     ("UTF-8 and RTL in a header", "X-Text: \u202eevil e\u0301\r\n".encode()),
-    ("a 100 KB query string", None),
 ]
+
+
+def _requests(port: int) -> list[tuple[str, bytes]]:
+    head = b"Host: 127.0.0.1:%d\r\nContent-Type: application/json\r\nConnection: close\r\n" % port
+    fixed = b"Content-Length: %d\r\n" % len(BODY)
+    chunk = b"[" + b"1," * (1 << 20) + b"1]"
+    made = [(name, b"POST /v1/datasets HTTP/1.1\r\n" + head + fixed + lines + b"\r\n" + BODY) for name, lines in HEADERS]
+    made.append(("a 100 KB query string", b"POST /v1/datasets?" + b"&".join(b"k%d=v" % i for i in range(12_000))
+                 + b" HTTP/1.1\r\n" + head + fixed + b"\r\n" + BODY))
+    made.append(("a 2 MB chunked body (no length to refuse it by)", b"POST /v1/datasets HTTP/1.1\r\n" + head
+                 + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n"))
+    return made
 
 
 def test_hostile_headers_and_request_lines_are_a_4xx_or_served(project):
     project.up()
-    for name, lines in HEADERS:
-        target = b"/v1/datasets" if lines is not None else \
-            b"/v1/datasets?" + b"&".join(b"k%d=v" % i for i in range(12_000))
-        request = (b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\nConnection: close\r\n" % (project.api_port, len(BODY))) \
-            + (lines or b"") + b"\r\n" + BODY
+    for name, request in _requests(project.api_port):
         answer = raw_request(project.api_port, request)
         if answer:  # a server may also close a request it will not read; it must keep serving the others
             status = int(answer.split(b" ", 2)[1])
             assert status < 500 and b"Traceback" not in answer, (name, answer[:2000])
+            if name.startswith("a 2 MB"):
+                assert status == 413, (name, answer[:500])
         assert project.api.status("/health") == 200, name
 
 
@@ -232,3 +246,12 @@ def test_hostile_multipart_uploads_are_a_4xx(project):
             check_answer(response, f"{name}: {path}")
             assert response.status_code in (202, 400, 413, 415), (name, path, response.status_code, response.text[:300])
         assert project.api.status("/health") == 200, name
+    before = project.api.get(f"/v1/datasets/{body['id']}/documents")[1]["documents"]
+    raw, headers = _form([(FILE, b"a" * (17 << 20))])  # over UPLOAD_FILE_SIZE_LIMIT, and sent without a length
+    for path in (f"/v1/datasets/{body['id']}/documents", "/v1/plugins"):
+        response = requests.post(f"http://127.0.0.1:{project.api_port}{path}", data=iter([raw]), headers=headers,
+                                 timeout=60)
+        check_answer(response, f"chunked: {path}")
+        assert response.status_code == 413, (path, response.status_code, response.text[:300])
+    status, listed = project.api.get(f"/v1/datasets/{body['id']}/documents")
+    assert status == 200 and listed["documents"] == before, [(d["name"], d["size"]) for d in listed["documents"]]
