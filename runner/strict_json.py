@@ -150,14 +150,27 @@ def loads(raw: bytes | str) -> Any:
 MAX_SHOWN_VALUE = 4 * 1024 * 1024  # bytes of a broker value parsed to be shown (a message with 1 MB of arguments)
 
 
+def _within_depth(value: Any, max_depth: int) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= max_depth:
+                return False
+            stack.extend((member, depth + 1) for member in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
 def loads_or_none(raw: bytes | str | None, max_bytes: int = MAX_SHOWN_VALUE) -> Any:
-    """`raw` parsed, or None when it is missing, larger than `max_bytes`, not JSON or nested too
-    deeply: for values on the broker that any client with its password may have written, read to
-    show (a queue's oldest message, beat's heartbeat), never to act on. 10,000 nested arrays in a
-    message raised RecursionError through /v1/queues."""
+    """`raw` parsed, or None when it is missing, larger than `max_bytes`, not JSON or nested deeper
+    than MAX_DEPTH: for what another program wrote (values on the broker any client with its
+    password may have set, an http node's response), read to show or pass on, never trusted.
+    10,000 nested arrays in a message raised RecursionError through /v1/queues; 900 parse, and
+    then fail whoever writes them out again (json.dumps recurses too)."""
     if raw is None or len(raw) > max_bytes:
         return None
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (ValueError, RecursionError):
         return None
+    return value if _within_depth(value, MAX_DEPTH) else None
