@@ -137,7 +137,7 @@ def docx_parts(count: int) -> bytes:
         for info in template.infolist():
             out.writestr(info, template.read(info))
         for number in range(count):
-            out.writestr(f"customXml/item{number}.xml", b"<a/>")
+            out.writestr(f"customXml/part{number}.xml", b"<a/>")
     return buffer.getvalue()
 
 
