@@ -21,7 +21,8 @@ MESSAGE_DOMAIN = "dify-local.localhost"
 
 def build_message(sender: str, to: str, subject: str, text: str, html: str | None = None) -> EmailMessage:
     if not isinstance(to, str) or not EMAIL.match(to):
-        raise ValueError(f"{to!r} is not an e-mail address")
+        shown = to[:80] + "…" if isinstance(to, str) and len(to) > 80 else to  # it may be a megabyte long
+        raise ValueError(f"{shown!r} is not an e-mail address")
     if "\n" in subject or "\r" in subject:
         raise ValueError("a subject is one line")
     message = EmailMessage()

@@ -13,16 +13,18 @@ from runner.state import StatePaths
 
 MAIL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.eml$")
 HEADERS = ("from", "to", "subject", "date", "message_id")
+MAX_HEADERS = 64 * 1024  # bytes read for a mail's summary (the header parser read each file to its end)
+MAX_MAIL = 16 * 1024 * 1024  # bytes of one mail read whole (the tasks write at most a few megabytes)
 
 
 def _summary(paths: StatePaths, name: str, raw: bytes | None = None) -> dict[str, Any] | None:
     try:
         if raw is None:
             with safe_files.open_file(paths.root, paths.outbox / name, "rb") as handle:
-                headers = BytesHeaderParser(policy=policy.default).parse(handle)
+                headers = BytesHeaderParser(policy=policy.default).parsebytes(handle.read(MAX_HEADERS))
                 size = os.fstat(handle.fileno()).st_size
         else:
-            headers, size = BytesHeaderParser(policy=policy.default).parsebytes(raw), len(raw)
+            headers, size = BytesHeaderParser(policy=policy.default).parsebytes(raw[:MAX_HEADERS]), len(raw)
     except FileNotFoundError:  # removed meanwhile
         return None
     return {"name": name, "from": str(headers["From"] or ""), "to": str(headers["To"] or ""),
@@ -46,7 +48,7 @@ def read_mail(paths: StatePaths, name: str) -> dict[str, Any] | None:
     if not MAIL_NAME.match(name):
         raise ValueError("a mail name is letters, digits, '.', '_' and '-' ending in .eml (GET /v1/mail lists them)")
     try:
-        raw = safe_files.read_bytes(paths.root, paths.outbox / name)
+        raw = safe_files.read_bytes(paths.root, paths.outbox / name, MAX_MAIL, "a mail read through the API")
     except (FileNotFoundError, IsADirectoryError):
         return None
     summary = _summary(paths, name, raw)

@@ -22,6 +22,7 @@ import stat
 from pathlib import Path, PurePath
 from typing import IO, Iterable, Iterator
 
+from runner.capped_files import read_handle_capped
 from runner.errors import StateError
 
 FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -211,13 +212,13 @@ def open_file(root: Path, path: PurePath | str, mode: str = "rb", encoding: str 
     return os.fdopen(fd, mode, encoding=None if "b" in mode else (encoding or "utf-8"), errors=errors)
 
 
-def read_bytes(root: Path, path: PurePath | str, limit: int | None = None) -> bytes:
-    """A state file's content; ValueError past `limit` bytes (every file we read is bounded)."""
+def read_bytes(root: Path, path: PurePath | str, limit: int | None = None, what: str = "this file") -> bytes:
+    """A state file's content; FileTooLarge (runner.capped_files, a ValueError) past `limit` bytes,
+    `what` saying what it was read as (every file we read is bounded)."""
     with open_file(root, path, "rb") as handle:
-        data = handle.read() if limit is None else handle.read(limit + 1)
-    if limit is not None and len(data) > limit:
-        raise ValueError(f"{root.joinpath(*_parts(root, path))} is over {limit} bytes")
-    return data
+        if limit is None:
+            return handle.read()
+        return read_handle_capped(handle, root.joinpath(*_parts(root, path)), limit, what)
 
 
 def write_atomic(root: Path, path: PurePath | str, data: bytes) -> None:

@@ -8,11 +8,13 @@ followed, since following it could leave the allowed hosts.
 
 from __future__ import annotations
 
-import json
+import http.client
 import urllib.error
 import urllib.request
 from typing import Any, Iterable
 from urllib.parse import urlsplit
+
+from runner.strict_json import loads_or_none
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 MAX_TIMEOUT = 30.0  # seconds
@@ -63,11 +65,11 @@ def send(method: str, url: str, headers: dict[str, str], body: str | None, timeo
         status, response_headers, raw = error.code, error.headers, error.read(MAX_RESPONSE)
     except (urllib.error.URLError, OSError) as error:
         raise HttpNodeError(f"{method} {url} failed: {getattr(error, 'reason', error)}") from None
+    except http.client.HTTPException as error:  # more than 100 headers, a line over 64 KB, a cut body
+        raise HttpNodeError(f"{method} {url}: the response is not one http.client reads: "
+                            f"{type(error).__name__}: {str(error)[:200]}") from None
     text = raw.decode("utf-8", "replace")
     result: dict[str, Any] = {"status_code": status, "body": text,
                               "headers": {key.lower(): value for key, value in response_headers.items()}}
-    try:
-        result["json"] = json.loads(text)
-    except ValueError:
-        result["json"] = None
+    result["json"] = loads_or_none(text)  # (10,000 nested arrays raised RecursionError through the run)
     return result

@@ -10,7 +10,11 @@ condition (evaluates the Jinja expression `expression`; its edges carry "branch"
 "false" and only the taken branch runs), http (a request to an allowed host, see
 runner.workflow_http; its response into `output`) and end (the run's outputs: `outputs` named, or
 every variable). Templates and expressions run in Jinja's sandbox, so a graph cannot reach Python
-objects.
+objects, and each in a child process with limits (runner.limited_process): its CPU time, its
+memory, and its output, counted as it is produced. No list of operators could bound what a
+template makes (`'a'|center(50000000)`, a string doubled by `~` forty times, nested loops over
+`range`), so the limits are the process's. A graph's templates are compiled when it is checked,
+in one such child too (Jinja's compiler takes seconds for a large template, and recurses).
 """
 
 from __future__ import annotations
@@ -19,22 +23,54 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import SandboxedEnvironment
 
-from runner import workflow_http
+from runner import limited_process, workflow_http
 
 NODE_TYPES = ("start", "template", "condition", "http", "end")
 BRANCHES = ("true", "false")
 MAX_NODES = 200
 MAX_VALUE_SIZE = 1_000_000  # items of a string or list, or bits of an integer, one operator may make
+MEGABYTE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    """What one template or expression may take (the settings DIFY_LOCAL_TEMPLATE_*)."""
+
+    max_output: int = 1_000_000  # characters
+    cpu_seconds: float = 5.0
+    memory_mb: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "TemplateLimits":
+        return cls(settings.DIFY_LOCAL_TEMPLATE_MAX_OUTPUT, settings.DIFY_LOCAL_TEMPLATE_TIME_LIMIT,
+                   settings.DIFY_LOCAL_TEMPLATE_MEMORY)
+
+    def process(self) -> limited_process.Limits:
+        # JSON of the output: at most 6 bytes a character (\u0000), and room for the reply around it
+        return limited_process.Limits(self.memory_mb * MEGABYTE, self.cpu_seconds, self.max_output * 6 + 4096,
+                                      "DIFY_LOCAL_TEMPLATE_MEMORY", "DIFY_LOCAL_TEMPLATE_TIME_LIMIT")
+
+
+class _RuntimeOutput(CodeGenerator):
+    """Jinja's code generator, without working out constant output while compiling: Jinja calls
+    the filters of `{{ 'a'|center(50000000) }}` then, so its output would be made by the compiler,
+    outside the count of what a template renders."""
+
+    def _output_child_to_const(self, node, frame, finalize):
+        raise nodes.Impossible()
 
 
 class _BoundedSandbox(SandboxedEnvironment):
-    """Jinja's sandbox, with `*` and `**` refused when their result would be huge: a graph must not
-    be able to make the worker allocate gigabytes ("{{ 'a' * 10**10 }}")."""
+    """Jinja's sandbox, with `*` and `**` refused early when their result would be huge (a clearer
+    error than the memory limit's for "{{ 'a' * 10**10 }}"); every value is computed when the
+    template runs (optimized=False and _RuntimeOutput), in its limited process."""
 
     intercepted_binops = frozenset({"*", "**"})
+    code_generator_class = _RuntimeOutput
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
@@ -48,11 +84,62 @@ class _BoundedSandbox(SandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
-_jinja = _BoundedSandbox(undefined=StrictUndefined, autoescape=False)
+_jinja = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, optimized=False)
 
 
 class WorkflowError(ValueError):
     """The graph is not runnable, or its inputs do not fit it."""
+
+
+class TemplateFailed(WorkflowError):
+    """A template or expression failed in its child process: `kind` is the error's class name
+    (UndefinedError, SecurityError …), or the limit it reached."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _limited(function, args: tuple, limits: TemplateLimits, what: str) -> Any:
+    try:
+        return limited_process.run(function, args, limits.process(), what)
+    except limited_process.LimitReached as error:
+        raise TemplateFailed("LimitReached", str(error)) from None
+    except limited_process.ChildError as error:
+        raise TemplateFailed(error.kind, str(error)) from None
+
+
+def _render_in_child(source: str, variables: dict[str, Any], max_output: int) -> str:
+    """In the child: the template's output, counted chunk by chunk as it is produced."""
+    parts: list[str] = []
+    size = 0
+    for chunk in _jinja.from_string(source).generate(**variables):
+        size += len(chunk)
+        if size > max_output:
+            raise WorkflowError(f"the template's output is over {max_output} characters "
+                                "(DIFY_LOCAL_TEMPLATE_MAX_OUTPUT)")
+        parts.append(chunk)
+    return "".join(parts)
+
+
+def _evaluate_in_child(expression: str, variables: dict[str, Any]) -> bool:
+    return bool(_jinja.compile_expression(expression, undefined_to_none=False)(**variables))
+
+
+def _compile_in_child(sources: list[tuple[str, str, str]]) -> None:
+    """In the child: compile every template and expression; the first that does not parse fails."""
+    for where, kind, text in sources:
+        try:
+            if kind == "expression":
+                _jinja.compile_expression(text)
+            else:
+                _jinja.from_string(text)
+        except TemplateError as error:
+            shown = text if len(text) <= 80 else text[:80] + "…"
+            what = "expression" if kind == "expression" else "template"
+            raise WorkflowError(f"{where}: {what} {shown!r} does not parse: {error}") from None
+        except RecursionError:
+            raise WorkflowError(f"{where}: its {kind} nests too deeply to compile") from None
 
 
 @dataclass
@@ -131,8 +218,9 @@ def _order(graph: Any) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, A
     return [nodes[node_id] for node_id in reversed(order)], incoming
 
 
-def _check_node(node: dict[str, Any]) -> None:
-    """The fields each node type needs, checked before anything runs."""
+def _check_node(node: dict[str, Any], sources: list[tuple[str, str, str]]) -> None:
+    """The fields each node type needs, checked before anything runs; its templates and
+    expression are added to `sources`, compiled afterwards."""
     where = f"node {node['id']!r}"
     kind = node["type"]
     if kind == "start":
@@ -142,14 +230,11 @@ def _check_node(node: dict[str, Any]) -> None:
     elif kind == "template":
         if not isinstance(node.get("template"), str):
             raise WorkflowError(f"{where}: a template node needs a 'template' string")
-        _compile(where, node["template"])
+        sources.append((where, "template", node["template"]))
     elif kind == "condition":
         if not isinstance(node.get("expression"), str) or not node["expression"].strip():
             raise WorkflowError(f"{where}: a condition node needs an 'expression' string, e.g. \"count > 3\"")
-        try:
-            _jinja.compile_expression(node["expression"])
-        except TemplateError as error:
-            raise WorkflowError(f"{where}: expression {node['expression']!r} does not parse: {error}") from None
+        sources.append((where, "expression", node["expression"]))
     elif kind == "http":
         if not isinstance(node.get("url"), str):
             raise WorkflowError(f"{where}: an http node needs a 'url' string")
@@ -167,7 +252,7 @@ def _check_node(node: dict[str, Any]) -> None:
             raise WorkflowError(f"{where}: 'timeout' must be a number of seconds above 0, at most "
                                 f"{workflow_http.MAX_TIMEOUT:g}")
         for text in (node["url"], node.get("body", "")):
-            _compile(where, text)
+            sources.append((where, "template", text))
     elif kind == "end":
         outputs = node.get("outputs")
         if outputs is not None and (not isinstance(outputs, list) or not all(isinstance(n, str) for n in outputs)):
@@ -177,22 +262,21 @@ def _check_node(node: dict[str, Any]) -> None:
         raise WorkflowError(f"{where}: 'output' must be a non-empty variable name")
 
 
-def _compile(where: str, text: str) -> None:
-    try:
-        _jinja.from_string(text)
-    except TemplateError as error:
-        raise WorkflowError(f"{where}: template {text!r} does not parse: {error}") from None
-
-
-def validate(graph: Any) -> None:
+def validate(graph: Any, limits: TemplateLimits = TemplateLimits()) -> None:
     """Raise WorkflowError naming what is wrong with the graph."""
     _order(graph)
+    sources: list[tuple[str, str, str]] = []
     for node in graph["nodes"]:  # unreachable ones too: a mistake there is still a mistake
-        _check_node(node)
+        _check_node(node, sources)
+    if sources:
+        try:
+            _limited(_compile_in_child, (sources,), limits, "compiling the graph's templates")
+        except TemplateFailed as error:
+            raise WorkflowError(str(error)) from None
 
 
 def _run_node(node: dict[str, Any], variables: dict[str, Any], execution: NodeExecution,
-              http_allowed: frozenset[str]) -> Any:
+              http_allowed: frozenset[str], limits: TemplateLimits) -> Any:
     """Run one node: its outputs recorded on `execution`; returns the branch a condition took."""
     kind = node["type"]
     name = node.get("output") or node["id"]
@@ -203,18 +287,18 @@ def _run_node(node: dict[str, Any], variables: dict[str, Any], execution: NodeEx
         execution.inputs = dict(variables)
     elif kind == "template":
         execution.inputs = {"template": node["template"]}
-        variables[name] = _jinja.from_string(node["template"]).render(**variables)
+        variables[name] = _render(node["template"], variables, limits, "the template")
         execution.outputs = {name: variables[name]}
     elif kind == "condition":
         execution.inputs = {"expression": node["expression"]}
-        taken = bool(_jinja.compile_expression(node["expression"], undefined_to_none=False)(**variables))
+        taken = _limited(_evaluate_in_child, (node["expression"], variables), limits, "the expression")
         variables[name] = taken
         execution.outputs = {"result": taken, "branch": "true" if taken else "false"}
         return "true" if taken else "false"
     elif kind == "http":
         method = node.get("method", "GET")
-        url = _jinja.from_string(node["url"]).render(**variables)
-        body = _jinja.from_string(node["body"]).render(**variables) if "body" in node else None
+        url = _render(node["url"], variables, limits, "the url template")
+        body = _render(node["body"], variables, limits, "the body template") if "body" in node else None
         execution.inputs = {"method": method, "url": url, "body": body}
         try:
             response = workflow_http.send(method, url, node.get("headers", {}), body, node.get("timeout", 10),
@@ -229,10 +313,15 @@ def _run_node(node: dict[str, Any], variables: dict[str, Any], execution: NodeEx
     return None
 
 
-def run(graph: Any, inputs: dict[str, Any], http_allowed: frozenset[str] = frozenset()) -> WorkflowResult:
+def _render(source: str, variables: dict[str, Any], limits: TemplateLimits, what: str) -> str:
+    return _limited(_render_in_child, (source, variables, limits.max_output), limits, what)
+
+
+def run(graph: Any, inputs: dict[str, Any], http_allowed: frozenset[str] = frozenset(),
+        limits: TemplateLimits = TemplateLimits()) -> WorkflowResult:
     """Run the nodes reachable from start; a node runs when an edge into it is taken, a failing
     node stops the run. Nodes on a branch not taken are not run (and not recorded)."""
-    validate(graph)
+    validate(graph, limits)
     nodes, incoming = _order(graph)
     variables: dict[str, Any] = dict(inputs)
     outputs: dict[str, Any] = {}
@@ -246,9 +335,10 @@ def run(graph: Any, inputs: dict[str, Any], http_allowed: frozenset[str] = froze
         execution = NodeExecution(node["id"], node["type"], "running", {}, started_at=time.time())
         executions.append(execution)
         try:
-            branches[node["id"]] = _run_node(node, variables, execution, http_allowed)
+            branches[node["id"]] = _run_node(node, variables, execution, http_allowed, limits)
         except (WorkflowError, TemplateError, TypeError, ValueError, ArithmeticError) as error:
-            execution.status, execution.error = "failed", f"{type(error).__name__}: {error}"
+            kind = error.kind if isinstance(error, TemplateFailed) else type(error).__name__
+            execution.status, execution.error = "failed", f"{kind}: {error}"
             execution.finished_at = time.time()
             return WorkflowResult("failed", {}, executions, f"node {node['id']!r}: {error}")
         if node["type"] == "end":

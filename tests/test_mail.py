@@ -141,3 +141,44 @@ def test_smtp_without_a_server_is_a_configuration_error(project):
     assert result.returncode == 2 and "SMTP_SERVER=''" in result.stderr
     result = project.run("config", env={"MAIL_DEFAULT_SEND_FROM": "nobody"})
     assert result.returncode == 2 and "MAIL_DEFAULT_SEND_FROM" in result.stderr
+
+
+ADDRESSES = [  # (address, valid): the shapes the pattern must still tell apart
+    ("ops@example.com", True), ("a.b+tag@mail.example.co.uk", True), ("a@b", False), ("a@b.", False),
+    ("a@.b", False), ("a@b..c", False), ("a b@c.d", False), ("a@b@c.d", False), ("a@" + "b" * 250 + ".cd", False),
+]
+
+
+def test_an_address_is_checked_in_linear_time():
+    """`to` comes from a task's arguments (1 MB through the API): the pattern backtracked."""
+    from runner import limited_process
+    from runner.mail_delivery import build_message
+    from runner.settings.kinds import EMAIL
+
+    for address, valid in ADDRESSES:
+        assert bool(EMAIL.match(address)) is valid, address
+    hostile = "a@" + ".a" * 200_000 + "@"
+    limits = limited_process.Limits(memory=256 << 20, cpu_seconds=20, max_result=4096)
+    try:
+        limited_process.run(build_message, ("me@example.com", hostile, "s", "b"), limits, "checking the address")
+    except limited_process.ChildError as error:
+        assert error.kind == "ValueError" and "is not an e-mail address" in str(error)
+    else:
+        raise AssertionError("the hostile address was accepted")
+
+
+def test_a_mail_too_large_to_read_whole_is_a_413_and_still_listed(project):
+    project.serve_broker()
+    api = project.start("serve", "api")
+    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    outbox = project.state / "files" / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    name = "20990101T000000.000000Z-big.eml"
+    with open(outbox / name, "wb") as mail:
+        mail.write(b"From: a@example.com\r\nTo: b@example.com\r\nSubject: big\r\n\r\n")
+        mail.write(b"x" * (17 * 1024 * 1024))
+    status, body = project.api.get(f"/v1/mail/{name}")
+    assert status == 413 and "over 16 MiB" in body["error"], body
+    status, body = project.api.get("/v1/mail")
+    assert status == 200 and body["mail"][0]["subject"] == "big" and body["mail"][0]["size"] > 17_000_000, body
+    assert "Traceback" not in api.output

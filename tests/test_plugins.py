@@ -4,6 +4,7 @@ symlinks, sizes, the manifest), installed on the plugin queue, compared with the
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 
 import pytest
@@ -22,7 +23,7 @@ def package(*entries: tuple, manifest: str | None = MANIFEST) -> bytes:
         if manifest is not None:
             archive.writestr("manifest.yaml", manifest)
         for name, content in entries:
-            archive.writestr(name, content)
+            archive.writestr(name, content)  # (a ZipInfo keeps its own compress_type and flags)
     return buffer.getvalue()
 
 
@@ -127,3 +128,91 @@ def test_upload_refuses_an_escaping_entry_installs_a_good_package_and_checks_upg
     assert status == 400 and body["field"] == "version"
     status, body = project.api.request("PUT", "/v1/plugin-index/Bad%20Name", {"version": "1.0"})
     assert status == 400 and body["field"] == "name"
+
+
+BILLION_LAUGHS = "name: translator\nversion: 1.0.0\nauthor: me\na: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + \
+    "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9))
+
+
+def patched(data: bytes, name: str, field: str, value: int) -> bytes:
+    """The zip with one entry's general-purpose flags or compression method set to `value`, in its
+    local header and its central directory record (zipfile will not write either as given)."""
+    local, central = {"flags": (6, 8), "method": (8, 10)}[field]
+    out = bytearray(data)
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    out[info.header_offset + local:info.header_offset + local + 2] = value.to_bytes(2, "little")
+    record = data.index(b"PK\x01\x02")
+    while data[record + 46:record + 46 + len(name)] != name.encode():
+        record = data.index(b"PK\x01\x02", record + 4)
+    out[record + central:record + central + 2] = value.to_bytes(2, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("manifest, words", [
+    (BILLION_LAUGHS, "aliases (*name) are not allowed"),
+    ("name: x\nversion: 1.0.0\nauthor: me\nbase: &b {k: v}\nother:\n  <<: *b\n", "aliases (*name) are not allowed"),
+    ("name: x\nversion: 1.0.0\nauthor: me\ndeep: " + "[" * 100 + "]" * 100 + "\n", "deeper than 64 levels"),
+    ("name: x\nversion: 1.0.0\nauthor: me\ndeep: " + "{k: " * 100 + "v" + "}" * 100 + "\n", "deeper than 64 levels"),
+], ids=["billion laughs", "merge key", "deep list", "deep mapping"])
+def test_manifest_aliases_and_deep_nesting_are_refused(manifest, words):
+    assert len(manifest.encode()) < 4096  # a few hundred bytes: the billion laughs is 470
+    with pytest.raises(plugins.PluginPackageError, match=re.escape(words)) as refused:
+        plugins.inspect_package(package(manifest=manifest), **LIMITS)
+    assert refused.value.entry == "manifest.yaml"
+
+
+def test_a_deep_json_manifest_is_refused():
+    manifest = '{"name": "x", "version": "1.0.0", "author": "me", "deep": ' + "[" * 3000 + "]" * 3000 + "}"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", manifest)
+    with pytest.raises(plugins.PluginPackageError, match="deeper than 64 levels"):
+        plugins.inspect_package(buffer.getvalue(), **LIMITS)
+
+
+LAYOUTS = [
+    ([("manifest.yaml/", b"")], None, "manifest.yaml/", "'manifest.yaml/' is a folder"),
+    ([("manifest.yaml/x", b"")], None, None, "no manifest"),
+    ([("a", b"1"), ("a/b", b"2")], MANIFEST, "a", "'a' is a file, but 'a/b' needs a folder"),
+    ([("a/b/c", b"2"), ("a/b", b"1")], MANIFEST, "a/b", "'a/b' is a file, but 'a/b/c' needs a folder"),
+    ([("Tools.py", b"1"), ("tools.py", b"2")], MANIFEST, "tools.py", "differ only in case"),
+    ([("caf\u00e9.py", b"1"), ("cafe\u0301.py", b"2")], MANIFEST, "cafe\u0301.py", "Unicode normalisation"),
+    ([("MANIFEST.yaml", b"x")], MANIFEST, "MANIFEST.yaml", "differ only in case"),
+    ([("x" * 300 + ".py", b"1")], MANIFEST, "x" * 300 + ".py", "at most 255 bytes a part"),
+    ([("./", b"")], MANIFEST, "./", "the plugin folder itself"),
+]
+
+
+@pytest.mark.parametrize("entries, manifest, entry, words", LAYOUTS, ids=[case[3][:32] for case in LAYOUTS])
+def test_entries_that_would_fail_to_unpack_are_refused_now(entries, manifest, entry, words):
+    with pytest.raises(plugins.PluginPackageError, match=re.escape(words)) as refused:
+        plugins.inspect_package(package(*entries, manifest=manifest), **LIMITS)
+    assert refused.value.entry == entry, refused.value
+
+
+@pytest.mark.parametrize("field, value, words", [("flags", 0x1, "is encrypted"), ("method", 99, "compression method 99")])
+def test_encrypted_entries_and_unknown_methods_are_refused_now(field, value, words):
+    data = patched(package(("tools/a.py", b"x")), "tools/a.py", field, value)
+    with pytest.raises(plugins.PluginPackageError, match=words) as refused:
+        plugins.inspect_package(data, **LIMITS)
+    assert refused.value.entry == "tools/a.py"
+
+
+def test_a_damaged_entry_is_refused_when_checked_not_when_installed():
+    good = package(("tools/a.py", b"print('a')\n" * 100))
+    at = good.index(b"tools/a.py") + len("tools/a.py")  # the local header's name, then the deflated data
+    damaged = good[:at + 10] + bytes(b ^ 0xFF for b in good[at + 10:at + 20]) + good[at + 20:]
+    with pytest.raises(plugins.PluginPackageError, match="entry 'tools/a.py' is damaged") as refused:
+        plugins.inspect_package(damaged, **LIMITS)
+    assert refused.value.entry == "tools/a.py"
+
+
+def test_entry_counts_are_read_before_the_directory_is_parsed():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("manifest.yaml", MANIFEST)
+        for number in range(plugins.MAX_ENTRIES + 5):
+            archive.writestr(zipfile.ZipInfo(str(number)), b"")
+    with pytest.raises(plugins.PluginPackageError, match=f"{plugins.MAX_ENTRIES + 6} entries") as refused:
+        plugins.inspect_package(buffer.getvalue(), max_package=10**8, max_unpacked=10**8)
+    assert refused.value.too_large

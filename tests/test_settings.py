@@ -141,3 +141,25 @@ def test_defaults_file_matches_the_settings_table():
 
     assert (REPO / "local_config" / "defaults.env").read_text() == render_defaults_env(), \
         "regenerate local_config/defaults.env from runner.settings.reference.render_defaults_env()"
+
+
+@pytest.mark.parametrize("command", [("config",), ("up",), ("export", "compose", "out")])
+def test_an_env_file_without_end_is_refused_at_its_cap(project, command):
+    """`-e /dev/zero` read until the OOM killer: every file of NAME=value lines is read at most 1 MiB."""
+    result = project.run("-e", "/dev/zero", *command)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "dify-local: /dev/zero holds more than 1 MiB; an env file (NAME=value lines) " \
+                                    "may have at most that"
+
+
+def test_oversized_env_files_are_refused_naming_the_file(project):
+    (project.dir / ".env").write_text("A=1\n" * 300_000)
+    result = project.run("config")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{project.dir / '.env'} is 1200000 bytes; an env file (NAME=value lines) may have at most 1 MiB" \
+        in result.stderr
+    (project.dir / ".env").unlink()
+    (project.dir / "local_config").mkdir()
+    (project.dir / "local_config" / "big.env").write_text("# x\n" * 300_000)
+    result = project.run("config")
+    assert result.returncode == 2 and "local_config/big.env is 1200000 bytes" in result.stderr, result.stderr

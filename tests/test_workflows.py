@@ -253,3 +253,104 @@ def test_claims_from_many_threads_never_overlap(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM schedule_dispatches").fetchone()[0] == 60
     assert claim_due_schedules(database, 3, 0, lambda: "x", lambda claim: None) == []
     database.close()
+
+
+SMALL = workflows.TemplateLimits(max_output=100_000, cpu_seconds=2, memory_mb=128)
+TEMPLATE_BOMBS = [  # (template, words of the node's error): each bounded by its process, not by a list of operators
+    ("{{ 'a'|center(50000000) }}", "output is over 100000 characters"),
+    ("{{ 'a'|center(2000000000) }}", "more than 128 MB of memory"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s[:3] }}",
+     "more than 128 MB of memory"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "more than 2 s of CPU"),
+    ("{% for a in range(100000) %}{{ 'abcdefghij' }}{% endfor %}", "output is over 100000 characters"),
+    ("{{ lipsum(3000, min=50, max=100) }}", "output is over 100000 characters"),
+    ("{{ '%s'|format('x') * 100 ~ 'y'.ljust(1000000000) }}", "more than 128 MB of memory"),
+]
+
+
+@pytest.mark.parametrize("template, words", TEMPLATE_BOMBS, ids=[words for _, words in TEMPLATE_BOMBS])
+def test_a_template_is_bounded_in_output_memory_and_cpu(template, words):
+    graph = {"nodes": [{"id": "start", "type": "start"}, {"id": "t", "type": "template", "template": template},
+                       {"id": "end", "type": "end"}],
+             "edges": [{"source": "start", "target": "t"}, {"source": "t", "target": "end"}]}
+    result = workflows.run(graph, {}, limits=SMALL)
+    assert result.status == "failed" and words in result.error, result.error
+    failed = result.executions[-1]
+    assert failed.node_id == "t" and failed.error.startswith(("LimitReached: ", "WorkflowError: ")), failed.error
+
+
+def test_conditions_and_http_templates_are_bounded_too_and_limits_leave_normal_templates_alone():
+    spin = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+    condition = {"nodes": [{"id": "start", "type": "start"},
+                           {"id": "c", "type": "condition", "expression": "('a'|center(2000000000))|length > 1"}],
+                 "edges": [{"source": "start", "target": "c"}]}
+    result = workflows.run(condition, {}, limits=SMALL)
+    assert result.status == "failed" and "more than 128 MB of memory" in result.error, result.error
+    http = {"nodes": [{"id": "start", "type": "start"}, {"id": "h", "type": "http", "url": spin}],
+            "edges": [{"source": "start", "target": "h"}]}
+    result = workflows.run(http, {}, frozenset({"127.0.0.1"}), limits=SMALL)
+    assert result.status == "failed" and "more than 2 s of CPU" in result.error, result.error
+    fine = {"nodes": [{"id": "start", "type": "start", "variables": ["who"]},
+                      {"id": "t", "type": "template", "template": "{{ ('Hello ' ~ who)|center(30) }}", "output": "o"},
+                      {"id": "end", "type": "end", "outputs": ["o"]}],
+            "edges": [{"source": "start", "target": "t"}, {"source": "t", "target": "end"}]}
+    assert workflows.run(fine, {"who": "\u05d0 e\u0301"}, limits=SMALL).outputs == {"o": "Hello \u05d0 e\u0301".center(30)}
+
+
+def test_a_graph_whose_templates_do_not_compile_is_refused_naming_the_node():
+    deep = "{{ " + "(" * 2000 + "1" + ")" * 2000 + " }}"
+    with pytest.raises(workflows.WorkflowError, match="node 't': its template nests too deeply"):
+        workflows.validate({"nodes": [{"id": "s", "type": "start"}, {"id": "t", "type": "template", "template": deep}]})
+    slow = "{% if a %}b{% endif %}" * 40000  # Jinja's compiler takes seconds for this
+    with pytest.raises(workflows.WorkflowError, match="more than 0.5 s of CPU"):
+        workflows.validate({"nodes": [{"id": "s", "type": "start"}, {"id": "t", "type": "template", "template": slow}]},
+                           workflows.TemplateLimits(cpu_seconds=0.5))
+
+
+class HostileServer(threading.Thread):
+    """An HTTP server on loopback answering every request with the raw bytes given."""
+
+    def __init__(self, answer: bytes):
+        import socket
+
+        super().__init__(daemon=True)
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+
+    def run(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(self.answer)
+
+
+@pytest.mark.parametrize("answer, words", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + b"[" * 10_000 + b"]" * 10_000,
+     None),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + b"[" * 900 + b"]" * 900,
+     None),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"Connection: close\r\n\r\nok",
+     "got more than 100 headers"),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\nok", "LineTooLong"),
+], ids=["JSON 10,000 deep", "JSON 900 deep", "200 headers", "a 70 KB header line"])
+def test_an_http_node_reads_a_hostile_response_without_crashing_the_run(answer, words):
+    server = HostileServer(answer)
+    server.start()
+    try:
+        graph = {"nodes": [{"id": "s", "type": "start"},
+                           {"id": "h", "type": "http", "url": f"http://127.0.0.1:{server.port}/", "output": "r"},
+                           {"id": "end", "type": "end", "outputs": ["r"]}],
+                 "edges": [{"source": "s", "target": "h"}, {"source": "h", "target": "end"}]}
+        result = workflows.run(graph, {}, frozenset({f"127.0.0.1:{server.port}"}))
+    finally:
+        server.server.close()
+    if words is None:  # (900 deep parses, and json.dumps of it recursed when the run was recorded)
+        assert result.status == "succeeded" and result.outputs["r"]["json"] is None, result.error
+        json.dumps(result.outputs)
+    else:
+        assert result.status == "failed" and words in result.error, result.error

@@ -11,6 +11,7 @@ from flask import Flask, g, request
 from runner.api import (apps, dashboard, datasets, failed, mail, metrics, openapi, plugins, stack, status, task_runs,
                         tasks, workflows)
 from runner.api.errors import install_error_handlers
+from runner.api.json_output import FiniteJSONProvider
 from runner.api.inspection import WorkerInspections
 from runner.api.request_guard import install_request_guard
 from runner.settings import Settings
@@ -34,6 +35,7 @@ def largest_body(settings: Settings) -> int:
 def create_api(settings: Settings, celery: Celery) -> Flask:
     app = Flask("dify_local.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
+    app.json = FiniteJSONProvider(app)
     app.json.sort_keys = False
     app.extensions["celery"] = celery
     app.extensions["dify_settings"] = settings

@@ -12,7 +12,11 @@ JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: 
 
 
 class ArgumentError(ValueError):
-    pass
+    """`field` is where in the request the argument at fault is: args[i], kwargs.name, or args."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 def signature_text(name: str, signature: inspect.Signature) -> str:
@@ -54,10 +58,12 @@ def check_arguments(name: str, signature: inspect.Signature, hints: Mapping[str,
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:
-        raise ArgumentError(f"{error}; the task is {signature_text(name, signature)}") from None
-    for parameter, value in bound.arguments.items():
+        raise ArgumentError(f"{error}; the task is {signature_text(name, signature)}",
+                            "kwargs" if kwargs and not args else "args") from None
+    for position, (parameter, value) in enumerate(bound.arguments.items()):
         expected = hints.get(parameter)
         if expected is not None and not _fits(value, expected):
             raise ArgumentError(
                 f"argument {parameter!r} must be {_describe(expected)}, got {_json_type(value)}; "
-                f"the task is {signature_text(name, signature)}")
+                f"the task is {signature_text(name, signature)}",
+                f"kwargs.{parameter}" if parameter in kwargs else f"args[{position}]")

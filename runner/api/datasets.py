@@ -69,7 +69,7 @@ def _json_object(fields: tuple[str, ...]) -> dict:
         raise ApiError(415, f"the body must be JSON (Content-Type: application/json), not {request.mimetype!r}")
     body = read_json_body(cache=True)
     if not isinstance(body, dict):
-        raise ApiError(400, f"the body must be a JSON object with the fields {', '.join(fields)}")
+        raise ApiError(400, f"the body must be a JSON object with the fields {', '.join(fields)}", field=None)
     unknown = sorted(set(body) - set(fields))
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(fields)}", field=unknown[0])

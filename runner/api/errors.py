@@ -39,7 +39,9 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        return error_response(error.code or 500, error.description or error.name)
+        # a 400 werkzeug raises is about the body as a whole (a multipart form it cannot parse)
+        details = {"field": None} if error.code == 400 else {}
+        return error_response(error.code or 500, error.description or error.name, **details)
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(redis.ConnectionError)

@@ -34,7 +34,7 @@ def list_failed():
     limit = query_integer("limit", 100, 1, MAX_LIMIT)
     pending = request.args.get("pending", "false")
     if pending not in ("true", "false"):
-        raise ApiError(400, "'pending' must be true or false")
+        raise ApiError(400, "'pending' must be true or false", field="pending")
     rows = list_failures(_celery().dify.database, include_retried=pending == "false", limit=limit)
     return jsonify({"failed": rows})
 

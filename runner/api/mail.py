@@ -8,7 +8,8 @@ from flask import Blueprint, current_app, jsonify
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_response, query
 from runner.api.validation import query_integer, query_matching, query_parameters
-from runner.outbox import list_mail, read_mail
+from runner.capped_files import FileTooLarge, shown_size
+from runner.outbox import MAX_MAIL, list_mail, read_mail
 from runner.settings.kinds import EMAIL
 from runner.state import StatePaths
 
@@ -35,8 +36,10 @@ def list_outbox():
 def get_mail(name: str):
     try:
         mail = read_mail(_paths(), name)
+    except FileTooLarge:
+        raise ApiError(413, f"mail {name!r} is over {shown_size(MAX_MAIL)}; read it in the outbox folder") from None
     except ValueError as error:
-        raise ApiError(400, str(error)) from None
+        raise ApiError(400, str(error), field="name") from None
     if mail is None:
         raise ApiError(404, f"no mail {name!r} in the outbox; GET /v1/mail lists them")
     return jsonify(mail)
@@ -64,5 +67,5 @@ PATHS = {
             "type": "object", "required": [*MAIL_SUMMARY["required"], "text", "html"],
             "properties": {**MAIL_SUMMARY["properties"], "text": {"type": "string", "nullable": True},
                            "html": {"type": "string", "nullable": True}}}),
-                      **errors(400, 404)}}},
+                      **errors(400, 404, 413)}}},
 }

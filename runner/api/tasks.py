@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import re
 
+import redis
 from celery.result import AsyncResult
 from flask import Blueprint, current_app, jsonify, url_for
+from kombu.exceptions import DecodeError, OperationalError
 
 from runner import topology
 from runner.api.arguments import ArgumentError, check_arguments, signature_text
@@ -23,6 +25,7 @@ SEND_FIELDS = ("args", "kwargs", "countdown", "priority")
 # hour) is delivered again, so a longer delay would run the task twice.
 MAX_COUNTDOWN = 3600
 TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNREADABLE = "UNREADABLE"  # the state of a task whose stored result does not decode (not one of Celery's)
 
 
 def _celery():
@@ -32,31 +35,33 @@ def _celery():
 def _read_json_object() -> dict:
     body = read_json_body()
     if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}")
+        raise ApiError(400, "the body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}", field=None)
     return body
 
 
 def _send_options(body: dict) -> tuple[list, dict, dict]:
     unknown = sorted(set(body) - set(SEND_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(SEND_FIELDS)}")
+        raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(SEND_FIELDS)}", field=unknown[0])
     args, kwargs = body.get("args", []), body.get("kwargs", {})
     if not isinstance(args, list):
-        raise ApiError(400, "'args' must be an array")
+        raise ApiError(400, "'args' must be an array", field="args")
     if not isinstance(kwargs, dict):
-        raise ApiError(400, "'kwargs' must be an object")
+        raise ApiError(400, "'kwargs' must be an object", field="kwargs")
     options: dict = {}
     if body.get("countdown") is not None:
         countdown = body["countdown"]
         if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not math.isfinite(countdown) \
                 or not 0 <= countdown <= MAX_COUNTDOWN:
             raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {MAX_COUNTDOWN} (longer delays "
-                                "outlive the broker's visibility timeout and would run twice; use a schedule)")
+                                "outlive the broker's visibility timeout and would run twice; use a schedule)",
+                           field="countdown")
         options["countdown"] = countdown
     if body.get("priority") is not None:
         priority = body["priority"]
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
-            raise ApiError(400, "'priority' must be an integer from 0 to 9 (on Redis 0 is served first)")
+            raise ApiError(400, "'priority' must be an integer from 0 to 9 (on Redis 0 is served first)",
+                           field="priority")
         options["priority"] = priority
     return args, kwargs, options
 
@@ -90,7 +95,7 @@ def send_task(name: str):
         try:
             check_arguments(name, definition.signature, definition.hints, args, kwargs)
         except ArgumentError as error:
-            raise ApiError(400, str(error)) from None
+            raise ApiError(400, str(error), field=error.field) from None
     # By name: the route (task_routes in runner.celery_app) picks the queue, as apply_async would.
     result = _celery().send_task(name, args=args, kwargs=kwargs, **options)
     queue = topology.ROUTES[name]
@@ -104,11 +109,27 @@ def send_task(name: str):
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str):
     if not TASK_ID.match(task_id):
-        raise ApiError(400, "a task id is 1 to 128 letters, digits and . _ : -")
+        raise ApiError(400, "a task id is 1 to 128 letters, digits and . _ : -", field="task")
     celery = _celery()
     result = AsyncResult(task_id, app=celery)
-    state = result.state  # PENDING also means "unknown", as Celery has it
     record = get_task_run(celery.dify.database, task_id)
+    try:
+        return jsonify(_task_view(task_id, result, record))
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError):
+        raise  # the broker is unreachable: a 503 (runner.api.errors)
+    except Exception as error:
+        # Any client with the broker's password may have written the result: Celery decodes it and
+        # raises whatever its shape makes it raise (DecodeError, KeyError, TypeError, SecurityError …).
+        cause = error.__cause__ if isinstance(error, DecodeError) and error.__cause__ else error
+        return jsonify({"id": task_id, "state": UNREADABLE, "error": {
+            "type": "UnreadableResult", "message": f"the result stored for this task cannot be read "
+                                                   f"({type(cause).__name__}); it was not written by Celery"}})
+
+
+def _task_view(task_id: str, result: AsyncResult, record: dict | None) -> dict:
+    state = result.state  # PENDING also means "unknown", as Celery has it
+    if not isinstance(state, str):  # Celery passes on whatever "status" the stored result holds
+        raise TypeError(f"its status is {type(state).__name__}, not a state name")
     if state == "PENDING" and record and record["state"] == "STARTED":
         # The worker records starts in SQLite; Celery's own STARTED state would cost a Redis write
         # per task (task_track_started), which measurably slows the worker.
@@ -124,7 +145,7 @@ def get_task(task_id: str):
         body["error"] = {"type": type(error).__name__, "message": str(error)}
         if result.traceback:
             body["error"]["traceback"] = result.traceback
-    return jsonify(body)
+    return body
 
 
 SEND_BODY = {"type": "object", "additionalProperties": False, "properties": {

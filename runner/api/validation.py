@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
 from flask import current_app, request
 
+from runner import strict_json
 from runner.api.errors import ApiError
 
 ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -17,21 +17,27 @@ WHOLE_NUMBER = re.compile(r"^[0-9]{1,9}$")
 
 
 def json_body(cache: bool = False) -> Any:
-    """The body parsed as JSON (an empty body is {}); JSON that does not parse is a 400."""
+    """The body parsed as JSON (an empty body is {}); JSON that does not parse, or that holds what
+    runner.strict_json refuses, is a 400 naming the field."""
     raw = request.get_data(cache=cache)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A body sent without a length (chunked) is cut at the limit by werkzeug, silently: the
+        # first megabyte was parsed, and "not valid JSON" blamed the client for the cut.
+        raise ApiError(413, f"the body is larger than {limit} bytes")
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+        return strict_json.loads(raw)
+    except strict_json.JsonRefused as error:
+        raise ApiError(400, str(error), field=error.field) from None  # None: the body as a whole
 
 
 def json_object(allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> dict:
     """The body as a JSON object (empty body: {}), with only `allowed` fields and all `required` ones."""
     body = json_body()
     if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
+        raise ApiError(400, "the body must be a JSON object", field=None)
     if allowed is not None:
         unknown = sorted(set(body) - set(allowed))
         if unknown:

@@ -24,6 +24,7 @@ from runner.api.validation import (
     optional_identifier,
     query_integer,
     sent,
+    settings,
     text,
 )
 
@@ -35,7 +36,7 @@ MAX_TTL = 30 * 86400  # seconds a subscription may be extended by
 def _graph(body: dict) -> dict:
     graph = body.get("graph")
     try:
-        workflows.validate(graph)
+        workflows.validate(graph, workflows.TemplateLimits.from_settings(settings()))
     except workflows.WorkflowError as error:
         raise ApiError(400, f"'graph' is not a runnable workflow: {error}", field="graph") from None
     return graph

@@ -20,6 +20,7 @@ from runner.monitor.format import duration
 from runner.settings import Settings, mask_url
 from runner.settings.kinds import host_port
 from runner.settings.loader import IF_POSSIBLE
+from runner.strict_json import loads_or_none
 
 CONNECT_TIMEOUT = 5.0  # seconds; bounds each socket operation, so a silent host cannot hang the command
 UNACKED_PARSE_LIMIT = 10_000  # unacked messages read one by one to count them per queue; beyond: total only
@@ -140,8 +141,10 @@ def _unacked(client, key: str) -> tuple[int, dict[str, int] | None]:
     per_queue: dict[str, int] = {}
     for raw in client.hvals(key):
         try:
-            queue = json.loads(raw)[2]
-        except (ValueError, IndexError, TypeError):
+            queue = loads_or_none(raw)[2]
+        except (IndexError, TypeError, KeyError):
+            continue
+        if not isinstance(queue, str):
             continue
         per_queue[queue] = per_queue.get(queue, 0) + 1
     return total, per_queue

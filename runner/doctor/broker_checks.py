@@ -3,7 +3,6 @@ consumer; a worker answers and beats; one beat ticks."""
 
 from __future__ import annotations
 
-import json
 import time
 
 from runner import broker_config, topology
@@ -11,6 +10,7 @@ from runner.doctor.context import FAIL, PASS, PING_TIMEOUT, SKIP, WARN, Context,
 from runner.doctor.host_checks import describe_process, is_local
 from runner.monitor.heartbeats import age as _age, late as _late, read_heartbeats
 from runner.settings import mask_url
+from runner.strict_json import loads_or_none
 
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 60 else f"{value / 60:.0f} min"
@@ -150,7 +150,8 @@ def check_beat(ctx: Context) -> Result:
     client = ctx.client()
     instances = read_heartbeats(client, broker_config.BEAT_INSTANCE_PREFIX)
     raw = client.get(broker_config.BEAT_HEARTBEAT_KEY)
-    last = json.loads(raw) if raw else None
+    last = loads_or_none(raw)
+    last = last if isinstance(last, dict) else None
     now = time.time()
     live = {name: beat for name, beat in instances.items() if not _late(beat, now)}
     stale = {name: beat for name, beat in instances.items() if name not in live}

@@ -3,20 +3,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from runner.broker_config import BEAT_HEARTBEAT_KEY, BEAT_SCHEDULE_KEY
 from runner.monitor.channel import read_channel
+from runner.strict_json import loads_or_none
 
 
 def _decoded(raw: bytes | str | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    value = loads_or_none(raw)
     return value if isinstance(value, dict) else None
 
 

@@ -8,12 +8,12 @@ message's age comes from the `sent_at` header our app adds to every message it p
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from runner.monitor.channel import read_channel
+from runner.strict_json import loads_or_none
 
 SENT_AT_HEADER = "sent_at"
 
@@ -111,10 +111,9 @@ def purge_queue(channel, name: str) -> int:
 
 
 def _sent_at(raw: bytes | None) -> float | None:
-    if not raw:
-        return None
+    message = loads_or_none(raw)
     try:
-        value = json.loads(raw).get("headers", {}).get(SENT_AT_HEADER)
-    except (ValueError, AttributeError):
+        value = message.get("headers", {}).get(SENT_AT_HEADER)
+    except AttributeError:
         return None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

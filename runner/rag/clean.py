@@ -6,7 +6,7 @@ import html
 import re
 import unicodedata
 
-TAG = re.compile(r"<[^>]+>")
+TAG = re.compile(r"<[^<>]+>")  # not [^>]: from every '<' of a text that never closes one, a scan to the end
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 

@@ -6,7 +6,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.capped_files import FileTooLarge, read_text_capped
+
 LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+# An env file is a few kilobytes of NAME=value lines (Dify's .env.example: 60 KB); -e /dev/zero
+# must not read until memory runs out. For `.env`, `-e FILE` and local_config/*.env alike.
+MAX_ENV_FILE = 1024 * 1024
 
 
 class EnvFileError(ValueError):
@@ -31,11 +36,19 @@ def _unquote(value: str) -> str:
     return re.sub(r"\s+#.*$", "", value)
 
 
-def read_env_file(path: Path) -> list[Assignment]:
+def read_env_text(path: Path) -> str:
+    """The file's text, at most MAX_ENV_FILE bytes of UTF-8 (EnvFileError otherwise; OSError as
+    open() raises it, FileNotFoundError included)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_text_capped(path, MAX_ENV_FILE, "an env file (NAME=value lines)")
+    except FileTooLarge as error:
+        raise EnvFileError(str(error)) from None
     except UnicodeDecodeError:
         raise EnvFileError(f"{path}: not UTF-8 text") from None
+
+
+def read_env_file(path: Path) -> list[Assignment]:
+    text = read_env_text(path)
     assignments = []
     for number, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()

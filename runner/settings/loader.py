@@ -26,7 +26,7 @@ from urllib.parse import quote
 from honcho.environ import parse as honcho_parse
 
 from runner.errors import ProblemsError
-from runner.settings.envfile import EnvFileError, read_env_file
+from runner.settings.envfile import EnvFileError, read_env_file, read_env_text
 from runner.settings.generated import BrokerPasswordError, CannotMakeError, broker_password
 from runner.settings.kinds import MASK, BrokerUrl, host_port, mask_url
 from runner.settings.table import BY_NAME, SETTINGS, Setting
@@ -289,10 +289,12 @@ def read_env_files(project_dir: Path, names: tuple[str, ...] = DEFAULT_ENV_FILES
     for name in names:
         path = project_dir / name
         try:
-            values.update(honcho_parse(path.read_text(encoding="utf-8")))
+            values.update(honcho_parse(read_env_text(path)))
         except FileNotFoundError:
             continue
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+        except EnvFileError as error:
+            raise SettingsError([str(error)]) from None
+        except (OSError, ValueError) as error:
             raise SettingsError([f"cannot read {path}: {error}"]) from None
     return values
 

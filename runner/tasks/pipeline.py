@@ -10,7 +10,7 @@ from runner import rag, safe_files
 from runner.context import AppContext
 from runner.errors import StateError
 from runner.rag import index
-from runner.rag.extract import ExtractionError, extract_data
+from runner.rag.extract import MEGABYTE, ExtractionError, ExtractionLimits, extract_data
 from runner.rag.files import stored_path
 from runner.rag.metadata import document_metadata
 from runner.tasks.base import context, task
@@ -22,11 +22,12 @@ def run_pipeline(text: str, chunk_size: int, overlap: int) -> dict:
     return {"chunks": chunks, "metadata": {**rag.text_metadata(cleaned), "chunks": len(chunks)}}
 
 
-def _stored_file(ctx: AppContext, relative: str) -> bytes:
+def _stored_file(ctx: AppContext, relative: str, limits: ExtractionLimits) -> bytes:
     """An uploaded file's content, read without following a link in the state folder."""
     try:
-        return safe_files.read_bytes(ctx.paths.root, stored_path(ctx.paths.files, relative))
-    except StateError as error:
+        return safe_files.read_bytes(ctx.paths.root, stored_path(ctx.paths.files, relative),
+                                     limits.max_file_mb * MEGABYTE, "an uploaded document (UPLOAD_FILE_SIZE_LIMIT)")
+    except (StateError, ValueError) as error:
         raise ExtractionError(str(error)) from None
     except OSError as error:
         raise ExtractionError(f"the uploaded file cannot be read: {error.strerror}") from None
@@ -44,7 +45,8 @@ def prepare_document(ctx: AppContext, document_id: str) -> dict[str, Any] | None
         raise LookupError(f"no document {document_id!r}")
     index.set_status(ctx.database, document_id, "parsing")
     try:
-        extracted = extract_data(_stored_file(ctx, document["file_path"]), document["file_type"])
+        limits = ExtractionLimits.from_settings(ctx.settings)
+        extracted = extract_data(_stored_file(ctx, document["file_path"], limits), document["file_type"], limits)
         index.set_status(ctx.database, document_id, "splitting")
         cleaned = rag.clean_text(extracted.text)
         chunks = rag.chunk_text(cleaned, document["chunk_size"], document["chunk_overlap"])

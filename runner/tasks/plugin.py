@@ -21,7 +21,8 @@ def install_plugin_task(self, package_file: str) -> dict:
     settings, paths = ctx.settings, ctx.paths
     source = paths.plugin_packages / package_file
     try:
-        data = safe_files.read_bytes(paths.root, source, limit=settings.PLUGIN_MAX_PACKAGE_SIZE)
+        data = safe_files.read_bytes(paths.root, source, settings.PLUGIN_MAX_PACKAGE_SIZE,
+                                     "a plugin package (PLUGIN_MAX_PACKAGE_SIZE)")
     except FileNotFoundError:
         raise LookupError(f"no uploaded package {package_file!r}") from None
     package = plugins.inspect_package(data, settings.PLUGIN_MAX_PACKAGE_SIZE,

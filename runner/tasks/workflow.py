@@ -23,10 +23,11 @@ def run_log_relative(run_id: str) -> str:
 def execute_workflow(ctx: AppContext, graph: Any, inputs: dict, app_id: str | None, triggered_by: str,
                      source_id: str | None = None) -> dict:
     """Run a graph, record the run and each node's execution, and hand the log to storage."""
-    workflows.validate(graph)  # a graph that cannot run fails the task itself
+    limits = workflows.TemplateLimits.from_settings(ctx.settings)
     run_id = new_id()
     allowed = workflow_http.allowed_hosts(ctx.settings.DIFY_LOCAL_WORKFLOW_HTTP_ALLOWED_HOSTS)
-    result = workflows.run(graph, inputs, allowed)
+    # run() checks the graph first: one that cannot run fails the task itself (WorkflowError)
+    result = workflows.run(graph, inputs, allowed, limits)
     with ctx.database.transaction() as db:
         if app_id and db.execute("SELECT 1 FROM deleted_apps WHERE app_id = ?", [app_id]).fetchone():
             # the app was deleted while this run was in flight: recording it would leave an orphan
