@@ -17,7 +17,7 @@ from tests.helpers import wait_until
 def api(project):
     project.serve_broker()
     proc = project.start("serve", "api")
-    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    wait_until(lambda: project.api.status("/health/api") == 200, 30, "the API to answer")
     yield project.api
     assert "Traceback" not in proc.output, proc.output
 

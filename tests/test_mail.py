@@ -170,7 +170,7 @@ def test_an_address_is_checked_in_linear_time():
 def test_a_mail_too_large_to_read_whole_is_a_413_and_still_listed(project):
     project.serve_broker()
     api = project.start("serve", "api")
-    wait_until(lambda: project.api.status("/health") == 200, 30, "the API to be healthy")
+    wait_until(lambda: project.api.status("/health/api") == 200, 30, "the API to answer")
     outbox = project.state / "files" / "outbox"
     outbox.mkdir(parents=True, exist_ok=True)
     name = "20990101T000000.000000Z-big.eml"

@@ -300,7 +300,7 @@ def test_a_nested_zip_in_a_plugin_is_unpacked_as_a_file(tmp_path):
     inner = zip_bomb()
     data = plugin_zip(("inner.zip", inner))
     package = plugins.inspect_package(data, max_package=15 * MB, max_unpacked=50 * MB)
-    written = plugins.unpack(data, tmp_path / "p", 50 * MB)
+    written = plugins.unpack(data, tmp_path, tmp_path / "p", 50 * MB)  # (tmp_path as the state folder)
     assert package.name == "p" and written < 2 * len(inner) and (tmp_path / "p" / "inner.zip").read_bytes() == inner
 
 
