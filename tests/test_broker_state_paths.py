@@ -151,4 +151,4 @@ def test_something_else_at_the_log_path_is_one_line(project, what):
 def test_a_file_where_the_broker_folder_should_be_is_one_line(project):
     project.state.mkdir(parents=True, mode=0o700)
     (project.state / "broker").write_bytes(b"not a folder")
-    refused(project, str(project.state / "broker"), "not a folder")
+    refused(project, str(project.state / "broker"), "is a file where", "move it away")
