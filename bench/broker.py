@@ -4,8 +4,9 @@ The same benchmark on both, in one run: a plain Celery worker (threads ×4) and 
 trivial tasks sent and every result collected, results kept on the same server. Both servers
 require a password. Two pairings, each like for like: durable (the embedded broker's append-only
 log against redis-server's, both written before each batch's replies and fsynced every second)
-and memory only (`--no-persist` against redis-server without persistence). Rounds alternate which broker goes first; each pairing's figure
-is the median of its per-round ratios embedded / real (target: at least 0.9× for both).
+and memory only (`--no-persist` against redis-server without persistence). Rounds alternate which
+broker goes first; each pairing's figure is the median of its per-round ratios embedded / real
+(target: at least 0.9× for both).
 
 The embedded broker runs its compiled read loop (runner/broker/_session.c) where it is built;
 `--read-loop python` measures the Python one it mirrors (DIFY_LOCAL_BROKER_COMPILED=false).

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.conftest import REAL_PASSWORD, _redis_binary, _start_redis
-from tests.helpers import Proc, free_port, port_open, wait_until
+from tests.helpers import free_port, port_open, wait_until
 
 LISTENING = r"embedded broker \(fakeredis [\d.]+, \w+ read loop\) listening on"
 ACKED = 3000  # writes acknowledged before the kill

@@ -130,7 +130,8 @@ def test_upload_refuses_an_escaping_entry_installs_a_good_package_and_checks_upg
     assert status == 400 and body["field"] == "name"
 
 
-BILLION_LAUGHS = "name: translator\nversion: 1.0.0\nauthor: me\na: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + \
+BILLION_LAUGHS = "name: translator\nversion: 1.0.0\nauthor: me\n" + \
+    "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + \
     "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9))
 
 
@@ -190,7 +191,8 @@ def test_entries_that_would_fail_to_unpack_are_refused_now(entries, manifest, en
     assert refused.value.entry == entry, refused.value
 
 
-@pytest.mark.parametrize("field, value, words", [("flags", 0x1, "is encrypted"), ("method", 99, "compression method 99")])
+@pytest.mark.parametrize("field, value, words",
+                         [("flags", 0x1, "is encrypted"), ("method", 99, "compression method 99")])
 def test_encrypted_entries_and_unknown_methods_are_refused_now(field, value, words):
     data = patched(package(("tools/a.py", b"x")), "tools/a.py", field, value)
     with pytest.raises(plugins.PluginPackageError, match=words) as refused:

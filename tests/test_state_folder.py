@@ -29,7 +29,7 @@ def test_two_ups_started_at_the_same_instant_one_runs_and_the_other_names_it(pro
     for attempt in range(10):
         ups = [project.start("up", "--no-reload"), project.start("up", "--no-reload")]
 
-        def settled():
+        def settled(ups=ups):
             exited = [proc for proc in ups if proc.popen.poll() is not None]
             ready = [proc for proc in ups if "ready in" in proc.output]
             return (exited and ready) or len(exited) == 2

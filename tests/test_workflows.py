@@ -294,7 +294,8 @@ def test_conditions_and_http_templates_are_bounded_too_and_limits_leave_normal_t
                       {"id": "t", "type": "template", "template": "{{ ('Hello ' ~ who)|center(30) }}", "output": "o"},
                       {"id": "end", "type": "end", "outputs": ["o"]}],
             "edges": [{"source": "start", "target": "t"}, {"source": "t", "target": "end"}]}
-    assert workflows.run(fine, {"who": "\u05d0 e\u0301"}, limits=SMALL).outputs == {"o": "Hello \u05d0 e\u0301".center(30)}
+    outputs = workflows.run(fine, {"who": "\u05d0 e\u0301"}, limits=SMALL).outputs
+    assert outputs == {"o": "Hello \u05d0 e\u0301".center(30)}
 
 
 def test_a_graph_whose_templates_do_not_compile_is_refused_naming_the_node():

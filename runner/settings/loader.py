@@ -230,7 +230,8 @@ def _generated_password(values: dict[str, Value], settings: Settings, make: str)
     except BrokerPasswordError as error:
         raise SettingsError([str(error)]) from None
     values["REDIS_PASSWORD"] = (Value(password, f"{GENERATED}, {path}") if password is not None else
-                                Value("", f"{GENERATED}, {path} (none yet: made when the broker first starts or is first reached)"))
+                                Value("", f"{GENERATED}, {path} (none yet: made when the broker first starts "
+                                              "or is first reached)"))
 
 
 def _cross_checks(settings: Settings) -> list[str]:

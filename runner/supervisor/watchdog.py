@@ -74,7 +74,7 @@ def _is_broker(pid: int) -> bool:
         argv = psutil.Process(pid).cmdline()
     except psutil.Error:
         return False
-    return any(word == "serve" and following == "broker" for word, following in zip(argv, argv[1:]))
+    return any(word == "serve" and following == "broker" for word, following in zip(argv, argv[1:], strict=False))
 
 
 def _living(pids: set[int]) -> set[int]:

@@ -207,7 +207,8 @@ SLOW_BEFORE = [
 ]
 
 
-@pytest.mark.parametrize("file_type, content", [case[1:] for case in SLOW_BEFORE], ids=[case[0] for case in SLOW_BEFORE])
+@pytest.mark.parametrize("file_type, content", [case[1:] for case in SLOW_BEFORE],
+                         ids=[case[0] for case in SLOW_BEFORE])
 def test_inputs_that_backtracked_are_read_within_the_limit(tmp_path, file_type, content):
     got = extract.extract(write(tmp_path, f"slow.{file_type}", content), file_type, LIMITS)
     clean_text(got.text)  # the worker's next step, in the worker itself: linear too
@@ -386,7 +387,7 @@ def test_every_bomb_through_a_running_stack(project):
         else:
             assert document["status"] == "error" and words in document["error"], (name, document)
     for poll, (name, words) in runs.items():
-        result = wait_until(lambda: (lambda body: body if body["state"] in ("SUCCESS", "FAILURE") else None)(
+        result = wait_until(lambda poll=poll: (lambda body: body if body["state"] in ("SUCCESS", "FAILURE") else None)(
             project.api.get(poll)[1]), 120, f"the run of {name}")
         assert result["state"] == "SUCCESS" and result["result"]["status"] == "failed", (name, result)
         assert words in result["result"]["error"], (name, result["result"])

@@ -37,8 +37,9 @@ RUNS_FOREVER = {
         "local co = coroutine.create(function() while true do end end) return coroutine.resume(co)",
     "nested coroutines":
         "coroutine.wrap(function() coroutine.wrap(function() while true do pcall(error) end end)() end)()",
-    "a coroutine made before the loop": "local co = coroutine.create(function() while true do coroutine.yield() end end) "
-                                        "while true do coroutine.resume(co) end",
+    "a coroutine made before the loop":
+        "local co = coroutine.create(function() while true do coroutine.yield() end end) "
+        "while true do coroutine.resume(co) end",
     "recursion that never ends": "local function f() return f() end return f()",
     "a gsub callback": "return string.gsub('x', 'x', function() while true do end end)",
     "a sort comparator": "table.sort({3, 2, 1}, function(a, b) while true do end end)",
