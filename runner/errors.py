@@ -2,6 +2,11 @@
 and the one kind every command and role reports the same way: a state folder it cannot use."""
 
 
+# The exit status of a role that stopped over something only the user can fix (sysexits' EX_CONFIG):
+# `up` marks it failed instead of restarting it, with or without reload (which has its own channel).
+EXIT_USER_MUST_FIX = 78
+
+
 class ProblemsError(Exception):
     def __init__(self, lines: list[str]):
         self.lines = lines

@@ -27,7 +27,7 @@ def _run_role(role: str, settings: Settings, **options) -> None:
 
     from runner.reload import child
 
-    from runner.errors import StateError
+    from runner.errors import EXIT_USER_MUST_FIX, StateError
 
     try:
         from runner.roles.common import RoleStartError
@@ -39,8 +39,9 @@ def _run_role(role: str, settings: Settings, **options) -> None:
     try:
         getattr(module, f"serve_{role}")(settings, **options)
     except (RoleStartError, StateError) as error:
-        child.failed(error, code=False, user_must_fix=getattr(error, "user_must_fix", True))
-        fail(str(error))
+        user_must_fix = getattr(error, "user_must_fix", True)
+        child.failed(error, code=False, user_must_fix=user_must_fix)
+        fail(str(error), EXIT_USER_MUST_FIX if user_must_fix else 1)
     except Exception as error:
         child.failed(error)
         raise

@@ -30,6 +30,7 @@ from honcho.printer import Message, Printer
 
 from runner import __version__
 from runner.beat_schedule import enabled as enabled_periodic_tasks
+from runner.errors import EXIT_USER_MUST_FIX
 from runner.frozen import foreign_environment, program_dir
 from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, WATCH_ROOTS
@@ -415,6 +416,15 @@ class Supervisor:
             self._report(state, f"{describe_exit(exited.returncode)} (restart = never)")
             return
         if self.reloads is not None and self.reloads.broken_code(state, exited):
+            return
+        if exited.returncode == EXIT_USER_MUST_FIX and state.process.spec.is_ours:
+            # a corrupt database, a link in the state folder: no restart fixes it (with reload on,
+            # broken_code above said so from the role's own report)
+            state.status = "failed"
+            said = [line.strip() for line in state.process.tail if "dify-local: " in line]
+            why = said[-1].partition("dify-local: ")[2] if said else "a problem only you can fix (see its log)"
+            self.say(f"{state.name} cannot start: {why} (marked failed; `dify-local start {state.name}` once that "
+                     "is fixed)")
             return
         state.crashes.append(now)
         if len(state.crashes) == CRASHES_BEFORE_FAILED and now - state.crashes[0] <= CRASH_WINDOW:
