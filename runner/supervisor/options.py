@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from runner.capped_files import FileTooLarge, read_text_capped
 from runner.errors import ProblemsError
 
 OPTIONS_FILE = Path("local_config") / "processes.toml"
 RESTART_POLICIES = ("always", "on-failure", "never")
+MAX_OPTIONS_FILE = 1 << 20  # bytes (a few tables); tomllib reads whatever it is given
 KEYS = ("ready", "ready_timeout", "stop_signal", "stop_timeout", "restart", "reload")
 
 
@@ -109,9 +111,16 @@ def load_process_options(project_dir: Path, process_types: list[str]) -> dict[st
         return options
     where = str(OPTIONS_FILE)
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = tomllib.loads(read_text_capped(path, MAX_OPTIONS_FILE, str(OPTIONS_FILE)))
+    except FileTooLarge as error:
+        raise ProcessOptionsError([str(error)]) from None
+    except OSError as error:
+        raise ProcessOptionsError([f"cannot read {where}: {error.strerror or error}"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ProcessOptionsError([f"{where} is not valid TOML: {error}"]) from None
+    except RecursionError:  # tomllib recurses into each nested array or inline table
+        raise ProcessOptionsError([f"{where} nests arrays or tables too deep to read (its tables hold "
+                                   "a few plain values)"]) from None
     problems = []
     for name, table in document.items():
         if name not in options:

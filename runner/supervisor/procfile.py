@@ -15,6 +15,7 @@ from pathlib import Path
 
 from honcho.environ import expand_processes, parse_procfile
 
+from runner.capped_files import FileTooLarge, read_text_capped
 from runner.roles import ROLES
 
 PROCFILE = "Procfile"
@@ -31,6 +32,7 @@ HONCHO_BASE_PORT = 5000  # honcho's default for $PORT: 5000, +100 per process ty
 # machine out of processes and left 16,190 orphans. Beyond the CPU count replicas rarely help:
 # a worker's pool (CELERY_WORKER_AMOUNT, or autoscale) is the way to more concurrency.
 MAX_REPLICAS = 64
+MAX_PROCFILE = 1 << 20  # bytes: a Procfile is a few lines; --procfile /dev/zero must not read until memory ends
 
 
 class ProcfileError(Exception):
@@ -154,7 +156,9 @@ def load_procfile(project_dir: Path, path: Path | None = None) -> tuple[list[Pro
             return [describe(name, command) for name, command in processes], "the built-in Procfile"
         path = candidate
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_capped(path, MAX_PROCFILE, "a Procfile")
+    except FileTooLarge as error:
+        raise ProcfileError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ProcfileError(f"cannot read {path}: {error}") from None
     try:

@@ -413,22 +413,18 @@ def test_an_env_file_without_end_is_refused(project):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "at most" in result.stderr, result.stderr
 
 
-# runner/supervisor/ reads the Procfile and local_config/processes.toml whole (read_text, then
-# tomllib, which recurses): another engineer's module on this branch; runner.capped_files has what
-# it needs. These flip to XPASS, and fail as strict, once it caps them.
-SUPERVISOR_FILES = pytest.mark.xfail(strict=True, reason="runner/supervisor reads the Procfile and processes.toml "
-                                                         "whole; cap them with runner.capped_files.read_text_capped")
+# the CLI's own files: the Procfile and local_config/processes.toml (read capped; tomllib recurses)
 
 
-@SUPERVISOR_FILES
 def test_a_procfile_without_end_is_refused(project):
     result = run_limited(project, "up", "--procfile", "/dev/zero")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "/dev/zero holds more than 1 MiB; a Procfile may have at most that" in result.stderr, result.stderr
 
 
-@SUPERVISOR_FILES
 def test_a_processes_toml_nested_deep_is_refused(project):
     (project.dir / "local_config").mkdir()
     (project.dir / "local_config" / "processes.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
     result = run_limited(project, "up")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "processes.toml nests arrays or tables too deep" in result.stderr, result.stderr
