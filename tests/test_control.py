@@ -57,6 +57,36 @@ def test_control_socket_is_private(project):
     assert stat.S_IMODE(os.stat(project.state).st_mode) == 0o700
 
 
+def test_a_control_request_without_end_is_refused_and_ps_still_answers(project):
+    """A request is one line of at most 64 KiB: a client sending 1 MiB with no newline gets one
+    error (it was read whole, as long as the client kept sending), then `ps` answers as before."""
+    import socket
+
+    project.up("--no-reload")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(os.fspath(project.state / "control.sock"))
+        try:
+            client.sendall(b"{" * (1 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the supervisor answered and closed before all of it was sent
+        answer = client.makefile("rb").readline()
+    assert json.loads(answer) == {"ok": False, "error": "the request is over 65536 bytes"}
+    deep = project_request(project, b"[" * 10_000 + b"\n")  # 10,000 deep: json.loads recursed
+    assert json.loads(deep) == {"ok": False, "error": "the request is not JSON"}
+    assert project.run("ps").returncode == 0
+
+
+def project_request(project, raw: bytes) -> bytes:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(os.fspath(project.state / "control.sock"))
+        client.sendall(raw)
+        return client.makefile("rb").readline()
+
+
 def test_logs_from_files_and_following(project):
     stack = project.up()
     for _ in range(3):

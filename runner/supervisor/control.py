@@ -17,12 +17,16 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from runner import safe_files
+from runner import safe_files, strict_json
 from runner.errors import StateError
 from runner.state import StatePaths
 
 SOCKET_NAME = StatePaths.control_socket.relative.name  # for runner.supervisor.manager, which joins it itself
 MAX_INFO = 1024 * 1024  # bytes: supervisor.json is a pid and a few settings
+# A request is one short line (a command, a process name or two); it must come soon after connecting.
+# Owner-only socket, but a stuck or broken client must not hold a thread and unbounded memory.
+MAX_REQUEST = 64 * 1024
+REQUEST_DEADLINE = 10.0  # seconds
 SUN_PATH_LIMIT = 100  # bytes; Linux allows 108 in sockaddr_un
 
 
@@ -56,11 +60,20 @@ class _Handler(socketserver.StreamRequestHandler):
     server: "ControlServer"
 
     def handle(self) -> None:
+        self.connection.settimeout(REQUEST_DEADLINE)
         try:
-            request = json.loads(self.rfile.readline() or b"{}")
+            line = self.rfile.readline(MAX_REQUEST + 1)
+        except (TimeoutError, OSError):
+            return  # nothing (or not a whole line) in time: nobody waits for an answer
+        if len(line) > MAX_REQUEST:
+            _send(self.connection, {"ok": False, "error": f"the request is over {MAX_REQUEST} bytes"})
+            return
+        try:
+            request = strict_json.loads(line or b"{}")
         except ValueError:
             _send(self.connection, {"ok": False, "error": "the request is not JSON"})
             return
+        self.connection.settimeout(None)  # answers and `logs -f` go at the client's pace
         if not isinstance(request, dict):
             _send(self.connection, {"ok": False, "error": "the request must be a JSON object"})
             return
