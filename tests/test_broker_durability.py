@@ -631,7 +631,7 @@ def test_the_published_password_is_refused_off_loopback(project, args, env):
     done = project.run("serve", "broker", "--host", "0.0.0.0", *args, env=env)
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "Traceback" not in output, output
-    assert "refusing to listen on 0.0.0.0 with the default password" in output
+    assert "refusing to listen on 0.0.0.0 with Dify's published example password" in output
     assert "REDIS_PASSWORD" in output and "127.0.0.1" in output
     assert not port_open(project.broker_port)
 

@@ -158,8 +158,9 @@ class EmbeddedBroker:
             raise BrokerStartError(f"refusing to listen on {host} without a password: anyone who can reach it "
                                    "could read and change every queue; set REDIS_PASSWORD or listen on 127.0.0.1")
         if not is_loopback(host) and password == PUBLISHED_PASSWORD:
-            raise BrokerStartError(f"refusing to listen on {host} with the default password: it is printed in "
-                                   "Dify's documentation, so anyone who can reach the port could use the broker; set "
+            raise BrokerStartError(f"refusing to listen on {host} with Dify's published example password: it is "
+                                   "printed in Dify's documentation, so anyone who can reach the port could use the "
+                                   "broker; set "
                                    "REDIS_PASSWORD (or --password) to a secret of your own, or listen on 127.0.0.1")
         self.host, self.port = host, port
         self.password = password.encode() if password else None
