@@ -257,3 +257,17 @@ def redis_tls(tmp_path: Path):
         yield TlsRedis(port, paths["ca"])
     finally:
         proc.cleanup()
+
+
+# -- the inner loop: `pytest -m unit` ---------------------------------------------------------------
+
+# Fixtures that start processes or servers. A test that uses none of them, and whose module does not
+# say it starts processes itself (`pytestmark = pytest.mark.processes`), is marked `unit`: the
+# seconds-long loop to run on every edit (`./dev test -m unit`).
+PROCESS_FIXTURES = {"project", "redis_server", "redis_sentinel", "redis_tls", "read_loop"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("processes") is None and not PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.unit)

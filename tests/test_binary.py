@@ -22,6 +22,8 @@ from tests.conftest import Project
 from tests.every_queue import run_a_task_on_every_queue
 from tests.helpers import REPO, free_port, wait_until
 
+pytestmark = pytest.mark.processes  # (their own brokers and stacks: never `unit`)
+
 BUILT = Path(os.environ.get("DIFY_LOCAL_BINARY") or REPO / "dist" / "dify-local")
 REQUIRED = os.environ.get("DIFY_LOCAL_REQUIRE_BINARY") == "1"
 

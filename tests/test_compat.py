@@ -31,6 +31,8 @@ from tests.conftest import Project, start_real_redis
 from tests.helpers import BIN, REPO, Proc, base_env, free_port, wait_until
 from tests.support.compat_app import BEAT_INTERVAL, create_app
 
+pytestmark = pytest.mark.processes  # (their own brokers and stacks: never `unit`)
+
 CELERY = str(BIN / "celery")
 APP = "tests.support.compat_app"
 TIMEOUT = 30  # seconds for one result; generous on a shared, noisy machine

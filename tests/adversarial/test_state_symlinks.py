@@ -22,6 +22,8 @@ from runner.state import FOLDER, StatePaths
 from tests.conftest import Project
 from tests.helpers import free_port, wait_until
 
+pytestmark = pytest.mark.processes  # (their own brokers and stacks: never `unit`)
+
 OUTSIDE_TEXT = "outside the state folder: must stay exactly as it is\n"
 PROCESSES = ("broker", "api", "worker", "beat", "system")  # the built-in stack's log files, and up's own
 
