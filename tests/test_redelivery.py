@@ -9,7 +9,7 @@ import signal
 import sqlite3
 
 from runner.broker_config import transport_options, visibility_timeout
-from runner.celery_app import celery_config
+from runner.celery_app import celery_config, create_celery_app
 from runner.settings import load_settings
 from tests.helpers import wait_until
 from tests.test_supervisor import client, ps, slow_worker, traces
@@ -71,3 +71,24 @@ def test_a_task_of_a_worker_killed_with_9_runs_again_and_finishes(project, tmp_p
     assert traces(folder) == ["once"]  # the killed run never finished; the second did
     wait_until(lambda: row(sent.id)["state"] == "SUCCESS", 10, "its row to be written")
     assert row(sent.id)["attempts"] == 2
+
+
+def test_a_task_whose_arguments_sqlite_cannot_encode_costs_no_other_row(project):
+    """Sent by Celery itself (the API refuses a lone surrogate with a 400): its row and its
+    neighbours' rows, recorded by the sender and by the worker in the same batches, are all kept."""
+    project.up()
+    app = create_celery_app(load_settings(project.dir, environ=project.env))
+    try:
+        odd = app.send_task("send_mail_task", args=["a@example.com", "odd \ud800", "body"])
+        neighbours = [app.send_task("send_mail_task", args=["a@example.com", f"n{n}", "body"]) for n in range(10)]
+        sent = [odd, *neighbours]
+        wait_until(lambda: all(result.state in ("SUCCESS", "FAILURE") for result in sent), 60, "the tasks to finish")
+    finally:
+        app.close()
+
+    def rows() -> dict[str, tuple]:
+        with sqlite3.connect(project.database) as db:
+            return {row[0]: row[1:] for row in db.execute("SELECT id, state, args FROM task_runs")}
+    wait_until(lambda: all(rows().get(result.id, ("",))[0] == result.state for result in sent), 10,
+               "every row to say how its task ended")
+    assert json.loads(rows()[odd.id][1])[1] == "odd \ud800"
