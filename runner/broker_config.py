@@ -27,11 +27,48 @@ def worker_heartbeat_key(node: str) -> str:
     return f"{WORKER_HEARTBEAT_PREFIX}{node}"
 
 
+# Seconds added to the derived visibility timeout: the wait for a free pool slot after a countdown,
+# the ack's round trip, clocks of two processes.
+VISIBILITY_MARGIN = 60
+VISIBILITY_FORMULA = ("DIFY_LOCAL_MAX_COUNTDOWN + CELERY_WORKER_PREFETCH_MULTIPLIER × DIFY_LOCAL_TASK_TIME_LIMIT + "
+                      f"{VISIBILITY_MARGIN}")
+# Seconds between the worker's sweeps of the unacked messages for those older than the visibility
+# timeout. kombu's default (10 s, scanning on every 10th call: about 100 s) would let a killed
+# worker's tasks wait that long after the timeout; a sweep is a few commands, so every 2 s costs nothing.
+RESTORE_INTERVAL = 2
+# Transport options that concern consuming only; the result backend is given the others.
+CONSUMER_OPTIONS = ("queue_order_strategy", "visibility_timeout", "unacked_restore_interval",
+                    "unacked_restore_throttle")
+
+
+def visibility_timeout(settings: Any) -> int:
+    """Seconds a delivered message may stay unacknowledged before the broker delivers it again.
+
+    kombu's Redis transport emulates acks: a message a worker takes sits in the `unacked` hash until
+    acked, and any worker's sweep puts it back in its queue once it is older than this. With
+    acks_late (runner.celery_app) that is how the tasks of a worker killed with -9 come back; kombu's
+    default, an hour, is too long to wait for them. Too short is worse: a message is also held while
+    its countdown runs out (eta), while it waits behind the tasks reserved before it (the prefetch
+    multiplier), and while its task runs, and one held longer is delivered again and runs twice. So:
+    the longest countdown the API accepts, plus a time limit per task the worker may hold per slot,
+    plus a margin. The time limit is enforced only by the prefork and gevent pools (README, Settings).
+    """
+    if settings.DIFY_LOCAL_VISIBILITY_TIMEOUT is not None:
+        return settings.DIFY_LOCAL_VISIBILITY_TIMEOUT
+    return (settings.DIFY_LOCAL_MAX_COUNTDOWN
+            + settings.CELERY_WORKER_PREFETCH_MULTIPLIER * settings.DIFY_LOCAL_TASK_TIME_LIMIT + VISIBILITY_MARGIN)
+
+
 def transport_options(settings: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         # Keep the consumer's queue order instead of rotating it: that order is the priority order
         # (see runner.topology.consumption_order).
         "queue_order_strategy": "priority",
+        "visibility_timeout": visibility_timeout(settings),
+        # A sweep every RESTORE_INTERVAL seconds, each one scanning (throttle 1): a message comes back
+        # at most that long after its visibility timeout passed.
+        "unacked_restore_interval": RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,
     }
     if settings.CELERY_USE_SENTINEL:
         options["master_name"] = settings.CELERY_SENTINEL_MASTER_NAME

@@ -11,7 +11,7 @@ from kombu import Queue
 
 from runner import topology
 from runner.beat_schedule import build_beat_schedule
-from runner.broker_config import ssl_options, transport_options
+from runner.broker_config import CONSUMER_OPTIONS, ssl_options, transport_options
 from runner.context import AppContext
 from runner.monitor.queues import stamp_sent_at
 from runner.results import polling_backend_url
@@ -19,6 +19,11 @@ from runner.settings import Settings
 from runner.state import StatePaths
 from runner.tasks import TASK_MODULES
 from runner.worker_heartbeat import WorkerHeartbeat
+
+
+def soft_time_limit(hard: int) -> float:
+    """A tenth before the hard limit, at most 30 s before it."""
+    return hard - min(30, hard / 10)
 
 
 def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, Any]:
@@ -30,7 +35,7 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
         "result_backend": polling_backend_url(settings.result_backend_url) if poll_results
         else settings.result_backend_url,
         "broker_transport_options": transport,
-        "result_backend_transport_options": {k: v for k, v in transport.items() if k != "queue_order_strategy"},
+        "result_backend_transport_options": {k: v for k, v in transport.items() if k not in CONSUMER_OPTIONS},
         "broker_connection_retry_on_startup": True,
         # JSON only: a pickled message is refused by the worker, a pickled result by the client.
         "task_serializer": "json",
@@ -46,6 +51,12 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
         # instead of being lost. Tasks may therefore run again after a hard stop.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # Enforced by the prefork and gevent pools only: the threads and solo pools cannot stop a
+        # running thread (celery.concurrency.thread ignores the limits). A task stopped by its hard
+        # limit is a FAILURE and acked, not redelivered. The soft limit raises SoftTimeLimitExceeded
+        # in the task a little before, so it can clean up.
+        "task_time_limit": settings.DIFY_LOCAL_TASK_TIME_LIMIT,
+        "task_soft_time_limit": soft_time_limit(settings.DIFY_LOCAL_TASK_TIME_LIMIT),
         "worker_pool": settings.CELERY_WORKER_CLASS,
         "worker_concurrency": settings.CELERY_WORKER_AMOUNT,
         "worker_prefetch_multiplier": settings.CELERY_WORKER_PREFETCH_MULTIPLIER,

@@ -13,6 +13,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from runner.run_settler import install_run_settler
 from runner.store.task_runs import TaskRunRecorder
 
 _installed: dict[int, TaskRunRecorder] = {}
@@ -47,6 +48,7 @@ def install_task_recording(app: Celery) -> TaskRunRecorder:
         app.dify.database.forget_after_fork()
         recorder.forget_after_fork()
 
+    install_run_settler(app)  # a worker settles the rows a killed worker's recorder left behind
     after_task_publish.connect(sent, weak=False)
     task_prerun.connect(started, weak=False)
     task_failure.connect(failed, weak=False)

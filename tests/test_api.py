@@ -44,6 +44,9 @@ BAD_SENDS = [
     ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "priority": "high"}', 400, "'priority' must be"),
     ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": -1}', 400, "'countdown' must be"),
     ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": "soon"}', 400, "'countdown' must be"),
+    # a longer countdown would outlive the visibility timeout derived from DIFY_LOCAL_MAX_COUNTDOWN
+    ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": 301}', 400,
+     "'countdown' must be a number of seconds from 0 to 300 (DIFY_LOCAL_MAX_COUNTDOWN"),
     ("/v1/tasks/send_mail_task", b'{"args": ["a@b.co", "s", "b"], "countdown": 1e400}', 400,
      "'countdown' is a number too large"),
 ]

@@ -20,7 +20,9 @@ def test_embedded_broker_json_only_and_expiring_results(tmp_path):
     assert conf["accept_content"] == ["json"] and conf["result_accept_content"] == ["json"]
     assert conf["task_serializer"] == conf["result_serializer"] == "json"
     assert conf["result_expires"] == 600 and conf["broker_connection_retry_on_startup"] is True
-    assert conf["broker_transport_options"] == {"queue_order_strategy": "priority"}
+    assert conf["broker_transport_options"] == {"queue_order_strategy": "priority", "visibility_timeout": 960,
+                                                "unacked_restore_interval": 2, "unacked_restore_throttle": 1}
+    assert conf["result_backend_transport_options"] == {}
     assert "broker_use_ssl" not in conf
     # Dify's two periodic tasks on by default, and dify-local's own housekeeping
     assert set(conf["beat_schedule"]) == {"check_upgradable_plugin_task", "workflow_schedule_poller_task",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 
 from runner.store.database import Database
@@ -67,3 +69,38 @@ def test_many_threads_recording_at_once(tmp_path):
     with rec.database.connect() as db:
         rows = db.execute("SELECT COUNT(*), SUM(state = 'SUCCESS'), SUM(attempts) FROM task_runs").fetchone()
     assert tuple(rows) == (1000, 1000, 1000)
+
+
+def test_a_row_sqlite_cannot_encode_keeps_its_neighbours_and_is_kept_escaped(tmp_path):
+    rec = recorder(tmp_path)
+    for number in range(5):
+        rec.started(f"good{number}", "t", "q", [number], {}, "w")
+    # a lone surrogate (a string decoded from bytes that are not UTF-8) in the arguments, the error
+    # and the worker's name: SQLite keeps text as UTF-8, which cannot hold it
+    rec.started("odd", "t", "q", ["\ud800"], {"k": "\udcff"}, "w\ud800")
+    rec.failed("odd", "t", "ValueError: \ud800")
+    rec.finished("odd", "t", "FAILURE")
+    for number in range(5):
+        rec.finished(f"good{number}", "t", "SUCCESS")
+    rec.stop()
+    assert all(get_task_run(rec.database, f"good{number}")["state"] == "SUCCESS" for number in range(5))
+    odd = get_task_run(rec.database, "odd")
+    assert odd["state"] == "FAILURE" and json.loads(odd["args"]) == ["\ud800"]  # escaped in JSON: nothing lost
+    assert json.loads(odd["kwargs"]) == {"k": "\udcff"}
+    assert odd["error"] == "ValueError: \\ud800" and odd["worker"] == "w\\ud800"
+
+
+def test_a_batch_that_still_fails_is_written_row_by_row_naming_only_the_bad_row(tmp_path, caplog):
+    rec = recorder(tmp_path)
+    for number in range(5):
+        rec.started(f"good{number}", "t", "q", [number], {}, "w")
+    rec.finished("bad", "t", object())  # a value SQLite cannot store at all
+    for number in range(5):
+        rec.finished(f"good{number}", "t", "SUCCESS")
+    with caplog.at_level(logging.WARNING, logger="runner.store.task_runs"):
+        rec.stop()
+    assert all(get_task_run(rec.database, f"good{number}")["state"] == "SUCCESS" for number in range(5))
+    assert get_task_run(rec.database, "bad") is None
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and "bad" in lines[0] and "good" not in lines[0], lines
+    assert "\n" not in lines[0] and not caplog.records[0].exc_info  # one line, no traceback

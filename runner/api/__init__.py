@@ -45,7 +45,7 @@ def create_api(settings: Settings, celery: Celery) -> Flask:
                openapi]
     for module in modules:
         app.register_blueprint(module.blueprint)
-    app.extensions["openapi"] = openapi.build_document(modules)
+    app.extensions["openapi"] = openapi.build_document(modules, settings)
     install_error_handlers(app)
     install_request_guard(app, settings)
 

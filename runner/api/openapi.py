@@ -46,10 +46,13 @@ def json_body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
-def build_document(modules: list[ModuleType]) -> dict[str, Any]:
+def build_document(modules: list[ModuleType], settings: Any = None) -> dict[str, Any]:
+    """`settings`: for a module whose description depends on them (a `paths(settings)` function)."""
     paths: dict[str, Any] = {}
     for module in modules:
-        for path, item in getattr(module, "PATHS", {}).items():
+        described = module.paths(settings) if settings is not None and hasattr(module, "paths") else \
+            getattr(module, "PATHS", {})
+        for path, item in described.items():
             paths.setdefault(path, {}).update(item)
     return {
         "openapi": "3.0.3",

@@ -21,9 +21,6 @@ from runner.store.task_runs import get_task_run
 blueprint = Blueprint("tasks", __name__)
 
 SEND_FIELDS = ("args", "kwargs", "countdown", "priority")
-# Seconds. A message a worker holds longer than Redis' visibility timeout (kombu's default: one
-# hour) is delivered again, so a longer delay would run the task twice.
-MAX_COUNTDOWN = 3600
 TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNREADABLE = "UNREADABLE"  # the state of a task whose stored result does not decode (not one of Celery's)
 
@@ -51,11 +48,14 @@ def _send_options(body: dict) -> tuple[list, dict, dict]:
     options: dict = {}
     if body.get("countdown") is not None:
         countdown = body["countdown"]
+        # A worker holds a message with a countdown unacknowledged until it runs; held longer than the
+        # visibility timeout (derived from this bound, runner.broker_config) it is delivered again.
+        longest = current_app.extensions["dify_settings"].DIFY_LOCAL_MAX_COUNTDOWN
         if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not math.isfinite(countdown) \
-                or not 0 <= countdown <= MAX_COUNTDOWN:
-            raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {MAX_COUNTDOWN} (longer delays "
-                                "outlive the broker's visibility timeout and would run twice; use a schedule)",
-                           field="countdown")
+                or not 0 <= countdown <= longest:
+            raise ApiError(400, f"'countdown' must be a number of seconds from 0 to {longest} "
+                                "(DIFY_LOCAL_MAX_COUNTDOWN; a longer delay would outlive the broker's visibility "
+                                "timeout and run twice: use a schedule)", field="countdown")
         options["countdown"] = countdown
     if body.get("priority") is not None:
         priority = body["priority"]
@@ -150,8 +150,20 @@ def _task_view(task_id: str, result: AsyncResult, record: dict | None) -> dict:
 
 SEND_BODY = {"type": "object", "additionalProperties": False, "properties": {
     "args": {"type": "array"}, "kwargs": {"type": "object"},
-    "countdown": {"type": "number", "minimum": 0, "maximum": MAX_COUNTDOWN},
+    "countdown": {"type": "number", "minimum": 0, "description": "seconds, at most DIFY_LOCAL_MAX_COUNTDOWN"},
     "priority": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+def paths(settings) -> dict:
+    """PATHS with the countdown's bound of these settings."""
+    send = PATHS["/v1/tasks/{task}"]["post"]
+    schema = send["requestBody"]["content"]["application/json"]["schema"]
+    countdown = {**schema["properties"]["countdown"], "maximum": settings.DIFY_LOCAL_MAX_COUNTDOWN}
+    schema = {**schema, "properties": {**schema["properties"], "countdown": countdown}}
+    send = {**send, "requestBody": {**send["requestBody"], "content": {"application/json": {"schema": schema}}}}
+    return {**PATHS, "/v1/tasks/{task}": {**PATHS["/v1/tasks/{task}"], "post": send}}
+
+
 PATHS = {
     "/v1/tasks": {"get": {
         "summary": "Every task that can be sent: name, queue, signature (read from its source), description",

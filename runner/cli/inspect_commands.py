@@ -10,6 +10,7 @@ import click
 
 from runner import topology
 from runner.beat_schedule import HOUSEKEEPING_TASKS, PERIODIC_TASKS
+from runner.broker_config import VISIBILITY_FORMULA, visibility_timeout
 from runner.cli import fail, main, settings_from
 from runner.settings import GROUPS, mask_url
 from runner.supervisor.preflight import consumed_queues, route_problems
@@ -38,7 +39,8 @@ def config(ctx: click.Context, as_json: bool, show_secrets: bool) -> None:
             "settings": [{"name": setting.name, "group": setting.group,
                           "value": settings.display(setting.name, show_secrets), "source": value.source,
                           "help": setting.help} for setting, value in settings.items()],
-            "derived": {"broker_url": broker_url, "state_dir": str(settings.state_dir), "api_url": settings.api_url},
+            "derived": {"broker_url": broker_url, "state_dir": str(settings.state_dir), "api_url": settings.api_url,
+                        "visibility_timeout": visibility_timeout(settings)},
         }, indent=2))
         return
     for group in GROUPS:
@@ -51,6 +53,9 @@ def config(ctx: click.Context, as_json: bool, show_secrets: bool) -> None:
     click.echo(f"broker in use: {broker_url} ({broker})")
     click.echo(f"state folder:  {settings.state_dir}")
     click.echo(f"API:           {settings.api_url}")
+    how = "DIFY_LOCAL_VISIBILITY_TIMEOUT" if settings.DIFY_LOCAL_VISIBILITY_TIMEOUT is not None else \
+        f"derived: {VISIBILITY_FORMULA}"
+    click.echo(f"visibility timeout: {visibility_timeout(settings)} s ({how})")
 
 
 @main.command("topology")

@@ -115,6 +115,17 @@ SETTINGS: tuple[Setting, ...] = (
             "queues the worker consumes, served by priority class whatever the order given"),
     Setting("CELERY_WORKER_PREFETCH_MULTIPLIER", Integer(minimum=1), 1, "worker",
             "messages reserved per pool slot; 1 lets a high-priority task overtake a backlog"),
+    Setting("DIFY_LOCAL_TASK_TIME_LIMIT", Integer(minimum=1), 600, "worker",
+            "seconds a task may run: Celery's time limit (a soft one a little before it), enforced by the prefork "
+            "and gevent pools; the threads and solo pools cannot stop a thread, so there it only sizes the "
+            "visibility timeout"),
+    Setting("DIFY_LOCAL_MAX_COUNTDOWN", Integer(minimum=0), 300, "worker",
+            "longest countdown (seconds) the API accepts when it sends a task; it sizes the visibility timeout"),
+    Setting("DIFY_LOCAL_VISIBILITY_TIMEOUT", Integer(minimum=1), None, "worker",
+            "seconds a message taken by a worker stays unacknowledged before the broker hands it out again (the "
+            "tasks of a worker killed with -9 come back after it); empty: derived from the two above",
+            default_note="DIFY_LOCAL_MAX_COUNTDOWN + CELERY_WORKER_PREFETCH_MULTIPLIER × DIFY_LOCAL_TASK_TIME_LIMIT "
+                         "+ 60"),
     Setting("SERVER_WORKER_CONNECTIONS", Integer(minimum=1, maximum=1000), 10, "worker",
             "Dify: connections per gevent worker; here: the API's threads, the requests it answers at once "
             "(one event loop reads every connection, so clients still sending hold no thread)"),

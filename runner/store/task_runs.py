@@ -49,9 +49,28 @@ ON CONFLICT(id) DO UPDATE SET
 """
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def to_json(value: Any) -> str:
     text = json.dumps(value, default=repr, ensure_ascii=False)
+    if not _encodable(text):
+        # A lone surrogate (a str decoded from bytes that are not UTF-8): SQLite keeps text as UTF-8,
+        # which cannot hold it; JSON's \uXXXX escape keeps it exactly.
+        text = json.dumps(value, default=repr)
     return text if len(text) <= ARGS_LIMIT else json.dumps({"truncated": text[:ARGS_LIMIT]})
+
+
+def storable(value: Any) -> Any:
+    """`value` as SQLite can store it: text that UTF-8 cannot hold gets backslash escapes."""
+    if isinstance(value, str) and not _encodable(value):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _fold(events: list[tuple[str, str, dict[str, Any]]]) -> list[tuple]:
@@ -73,7 +92,7 @@ def _fold(events: list[tuple[str, str, dict[str, Any]]]) -> list[tuple]:
             row.update(fields)
             if row.get("started_at") is not None:
                 row["runtime"] = row["finished_at"] - row["started_at"]
-    return [tuple(row.get(column) for column in COLUMNS) for row in rows.values()]
+    return [tuple(storable(row.get(column)) for column in COLUMNS) for row in rows.values()]
 
 
 class TaskRunRecorder:
@@ -149,12 +168,38 @@ class TaskRunRecorder:
                 return
 
     def _write(self, events: list[tuple[str, str, dict]]) -> None:
+        # The record is a log: nothing here may stop the worker, and one bad row must not cost the
+        # rows beside it. The batch is one statement; should it fail, each row is tried on its own.
         try:
             rows = _fold(events)
+        except Exception:
+            log.exception("could not fold %d task run event(s)", len(events))  # a bug here: say where
+            return
+        try:
             with self.database.transaction() as db:
                 db.conn.executemany(UPSERT_SQL, rows)
-        except Exception:  # the record is a log: losing a batch must never stop the worker
-            log.exception("could not record %d task run event(s) in %s", len(events), self.database.path)
+            return
+        except Exception as error:
+            first = error
+        bad: list[str] = []
+        try:
+            with self.database.transaction() as db:
+                for row in rows:
+                    try:
+                        db.conn.execute("SAVEPOINT task_run")
+                        db.conn.execute(UPSERT_SQL, row)
+                        db.conn.execute("RELEASE task_run")
+                    except Exception as error:
+                        db.conn.execute("ROLLBACK TO task_run")
+                        db.conn.execute("RELEASE task_run")
+                        bad.append(f"{row[0]!r} ({type(error).__name__}: {error})")
+        except Exception as error:  # the database itself (locked, full, gone): the batch is lost
+            log.warning("could not record %d task run event(s) in %s: %s: %s (first: %s)", len(events),
+                        self.database.path, type(error).__name__, error, first)
+            return
+        if bad:
+            log.warning("could not record the run of task %s in %s; the other %d were recorded",
+                        "; ".join(bad)[:2000], self.database.path, len(rows) - len(bad))
 
 
 def get_task_run(database: Database, task_id: str) -> dict[str, Any] | None:
