@@ -33,6 +33,8 @@ def transport_options(settings: Any) -> dict[str, Any]:
         # (see runner.topology.consumption_order).
         "queue_order_strategy": "priority",
     }
+    if settings.DIFY_LOCAL_VISIBILITY_TIMEOUT is not None:
+        options["visibility_timeout"] = settings.DIFY_LOCAL_VISIBILITY_TIMEOUT
     if settings.CELERY_USE_SENTINEL:
         options["master_name"] = settings.CELERY_SENTINEL_MASTER_NAME
         options["sentinel_kwargs"] = {"socket_timeout": settings.CELERY_SENTINEL_SOCKET_TIMEOUT}
