@@ -161,7 +161,8 @@ def where_are(broker_url: str, tasks: list[str]) -> dict[str, str]:
         for tag, raw in client.hscan_iter("unacked"):
             task = json.loads(raw)[0]["headers"].get("id")
             if task in found:
-                found[task] = f"unacknowledged (delivery tag {tag.decode()}, score {client.zscore('unacked_index', tag)})"
+                taken = client.zscore("unacked_index", tag)
+                found[task] = f"unacknowledged (delivery tag {tag.decode()}, taken at {taken})"
         for key in client.scan_iter(match="ops_trace*"):
             if client.type(key) == b"list":
                 for raw in client.lrange(key, 0, -1):
