@@ -26,6 +26,9 @@ def _why(row: dict[str, Any]) -> str:
     if status == "failed":
         return (f"{name} failed ({exited}): `dify-local logs {name}` says why, `dify-local start {name}` "
                 "tries again")
+    if status == "suspended":
+        pid = row.get("pid")
+        return f"{name} is suspended (SIGSTOP or a debugger; pid {pid}): `kill -CONT {pid}` resumes it"
     if status == "backoff":
         return f"{name} crashed ({exited}) and is restarted soon"
     return f"{name} is {status}, not ready yet"

@@ -47,7 +47,7 @@ from runner.supervisor.probes import BrokerLink, probe_for
 from runner.supervisor.reloads import Reloads
 from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
-from runner.supervisor.tree import alive, become_subreaper, descendants, kill, memory_of, reap_orphans
+from runner.supervisor.tree import alive, become_subreaper, descendants, kill, memory_of, reap_orphans, suspended
 from runner.supervisor.watchdog import Watchdog
 
 SYSTEM = "system"
@@ -621,9 +621,12 @@ class Supervisor:
     def _row(self, state: ProcessState) -> dict[str, Any]:
         process = state.process
         running = process.running()
+        status = state.status
+        if running and status == "ready" and suspended(process.pid):  # no exit to see, and it answers nothing
+            status = "suspended"
         return {
-            "name": state.name, "pid": process.pid if running else None, "status": state.status,
-            "ready": state.status == "ready", "uptime": time.monotonic() - process.started_at if running else None,
+            "name": state.name, "pid": process.pid if running else None, "status": status,
+            "ready": status == "ready", "uptime": time.monotonic() - process.started_at if running else None,
             "restarts": state.restarts, "memory": memory_of(process.pid) if running else None,
             "last_exit": state.last_exit, "role": process.spec.role, "command": mask_command(process.spec.command),
         }

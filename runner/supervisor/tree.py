@@ -101,3 +101,12 @@ def reap_orphans(managed: set[int]) -> None:
                 os.waitpid(pid, os.WNOHANG)
         except (psutil.Error, ChildProcessError):
             continue
+
+
+def suspended(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, SIGTSTP, a debugger): alive, so no exit tells the
+    supervisor, yet it answers nothing until it gets SIGCONT."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
