@@ -70,12 +70,6 @@ def transport_options(settings: Any) -> dict[str, Any]:
         "unacked_restore_interval": RESTORE_INTERVAL,
         "unacked_restore_throttle": 1,
     }
-    if settings.DIFY_LOCAL_VISIBILITY_TIMEOUT is not None:
-        timeout = settings.DIFY_LOCAL_VISIBILITY_TIMEOUT
-        options["visibility_timeout"] = timeout
-        # kombu sweeps for messages past the timeout every unacked_restore_interval × throttle seconds
-        # (10 × 10 by default): sweep at a fifth of the timeout (at most every 10 s) so they come back soon
-        options.update(unacked_restore_interval=min(10, max(1, timeout // 5)), unacked_restore_throttle=1)
     if settings.CELERY_USE_SENTINEL:
         options["master_name"] = settings.CELERY_SENTINEL_MASTER_NAME
         options["sentinel_kwargs"] = {"socket_timeout": settings.CELERY_SENTINEL_SOCKET_TIMEOUT}

@@ -3,10 +3,11 @@
 A worker's recorder keeps its events in memory for a moment before writing them (runner.store.task_runs);
 a worker killed with -9 takes the unwritten ones along. Its tasks' rows then say STARTED (or PENDING)
 for ever, while the result backend, written before the message is acked, says SUCCESS or FAILURE.
-Each worker settles such rows when it is ready and every SETTLE_INTERVAL seconds after: a row still
-PENDING or STARTED whose recording worker is not alive and whose result has been final for more than
-GRACE seconds takes the backend's state and time. A row whose task is still in a queue or held by a
-worker (the broker's unacked hash) is left alone: it will run again and be recorded then.
+Each worker settles such rows when it is ready, GRACE seconds later, and every SETTLE_INTERVAL
+seconds after: a row still PENDING or STARTED whose recording worker is not alive and whose result
+has been final for more than GRACE seconds takes the backend's state and time. A row whose task is
+still in a queue or held by a worker (the broker's unacked hash) is left alone: it will run again and
+be recorded then.
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ class RunSettler:
         self.stopped.set()
 
     def _run(self) -> None:
+        # The pass when ready leaves the results of the last GRACE seconds before the restart (a
+        # worker just killed): one more pass once those are past it, then every interval.
+        waits = iter([GRACE + 1.0])
         while not self.stopped.is_set():
             began = time.perf_counter()
             try:
@@ -189,7 +193,7 @@ class RunSettler:
                 if count:
                     log.info("settled %d task run(s) whose worker stopped before recording their end "
                              "(from the result backend, in %.0f ms)", count, (time.perf_counter() - began) * 1000)
-            self.stopped.wait(self.interval)
+            self.stopped.wait(next(waits, self.interval))
 
 
 def install_run_settler(app: Celery) -> RunSettler:

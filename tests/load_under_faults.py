@@ -132,7 +132,7 @@ def read_outcome(broker_url: str, database, accepted: list[str]) -> Outcome:
         results: dict[str, str] = {}
         for start in range(0, len(accepted), 500):
             chunk = accepted[start:start + 500]
-            for task, raw in zip(chunk, client.mget([RESULT_PREFIX + task for task in chunk])):
+            for task, raw in zip(chunk, client.mget([RESULT_PREFIX + task for task in chunk]), strict=True):
                 if raw is not None:
                     results[task] = json.loads(raw)["status"]
     finally:

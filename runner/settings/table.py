@@ -99,9 +99,6 @@ SETTINGS: tuple[Setting, ...] = (
             "embedded broker",
             "CPU seconds a Lua script (EVAL, FCALL) may run before the embedded broker stops it with an error, so "
             "its other clients are served again (redis-server's lua-time-limit, after which it answers them BUSY)"),
-    Setting("DIFY_LOCAL_VISIBILITY_TIMEOUT", Integer(minimum=1), None, "broker / backend",
-            "seconds a message a worker took and has not acknowledged waits before the broker hands it out "
-            "again (a worker killed with -9 held it); empty: kombu's default, 3600"),
     # worker
     Setting("CELERY_WORKER_CLASS", Choice(WORKER_CLASSES), "threads", "worker",
             "worker pool: threads (local default, debugger-friendly), prefork, gevent, solo"),
