@@ -21,6 +21,11 @@ from runner.tasks import TASK_MODULES
 from runner.worker_heartbeat import WorkerHeartbeat
 
 
+# Seconds the API waits for the broker to confirm a send. A broker whose disk just filled holds the
+# reply to the write it could not log until it can (runner.broker.server); the API says so instead.
+SEND_TIMEOUT = 5.0
+
+
 def _result_backend(settings: Settings, poll_results: bool, wait_out_refused_writes: bool) -> str:
     if poll_results:
         return polling_backend_url(settings.result_backend_url)
@@ -33,6 +38,8 @@ def celery_config(settings: Settings, poll_results: bool = False,
                   wait_out_refused_writes: bool = False) -> dict[str, Any]:
     paths = StatePaths(settings.state_dir)
     transport = transport_options(settings)
+    if poll_results:
+        transport["socket_timeout"] = SEND_TIMEOUT
     tls = ssl_options(settings)
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
