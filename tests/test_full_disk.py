@@ -1,6 +1,6 @@
 """A full disk under the state folder (issue 16 point 8): the broker refuses writes (MISCONF) and
 nothing crashes. The worker waits it out (also one started during the fault, which writes as it
-connects) and carries on once there is room; the API answers 503 with the reason; /health and `ps`
+connects) and carries on once there is room, and so does beat; an API started meanwhile is ready; the API answers 503 with the reason; /health and `ps`
 say what is wrong; `up`'s own log files say once that they cannot be written, no tracebacks; once
 the disk has room again every task accepted with 202 runs and new ones are accepted.
 
@@ -111,6 +111,11 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
         return ps(project)["worker"]["status"] in ("backoff", "failed") or waiting in "\n".join(up.lines[before:])
     wait_until(waiting_or_crashed, 30, "the new worker to wait for the broker (or to crash)")
 
+    # beat and the API started now do not crash-loop either; the API can answer, so it is ready
+    beat = project.start("restart", "beat")
+    done = project.run("restart", "api", timeout=60)
+    assert done.returncode == 0 and "api: ready" in done.stdout, done.stdout + done.stderr
+
     refused = 0
     for n in range(5, 25):
         status, body = send(project, n)
@@ -126,6 +131,7 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
     rows = ps(project)
     assert rows["worker"]["status"] not in ("backoff", "failed") and rows["worker"]["restarts"] == restarts, \
         (rows["worker"], up.output)
+    assert rows["beat"]["status"] not in ("backoff", "failed"), rows["beat"]
     assert rows["broker"]["degraded"].startswith("refusing writes: disk full (MISCONF"), rows["broker"]
     table = project.run("ps").stdout
     assert "degraded" in table and "broker is refusing writes: disk full" in table, table
@@ -134,6 +140,7 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
 
     filler.unlink()  # room again
     assert restart.wait(60) == 0, restart.output  # the new worker is ready
+    assert beat.wait(60) == 0, beat.output
     wait_until(lambda: project.api.status("/health") == 200, 60, "/health to be ok once the disk has room")
     for n in range(25, 30):
         status, body = send(project, n)
@@ -147,6 +154,7 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
 
     rows = ps(project)
     assert rows["worker"]["status"] == "ready" and rows["worker"]["restarts"] == restarts, rows["worker"]
+    assert rows["beat"]["status"] == "ready" and rows["beat"]["restarts"] == 1, rows["beat"]
     assert not rows["broker"].get("degraded"), rows["broker"]
     assert "degraded" not in project.run("ps").stdout
     new_worker = "\n".join(up.lines[before:])
