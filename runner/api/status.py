@@ -89,7 +89,7 @@ def _answer(checks: dict[str, dict]):
 @blueprint.get("/health")
 def health():
     celery = current_app.extensions["celery"]
-    checks = {"broker": _check_broker(celery, writes=False), "database": _check_database(celery)}
+    checks = {"broker": _check_broker(celery), "database": _check_database(celery)}
     checks.update(_check_processes(celery, checks["broker"]))
     return _answer(checks)
 
