@@ -1,8 +1,9 @@
 """A full disk under the state folder (issue 16 point 8): the broker refuses writes (MISCONF) and
 nothing crashes. The worker waits it out (also one started during the fault, which writes as it
-connects) and carries on once there is room, and so does beat; an API started meanwhile is ready; the API answers 503 with the reason; /health and `ps`
-say what is wrong; `up`'s own log files say once that they cannot be written, no tracebacks; once
-the disk has room again every task accepted with 202 runs and new ones are accepted.
+connects) and carries on once there is room, and so does beat; an API started meanwhile is
+ready; the API answers 503 with the reason; /health and `ps` say what is wrong; `up`'s own log
+files say once that they cannot be written, no tracebacks; once the disk has room again every
+task accepted with 202 runs and new ones are accepted.
 
 The state folder is a small tmpfs of its own, so this needs root (mount): skipped otherwise,
 failed under DIFY_LOCAL_REQUIRE_ROOT=1 (as .ci/run runs it)."""
@@ -84,7 +85,7 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
         assert status == 202, body
         accepted.append(body["id"])
     for task_id in accepted:
-        wait_until(lambda: finished(project, task_id), 30, f"task {task_id} to run")
+        wait_until(lambda task_id=task_id: finished(project, task_id), 30, f"task {task_id} to run")
 
     filler = small_state_disk / "filler"
     fill(filler)
@@ -148,7 +149,8 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
         accepted.append(body["id"])
     for task_id in accepted:
         try:
-            wait_until(lambda: finished(project, task_id), 60, f"task {task_id} (accepted with 202) to run")
+            wait_until(lambda task_id=task_id: finished(project, task_id), 60,
+                       f"task {task_id} (accepted with 202) to run")
         except AssertionError as error:
             raise AssertionError(f"{error}: {project.api.get(f'/v1/tasks/{task_id}')}\n{up.output}") from None
 
