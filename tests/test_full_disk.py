@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import resource
 import subprocess
+import threading
 import time
 
 import pytest
@@ -165,3 +168,56 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
     output = up.output
     assert "Logging error" not in output and "Unrecoverable error" not in output, output
     assert "cannot write the log file" in output and "is written again" in output, output
+
+
+def test_a_refused_write_is_tried_again_once_the_broker_can_write(project, caplog):
+    """What the worker's clients do (runner.write_refusal), on a broker whose log file may not grow
+    (the file-size limit, as a full disk): a refused SET (a task's result) and a refused transaction
+    (kombu's unacked index) wait, said once, and go through once the broker can write, each once."""
+    import redis
+
+    from runner import write_refusal
+    from tests.helpers import dify_local, port_open
+
+    write_refusal.register()
+    argv = ["bash", "-c", 'ulimit -S -f 64; exec "$@"', "bash", *dify_local(), "serve", "broker"]
+    broker = project.start(argv=argv)
+    wait_until(lambda: port_open(project.broker_port), 60, "the embedded broker to listen")
+    options = {"host": "127.0.0.1", "port": project.broker_port, "password": project.broker_password, "db": 1}
+    plain = redis.Redis(**options, socket_timeout=1)
+    for n in range(200):  # until the log file refuses a write (its reply held: a timeout; or MISCONF)
+        try:
+            plain.set(f"fill{n}", "v" * 1000)
+        except (redis.TimeoutError, write_refusal.BrokerRefusesWrites):
+            break
+    plain = redis.Redis(**options, socket_timeout=5)
+    wait_until(lambda: plain.info("persistence")["aof_last_write_status"] == "err", 10, "the log to refuse writes")
+    with pytest.raises(write_refusal.BrokerRefusesWrites):
+        plain.set("refused", "x")
+
+    waiting = write_refusal.WaitingRedis(**options)
+    done: dict[str, object] = {}
+
+    def store_result():
+        done["set"] = waiting.set("celery-task-meta-1", "SUCCESS")
+
+    def index_unacked():
+        done["transaction"] = waiting.pipeline().hset("unacked", "tag", "message").zadd("unacked_index", {"tag": 1}) \
+            .execute()
+    threads = [threading.Thread(target=store_result), threading.Thread(target=index_unacked)]
+    with caplog.at_level(logging.WARNING, logger="dify_local.broker_writes"):
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: write_refusal.WAITING in caplog.text, 10, "the wait to be said")
+        assert all(thread.is_alive() for thread in threads) and not done
+        assert plain.get("celery-task-meta-1") is None and plain.hgetall("unacked") == {}
+
+        pid = int(plain.info("server")["process_id"])
+        hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, hard))  # room again
+        for thread in threads:
+            thread.join(30)
+        assert done == {"set": True, "transaction": [1, 1]}, done
+        assert plain.get("celery-task-meta-1") == b"SUCCESS" and plain.hgetall("unacked") == {b"tag": b"message"}
+        assert caplog.text.count(write_refusal.WAITING) == 1 and caplog.text.count(write_refusal.RESUMED) == 1
+    broker.cleanup()
