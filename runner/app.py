@@ -10,5 +10,5 @@ from runner.celery_app import create_celery_app
 from runner.recording import install_task_recording
 from runner.settings import load_settings
 
-celery = create_celery_app(load_settings())
+celery = create_celery_app(load_settings(), wait_out_refused_writes=True)
 install_task_recording(celery)

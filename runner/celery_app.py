@@ -9,12 +9,12 @@ from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Queue
 
-from runner import topology
+from runner import broker_transport, topology, write_refusal
 from runner.beat_schedule import build_beat_schedule
 from runner.broker_config import CONSUMER_OPTIONS, ssl_options, transport_options
 from runner.context import AppContext
 from runner.monitor.queues import stamp_sent_at
-from runner.results import polling_backend_url
+from runner.results import polling_backend_url, waiting_backend_url
 from runner.settings import Settings
 from runner.state import StatePaths
 from runner.tasks import TASK_MODULES
@@ -26,14 +26,29 @@ def soft_time_limit(hard: int) -> float:
     return hard - min(30, hard / 10)
 
 
-def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, Any]:
+# Seconds the API waits for the broker to confirm a send. A broker whose disk just filled holds the
+# reply to the write it could not log until it can (runner.broker.server); the API says so instead.
+SEND_TIMEOUT = 5.0
+
+
+def _result_backend(settings: Settings, poll_results: bool, wait_out_refused_writes: bool) -> str:
+    if poll_results:
+        return polling_backend_url(settings.result_backend_url)
+    if wait_out_refused_writes:
+        return waiting_backend_url(settings.result_backend_url)
+    return settings.result_backend_url
+
+
+def celery_config(settings: Settings, poll_results: bool = False,
+                  wait_out_refused_writes: bool = False) -> dict[str, Any]:
     paths = StatePaths(settings.state_dir)
     transport = transport_options(settings)
+    if poll_results:
+        transport["socket_timeout"] = SEND_TIMEOUT
     tls = ssl_options(settings)
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
-        "result_backend": polling_backend_url(settings.result_backend_url) if poll_results
-        else settings.result_backend_url,
+        "result_backend": _result_backend(settings, poll_results, wait_out_refused_writes),
         "broker_transport_options": transport,
         "result_backend_transport_options": {k: v for k, v in transport.items() if k not in CONSUMER_OPTIONS},
         "broker_connection_retry_on_startup": True,
@@ -74,16 +89,23 @@ def celery_config(settings: Settings, poll_results: bool = False) -> dict[str, A
     return config
 
 
-def create_celery_app(settings: Settings, poll_results: bool = False, register_tasks: bool = True) -> Celery:
+def create_celery_app(settings: Settings, poll_results: bool = False, register_tasks: bool = True,
+                      wait_out_refused_writes: bool = False) -> Celery:
     """A Celery app configured from `settings`, with every task module registered.
 
     `poll_results`: this process reads results by id and never waits on them (see runner.results).
     `register_tasks`: import the task modules. Only a process that runs tasks needs them; one that
     only sends (the API, beat) sends by name, routed by `task_routes`, and so does not restart when
     a task module changes.
+    `wait_out_refused_writes`: while the broker refuses writes (MISCONF: its disk is full), wait
+    and carry on when it takes them again (the worker, beat), rather than fail at once (the API,
+    commands).
     """
+    write_refusal.register()
+    if wait_out_refused_writes:
+        broker_transport.install()
     app = Celery("dify-local", set_as_current=True)
-    app.conf.update(celery_config(settings, poll_results))
+    app.conf.update(celery_config(settings, poll_results, wait_out_refused_writes))
     app.dify = AppContext(settings)
     # Here rather than in the worker role, so `celery -A runner.app.celery worker` beats as well.
     app.steps["consumer"].add(WorkerHeartbeat)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from pathlib import Path
 
+from runner.log_handlers import RotatingLogFile
 from runner.process_env import SUPERVISED
 
 
@@ -28,7 +28,7 @@ def configure_logging(settings, role: str) -> None:
         if not path.is_absolute():
             path = settings.project_dir / path
         path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(
+        handlers.append(RotatingLogFile(
             path, maxBytes=settings.LOG_FILE_MAX_SIZE * 1024 * 1024,
             backupCount=settings.LOG_FILE_BACKUP_COUNT, encoding="utf-8"))
     formatter = logging.Formatter(fmt, datefmt="%H:%M:%S")

@@ -4,6 +4,7 @@ when the state folder holds something only the user can fix (a link, a corrupt d
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 
@@ -13,9 +14,16 @@ from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from runner.errors import StateError
+from runner.write_refusal import BrokerRefusesWrites, refused_writes
 from runner.store.database import DatabaseBusy
 
 log = logging.getLogger("dify_local.api")
+
+
+BROKER_DISK_FULL = ("the broker refuses writes: its disk is full (MISCONF); nothing was sent: free space on the "
+                    "state folder's disk and send again")
+DATABASE_DISK_FULL = ("the metadata database cannot be written: its disk is full (database or disk is full): free "
+                      "space on the state folder's disk and try again")
 
 
 class ApiError(Exception):
@@ -46,13 +54,24 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)
+    @app.errorhandler(BrokerRefusesWrites)
     def broker_unreachable(error: Exception):
+        if refused_writes(error) is not None:
+            return error_response(503, BROKER_DISK_FULL)
         return error_response(503, f"the broker is unreachable: {error}")
 
     @app.errorhandler(DatabaseBusy)
     @app.errorhandler(sqlite3.OperationalError)
     def database_unavailable(error: Exception):
+        if "disk is full" in str(error):  # SQLITE_FULL
+            return error_response(503, DATABASE_DISK_FULL)
         return error_response(503, f"the metadata database is unavailable: {error}")
+
+    @app.errorhandler(OSError)
+    def disk_full(error: OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error_response(503, f"the state folder's disk is full ({error.strerror}): free space and try again")
+        return unexpected(error)
 
     @app.errorhandler(StateError)
     def state_unusable(error: StateError):  # a link in the state folder, a corrupt database: the user must act

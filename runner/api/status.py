@@ -25,15 +25,25 @@ from runner.supervisor import control
 blueprint = Blueprint("status", __name__)
 
 
-def _check_broker(celery) -> dict:
+def _check_broker(celery, writes: bool = True) -> dict:
+    """PING; and with `writes`, whether it takes writes (a broker refusing them, MISCONF, still
+    answers: /health fails, but this API can still answer, so its readiness probe passes)."""
     started = time.perf_counter()
+    url = mask_url(celery.conf.broker_url)
     try:
         with read_channel(celery) as channel:
             channel.client.ping()
+            latency = round((time.perf_counter() - started) * 1000, 2)
+            persistence = channel.client.info("persistence") if writes else {}
     except Exception as error:
-        return {"ok": False, "url": mask_url(celery.conf.broker_url), "error": f"{type(error).__name__}: {error}"}
-    return {"ok": True, "url": mask_url(celery.conf.broker_url),
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+        return {"ok": False, "url": url, "error": f"{type(error).__name__}: {error}"}
+    if persistence.get("aof_last_write_status") == "err":  # it refuses writes (MISCONF), as Redis does
+        why = persistence.get("aof_last_error") or "its append-only file cannot be written"
+        return {"ok": False, "url": url, "latency_ms": latency, "refusing_writes": True,
+                "error": f"refusing writes: {'disk full' if 'No space' in why else 'its log cannot be written'} "
+                         f"(MISCONF: {why}); nothing can be sent or acknowledged until it can write again: free "
+                         "space on the state folder's disk"}
+    return {"ok": True, "url": url, "latency_ms": latency}
 
 
 def _check_database(celery) -> dict:
@@ -87,7 +97,7 @@ def health():
 @blueprint.get("/health/api")
 def api_health():
     celery = current_app.extensions["celery"]
-    return _answer({"broker": _check_broker(celery), "database": _check_database(celery)})
+    return _answer({"broker": _check_broker(celery, writes=False), "database": _check_database(celery)})
 
 
 QUEUE_PARAMETERS = ("history",)

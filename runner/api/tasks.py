@@ -8,6 +8,7 @@ import re
 import redis
 from celery.result import AsyncResult
 from flask import Blueprint, current_app, jsonify, url_for
+from kombu.utils.uuid import uuid
 from kombu.exceptions import DecodeError, OperationalError
 
 from runner import topology
@@ -15,6 +16,7 @@ from runner.api.arguments import ArgumentError, check_arguments, signature_text
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import json_body as read_json_body
+from runner.celery_app import SEND_TIMEOUT
 from runner.task_catalogue import read_catalogue
 from runner.store.task_runs import get_task_run
 
@@ -97,13 +99,42 @@ def send_task(name: str):
         except ArgumentError as error:
             raise ApiError(400, str(error), field=error.field) from None
     # By name: the route (task_routes in runner.celery_app) picks the queue, as apply_async would.
-    result = _celery().send_task(name, args=args, kwargs=kwargs, **options)
+    result = _send(name, args, kwargs, options)
     queue = topology.ROUTES[name]
     body = {"id": result.id, "task": name, "queue": queue, "state": "PENDING",
             "poll": url_for("tasks.get_task", task_id=result.id)}
     if definition.signature is None:
         body["unchecked"] = definition.unknown_because
     return jsonify(body), 202
+
+
+def _send(name: str, args: list, kwargs: dict, options: dict) -> AsyncResult:
+    """Send the task. A send the broker did not confirm in time (a full disk: it holds the reply to
+    a write it cannot log yet) may still run: the 503 says so and gives the id to poll. kombu may
+    have tried again after the timeout and met a refusal (MISCONF); the first try still counts."""
+    task_id = uuid()
+    unconfirmed: list[BaseException] = []
+
+    def on_retry(error: BaseException, interval: float) -> None:
+        if isinstance(error, (redis.TimeoutError, TimeoutError)):
+            unconfirmed.append(error)
+    try:
+        return _celery().send_task(name, args=args, kwargs=kwargs, task_id=task_id,
+                                   retry_policy={"errback": on_retry}, **options)
+    except (redis.RedisError, OperationalError, OSError) as error:
+        if unconfirmed or any(isinstance(link, (redis.TimeoutError, TimeoutError)) for link in _chain(error)):
+            raise ApiError(503, f"the broker did not confirm the send within {SEND_TIMEOUT:g} s (is its disk full? "
+                                "GET /health says); it may still run it once it can write: poll the task",
+                           id=task_id, poll=url_for("tasks.get_task", task_id=task_id)) from None
+        raise
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
 
 
 @blueprint.get("/v1/tasks/<task_id>")

@@ -66,10 +66,15 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return
-    rows = [[p["name"], p["pid"] or "-", p["status"], "yes" if p["ready"] else "no", _duration(p["uptime"]),
-             p["restarts"], _memory(p["memory"]), "-" if p["last_exit"] is None else p["last_exit"]]
+    rows = [[p["name"], p["pid"] or "-", "degraded" if p.get("degraded") else p["status"],
+             "yes" if p["ready"] else "no", _duration(p["uptime"]), p["restarts"], _memory(p["memory"]),
+             "-" if p["last_exit"] is None else p["last_exit"]]
             for p in reply["processes"]]
     click.echo(table(rows, ["NAME", "PID", "STATE", "READY", "UPTIME", "RESTARTS", "MEMORY", "LAST EXIT"]))
+    for p in reply["processes"]:
+        if p.get("degraded"):
+            click.echo(f"{p['name']} is {p['degraded']}: free space on the state folder's disk; the worker and beat "
+                       "wait, the API answers 503")
     supervisor = reply["supervisor"]
     click.echo(f"supervisor pid {supervisor['pid']}, up {_duration(supervisor['uptime'])}, "
                f"state in {supervisor['state_dir']}")

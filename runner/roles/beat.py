@@ -15,7 +15,7 @@ def serve_beat(settings: Settings) -> None:
     setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
     # Beat sends its entries by name (Celery's scheduler falls back to send_task for a task it has
     # not registered), so it leaves the task modules out: editing one does not restart it.
-    celery, recorder = celery_for_role(settings, register_tasks=False)
+    celery, recorder = celery_for_role(settings, register_tasks=False, wait_out_refused_writes=True)
     child.loaded()  # taking over, this waits until the beat it replaces has saved its schedule and stopped
     lock = beat_lock(paths.root)  # held until this process ends: one beat per state folder
     try:

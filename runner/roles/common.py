@@ -88,11 +88,12 @@ def stop_when_supervisor_is_gone(every: float = 1.0, after: float = 0.0) -> None
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
-def celery_for_role(settings: Settings, poll_results: bool = False,
-                    register_tasks: bool = True) -> tuple[Celery, TaskRunRecorder]:
+def celery_for_role(settings: Settings, poll_results: bool = False, register_tasks: bool = True,
+                    wait_out_refused_writes: bool = False) -> tuple[Celery, TaskRunRecorder]:
     """The Celery app with its metadata store migrated (or checked) and task recording on.
 
     `register_tasks`: import the task modules (see create_celery_app); roles that only send leave them out.
+    `wait_out_refused_writes`: see create_celery_app.
     Imported here, not at the top: the broker role runs without Celery in memory.
     """
     from runner.celery_app import create_celery_app
@@ -101,7 +102,7 @@ def celery_for_role(settings: Settings, poll_results: bool = False,
     from runner.store import SchemaOutOfDate, prepare_database
     from runner.store.database import DatabaseBusy
 
-    app = create_celery_app(settings, poll_results, register_tasks)
+    app = create_celery_app(settings, poll_results, register_tasks, wait_out_refused_writes)
     try:
         prepare_database(app.dify.database, migrate=settings.MIGRATION_ENABLED)
     except DatabaseBusy as error:

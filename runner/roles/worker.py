@@ -77,7 +77,7 @@ def _quiet_requeues(**_) -> None:
 def serve_worker(settings: Settings, hostname: str | None = None, include: tuple[str, ...] = ()) -> None:
     start_role(settings, "worker")
     setup_logging.connect(lambda **_: None, weak=False)  # ours is configured; keep Celery's off
-    celery, recorder = celery_for_role(settings)
+    celery, recorder = celery_for_role(settings, wait_out_refused_writes=True)
     for module in include:  # extra task modules (a project's own, or a benchmark's)
         importlib.import_module(module)
     child.loaded()

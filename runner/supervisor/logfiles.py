@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime
 import heapq
 import logging
-import logging.handlers
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from runner import safe_files
+from runner.log_handlers import RotatingLogFile
 from runner.state import StatePaths
 
 STAMP = "%Y-%m-%dT%H:%M:%S.%f"  # sorts as text, so several files merge by time
@@ -22,10 +22,11 @@ class LogLine(NamedTuple):
     text: str
 
 
-class StateLogHandler(logging.handlers.RotatingFileHandler):
+class StateLogHandler(RotatingLogFile):
     """logging's rotating handler for a log file of the state folder: the file is opened through
     runner.safe_files, never through a link. Its rotations rename and remove names (a link itself,
-    never what it points to), so only the open needed replacing."""
+    never what it points to), so only the open needed replacing. A full disk is said once
+    (runner.log_handlers)."""
 
     def __init__(self, state_root: Path, path: Path, **options):
         self.state_root = state_root

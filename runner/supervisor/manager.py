@@ -14,7 +14,6 @@ import collections
 import datetime
 import fnmatch
 import logging
-import logging.handlers
 import os
 import queue
 import signal
@@ -32,6 +31,7 @@ from runner import __version__
 from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.errors import EXIT_USER_MUST_FIX
 from runner.frozen import foreign_environment, program_dir
+from runner.log_handlers import RotatingLogFile
 from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, WATCH_ROOTS
 from runner.process_identity import identity_of
@@ -43,7 +43,7 @@ from runner.supervisor.cgroup import Cgroup
 from runner.supervisor.listeners import ApiListener
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
 from runner.supervisor.options import ProcessOptions
-from runner.supervisor.probes import BrokerLink, probe_for
+from runner.supervisor.probes import BrokerLink, probe_for, refused_writes
 from runner.supervisor.reloads import Reloads
 from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
@@ -160,7 +160,7 @@ class Supervisor:
         path.parent.mkdir(parents=True, exist_ok=True)
         logger = logging.getLogger("dify_local.supervisor.logfile")
         logger.propagate = False
-        handler = logging.handlers.RotatingFileHandler(
+        handler = RotatingLogFile(
             path, maxBytes=self.settings.LOG_FILE_MAX_SIZE * 1024 * 1024,
             backupCount=self.settings.LOG_FILE_BACKUP_COUNT, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -576,7 +576,7 @@ class Supervisor:
                                                "state_dir": str(self.state_dir), "stopping": self.stopping.is_set(),
                                                "watchdog": self.watchdog.pid if self.watchdog else None,
                                                "cgroup": str(self.cgroup.path) if self.cgroup else None},
-                    "processes": [self._row(state) for state in self.states],
+                    "processes": [self._with_health(self._row(state)) for state in self.states],
                     "reload": self.reloads.describe() if self.reloads is not None else None}
         if command == "down":
             self.stopping.set()
@@ -630,6 +630,12 @@ class Supervisor:
             "restarts": state.restarts, "memory": memory_of(process.pid) if running else None,
             "last_exit": state.last_exit, "role": process.spec.role, "command": mask_command(process.spec.command),
         }
+
+    def _with_health(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A ready embedded broker that refuses writes (its disk is full) is degraded: `ps` says why."""
+        if row["role"] == "broker" and row["status"] == "ready":
+            row["degraded"] = refused_writes(self.settings)
+        return row
 
     # -- the ready line --------------------------------------------------------------------------
 

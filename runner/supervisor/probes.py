@@ -96,6 +96,23 @@ class BrokerLink:
             self._reset()
 
 
+def refused_writes(settings: Settings) -> str | None:
+    """Why the embedded broker refuses writes (MISCONF: its log cannot be written, a full disk), or
+    None when it takes them (or does not answer in time: that is for its probe and its restarts)."""
+    client = redis.Redis(host=settings.REDIS_HOST, port=settings.REDIS_PORT, password=settings.REDIS_PASSWORD,
+                         socket_timeout=0.5, socket_connect_timeout=0.5, protocol=2)
+    try:
+        persistence = client.info("persistence")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    if persistence.get("aof_last_write_status") != "err":
+        return None
+    why = str(persistence.get("aof_last_error") or "its log cannot be written")
+    return f"refusing writes: {'disk full' if 'No space' in why else 'its log cannot be written'} (MISCONF: {why})"
+
+
 def broker_probe(settings: Settings) -> Probe:
     def probe(process: ManagedProcess) -> bool:
         client = redis.Redis(host=settings.REDIS_HOST, port=settings.REDIS_PORT, password=settings.REDIS_PASSWORD,
