@@ -81,7 +81,8 @@ def settle(project, accepted: list[str]) -> Outcome:
     def read() -> Outcome:
         return read_outcome(project.broker_url, project.database, accepted)
     try:
-        wait_until(lambda: not read().lost, 60, "every accepted task to run", interval=0.5)
+        # a killed worker's tasks come back after the 5 s visibility timeout and a 2 s sweep
+        wait_until(lambda: not read().lost, 30, "every accepted task to run", interval=0.5)
         # the recorder writes in batches: its last rows land a moment after the results; a killed
         # worker's unwritten ones are settled by its successor (runner.run_settler: when it is ready,
         # and again once the last results are GRACE seconds old)

@@ -26,7 +26,7 @@ def test_two_ups_started_at_the_same_instant_one_runs_and_the_other_names_it(pro
     """Both passed the "already running" check in 2 of 5 tries (it asked the control socket,
     which the first had not opened yet)."""
     (project.dir / "Procfile").write_text("idle: sleep 600\n")
-    for attempt in range(10):
+    for attempt in range(6):
         ups = [project.start("up", "--no-reload"), project.start("up", "--no-reload")]
 
         def settled(ups=ups):
