@@ -20,6 +20,8 @@ from tests.conftest import Project
 from tests.helpers import free_port, wait_until
 from tests.load_under_faults import Outcome, Senders, read_outcome, received_by_a_worker, report, where_are
 
+pytestmark = pytest.mark.processes  # (stacks of their own, from module fixtures: never `unit`)
+
 TOTAL = 2000
 SENDERS = 8
 # Seconds a message taken by a killed worker waits before the broker hands it out again (kombu's

@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import Project
 from tests.helpers import free_port, wait_until
 
+pytestmark = pytest.mark.processes  # (stacks of their own, from module fixtures: never `unit`)
+
 ROLES = ("api", "worker", "beat", "broker")
 # Longer than the worker's heartbeat deadline (3 × its 2 s interval + 5 s: runner/monitor/heartbeats.py)
 # and beat's (3 × 1 s + 5 s): a check that trusted heartbeats alone would have seen the stop by then.
