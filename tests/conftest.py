@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -68,6 +71,12 @@ class Project:
     def api(self) -> Http:
         return Http(f"http://127.0.0.1:{self.api_port}")
 
+    def processes(self) -> dict[str, dict]:
+        """The rows of `dify-local ps --json` by process name (it must answer)."""
+        done = self.run("ps", "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {row["name"]: row for row in json.loads(done.stdout)["processes"]}
+
     def run(self, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*self.program, *args], cwd=self.dir, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
@@ -102,14 +111,24 @@ def read_loop(request) -> dict[str, str]:
     return READ_LOOPS[request.param]
 
 
-@pytest.fixture
-def project(tmp_path: Path):
-    folder = tmp_path / "project"
+@contextlib.contextmanager
+def made_project(parent: Path) -> Iterator[Project]:
+    """A project in `parent`/project with ports of its own; every process it started is cleaned up
+    after. The `project` fixture is one per test; a module fixture makes one to share."""
+    folder = parent / "project"
     folder.mkdir()
     made = Project(folder, free_port(), free_port())
-    yield made
-    for proc in made.procs:
-        proc.cleanup()
+    try:
+        yield made
+    finally:
+        for proc in made.procs:
+            proc.cleanup()
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    with made_project(tmp_path) as made:
+        yield made
 
 
 # -- real Redis: plain, behind sentinels, and over TLS ----------------------------------------------

@@ -11,7 +11,6 @@ failed under DIFY_LOCAL_REQUIRE_ROOT=1 (as .ci/run runs it)."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import resource
@@ -69,12 +68,6 @@ def send(project, n: int) -> tuple[int, dict]:
     return status, {**(body if isinstance(body, dict) else {"raw": body}), "seconds": time.monotonic() - started}
 
 
-def ps(project) -> dict[str, dict]:
-    done = project.run("ps", "--json")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return {row["name"]: row for row in json.loads(done.stdout)["processes"]}
-
-
 def finished(project, task_id: str) -> bool:
     status, body = project.api.get(f"/v1/tasks/{task_id}")
     return status == 200 and body["state"] == "SUCCESS"
@@ -108,11 +101,12 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
     restart = project.start("restart", "worker")
     wait_until(lambda: "worker started" in "\n".join(up.lines[before:]), 30, "the new worker to start")
     before = next(n for n in range(before, len(up.lines)) if "worker started" in up.lines[n])  # its lines follow
-    restarts = ps(project)["worker"]["restarts"]
+    restarts = project.processes()["worker"]["restarts"]
     waiting = f"worker | WARNING dify_local.broker_writes: {DISK_FULL}"
 
     def waiting_or_crashed():
-        return ps(project)["worker"]["status"] in ("backoff", "failed") or waiting in "\n".join(up.lines[before:])
+        status = project.processes()["worker"]["status"]
+        return status in ("backoff", "failed") or waiting in "\n".join(up.lines[before:])
     wait_until(waiting_or_crashed, 30, "the new worker to wait for the broker (or to crash)")
 
     # beat and the API started now do not crash-loop either; the API can answer, so it is ready
@@ -132,7 +126,7 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
         assert body["seconds"] < 5, body  # at once, not after kombu's retries
     assert refused, "every send was accepted while the broker refused writes"
 
-    rows = ps(project)
+    rows = project.processes()
     assert rows["worker"]["status"] not in ("backoff", "failed") and rows["worker"]["restarts"] == restarts, \
         (rows["worker"], up.output)
     assert rows["beat"]["status"] not in ("backoff", "failed"), rows["beat"]
@@ -157,7 +151,7 @@ def test_a_full_disk_is_waited_out_and_reported_truthfully(project, small_state_
         except AssertionError as error:
             raise AssertionError(f"{error}: {project.api.get(f'/v1/tasks/{task_id}')}\n{up.output}") from None
 
-    rows = ps(project)
+    rows = project.processes()
     assert rows["worker"]["status"] == "ready" and rows["worker"]["restarts"] == restarts, rows["worker"]
     assert rows["beat"]["status"] == "ready" and rows["beat"]["restarts"] == 1, rows["beat"]
     assert not rows["broker"].get("degraded"), rows["broker"]

@@ -3,7 +3,6 @@ every process, without it from the heartbeats on the broker. /health/api (the AP
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,12 +10,6 @@ import socket
 from tests.helpers import wait_until
 
 STACK = "broker: dify-local serve broker\napi: dify-local serve api\nbeat: dify-local serve beat\n"
-
-
-def ps(project) -> dict[str, dict]:
-    result = project.run("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
 
 
 def ps_table(project) -> dict[str, list[str]]:
@@ -35,7 +28,7 @@ def take_port(port: int) -> socket.socket | None:
 def test_a_worker_whose_code_does_not_load_is_failed_in_ps_and_in_health(project):
     (project.dir / "Procfile").write_text(STACK + "worker: dify-local serve worker -I dify_local_no_such_module\n")
     project.up()
-    wait_until(lambda: ps(project)["worker"]["status"] == "failed", 60, "the worker to be marked failed")
+    wait_until(lambda: project.processes()["worker"]["status"] == "failed", 60, "the worker to be marked failed")
     assert ps_table(project)["worker"][1:4] == ["-", "failed", "no"]  # no pid, failed, not ready
     status, body = project.api.get("/health")
     assert status == 503, body
@@ -54,13 +47,13 @@ def test_a_broker_that_cannot_come_back_is_failed_in_ps_and_in_health(project):
     (project.dir / "Procfile").write_text(STACK + "worker: dify-local serve worker\n")
     project.up()
     assert project.api.status("/health") == 200
-    pid = ps(project)["broker"]["pid"]
+    pid = project.processes()["broker"]["pid"]
     os.kill(pid, signal.SIGKILL)
     # something else takes its port: every restart fails, the crash loop marks it failed
     squatter = wait_until(lambda: take_port(project.broker_port), 10, "the killed broker's port to be free",
                           interval=0.01)
     try:
-        wait_until(lambda: ps(project)["broker"]["status"] == "failed", 120, "the broker to be marked failed")
+        wait_until(lambda: project.processes()["broker"]["status"] == "failed", 120, "the broker to be marked failed")
         assert ps_table(project)["broker"][1:4] == ["-", "failed", "no"]
         status, body = project.api.get("/health", timeout=30)
         assert status == 503, body

@@ -9,15 +9,14 @@ logged) and found 7 rows in the wrong state after worker kills."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import Project
-from tests.helpers import free_port, wait_until
+from tests.conftest import Project, made_project
+from tests.helpers import wait_until
 from tests.load_under_faults import Outcome, Senders, read_outcome, received_by_a_worker, report, where_are
 
 pytestmark = pytest.mark.processes  # (stacks of their own, from module fixtures: never `unit`)
@@ -44,14 +43,8 @@ class Run:
         return report(self.scenario, self.senders.sent, self.outcome)
 
 
-def ps(project) -> dict[str, dict]:
-    result = project.run("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
-
-
 def ready_pid(project, name: str) -> int | None:
-    row = ps(project).get(name)
+    row = project.processes().get(name)
     return row["pid"] if row and row["status"] == "ready" else None
 
 
@@ -96,10 +89,7 @@ def settle(project, accepted: list[str]) -> Outcome:
 
 
 def load(tmp_path_factory, scenario: str, fault):
-    folder = tmp_path_factory.mktemp("load") / "project"
-    folder.mkdir()
-    project = Project(folder, free_port(), free_port())
-    try:
+    with made_project(tmp_path_factory.mktemp("load")) as project:
         project.up("--no-reload", env=ENV)
         senders = Senders(project.api, TOTAL, SENDERS).start()
         fault(project, senders)
@@ -108,9 +98,6 @@ def load(tmp_path_factory, scenario: str, fault):
                   [line for proc in project.procs for line in proc.lines])
         print(f"\n{run.line}")
         yield run
-    finally:
-        for proc in project.procs:
-            proc.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +152,7 @@ def check_rows_agree(run: Run) -> None:
 
 
 def test_no_accepted_task_is_lost_when_the_worker_is_killed_twice(worker_killed):
-    assert ps(worker_killed.project)["worker"]["restarts"] >= 2
+    assert worker_killed.project.processes()["worker"]["restarts"] >= 2
     check_none_lost(worker_killed, kills=2)
 
 
@@ -174,7 +161,7 @@ def test_task_runs_agree_with_what_ran_when_the_worker_is_killed_twice(worker_ki
 
 
 def test_no_accepted_task_is_lost_when_the_broker_is_killed_twice(broker_killed):
-    assert ps(broker_killed.project)["broker"]["restarts"] >= 2
+    assert broker_killed.project.processes()["broker"]["restarts"] >= 2
     check_none_lost(broker_killed, kills=2)  # the same window: the pop's reply, or the hold, dies with the broker
 
 

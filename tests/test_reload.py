@@ -66,12 +66,6 @@ def up(project, source, *args: str):
     return project.up(*args, env=env)
 
 
-def ps(project) -> dict[str, dict]:
-    result = project.run("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
-
-
 def client(project) -> Celery:
     app = Celery("reload-test", broker=project.broker_url, backend=project.broker_url)
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
@@ -110,7 +104,7 @@ def wait_for_reloads(proc, count: int, timeout: float = 60) -> list[tuple[str, s
 def test_editing_a_task_module_reloads_only_the_worker(project, stack_source):
     stack = up(project, stack_source)
     api = project.api
-    before = ps(project)
+    before = project.processes()
     status, sent = api.post("/v1/tasks/send_mail_task", {"args": ["a@example.com", "hello", "first"]})
     assert status == 202
     assert "edited" not in finished(api, sent["poll"])["result"]
@@ -126,7 +120,7 @@ def test_editing_a_task_module_reloads_only_the_worker(project, stack_source):
         assert status == 202
         return finished(api, sent["poll"])["result"].get("edited")
     wait_until(edited_result, 30, "the worker to run the edited task")
-    after = ps(project)
+    after = project.processes()
     assert after["worker"]["pid"] != before["worker"]["pid"]
     for name in ("broker", "api", "beat"):
         assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
@@ -152,12 +146,12 @@ def test_the_second_reload_uses_the_spare(project, stack_source):
     wait_for_reloads(stack, 2)
     # Once the reload is reported, no task runs the old code (the old worker stopped consuming).
     assert [value_now(app) for _ in range(10)] == [3] * 10
-    assert ps(project)["worker"]["pid"] == spare["pid"]  # the spare became the worker
+    assert project.processes()["worker"]["pid"] == spare["pid"]  # the spare became the worker
 
 
 def test_editing_an_api_module_reloads_only_the_api_and_refuses_no_request(project, stack_source):
     stack = up(project, stack_source)
-    before = ps(project)
+    before = project.processes()
     answers: list = []
     done = threading.Event()
 
@@ -185,7 +179,7 @@ def test_editing_an_api_module_reloads_only_the_api_and_refuses_no_request(proje
     failures = [answer for answer in answers if not isinstance(answer, bool)]
     assert not failures, failures[:3]
     assert answers.index(True) > 0 and all(answers[answers.index(True):])  # old, then only new
-    after = ps(project)
+    after = project.processes()
     assert after["api"]["pid"] != before["api"]["pid"]
     for name in ("broker", "worker", "beat"):
         assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
@@ -198,12 +192,12 @@ def test_editing_an_api_module_reloads_only_the_api_and_refuses_no_request(proje
 
 def test_settings_change_reloads_every_role_but_the_broker(project, stack_source):
     stack = up(project, stack_source)
-    before = ps(project)
+    before = project.processes()
     (project.dir / "local_config").mkdir(exist_ok=True)
     (project.dir / "local_config" / "local.env").write_text("QUEUE_MONITOR_THRESHOLD=300\n")
     wait_until(lambda: reloads(stack) and all(name in reloads(stack)[0][0] for name in ("api", "worker", "beat")),
                60, "api, worker and beat to reload")
-    after = ps(project)
+    after = project.processes()
     assert after["broker"]["pid"] == before["broker"]["pid"]
     for name in ("api", "worker", "beat"):
         assert after[name]["pid"] != before[name]["pid"] and after[name]["status"] == "ready"
@@ -214,17 +208,17 @@ def test_a_syntax_error_keeps_the_old_worker_and_the_fix_reloads(project, stack_
     stack = up(project, stack_source)
     app = client(project)
     assert value_now(app) == 1
-    worker = ps(project)["worker"]["pid"]
+    worker = project.processes()["worker"]["pid"]
     tasks = project.dir / "reload_tasks.py"
     edit(tasks, "VALUE = 1\n", "VALUE = (2\n")
     line = stack.wait_for_line(r"worker not reloaded: reload_tasks\.py:\d+: SyntaxError.*", timeout=60)
     assert "keeps serving" in line.group(0)
     assert value_now(app) == 1  # the previous worker still answers
-    assert ps(project)["worker"]["pid"] == worker
+    assert project.processes()["worker"]["pid"] == worker
     edit(tasks, "VALUE = (2\n", "VALUE = 3\n")
     wait_for_reloads(stack, 1)
     wait_until(lambda: value_now(app) == 3, 30, "the fixed code to run")
-    assert ps(project)["worker"]["pid"] != worker
+    assert project.processes()["worker"]["pid"] != worker
     assert "crash" not in stack.output and "restarting in" not in stack.output
 
 
@@ -314,12 +308,12 @@ def _started(app) -> bool:
 def test_no_reload_leaves_the_stack_alone(project, stack_source):
     stack = up(project, stack_source, "--no-reload")
     app = client(project)
-    worker = ps(project)["worker"]["pid"]
+    worker = project.processes()["worker"]["pid"]
     edit(project.dir / "reload_tasks.py", "VALUE = 1\n", "VALUE = 2\n")
     deadline = time.monotonic() + 2  # a reload would have come within this (they take a fraction of it)
     while time.monotonic() < deadline:
         assert value_now(app) == 1
-    assert ps(project)["worker"]["pid"] == worker
+    assert project.processes()["worker"]["pid"] == worker
     assert not reloads(stack)
 
 
@@ -328,11 +322,11 @@ def test_code_broken_at_start_waits_for_a_fix_instead_of_crash_looping(project, 
     edit(tasks, "VALUE = 1\n", "VALUE = (1\n")
     stack = up(project, stack_source)
     assert re.search(r"worker cannot start: reload_tasks\.py:\d+: SyntaxError", stack.output), stack.output
-    assert ps(project)["worker"]["status"] == "failed"
+    assert project.processes()["worker"]["status"] == "failed"
     edit(tasks, "VALUE = (1\n", "VALUE = 4\n")
     wait_for_reloads(stack, 1)
     assert value_now(client(project)) == 4
-    row = ps(project)["worker"]
+    row = project.processes()["worker"]
     assert row["status"] == "ready" and row["restarts"] == 1
     assert "restarting in" not in stack.output
 
@@ -417,14 +411,14 @@ def test_another_projects_process_restarts_on_python_changes_only(project):
     (project.dir / "local_config" / "processes.toml").write_text(
         f'[web]\nready = "tcp://127.0.0.1:{port}"\n[quiet]\nreload = false\n')
     stack = project.up()
-    before = ps(project)
+    before = project.processes()
     (project.dir / "notes.md").write_text("not code\n")
     edit(project.dir / "web.py", 'VALUE = "one"', 'VALUE = "two"')
     processes, files = wait_for_reloads(stack, 1)[0]
     assert processes.startswith("web in ") and files == "web.py"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
         assert response.read() == b"two"
-    after = ps(project)
+    after = project.processes()
     assert after["web"]["pid"] != before["web"]["pid"]
     assert after["quiet"]["pid"] == before["quiet"]["pid"]  # reload = false
     assert after["broker"]["pid"] == before["broker"]["pid"]
@@ -459,4 +453,4 @@ def test_a_save_during_a_reload_is_applied_after_it(project, stack_source):
     edit(tasks, "VALUE = 2\n", "VALUE = 3\n")  # while the first one is under way (or just done)
     wait_until(lambda: value_now(app) == 3, 60, "the second save to be running")
     assert 1 <= len(reloads(stack)) <= 2, stack.output
-    assert ps(project)["worker"]["status"] == "ready"
+    assert project.processes()["worker"]["status"] == "ready"

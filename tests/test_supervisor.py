@@ -18,12 +18,6 @@ from tests.helpers import REPO, wait_until
 STACK = "broker: dify-local serve broker\napi: dify-local serve api\nbeat: dify-local serve beat\n"
 
 
-def ps(project) -> dict[str, dict]:
-    result = project.run("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
-
-
 def slow_worker(project, extra: str = "") -> dict[str, str]:
     """A Procfile whose worker also runs tests.support.slow_tasks; the env to import them."""
     (project.dir / "Procfile").write_text(
@@ -43,14 +37,14 @@ def traces(folder) -> list[str]:
 
 def test_killed_worker_is_restarted_and_the_others_keep_running(project):
     stack = project.up()
-    before = ps(project)
+    before = project.processes()
     os.kill(before["worker"]["pid"], signal.SIGKILL)
-    wait_until(lambda: ps(project)["worker"]["pid"] != before["worker"]["pid"], 30, "the worker to come back")
+    wait_until(lambda: project.processes()["worker"]["pid"] != before["worker"]["pid"], 30, "the worker to come back")
     status, sent = project.api.post("/v1/tasks/rag_pipeline_run_task", {"args": ["sent during the outage"]})
     assert status == 202
     wait_until(lambda: project.api.get(sent["poll"])[1]["state"] == "SUCCESS", 60, "the task sent in the outage")
-    wait_until(lambda: ps(project)["worker"]["status"] == "ready", 30, "the worker to be ready again")
-    after = ps(project)
+    wait_until(lambda: project.processes()["worker"]["status"] == "ready", 30, "the worker to be ready again")
+    after = project.processes()
     assert after["worker"]["restarts"] == 1 and after["worker"]["status"] == "ready"
     assert after["worker"]["last_exit"] == -9
     for name in ("broker", "api", "beat"):
@@ -68,7 +62,7 @@ def test_process_crashing_at_start_backs_off_then_fails_and_the_stack_stays_up(p
     assert "flaky exited with status 3 and has crashed 5 times in 60 s: marked failed" in stack.output
     assert "cannot start: no config" in stack.output  # its last lines are shown
     assert "FAILED: flaky" in [line for line in stack.lines if "ready in" in line][-1]
-    rows = ps(project)
+    rows = project.processes()
     assert rows["flaky"]["status"] == "failed" and rows["flaky"]["restarts"] == 4
     assert all(rows[name]["status"] == "ready" for name in ("broker", "api", "worker", "beat"))
     status, health = project.api.get("/health")  # the rest runs, and /health says what does not
@@ -92,7 +86,7 @@ def test_restart_from_another_terminal_loses_no_task(project, tmp_path):
     finally:
         app.close()
     assert traces(folder) == sorted(f"t{n}" for n in range(40))  # every task ran, and ran once
-    assert ps(project)["worker"]["restarts"] == 1
+    assert project.processes()["worker"]["restarts"] == 1
 
 
 def test_graceful_stop_lets_a_task_finish_and_a_cold_one_returns_to_its_queue(project, tmp_path):
@@ -143,7 +137,7 @@ def test_down_leaves_no_process_of_the_tree(project):
     pids = stack.tree()
     names = {psutil.Process(pid).name() for pid in pids}
     assert "sleep" in names  # the escaped grandchild is part of the tree we watch
-    prefork_children = [p for p in psutil.Process(ps(project)["worker"]["pid"]).children()]
+    prefork_children = [p for p in psutil.Process(project.processes()["worker"]["pid"]).children()]
     assert len(prefork_children) == 2
     result = project.run("down", timeout=90)
     assert result.returncode == 0 and "stopped in" in result.stdout

@@ -10,7 +10,6 @@ process's state and says "suspended"."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,8 +17,8 @@ import time
 
 import pytest
 
-from tests.conftest import Project
-from tests.helpers import free_port, wait_until
+from tests.conftest import made_project
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.processes  # (stacks of their own, from module fixtures: never `unit`)
 
@@ -32,21 +31,9 @@ TASK = "process_trace_tasks"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("matrix") / "project"
-    folder.mkdir()
-    project = Project(folder, free_port(), free_port())
-    try:
+    with made_project(tmp_path_factory.mktemp("matrix")) as project:
         project.up("--no-reload", env={"DIFY_LOCAL_VISIBILITY_TIMEOUT": "5"})
         yield project
-    finally:
-        for proc in project.procs:
-            proc.cleanup()
-
-
-def ps(project) -> dict[str, dict]:
-    result = project.run("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return {row["name"]: row for row in json.loads(result.stdout)["processes"]}
 
 
 def health(project, path: str = "/health", timeout: float = 10) -> tuple[int, dict | None]:
@@ -59,9 +46,9 @@ def health(project, path: str = "/health", timeout: float = 10) -> tuple[int, di
 
 def healthy(project) -> dict[str, dict]:
     """Waits for every role ready and /health 200; the rows of ps."""
-    wait_until(lambda: all(row["status"] == "ready" for row in ps(project).values()), 60, "every role ready")
+    wait_until(lambda: all(row["status"] == "ready" for row in project.processes().values()), 60, "every role ready")
     wait_until(lambda: health(project)[0] == 200, 60, "/health to be 200")
-    return ps(project)
+    return project.processes()
 
 
 def a_task_runs(project) -> None:
@@ -94,11 +81,13 @@ def test_kill_9(stack, role):
     os.kill(pid, signal.SIGKILL)
     # ps never calls the dead process ready: it shows it down, or already a new one
     row = wait_until(lambda: (lambda row: row if row["pid"] != pid or row["status"] != "ready" else None)(
-        ps(stack)[role]), 10, f"ps to see {role} (pid {pid}) killed")
+        stack.processes()[role]), 10, f"ps to see {role} (pid {pid}) killed")
     assert row["pid"] != pid, row
-    wait_until(lambda: ps(stack)[role]["status"] == "ready" and ps(stack)[role]["pid"] not in (None, pid), 60,
-               f"up to restart {role}")
-    assert ps(stack)[role]["restarts"] >= 1
+    def restarted() -> bool:
+        row = stack.processes()[role]
+        return row["status"] == "ready" and row["pid"] not in (None, pid)
+    wait_until(restarted, 60, f"up to restart {role}")
+    assert stack.processes()[role]["restarts"] >= 1
     recovered(stack)
 
 
@@ -108,8 +97,8 @@ def test_sigstop_past_the_heartbeat_deadline_then_sigcont(stack, role):
     os.kill(pid, signal.SIGSTOP)
     try:
         stopped_at = time.monotonic()
-        wait_until(lambda: ps(stack)[role]["status"] == "suspended", 10, f"ps to say {role} is suspended")
-        row = ps(stack)[role]
+        wait_until(lambda: stack.processes()[role]["status"] == "suspended", 10, f"ps to say {role} is suspended")
+        row = stack.processes()[role]
         assert row["pid"] == pid and row["ready"] is False, row
         table = stack.run("ps").stdout
         assert any(line.split()[:3] == [role, str(pid), "suspended"] for line in table.splitlines()), table
@@ -121,12 +110,12 @@ def test_sigstop_past_the_heartbeat_deadline_then_sigcont(stack, role):
             if role != "broker":
                 assert f"{role} is suspended" in body["checks"]["processes"]["error"], body
         while time.monotonic() - stopped_at < HOLD:  # the fault lasts past the heartbeat deadlines
-            assert ps(stack)[role]["status"] == "suspended"
+            assert stack.processes()[role]["status"] == "suspended"
             time.sleep(1)
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: ps(stack)[role]["status"] == "ready", 30, f"{role} to be ready again once resumed")
-    assert ps(stack)[role]["pid"] == pid  # resumed, not replaced
+    wait_until(lambda: stack.processes()[role]["status"] == "ready", 30, f"{role} to be ready again once resumed")
+    assert stack.processes()[role]["pid"] == pid  # resumed, not replaced
     recovered(stack)
 
 
@@ -146,13 +135,13 @@ def test_the_brokers_port_taken_while_it_is_down(stack):
     squatter = wait_until(lambda: take_port(stack.broker_port), 10, "the killed broker's port", interval=0.01)
     try:
         # up tries again and fails: it says why, and ps and /health say the broker is down
-        wait_until(lambda: ps(stack)["broker"]["restarts"] >= restarts + 2, 60, "up to try the broker twice")
-        assert ps(stack)["broker"]["status"] != "ready"
+        wait_until(lambda: stack.processes()["broker"]["restarts"] >= restarts + 2, 60, "up to try the broker twice")
+        assert stack.processes()["broker"]["status"] != "ready"
         new = "\n".join(up.lines[said:])
         assert str(stack.broker_port) in new and ("in use" in new or "cannot listen" in new), new
         wait_until(lambda: named_in_health(stack, "broker"), 30, "/health to name the broker")
     finally:
         squatter.close()
-    if ps(stack)["broker"]["status"] == "failed":  # five crashes within a minute: up stopped trying
+    if stack.processes()["broker"]["status"] == "failed":  # five crashes within a minute: up stopped trying
         assert stack.run("start", "broker").returncode == 0
     recovered(stack)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from runner.state import FOLDER, StatePaths
-from tests.conftest import Project
-from tests.helpers import free_port, wait_until
+from tests.conftest import Project, made_project
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.processes  # (their own brokers and stacks: never `unit`)
 
@@ -139,15 +139,9 @@ def test_the_table_covers_every_state_path():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("links") / "project"
-    folder.mkdir()
-    running = Project(folder, free_port(), free_port())
-    try:
+    with made_project(tmp_path_factory.mktemp("links")) as running:
         running.up()
         yield running
-    finally:
-        for proc in running.procs:
-            proc.cleanup()
 
 
 def finished(stack: Project, poll: str) -> dict:
