@@ -114,7 +114,7 @@ UNREACHABLE, TIMEOUT, WRONG_PASSWORD, NO_PASSWORD, TLS, CERTIFICATE, NO_MASTER, 
 FINAL = (WRONG_PASSWORD, NO_PASSWORD, CERTIFICATE)  # retrying does not help: the settings must change
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException | None) -> list[BaseException]:
     """The error and the errors it was raised from (kombu wraps redis-py's in its own)."""
     seen: list[BaseException] = []
     while error is not None and error not in seen:
@@ -128,7 +128,7 @@ def broker_error_kind(error: BaseException) -> tuple[str, str]:
     import redis
     from redis.sentinel import MasterNotFoundError
 
-    chain = _chain(error)
+    chain = error_chain(error)
     for link in chain:
         text = str(link)
         if isinstance(link, MasterNotFoundError):

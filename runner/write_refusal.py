@@ -20,6 +20,8 @@ import redis
 from redis._parsers.base import BaseParser
 from redis.client import Pipeline
 
+from runner.broker_config import error_chain
+
 log = logging.getLogger("dify_local.broker_writes")
 
 T = TypeVar("T")
@@ -41,13 +43,19 @@ def register() -> None:
 
 def refused_writes(error: BaseException | None) -> BaseException | None:
     """The MISCONF refusal behind `error` (kombu wraps redis-py's errors in its own), if it is one."""
-    seen: list[BaseException] = []
-    while error is not None and error not in seen:
-        if isinstance(error, BrokerRefusesWrites) or str(error).startswith("MISCONF"):
-            return error
-        seen.append(error)
-        error = error.__cause__ or error.__context__
+    for link in error_chain(error):
+        if isinstance(link, BrokerRefusesWrites) or str(link).startswith("MISCONF"):
+            return link
     return None
+
+
+def refusal_in(persistence: dict[str, Any]) -> str | None:
+    """Why a broker refuses writes, from its INFO persistence (its append-only file's last write
+    failed, as Redis reports it), or None when it takes them."""
+    if persistence.get("aof_last_write_status") != "err":
+        return None
+    why = str(persistence.get("aof_last_error") or "its log cannot be written")
+    return f"refusing writes: {'disk full' if 'No space' in why else 'its log cannot be written'} (MISCONF: {why})"
 
 
 def _stopping() -> bool:

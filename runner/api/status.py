@@ -20,6 +20,7 @@ from runner.monitor.workers import consumers_by_queue
 from runner.settings import mask_url
 from runner.store.migrations import schema_state
 from runner.store.queue_samples import sample_history
+from runner.write_refusal import refusal_in
 from runner.supervisor import control
 
 blueprint = Blueprint("status", __name__)
@@ -37,11 +38,10 @@ def _check_broker(celery, writes: bool = True) -> dict:
             persistence = channel.client.info("persistence") if writes else {}
     except Exception as error:
         return {"ok": False, "url": url, "error": f"{type(error).__name__}: {error}"}
-    if persistence.get("aof_last_write_status") == "err":  # it refuses writes (MISCONF), as Redis does
-        why = persistence.get("aof_last_error") or "its append-only file cannot be written"
+    refusal = refusal_in(persistence)
+    if refusal is not None:
         return {"ok": False, "url": url, "latency_ms": latency, "refusing_writes": True,
-                "error": f"refusing writes: {'disk full' if 'No space' in why else 'its log cannot be written'} "
-                         f"(MISCONF: {why}); nothing can be sent or acknowledged until it can write again: free "
+                "error": f"{refusal}; nothing can be sent or acknowledged until it can write again: free "
                          "space on the state folder's disk"}
     return {"ok": True, "url": url, "latency_ms": latency}
 

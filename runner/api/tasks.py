@@ -16,6 +16,7 @@ from runner.api.arguments import ArgumentError, check_arguments, signature_text
 from runner.api.errors import ApiError
 from runner.api.openapi import errors, json_body, json_response
 from runner.api.validation import json_body as read_json_body
+from runner.broker_config import error_chain
 from runner.celery_app import SEND_TIMEOUT
 from runner.task_catalogue import read_catalogue
 from runner.store.task_runs import get_task_run
@@ -122,19 +123,11 @@ def _send(name: str, args: list, kwargs: dict, options: dict) -> AsyncResult:
         return _celery().send_task(name, args=args, kwargs=kwargs, task_id=task_id,
                                    retry_policy={"errback": on_retry}, **options)
     except (redis.RedisError, OperationalError, OSError) as error:
-        if unconfirmed or any(isinstance(link, (redis.TimeoutError, TimeoutError)) for link in _chain(error)):
+        if unconfirmed or any(isinstance(link, (redis.TimeoutError, TimeoutError)) for link in error_chain(error)):
             raise ApiError(503, f"the broker did not confirm the send within {SEND_TIMEOUT:g} s (is its disk full? "
                                 "GET /health says); it may still run it once it can write: poll the task",
                            id=task_id, poll=url_for("tasks.get_task", task_id=task_id)) from None
         raise
-
-
-def _chain(error: BaseException | None) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while error is not None and error not in seen:
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return seen
 
 
 @blueprint.get("/v1/tasks/<task_id>")

@@ -50,6 +50,8 @@ ON CONFLICT(id) DO UPDATE SET
 
 
 def _encodable(text: str) -> bool:
+    if text.isascii():  # nearly every value: no trial encoding on the recorder's path
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

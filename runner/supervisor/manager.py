@@ -43,7 +43,7 @@ from runner.supervisor.cgroup import Cgroup
 from runner.supervisor.listeners import ApiListener
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
 from runner.supervisor.options import ProcessOptions
-from runner.supervisor.probes import BrokerLink, probe_for, refused_writes
+from runner.supervisor.probes import BrokerLink, probe_for, write_refusal_reason
 from runner.supervisor.reloads import Reloads
 from runner.supervisor.process import Exited, ManagedProcess
 from runner.supervisor.procfile import ProcessSpec, describe
@@ -634,7 +634,7 @@ class Supervisor:
     def _with_health(self, row: dict[str, Any]) -> dict[str, Any]:
         """A ready embedded broker that refuses writes (its disk is full) is degraded: `ps` says why."""
         if row["role"] == "broker" and row["status"] == "ready":
-            row["degraded"] = refused_writes(self.settings)
+            row["degraded"] = write_refusal_reason(self.settings)
         return row
 
     # -- the ready line --------------------------------------------------------------------------

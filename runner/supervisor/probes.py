@@ -25,6 +25,7 @@ import redis
 from runner.broker_config import BEAT_HEARTBEAT_KEY
 from runner.settings import Settings
 from runner.supervisor.process import ManagedProcess
+from runner.write_refusal import refusal_in
 
 Probe = Callable[[ManagedProcess], bool]
 SETTLE_SECONDS = 1.5  # a process of another project is ready once it has stayed up this long
@@ -96,7 +97,7 @@ class BrokerLink:
             self._reset()
 
 
-def refused_writes(settings: Settings) -> str | None:
+def write_refusal_reason(settings: Settings) -> str | None:
     """Why the embedded broker refuses writes (MISCONF: its log cannot be written, a full disk), or
     None when it takes them (or does not answer in time: that is for its probe and its restarts)."""
     client = redis.Redis(host=settings.REDIS_HOST, port=settings.REDIS_PORT, password=settings.REDIS_PASSWORD,
@@ -107,10 +108,7 @@ def refused_writes(settings: Settings) -> str | None:
         return None
     finally:
         client.close()
-    if persistence.get("aof_last_write_status") != "err":
-        return None
-    why = str(persistence.get("aof_last_error") or "its log cannot be written")
-    return f"refusing writes: {'disk full' if 'No space' in why else 'its log cannot be written'} (MISCONF: {why})"
+    return refusal_in(persistence)
 
 
 def broker_probe(settings: Settings) -> Probe:
