@@ -12,7 +12,7 @@ from runner.broker_config import transport_options, visibility_timeout
 from runner.celery_app import celery_config, create_celery_app
 from runner.settings import load_settings
 from tests.helpers import wait_until
-from tests.test_supervisor import client, ps, slow_worker, traces
+from tests.test_supervisor import client, slow_worker, traces
 
 
 def settings(tmp_path, **environ: str):
@@ -61,9 +61,9 @@ def test_a_task_of_a_worker_killed_with_9_runs_again_and_finishes(project, tmp_p
         # shorter than the visibility timeout, so its second run is not delivered a third time
         sent = app.tasks["tests.sleep"].apply_async((4, str(folder), "once"), queue="dataset")
         wait_until(lambda: (row(sent.id) or {}).get("state") == "STARTED", 30, "the task to start")
-        killed = ps(project)["worker"]["pid"]
+        killed = project.processes()["worker"]["pid"]
         os.kill(killed, signal.SIGKILL)
-        wait_until(lambda: ps(project)["worker"]["pid"] != killed, 30, "up to restart the worker")
+        wait_until(lambda: project.processes()["worker"]["pid"] != killed, 30, "up to restart the worker")
         # kombu's default visibility timeout would keep it away for an hour
         assert sent.get(timeout=60) == "once"
     finally:
