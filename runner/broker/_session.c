@@ -18,7 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define API 2                        /* session.API: the interface this file implements */
+#define API 3                        /* session.API: the interface this file implements */
 #define MAX_BULK (512LL * 1024 * 1024) /* Redis' proto-max-bulk-len */
 #define MAX_INLINE (64 * 1024)
 #define MAX_ARRAY (1024 * 1024)
@@ -425,6 +425,7 @@ struct Engine {
     PyObject *item_type, *hash_type, *zset_type, *push_type, *simple_string, *simple_error;
     PyObject *defer, *ok, *queued, *no_reply, *pong, *wrongtype, *not_a_float, *multi_nested;
     PyObject *encode, *redis_double, *zadd_options, *watched_changed, *pubsub_allowed;
+    PyObject *hold; /* FastPath.hold: a task message popped, held in kombu's unacked hash (delivery_hold.py) */
     LogBuffer *log; /* the append-only log's buffer when it is the compiled one (else: aof.append) */
     PyObject *weakset_type;
     PyObject *spare_hashes, *spare_zsets, *spare_channels; /* see take_spare */
@@ -1024,6 +1025,11 @@ blocking_pop(Engine *e, Session *s, PyObject *sock, PyObject *command, int left)
             PyList_SET_ITEM(logged, 1, key);
             int rc = wrote(e, s, db, logged, key);
             Py_DECREF(logged);
+            if (rc == 0) {
+                PyObject *held = PyObject_CallFunctionObjArgs(e->hold, sock, value, NULL);
+                rc = held == NULL ? -1 : 0;
+                Py_XDECREF(held);
+            }
             if (rc < 0) {
                 Py_DECREF(value);
                 goto done;
@@ -1851,7 +1857,7 @@ Engine_traverse(Engine *e, visitproc visit, void *arg)
     Py_VISIT(e->multi_nested); Py_VISIT(e->encode); Py_VISIT(e->redis_double);
     Py_VISIT(e->zadd_options); Py_VISIT(e->watched_changed); Py_VISIT(e->pubsub_allowed);
     Py_VISIT(e->log); Py_VISIT(e->weakset_type); Py_VISIT(e->spare_hashes); Py_VISIT(e->spare_zsets);
-    Py_VISIT(e->spare_channels);
+    Py_VISIT(e->spare_channels); Py_VISIT(e->hold);
     return 0;
 }
 
@@ -1868,7 +1874,7 @@ Engine_clear(Engine *e)
     Py_CLEAR(e->multi_nested); Py_CLEAR(e->encode); Py_CLEAR(e->redis_double);
     Py_CLEAR(e->zadd_options); Py_CLEAR(e->watched_changed); Py_CLEAR(e->pubsub_allowed);
     Py_CLEAR(e->log); Py_CLEAR(e->weakset_type); Py_CLEAR(e->spare_hashes); Py_CLEAR(e->spare_zsets);
-    Py_CLEAR(e->spare_channels);
+    Py_CLEAR(e->spare_channels); Py_CLEAR(e->hold);
     return 0;
 }
 
@@ -1933,13 +1939,13 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwargs)
         "server", "core", "aof", "dirty", "parked", "touched", "waiting", "handlers", "item_type",
         "hash_type", "zset_type", "push_type", "simple_string", "simple_error", "defer", "ok", "queued",
         "no_reply", "pong", "wrongtype", "not_a_float", "multi_nested", "encode",
-        "redis_double", "zadd_options", "watched_changed", "pubsub_allowed", "weakset_type", NULL};
+        "redis_double", "zadd_options", "watched_changed", "pubsub_allowed", "weakset_type", "hold", NULL};
     PyObject **fields[] = {
         &e->server, &e->core, &e->aof, &e->dirty, &e->parked, &e->touched, &e->waiting, &e->handlers,
         &e->item_type, &e->hash_type, &e->zset_type, &e->push_type, &e->simple_string, &e->simple_error,
         &e->defer, &e->ok, &e->queued, &e->no_reply, &e->pong, &e->wrongtype, &e->not_a_float,
         &e->multi_nested, &e->encode, &e->redis_double, &e->zadd_options, &e->watched_changed,
-        &e->pubsub_allowed, &e->weakset_type};
+        &e->pubsub_allowed, &e->weakset_type, &e->hold};
     if (PyTuple_GET_SIZE(args) || kwargs == NULL) {
         PyErr_SetString(PyExc_TypeError, "Engine() takes keyword arguments only");
         return -1;

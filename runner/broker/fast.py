@@ -22,6 +22,7 @@ from fakeredis._helpers import SimpleError, SimpleString
 from fakeredis.model import Hash, ZSet
 
 from runner.broker.core import deliver
+from runner.broker.delivery_hold import hold_commands
 from runner.broker.scores import ZADD_OPTIONS, redis_double
 
 WRONGTYPE = SimpleError("WRONGTYPE Operation against a key holding the wrong kind of value")
@@ -221,8 +222,18 @@ class FastPath:
             if value is not None:
                 # logged as what it did (its timeout does not matter to a replay)
                 self._wrote(sock, [b"lpop" if left else b"rpop", key], key)
+                self.hold(sock, value)
                 return [key, value]
         return None
+
+    def hold(self, sock: Any, message: bytes) -> None:
+        """A task message just popped, held in kombu's unacked hash (see delivery_hold). Also
+        called by the compiled blocking pop."""
+        commands = hold_commands(message)
+        if commands is not None:
+            hset, zadd = commands
+            self.hset(sock, hset)  # (on a key of another type: WRONGTYPE, not held, as kombu's own would fail)
+            self.zadd(sock, zadd)
 
     def brpop(self, sock: Any, command: list[bytes]) -> Any:
         return self._blocking_pop(sock, command, left=False)

@@ -26,7 +26,7 @@ from runner.broker.resp import PROTOCOL_ERRORS, encode, reader_for
 
 log = logging.getLogger("dify_local.broker")
 
-API = 2  # the interface's version: a compiled extension built for another one is not used
+API = 3  # the interface's version: a compiled extension built for another one is not used
 
 
 class PySession:
@@ -227,4 +227,4 @@ def engine_for(server: Any) -> Any:
         wrongtype=WRONGTYPE, not_a_float=NOT_A_FLOAT, encode=encode,
         redis_double=redis_double, zadd_options=ZADD_OPTIONS, watched_changed=FastPath._changed,
         pubsub_allowed=PUBSUB_ALLOWED, multi_nested=SimpleError("ERR MULTI calls can not be nested"),
-        weakset_type=weakref.WeakSet)
+        weakset_type=weakref.WeakSet, hold=server.fast.hold)
