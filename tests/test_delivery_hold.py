@@ -138,8 +138,8 @@ def test_only_task_messages_are_recognised(message):
 
 
 def test_a_task_message_is_held_as_kombu_writes_it():
+    info = {"exchange": "ex", "routing_key": "rk"}
     message = json.dumps({"body": "W10=", "headers": {"task": "demo.add", "id": "i-1"},
-                          "properties": {"delivery_tag": "tag-1", "delivery_info": {"exchange": "ex", "routing_key": "rk"}}}
-                         ).encode()
+                          "properties": {"delivery_tag": "tag-1", "delivery_info": info}}).encode()
     assert task_delivery(message) == (b"tag-1", "ex", "rk")
     assert json.loads(held_entry(message, "ex", "rk")) == [json.loads(message), "ex", "rk"]
