@@ -29,6 +29,10 @@ def dify_local() -> list[str]:
 
 
 _GIVEN_PORTS: set[int] = set()
+# Under pytest-xdist each worker process takes only the ports of its own residue class: two workers
+# could otherwise each be handed the same port the kernel just freed, one for each of two stacks.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
 
 
 def free_port() -> int:
@@ -39,7 +43,7 @@ def free_port() -> int:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if port not in _GIVEN_PORTS:
+        if port not in _GIVEN_PORTS and port % _WORKERS == _WORKER:
             _GIVEN_PORTS.add(port)
             return port
 
