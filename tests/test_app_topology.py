@@ -4,9 +4,17 @@ Celery is launched, the app imported by its own interpreter, the queue no worker
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
 import pytest
 
 from runner.supervisor.procfile import describe
+from tests.helpers import BIN, base_env
 
 LINES = {
     "celery -A app.celery worker -P threads -c 2 -Q a,b": ("worker", "app.celery", ("a", "b"), ()),
@@ -38,3 +46,142 @@ def test_our_own_lines_keep_their_roles():
     spec = describe("worker", "dify-local serve worker -Q dataset,priority_dataset")
     assert (spec.role, spec.queues, spec.celery_app, spec.is_ours) == ("worker", ("dataset", "priority_dataset"),
                                                                        None, True)
+
+
+# -- the app asked of itself ------------------------------------------------------------------------
+
+FIXTURE = Path(__file__).with_name("dify_shaped")
+BUG_QUEUE = "trigger_refresh_publisher"
+BUG_TASK = "schedule.trigger_provider_refresh_task.trigger_provider_refresh"
+
+
+def dify_shaped(project, procfile: str | None = None) -> None:
+    """The fixture copied into the test's project (optionally with another Procfile)."""
+    shutil.copytree(FIXTURE, project.dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    if procfile is not None:
+        (project.dir / "Procfile").write_text(procfile)
+
+
+def worker_line(queues: str, launcher: str = "") -> str:
+    return f"worker: {launcher}celery -A app.celery worker -P threads -c 2 -l INFO -Q {queues}\n"
+
+
+def test_topology_lists_the_apps_tasks_schedule_and_the_queue_no_worker_consumes(project):
+    dify_shaped(project)
+    result = project.run("topology", "--json")
+    assert result.returncode == 1, result.stderr  # a queue nobody consumes
+    data = json.loads(result.stdout)
+    queues = {queue["name"]: queue for queue in data["queues"]}
+    # task options, task_routes and tasks outside dify-local's 16, as Celery's router sends them
+    assert queues["dataset_summary"]["tasks"] == ["tasks.generate_summary_index_task.generate_summary_index_task"]
+    assert queues["ops_trace"]["tasks"] == ["tasks.ops_trace_task.process_trace_tasks"]  # by task_routes
+    assert queues["api_token"]["consumed_by"] == ["worker"]
+    assert queues[BUG_QUEUE] == {"name": BUG_QUEUE, "tasks": [BUG_TASK], "consumed_by": []}
+    # beat's schedule from the ENABLE_* switches (.env turns clean_messages on; the environment wins)
+    schedule = {entry["name"]: entry for entry in data["periodic"]}
+    assert set(schedule) == {"clean_messages", "workflow_schedule_task", "trigger_provider_refresh"}
+    assert schedule["trigger_provider_refresh"]["queue"] == BUG_QUEUE
+    assert schedule["workflow_schedule_task"]["schedule"] == "every 1 min"
+    assert schedule["clean_messages"]["schedule"].startswith("crontab 0 4")
+    assert [problem for problem in data["problems"] if BUG_QUEUE in problem] == data["problems"] != []
+    off = project.run("topology", "--json", env={"ENABLE_CLEAN_MESSAGES": "false"})
+    assert "clean_messages" not in {entry["name"] for entry in json.loads(off.stdout)["periodic"]}
+    # the table says the same
+    table = project.run("topology")
+    row = next(line for line in table.stdout.splitlines() if line.startswith(BUG_QUEUE))
+    assert "NOBODY" in row and BUG_TASK in row and BUG_QUEUE in table.stderr
+
+
+def test_topology_with_every_queue_consumed_passes(project):
+    dify_shaped(project)
+    procfile = (project.dir / "Procfile").read_text().replace("-Q dataset,", f"-Q {BUG_QUEUE},dataset,")
+    (project.dir / "Procfile").write_text(procfile)
+    result = project.run("topology", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["problems"] == []
+
+
+def test_an_app_that_fails_to_import_is_one_line_with_its_last_traceback_line(project):
+    dify_shaped(project)
+    (project.dir / "configs" / "__init__.py").write_text("import flask_missing_extension\n")
+    result = project.run("topology")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"dify-local: cannot import app.celery with `{sys.executable}` in {project.dir}: "
+        "ModuleNotFoundError: No module named 'flask_missing_extension'"]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_an_app_that_hangs_on_import_is_cut_off_with_progress(project, monkeypatch):
+    from runner import app_topology
+    from runner.supervisor.procfile import describe
+
+    dify_shaped(project)
+    (project.dir / "configs" / "__init__.py").write_text("import time\nprint('connecting…', flush=True)\n"
+                                                         "time.sleep(600)\n")
+    monkeypatch.setattr(app_topology, "PROGRESS_EVERY", 0.2)
+    said: list[str] = []
+    line = describe("worker", worker_line("dataset", f"{BIN}/").strip().partition(": ")[2])
+    with pytest.raises(app_topology.AppTopologyError) as raised:
+        app_topology.probe(line, project.dir, timeout=1.5, progress=said.append, env=base_env())
+    assert "did not finish within 1.5 s; its last line: connecting…" in str(raised.value)
+    assert said and all(text.startswith("still importing app.celery") for text in said)
+
+
+def test_uv_and_poetry_style_wrappers_run_the_apps_own_interpreter(project):
+    """A fake `uv` on PATH (it records that it ran, then runs the rest with this virtualenv), as the
+    Procfile's `uv run celery …` would run in a Dify checkout."""
+    dify_shaped(project)
+    fake = project.dir / "fakebin"
+    fake.mkdir()
+    for name in ("uv", "poetry"):
+        script = fake / name
+        script.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {project.dir}/launched\n"
+                          f"shift  # run\nexec env PATH={BIN}:$PATH \"$@\"\n")
+        script.chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin"}
+    for launcher in ("uv run ", "poetry run "):
+        dify_shaped(project, worker_line(f"{BUG_QUEUE},dataset", launcher))
+        result = project.run("topology", "--json", env=env)
+        data = json.loads(result.stdout)
+        assert data["app"]["python"] == f"{launcher}python"
+        consumed = {queue["name"]: queue["consumed_by"] for queue in data["queues"]}
+        assert consumed[BUG_QUEUE] == ["worker"] and consumed["mail"] == []
+    assert [line.split()[0].rsplit("/", 1)[1] for line in (project.dir / "launched").read_text().splitlines()] \
+        == ["uv", "poetry"]
+
+
+def test_up_warns_about_the_unconsumed_queue_and_doctor_fails_on_it(project):
+    """A worker on a subset of queues starts (never refused); the queue no worker consumes is said at
+    start; doctor fails on it, counts Celery's own beat as a beat and skips our migrations."""
+    dify_shaped(project)
+    stack = project.up("worker", "beat")
+    stack.wait_for_line(rf"warning: queue '{BUG_QUEUE}' has tasks routed to it \({re.escape(BUG_TASK)}\)", 60)
+    result = project.run("doctor", "--json")
+    assert result.returncode == 1
+    checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
+    assert checks["consumers"]["status"] == "fail" and BUG_QUEUE in checks["consumers"]["detail"]
+    assert checks["consumers"]["data"]["unconsumed"] == {BUG_QUEUE: [BUG_TASK]}
+    assert checks["migrations"]["status"] == "skip" and checks["documents"]["status"] == "skip"
+    assert checks["beat"]["status"] == "pass" and "Celery's own beat" in checks["beat"]["detail"]
+    assert not project.database.exists()  # nothing of our backend was made
+    stack.signal(signal.SIGINT)
+    assert stack.wait(60) == 0
+
+
+def test_our_worker_on_a_subset_of_queues_is_not_refused(project):
+    """`dify-local serve worker -Q dataset,priority_dataset` (the seed's own tip) starts; the queues
+    left out are a warning."""
+    (project.dir / "Procfile").write_text("worker: dify-local serve worker -Q dataset,priority_dataset\n")
+    stack = project.up()
+    assert "warning: queue 'retention' has tasks routed to it (clean_task_runs_task" in stack.output
+    topology_result = project.run("topology")
+    assert topology_result.returncode == 1 and "retention" in topology_result.stderr
+    stack.signal(signal.SIGINT)
+    assert stack.wait(60) == 0
+
+
+def test_our_worker_on_a_queue_our_backend_does_not_have_is_refused(project):
+    (project.dir / "Procfile").write_text("worker: dify-local serve worker -Q dataset,datset\n")
+    result = project.run("up")
+    assert result.returncode == 2 and "process 'worker' consumes unknown queue 'datset'" in result.stderr
