@@ -165,6 +165,10 @@ def test_up_warns_about_the_unconsumed_queue_and_doctor_fails_on_it(project):
     assert checks["migrations"]["status"] == "skip" and checks["documents"]["status"] == "skip"
     assert checks["beat"]["status"] == "pass" and "Celery's own beat" in checks["beat"]["detail"]
     assert not project.database.exists()  # nothing of our backend was made
+    # `queues` lists the app's queues beside our 16: the bug's with its task and no consumer
+    queues = {row["name"]: row for row in json.loads(project.run("queues", "--json").stdout)["queues"]}
+    assert queues[BUG_QUEUE]["app_tasks"] == [BUG_TASK] and queues[BUG_QUEUE]["consumers"] == []
+    assert queues["dataset_summary"]["consumers"] != [] and queues["api_token"]["app_tasks"]
     stack.signal(signal.SIGINT)
     assert stack.wait(60) == 0
 
@@ -185,3 +189,49 @@ def test_our_worker_on_a_queue_our_backend_does_not_have_is_refused(project):
     (project.dir / "Procfile").write_text("worker: dify-local serve worker -Q dataset,datset\n")
     result = project.run("up")
     assert result.returncode == 2 and "process 'worker' consumes unknown queue 'datset'" in result.stderr
+
+
+# -- init --dify ------------------------------------------------------------------------------------
+
+def test_init_dify_writes_a_procfile_from_the_apps_routes(project):
+    dify_shaped(project)
+    (project.dir / "Procfile").unlink()
+    result = project.run("init", "--dify")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in (project.dir / "Procfile").read_text().splitlines())
+    assert lines["api"] == "flask run --host 127.0.0.1 --port 5001 --debug"
+    assert lines["beat"] == "celery -A app.celery beat --loglevel INFO"
+    worker = describe("worker", lines["worker"])
+    assert (worker.role, worker.celery_app) == ("worker", "app.celery")
+    topology = json.loads(project.run("topology", "--json").stdout)
+    assert set(worker.queues) == {queue["name"] for queue in topology["queues"]}  # every routed queue, the bug's too
+    assert BUG_QUEUE in worker.queues and worker.queues[0] == "priority_dataset" and topology["problems"] == []
+    again = project.run("init", "--dify")
+    assert again.returncode == 1 and "has a Procfile already; nothing was written (--force rewrites it)" in again.stderr
+    (project.dir / "Procfile").write_text("mine: true\n")
+    assert project.run("init", "--dify", "--force").returncode == 0
+    assert "worker: celery -A app.celery worker" in (project.dir / "Procfile").read_text()
+
+
+def test_init_dify_uses_uv_and_falls_back_to_difys_documented_queues(project):
+    """With uv.lock the lines run through `uv run`; an app that cannot be imported gives Dify's
+    documented queue list and a warning."""
+    from runner.cli.init_dify import DIFY_DOCUMENTED_QUEUES
+
+    dify_shaped(project)
+    (project.dir / "Procfile").unlink()
+    (project.dir / "uv.lock").write_text("")
+    result = project.run("init", "--dify", env={"PATH": "/usr/bin:/bin"})  # no uv here
+    assert result.returncode == 0, result.stderr
+    assert "warning: the worker's -Q is Dify's documented list, not the app's: cannot run `uv`" in result.stderr
+    procfile = (project.dir / "Procfile").read_text()
+    assert procfile.startswith("api: uv run flask run --host 127.0.0.1 --port 5001")
+    worker = describe("worker", procfile.splitlines()[1].split(": ", 1)[1])
+    assert worker.queues == DIFY_DOCUMENTED_QUEUES and worker.python == ("uv", "run", "python")
+
+
+def test_init_dify_outside_a_dify_folder_is_refused(project):
+    result = project.run("init", "--dify")
+    assert result.returncode == 2 and "has no app.py: run `dify-local init --dify` in a Dify checkout's api/ folder" \
+        in result.stderr
+    assert not (project.dir / "Procfile").exists()
