@@ -164,6 +164,7 @@ def test_up_warns_about_the_unconsumed_queue_and_doctor_fails_on_it(project):
     assert checks["consumers"]["data"]["unconsumed"] == {BUG_QUEUE: [BUG_TASK]}
     assert checks["migrations"]["status"] == "skip" and checks["documents"]["status"] == "skip"
     assert checks["beat"]["status"] == "pass" and "Celery's own beat" in checks["beat"]["detail"]
+    assert checks["worker"]["status"] == "pass" and "the project's own Celery worker" in checks["worker"]["detail"]
     assert not project.database.exists()  # nothing of our backend was made
     # `queues` lists the app's queues beside our 16: the bug's with its task and no consumer
     queues = {row["name"]: row for row in json.loads(project.run("queues", "--json").stdout)["queues"]}

@@ -179,6 +179,9 @@ def check_worker(ctx: Context) -> Result:
                       fix=(f"{start_advice(ctx, 'worker')}; its log says what it did last "
                            "(`dify-local logs -n 50 worker`, or its terminal if started by hand)"),
                       lines=lines, data=data)
+    if not healthy and ctx.app_line() is not None:  # the project's own Celery workers: a ping is all they give
+        return Result("worker", PASS, f"{', '.join(unbeating)} answer(s) a ping (the project's own Celery "
+                                      "worker; it writes no heartbeat of ours)", lines=lines, data=data)
     if not healthy:  # only workers without a heartbeat
         return Result("worker", WARN, f"{', '.join(unbeating)} answer(s) a ping but write no heartbeat",
                       fix="run workers with `dify-local serve worker` (or `celery -A runner.app.celery worker`), "
