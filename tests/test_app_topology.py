@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from runner.supervisor.procfile import describe
+from runner.topology import QUEUE_NAMES
 from tests.helpers import BIN, base_env
 
 LINES = {
@@ -189,7 +190,8 @@ def test_our_worker_on_a_subset_of_queues_is_not_refused(project):
 def test_our_worker_on_a_queue_our_backend_does_not_have_is_refused(project):
     (project.dir / "Procfile").write_text("worker: dify-local serve worker -Q dataset,datset\n")
     result = project.run("up")
-    assert result.returncode == 2 and "process 'worker' consumes unknown queue 'datset'" in result.stderr
+    assert result.returncode == 2
+    assert "process 'worker' (-Q): unknown queue 'datset' for dify-local's worker" in result.stderr
 
 
 # -- init --dify ------------------------------------------------------------------------------------
@@ -236,3 +238,19 @@ def test_init_dify_outside_a_dify_folder_is_refused(project):
     assert result.returncode == 2 and "has no app.py: run `dify-local init --dify` in a Dify checkout's api/ folder" \
         in result.stderr
     assert not (project.dir / "Procfile").exists()
+
+
+def test_celery_queues_is_checked_against_the_app_the_worker_runs(project):
+    """A Dify .env's CELERY_QUEUES with Dify's own queues is a setting like any (config reads it);
+    our backend's worker refuses a queue it has no task for, naming where it came from."""
+    env = {"CELERY_QUEUES": "dataset,dataset_summary"}
+    config = project.run("config", "--json", env=env)
+    assert config.returncode == 0, config.stderr
+    assert project.run("serve", "worker", env=env).stderr.strip() == (
+        "dify-local: CELERY_QUEUES: unknown queue 'dataset_summary' for dify-local's worker; allowed: "
+        + ", ".join(QUEUE_NAMES))
+    refused = project.run("up", env=env)
+    assert refused.returncode == 2 and "process 'worker' (CELERY_QUEUES): unknown queue 'dataset_summary'" \
+        in refused.stderr
+    dify_shaped(project)  # the same setting beside a project's own app: not ours to judge
+    assert project.run("topology", "--json", env=env).returncode == 1  # (its own unconsumed queue only)

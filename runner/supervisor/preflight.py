@@ -31,9 +31,11 @@ def route_problems(specs: list[ProcessSpec], settings: Settings) -> list[str]:
     """What `up` refuses: a worker of our backend told to consume a queue our backend has no task for
     (a typo). A project's own Celery app is checked against itself (runner.app_topology), never
     against our 16, and a worker on a subset of the queues is never refused."""
-    return [f"process {spec.name!r} consumes unknown queue {queue!r}; known queues: "
-            + ", ".join(topology.QUEUE_NAMES)
-            for spec in our_workers(specs) for queue in spec.queues or () if queue not in topology.QUEUE_NAMES]
+    problems = []
+    for spec in our_workers(specs):
+        given = f"process {spec.name!r} (-Q)" if spec.queues else f"process {spec.name!r} (CELERY_QUEUES)"
+        problems += topology.unknown_queue_problems(spec.queues or settings.CELERY_QUEUES, given)
+    return problems
 
 
 def route_warnings(specs: list[ProcessSpec], settings: Settings) -> list[str]:
