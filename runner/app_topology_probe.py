@@ -14,7 +14,6 @@ the JSON and the traceback on stderr.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -26,19 +25,14 @@ IMPORT_FAILED = 3
 
 
 def load_app(name: str):
-    module_name, _, attribute = name.partition(":") if ":" in name else name.rpartition(".")
-    try:
-        module = importlib.import_module(name)  # `-A app`: a module holding `app` or `celery`
-    except ImportError:
-        module = None
-    if module is not None:
-        for candidate in ("app", "celery"):
-            found = getattr(module, candidate, None)
-            if found is not None and hasattr(found, "tasks") and hasattr(found, "conf"):
-                return found
-    if not module_name:
-        raise ImportError(f"no Celery app in {name!r}")
-    return getattr(importlib.import_module(module_name), attribute)
+    """The app as `celery -A NAME` finds it (Celery's own find_app: a module, `module.attr` or `module:attr`)."""
+    from celery import Celery
+    from celery.app.utils import find_app
+
+    app = find_app(name)
+    if not isinstance(app, Celery):  # `-A app` in Dify finds its Flask app, as Celery's CLI would
+        raise TypeError(f"{name} is a {type(app).__name__}, not a Celery app (name one: -A module.attribute)")
+    return app
 
 
 def describe_schedule(schedule) -> str:
@@ -104,7 +98,10 @@ def main(argv: list[str]) -> int:
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # the app's own prints and logs, even from C, go to stderr
     sys.stdout = sys.stderr
-    sys.path.insert(0, os.getcwd())  # as `celery -A` finds the project's modules
+    # as `celery -A` finds the project's modules; not this file's folder, runner/, whose app.py,
+    # celery_app.py … would shadow the project's own
+    here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [os.getcwd(), *(path for path in sys.path if os.path.realpath(path or ".") != here)]
     started = time.monotonic()
     try:
         app = load_app(argv[1])

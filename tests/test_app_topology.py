@@ -254,3 +254,15 @@ def test_celery_queues_is_checked_against_the_app_the_worker_runs(project):
         in refused.stderr
     dify_shaped(project)  # the same setting beside a project's own app: not ours to judge
     assert project.run("topology", "--json", env=env).returncode == 1  # (its own unconsumed queue only)
+
+
+def test_the_probe_sees_the_projects_modules_not_dify_locals(project):
+    """runner/ (the probe's folder) has app.py, celery_app.py, topology.py …: none may stand in for
+    the project's. `-A app` naming a module whose `app` is Flask is Celery's error, said in one line."""
+    (project.dir / "app.py").write_text("import celery_app  # dify-local has one; this project does not\n")
+    (project.dir / "Procfile").write_text("worker: celery -A app.celery worker\n")
+    result = project.run("topology")
+    assert result.returncode == 1 and "ModuleNotFoundError: No module named 'celery_app'" in result.stderr
+    dify_shaped(project, "worker: celery -A app worker\n")
+    result = project.run("topology")
+    assert result.returncode == 1 and "TypeError: app is a Flask, not a Celery app" in result.stderr
