@@ -266,3 +266,16 @@ def test_the_probe_sees_the_projects_modules_not_dify_locals(project):
     dify_shaped(project, "worker: celery -A app worker\n")
     result = project.run("topology")
     assert result.returncode == 1 and "TypeError: app is a Flask, not a Celery app" in result.stderr
+
+
+def test_doctor_judges_the_apps_procfile_even_with_the_stack_down(project):
+    dify_shaped(project)
+    checks = {check["name"]: check for check in json.loads(project.run("doctor", "--json").stdout)["checks"]}
+    assert checks["broker"]["status"] == "fail"  # nothing runs
+    assert checks["consumers"]["status"] == "fail" and checks["consumers"]["data"]["unconsumed"] == {
+        BUG_QUEUE: [BUG_TASK]}
+    assert checks["migrations"]["status"] == "skip"
+    (project.dir / "configs" / "__init__.py").write_text("raise RuntimeError('SECRET_KEY is not set')\n")
+    checks = {check["name"]: check for check in json.loads(project.run("doctor", "--json").stdout)["checks"]}
+    assert checks["consumers"]["status"] == "fail"
+    assert checks["consumers"]["detail"].endswith("RuntimeError: SECRET_KEY is not set")
