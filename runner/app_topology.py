@@ -113,6 +113,24 @@ def python_command(spec: ProcessSpec, env: dict[str, str] | None = None) -> tupl
     return tuple(shlex.split(first[2:])) if first.startswith("#!") and first[2:].strip() else ("python3",)
 
 
+def frozen_free_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (the environment) without what the binary's bootloader added: the project's python is not ours."""
+    from runner.frozen import foreign_environment
+
+    return foreign_environment(dict(os.environ if base is None else base))
+
+
+def probe_environment(settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """What the app is imported with: `base` (the environment; `up` adds the .env files), without the
+    binary's bootloader variables, and the broker's address where the stack gives it (an app may read
+    CELERY_BROKER_URL as it imports; it connects to nothing)."""
+    env = frozen_free_environment(base)
+    if settings.uses_embedded_broker:
+        env.setdefault("CELERY_BROKER_URL", settings.broker_url)
+        env.setdefault("REDIS_URL", settings.embedded_url(0))
+    return env
+
+
 def probe(spec: ProcessSpec, project_dir: Path, timeout: float = PROBE_TIMEOUT,
           progress: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> AppTopology:
     """Import `spec`'s app with its own interpreter in `project_dir` and read its topology."""

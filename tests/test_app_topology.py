@@ -279,3 +279,16 @@ def test_doctor_judges_the_apps_procfile_even_with_the_stack_down(project):
     checks = {check["name"]: check for check in json.loads(project.run("doctor", "--json").stdout)["checks"]}
     assert checks["consumers"]["status"] == "fail"
     assert checks["consumers"]["detail"].endswith("RuntimeError: SECRET_KEY is not set")
+
+
+def test_an_app_reading_the_brokers_address_as_it_imports_gets_it(project):
+    """As under `up`: CELERY_BROKER_URL is the embedded broker's (the app connects to nothing)."""
+    (project.dir / "tasks.py").write_text(
+        "import os\nfrom celery import Celery\n\n"
+        "app = Celery('shop', broker=os.environ['CELERY_BROKER_URL'])\n"
+        "app.conf.task_routes = {'tasks.add': {'queue': 'sums'}}\n\n\n"
+        "@app.task\ndef add(a, b):\n    return a + b\n")
+    (project.dir / "Procfile").write_text("worker: celery -A tasks worker -Q sums\n")
+    result = project.run("topology", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["queues"] == [{"name": "sums", "tasks": ["tasks.add"], "consumed_by": ["worker"]}]

@@ -39,11 +39,12 @@ def dify_procfile(run: str, queues: list[str]) -> str:
 
 def app_queues(folder: Path, run: str) -> tuple[list[str], str | None]:
     """The queues the app's tasks and beat entries go to, and why not when it cannot be imported."""
-    from runner.app_topology import AppTopologyError, probe
+    from runner.app_topology import AppTopologyError, frozen_free_environment, probe
 
     line = describe("worker", f"{run}celery -A app.celery worker")
     try:
-        app = probe(line, folder, progress=lambda text: click.echo(f"dify-local: {text}", err=True))
+        app = probe(line, folder, progress=lambda text: click.echo(f"dify-local: {text}", err=True),
+                    env=frozen_free_environment())
     except AppTopologyError as error:
         return list(DIFY_DOCUMENTED_QUEUES), str(error)
     from runner.topology import consumption_order

@@ -114,10 +114,11 @@ def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -
 def _app_topology(settings, specs, source: str, line, as_json: bool) -> None:
     """`topology` for a project's own Celery app: its queues, the tasks routed to each and the
     worker lines consuming each, beat's schedule, and the queues no worker consumes (exit 1)."""
-    from runner.app_topology import AppTopologyError, consumers, probe, unconsumed_lines
+    from runner.app_topology import AppTopologyError, consumers, probe, probe_environment, unconsumed_lines
 
     try:
-        app = probe(line, settings.project_dir, progress=lambda text: click.echo(f"dify-local: {text}", err=True))
+        app = probe(line, settings.project_dir, progress=lambda text: click.echo(f"dify-local: {text}", err=True),
+                    env=probe_environment(settings))
     except AppTopologyError as error:
         fail(str(error))
     consumed = consumers(specs, app)

@@ -152,7 +152,7 @@ def queues_command(ctx: click.Context, as_json: bool, watch: bool, interval: flo
 def _app_queues(settings: Settings) -> dict[str, list[str]]:
     """queue → tasks of the project's own Celery app (`celery -A app.celery worker` in its Procfile),
     asked of the app once; nothing (and one line on stderr) when it cannot be imported."""
-    from runner.app_topology import AppTopologyError, app_line, probe
+    from runner.app_topology import AppTopologyError, app_line, probe, probe_environment
     from runner.supervisor.procfile import ProcfileError, load_procfile
 
     try:
@@ -163,7 +163,7 @@ def _app_queues(settings: Settings) -> dict[str, list[str]]:
         return {}
     try:
         return probe(line, settings.project_dir, progress=lambda text: click.echo(f"dify-local: {text}", err=True),
-                     ).routed()
+                     env=probe_environment(settings)).routed()
     except AppTopologyError as error:
         click.echo(f"dify-local: the app's own queues are not listed: {error}", err=True)
         return {}

@@ -152,17 +152,17 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         supervisor.say(f"reloading on changes in {plan.describe()} (--no-reload turns it off)")
     for warning in warnings:
         supervisor.say(f"warning: {warning}")
-    _check_app_routes_later(supervisor, all_specs, settings.project_dir, {**dotenv, **os.environ})
+    _check_app_routes_later(supervisor, all_specs, settings, {**dotenv, **os.environ})
     sys.exit(supervisor.run())
 
 
-def _check_app_routes_later(supervisor, specs, project_dir: Path, env: dict[str, str]) -> None:
+def _check_app_routes_later(supervisor, specs, settings, env: dict[str, str]) -> None:
     """A project's own Celery app (`celery -A app.celery worker`): its routes against the Procfile's
     workers, said once the app has been imported. In a thread: a Dify app imports for 20 s, and the
     stack starts meanwhile; a queue no worker consumes is a warning, never a refusal."""
     import threading
 
-    from runner.app_topology import AppTopologyError, app_line, probe, unconsumed_lines
+    from runner.app_topology import AppTopologyError, app_line, probe, probe_environment, unconsumed_lines
 
     line = app_line(specs)
     if line is None:
@@ -170,7 +170,7 @@ def _check_app_routes_later(supervisor, specs, project_dir: Path, env: dict[str,
 
     def check() -> None:
         try:
-            app = probe(line, project_dir, env=env)
+            app = probe(line, settings.project_dir, env=probe_environment(settings, env))
         except AppTopologyError as error:
             supervisor.say_later(f"warning: the app's queues were not checked: {error}")
             return

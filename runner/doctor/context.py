@@ -112,10 +112,11 @@ class Context:
         """The project's own Celery app's topology (runner.app_topology), imported once; None when the
         Procfile runs no such app. An import that fails raises AppTopologyError."""
         def ask():
-            from runner.app_topology import probe
+            from runner.app_topology import probe, probe_environment
 
             line = self.app_line()
-            return None if line is None else probe(line, self.settings.project_dir, timeout=APP_TIMEOUT)
+            return None if line is None else probe(line, self.settings.project_dir, timeout=APP_TIMEOUT,
+                                                   env=probe_environment(self.settings))
         return self.once("app_topology", ask)
 
     def supervisor(self) -> dict | None:
