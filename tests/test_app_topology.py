@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from runner.supervisor.procfile import describe
 from runner.topology import QUEUE_NAMES
@@ -158,6 +159,15 @@ def test_up_warns_about_the_unconsumed_queue_and_doctor_fails_on_it(project):
     dify_shaped(project)
     stack = project.up("worker", "beat")
     stack.wait_for_line(rf"warning: queue '{BUG_QUEUE}' has tasks routed to it \({re.escape(BUG_TASK)}\)", 60)
+    # a queue outside dify-local's 16, consumed by the app's own worker
+    sender = Celery(broker=project.broker_url)
+    try:
+        sender.send_task("tasks.generate_summary_index_task.generate_summary_index_task", args=["kb", "doc-1"],
+                         queue="dataset_summary")
+    finally:
+        sender.close()
+    stack.wait_for_line(r"worker +\| .*Task tasks\.generate_summary_index_task\.generate_summary_index_task\[.*\] "
+                        r"succeeded", 30)
     result = project.run("doctor", "--json")
     assert result.returncode == 1
     checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
