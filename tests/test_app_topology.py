@@ -211,6 +211,7 @@ def test_init_dify_writes_a_procfile_from_the_apps_routes(project):
     (project.dir / "Procfile").unlink()
     result = project.run("init", "--dify")
     assert result.returncode == 0, result.stderr
+    assert "first: cp .env.example" not in result.stdout  # there is a .env
     lines = dict(line.split(": ", 1) for line in (project.dir / "Procfile").read_text().splitlines())
     assert lines["api"] == "flask run --host 127.0.0.1 --port 5001 --debug"
     assert lines["beat"] == "celery -A app.celery beat --loglevel INFO"
@@ -234,8 +235,10 @@ def test_init_dify_uses_uv_and_falls_back_to_difys_documented_queues(project):
     dify_shaped(project)
     (project.dir / "Procfile").unlink()
     (project.dir / "uv.lock").write_text("")
+    (project.dir / ".env").rename(project.dir / ".env.example")
     result = project.run("init", "--dify", env={"PATH": "/usr/bin:/bin"})  # no uv here
     assert result.returncode == 0, result.stderr
+    assert "first: cp .env.example .env" in result.stdout
     assert "warning: the worker's -Q is Dify's documented list, not the app's: cannot run `uv`" in result.stderr
     procfile = (project.dir / "Procfile").read_text()
     assert procfile.startswith("api: uv run flask run --host 127.0.0.1 --port 5001")

@@ -69,5 +69,7 @@ def init_dify(folder: Path, force: bool) -> None:
         fail(f"cannot write {procfile}: {error.strerror or error}; name a folder this user can write", CONFIG_ERROR)
     source = "Dify's documented list" if failed else "app.celery's routes"
     click.echo(f"wrote {procfile}: api (port {DIFY_PORT}), worker on {len(queues)} queues ({source}), beat")
+    if not (folder / ".env").exists() and (folder / ".env.example").exists():
+        click.echo("first: cp .env.example .env   (Dify's app reads its settings from it)")
     click.echo("next: dify-local up    (Dify's app also needs its SQL database, a vector store and the plugin "
                "daemon: see the README's \"Your own Dify checkout\")")
