@@ -182,7 +182,8 @@ def probe(spec: ProcessSpec, project_dir: Path, timeout: float = PROBE_TIMEOUT,
         for reader in readers:
             reader.join(5)
     if len(out) > MAX_OUTPUT:
-        raise AppTopologyError(f"{spec.celery_app}'s topology is over {MAX_OUTPUT >> 20} MB of JSON: not read")
+        raise AppTopologyError(f"{spec.celery_app}'s topology is over {MAX_OUTPUT:,} bytes of JSON: not read "
+                               "(an app has hundreds of tasks; this one printed more than its topology)")
     answer = _json_or_none(out)
     if process.returncode != 0 or answer is None or "error" in answer:
         last = (answer or {}).get("error") or next((line for line in reversed(tail) if line.strip()),

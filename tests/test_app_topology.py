@@ -305,3 +305,27 @@ def test_an_app_reading_the_brokers_address_as_it_imports_gets_it(project):
     result = project.run("topology", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["queues"] == [{"name": "sums", "tasks": ["tasks.add"], "consumed_by": ["worker"]}]
+
+
+def test_the_probes_output_is_capped(project, monkeypatch):
+    from runner import app_topology
+
+    dify_shaped(project)
+    monkeypatch.setattr(app_topology, "MAX_OUTPUT", 1000)  # the fixture's topology is about 3 KB
+    line = describe("worker", f"{BIN}/celery -A app.celery worker")
+    with pytest.raises(app_topology.AppTopologyError, match="over 1,000 bytes of JSON: not read"):
+        app_topology.probe(line, project.dir, env=base_env())
+    monkeypatch.setattr(app_topology, "MAX_OUTPUT", 1 << 20)
+    assert len(app_topology.probe(line, project.dir, env=base_env()).tasks) == 11
+
+
+def test_a_bare_celery_runs_the_python_its_script_names(tmp_path):
+    """`celery` on PATH whose folder has no `python` (a pipx or system install): its #! line's."""
+    from runner.app_topology import python_command
+
+    (tmp_path / "celery").write_text("#!/opt/tools/bin/python3.12 -s\nimport celery\n")
+    (tmp_path / "celery").chmod(0o755)
+    assert python_command(describe("w", "celery -A app worker"), {"PATH": str(tmp_path)}) == \
+        ("/opt/tools/bin/python3.12", "-s")
+    assert python_command(describe("w", "celery -A app worker"), {"PATH": str(tmp_path / "none")}) == ("python3",)
+    assert python_command(describe("w", "uv run celery -A app worker"), {}) == ("uv", "run", "python")

@@ -35,15 +35,15 @@ __all__ = ["FAIL", "ORDER", "PASS", "SKIP", "WARN", "Result", "run_doctor"]
 def run_doctor(settings: Settings) -> list[Result]:
     """Every check's result, in the seed's order."""
     ctx = Context(settings)
-    timeout = ROUND_TIMEOUT
+    longer: dict[str, float] = {}
     if ctx.app_line() is not None:
         # a project's own app imports for seconds (a Dify app for 20): from the start, beside round one,
-        # and the round that reads it waits for it
+        # and only the check that reads it waits for it longer than a round
         threading.Thread(target=_quietly, args=(ctx.app_topology,), name="doctor-app", daemon=True).start()
-        timeout = APP_TIMEOUT + 1
+        longer["consumers"] = time.monotonic() + APP_TIMEOUT + 1
     try:
-        for index, checks in enumerate(ROUNDS):
-            ctx.results.update(_run_round(ctx, checks, ROUND_TIMEOUT if index == 0 else timeout))
+        for checks in ROUNDS:
+            ctx.results.update(_run_round(ctx, checks, longer=longer))
     finally:
         ctx.close()
     return [ctx.results[name] for name in ORDER]
@@ -57,7 +57,8 @@ def _quietly(compute: Callable[[], object]) -> None:
 
 
 def _run_round(ctx: Context, checks: tuple[tuple[str, Check], ...],
-               timeout: float = ROUND_TIMEOUT) -> dict[str, Result]:
+               longer: dict[str, float] | None = None) -> dict[str, Result]:
+    """Each check of the round at once, each by ROUND_TIMEOUT from now (or by its `longer` deadline)."""
     results: dict[str, Result] = {}
 
     def run(name: str, check: Check) -> None:
@@ -70,12 +71,13 @@ def _run_round(ctx: Context, checks: tuple[tuple[str, Check], ...],
     threads = [threading.Thread(target=run, args=check, name=f"doctor-{check[0]}", daemon=True) for check in checks]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    started = time.monotonic()
+    deadlines = {name: max(started + ROUND_TIMEOUT, (longer or {}).get(name, 0.0)) for name, _ in checks}
+    for (name, _), thread in zip(checks, threads, strict=True):
+        thread.join(max(0.0, deadlines[name] - time.monotonic()))
     for name, _ in checks:
         if name not in results:  # still waiting on something: the broker, a lock, a socket
-            results[name] = Result(name, FAIL, f"did not finish within {timeout:.0f} s",
+            results[name] = Result(name, FAIL, f"did not finish within {deadlines[name] - started:.0f} s",
                                    fix="the broker or the database does not answer in time: see the other checks, "
                                        "then run `dify-local doctor` again")
     return dict(results)
