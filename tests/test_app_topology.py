@@ -130,18 +130,22 @@ def test_an_app_that_hangs_on_import_is_cut_off_with_progress(project, monkeypat
     assert said and all(text.startswith("still importing app.celery") for text in said)
 
 
-def test_uv_and_poetry_style_wrappers_run_the_apps_own_interpreter(project):
-    """A fake `uv` on PATH (it records that it ran, then runs the rest with this virtualenv), as the
-    Procfile's `uv run celery …` would run in a Dify checkout."""
-    dify_shaped(project)
+def fake_launchers(project) -> dict[str, str]:
+    """Fake `uv` and `poetry` on PATH: each records that it ran, then runs the rest (after `run`) with
+    this virtualenv, as `uv run celery …` runs in a Dify checkout. The environment that finds them."""
     fake = project.dir / "fakebin"
-    fake.mkdir()
+    fake.mkdir(exist_ok=True)
     for name in ("uv", "poetry"):
         script = fake / name
         script.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {project.dir}/launched\n"
                           f"shift  # run\nexec env PATH={BIN}:$PATH \"$@\"\n")
         script.chmod(0o755)
-    env = {"PATH": f"{fake}:/usr/bin:/bin"}
+    return {"PATH": f"{fake}:/usr/bin:/bin"}
+
+
+def test_uv_and_poetry_style_wrappers_run_the_apps_own_interpreter(project):
+    dify_shaped(project)
+    env = fake_launchers(project)
     for launcher in ("uv run ", "poetry run "):
         dify_shaped(project, worker_line(f"{BUG_QUEUE},dataset", launcher))
         result = project.run("topology", "--json", env=env)
@@ -151,6 +155,20 @@ def test_uv_and_poetry_style_wrappers_run_the_apps_own_interpreter(project):
         assert consumed[BUG_QUEUE] == ["worker"] and consumed["mail"] == []
     assert [line.split()[0].rsplit("/", 1)[1] for line in (project.dir / "launched").read_text().splitlines()] \
         == ["uv", "poetry"]
+
+
+def test_a_worker_through_uv_run_is_a_worker_under_up(project):
+    """Readiness by a Celery ping and a warm stop, as for any worker line."""
+    dify_shaped(project)
+    queues = describe("w", (project.dir / "Procfile").read_text().splitlines()[1].split(": ", 1)[1]).queues
+    (project.dir / "Procfile").write_text(worker_line(",".join((BUG_QUEUE, *queues)), "uv run "))
+    stack = project.up("--no-reload", env=fake_launchers(project))
+    row = project.processes()["worker"]
+    assert (row["role"], row["ready"]) == ("worker", True)
+    stack.wait_for_line(r"every queue its 11 tasks and 3 periodic entries go to has a worker", 30)
+    stack.signal(signal.SIGINT)
+    assert stack.wait(60) == 0
+    assert stack.alive() == []
 
 
 def test_up_warns_about_the_unconsumed_queue_and_doctor_fails_on_it(project):
