@@ -166,6 +166,10 @@ def test_a_worker_through_uv_run_is_a_worker_under_up(project):
     row = project.processes()["worker"]
     assert (row["role"], row["ready"]) == ("worker", True)
     stack.wait_for_line(r"every queue its 11 tasks and 3 periodic entries go to has a worker", 30)
+    doctor = json.loads(project.run("doctor", "--json", env=fake_launchers(project)).stdout)
+    consumers = next(check for check in doctor["checks"] if check["name"] == "consumers")
+    assert consumers["status"] == "pass" and "queues of app.celery with routed tasks have a live consumer" \
+        in consumers["detail"], consumers
     stack.signal(signal.SIGINT)
     assert stack.wait(60) == 0
     assert stack.alive() == []

@@ -118,14 +118,14 @@ def _check_app_consumers(ctx: Context) -> Result:
                 "their tasks wait", lines=[f"{queue}: {', '.join(tasks)}" for queue, tasks in lines_missing.items()],
             data=data)
     if not ctx.broker_ok():
-        return Result("consumers", PASS, f"every queue of {app.app}'s {len(routed)} has a worker line in the "
-                                         "Procfile (live workers not asked: see broker)", data=data)
+        return Result("consumers", PASS, f"each of the {len(routed)} queues {app.app} routes tasks to has a worker "
+                                         "line in the Procfile (live workers not asked: see broker)", data=data)
     snapshot = ctx.workers()
     live = consumers_by_queue(snapshot.queues_of)
     data["consumers"] = live
     if not snapshot.queues_of:
-        return Result("consumers", PASS, f"every queue of {app.app}'s {len(routed)} has a worker line in the "
-                                         "Procfile (no worker answers now: see worker)", data=data)
+        return Result("consumers", PASS, f"each of the {len(routed)} queues {app.app} routes tasks to has a worker "
+                                         "line in the Procfile (no worker answers now: see worker)", data=data)
     waiting = {queue: tasks for queue, tasks in routed.items() if queue not in live}
     if waiting:
         return Result("consumers", FAIL,
