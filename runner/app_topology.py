@@ -132,8 +132,10 @@ def probe_environment(settings, base: dict[str, str] | None = None) -> dict[str,
 
 
 def probe(spec: ProcessSpec, project_dir: Path, timeout: float = PROBE_TIMEOUT,
-          progress: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> AppTopology:
-    """Import `spec`'s app with its own interpreter in `project_dir` and read its topology."""
+          progress: Callable[[str], None] | None = None, env: dict[str, str] | None = None,
+          cancel: threading.Event | None = None) -> AppTopology:
+    """Import `spec`'s app with its own interpreter in `project_dir` and read its topology. `cancel`
+    set (the stack stopping) kills the import: nothing `up` started outlives it."""
     if not PROBE.is_file():
         raise AppTopologyError(f"this dify-local has no {PROBE.name} to import {spec.celery_app} with "
                                "(a build without it); run dify-local from its package to read the app's topology")
@@ -167,6 +169,8 @@ def probe(spec: ProcessSpec, project_dir: Path, timeout: float = PROBE_TIMEOUT,
     try:
         while process.poll() is None:
             now = time.monotonic()
+            if cancel is not None and cancel.is_set():
+                raise AppTopologyError(f"importing {spec.celery_app} was cancelled")
             if now - started > timeout:
                 _kill(process)
                 last = next((line for line in reversed(tail) if line.strip()), "")

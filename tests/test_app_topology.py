@@ -9,8 +9,10 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 from celery import Celery
 
@@ -128,6 +130,22 @@ def test_an_app_that_hangs_on_import_is_cut_off_with_progress(project, monkeypat
         app_topology.probe(line, project.dir, timeout=1.5, progress=said.append, env=base_env())
     assert "did not finish within 1.5 s; its last line: connecting…" in str(raised.value)
     assert said and all(text.startswith("still importing app.celery") for text in said)
+    assert probes_in(project.dir) == []
+    cancel = threading.Event()  # the stack stopping: the import is cut off, not left to run on
+    threading.Timer(0.5, cancel.set).start()
+    with pytest.raises(app_topology.AppTopologyError, match="importing app.celery was cancelled"):
+        app_topology.probe(line, project.dir, timeout=60, env=base_env(), cancel=cancel)
+    assert probes_in(project.dir) == []
+
+
+def probes_in(folder: Path) -> list[int]:
+    """Pids of probe processes running in `folder`."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        if any("app_topology_probe" in part for part in process.info["cmdline"] or ()) \
+                and process.info["cwd"] == str(folder):
+            found.append(process.info["pid"])
+    return found
 
 
 def fake_launchers(project) -> dict[str, str]:

@@ -158,8 +158,9 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
 
 def _check_app_routes_later(supervisor, specs, settings, env: dict[str, str]) -> None:
     """A project's own Celery app (`celery -A app.celery worker`): its routes against the Procfile's
-    workers, said once the app has been imported. In a thread: a Dify app imports for 20 s, and the
-    stack starts meanwhile; a queue no worker consumes is a warning, never a refusal."""
+    workers, said once the app has been imported. In a thread, once the stack is ready: a Dify app
+    imports for 20 s, and a fourth import beside the api's, worker's and beat's would slow their
+    start on a laptop's cores. A queue no worker consumes is a warning, never a refusal."""
     import threading
 
     from runner.app_topology import AppTopologyError, app_line, probe, probe_environment, unconsumed_lines
@@ -169,9 +170,14 @@ def _check_app_routes_later(supervisor, specs, settings, env: dict[str, str]) ->
         return
 
     def check() -> None:
+        while not supervisor.ready_announced:
+            if supervisor.stopping.wait(0.2):
+                return
         try:
-            app = probe(line, settings.project_dir, env=probe_environment(settings, env))
+            app = probe(line, settings.project_dir, env=probe_environment(settings, env), cancel=supervisor.stopping)
         except AppTopologyError as error:
+            if supervisor.stopping.is_set():
+                return
             supervisor.say_later(f"warning: the app's queues were not checked: {error}")
             return
         found = unconsumed_lines(specs, app)
