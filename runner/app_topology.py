@@ -13,6 +13,7 @@ built-in backend's list; this module is the one place for a foreign app's.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
@@ -34,6 +35,15 @@ PROGRESS_EVERY = 5.0  # seconds between "still importing" reports
 MAX_OUTPUT = 4 << 20  # bytes of JSON read from the probe; an app has hundreds of tasks, not millions
 STDERR_TAIL = 200  # lines of the app's own output kept for an error message
 BUILTIN_APPS = ("runner.app", "runner.celery_app")  # our backend through Celery's CLI: runner.topology describes it
+
+
+_LIVE: set[subprocess.Popen] = set()  # probes running now: killed at exit (a Ctrl-C'd doctor runs one in a thread)
+
+
+@atexit.register
+def _kill_live() -> None:
+    for process in list(_LIVE):
+        _kill(process)
 
 
 class AppTopologyError(Exception):
@@ -149,6 +159,7 @@ def probe(spec: ProcessSpec, project_dir: Path, timeout: float = PROBE_TIMEOUT,
     except OSError as error:
         raise AppTopologyError(f"cannot run `{python[0]}` to import {spec.celery_app} (the Procfile's {spec.name} "
                                f"line runs it): {error.strerror or error}; install it or fix the line") from None
+    _LIVE.add(process)
     out = bytearray()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
 
@@ -183,6 +194,7 @@ def probe(spec: ProcessSpec, project_dir: Path, timeout: float = PROBE_TIMEOUT,
     finally:
         if process.poll() is None:
             _kill(process)
+        _LIVE.discard(process)
         for reader in readers:
             reader.join(5)
     if len(out) > MAX_OUTPUT:
@@ -207,7 +219,10 @@ def _kill(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    process.wait()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:  # not ours to wait on any longer (a D-state import)
+        pass
 
 
 def _json_or_none(raw: bytes) -> dict | None:

@@ -18,7 +18,7 @@ from celery import Celery
 
 from runner.supervisor.procfile import describe
 from runner.topology import QUEUE_NAMES
-from tests.helpers import BIN, base_env
+from tests.helpers import BIN, base_env, wait_until
 
 LINES = {
     "celery -A app.celery worker -P threads -c 2 -Q a,b": ("worker", "app.celery", ("a", "b"), ()),
@@ -369,3 +369,13 @@ def test_a_bare_celery_runs_the_python_its_script_names(tmp_path):
         ("/opt/tools/bin/python3.12", "-s")
     assert python_command(describe("w", "celery -A app worker"), {"PATH": str(tmp_path / "none")}) == ("python3",)
     assert python_command(describe("w", "uv run celery -A app worker"), {}) == ("uv", "run", "python")
+
+
+def test_a_doctor_stopped_while_the_app_imports_leaves_no_import_behind(project):
+    dify_shaped(project)
+    (project.dir / "configs" / "__init__.py").write_text("import time\ntime.sleep(600)\n")
+    doctor = project.start("doctor")
+    wait_until(lambda: probes_in(project.dir), 20, "the app's import to start")
+    doctor.signal(signal.SIGINT)
+    doctor.wait(20)
+    wait_until(lambda: not probes_in(project.dir), 10, "the import to be gone with doctor")
