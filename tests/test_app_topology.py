@@ -379,3 +379,27 @@ def test_a_doctor_stopped_while_the_app_imports_leaves_no_import_behind(project)
     doctor.signal(signal.SIGINT)
     doctor.wait(20)
     wait_until(lambda: not probes_in(project.dir), 10, "the import to be gone with doctor")
+
+
+@pytest.mark.parametrize("argv,role", [
+    (["/srv/.venv/bin/python", "/srv/.venv/bin/celery", "-A", "app.celery", "beat", "-l", "INFO"], "beat"),
+    (["/usr/bin/python3", "-m", "celery", "-A", "app.celery", "worker"], "worker"),
+    (["celery", "-A", "beat", "worker"], "worker"),
+    (["/srv/.venv/bin/python", "/srv/.venv/bin/flask", "run"], None),
+    (["python3", "beat.py"], None),
+])
+def test_running_celery_processes_are_recognised_from_their_argv(argv, role):
+    from runner.supervisor.procfile import running_celery_role
+
+    assert running_celery_role(argv) == role
+
+
+def test_doctor_counts_a_celery_beat_started_by_hand_in_the_project(project):
+    dify_shaped(project)
+    broker = project.serve_broker()
+    assert broker.alive()
+    beat = project.start(argv=[str(BIN / "celery"), "-A", "app.celery", "beat", "-l", "INFO"],
+                         env={"CELERY_BROKER_URL": project.broker_url})
+    beat.wait_for_line(r"beat: Starting", 30)
+    checks = {check["name"]: check for check in json.loads(project.run("doctor", "--json").stdout)["checks"]}
+    assert checks["beat"]["status"] == "pass" and "Celery's own beat runs: celery" in checks["beat"]["detail"]

@@ -256,10 +256,11 @@ def _celery_beat(ctx: Context) -> str | None:
     for row in ctx.processes("beat"):
         if row.get("status") in ("running", "ready") and row.get("pid"):
             return f"{row['name']} (pid {row['pid']}) of this stack's `up`"
+    from runner.supervisor.procfile import running_celery_role
+
     folder = ctx.settings.project_dir.resolve()
     for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        argv = process.info.get("cmdline") or []
-        if "beat" in argv and any(part.endswith("celery") for part in argv) and process.info.get("cwd") \
-                and Path(process.info["cwd"]).resolve() == folder:
+        if process.info.get("cwd") and Path(process.info["cwd"]).resolve() == folder \
+                and running_celery_role(process.info.get("cmdline") or []) == "beat":
             return describe_process(process.info["pid"])
     return None

@@ -149,6 +149,16 @@ def _subcommand(args: tuple[str, ...]) -> str | None:
     return None
 
 
+def running_celery_role(argv: list[str]) -> str | None:
+    """worker or beat for a running process's argv that is Celery's CLI (its console script shows as
+    `python …/bin/celery …`), else None."""
+    if len(argv) > 1 and _is_python(argv[0]) and Path(argv[1]).name == "celery":
+        argv = argv[1:]
+    celery = celery_command(argv)
+    role = _subcommand(celery.args) if celery is not None else None
+    return role if role in ("worker", "beat") else None
+
+
 def describe(name: str, command: str, process_type: str = "") -> ProcessSpec:
     process_type = process_type or name
     try:
