@@ -133,3 +133,10 @@ def unconsumed_routes(consumed: Iterable[str]) -> list[tuple[str, str]]:
     """(task, queue) for every route whose queue is not in `consumed`."""
     consumed = set(consumed)
     return [(task, queue) for task, queue in ROUTES.items() if queue not in consumed]
+
+
+def unknown_queue_problems(queues: Iterable[str], where: str) -> list[str]:
+    """One line per queue of `queues` our backend has no task for (a typo), `where` naming the setting
+    or option that gave it. A project's own Celery app is never checked against these 16."""
+    return [f"{where}: unknown queue {queue!r} for dify-local's worker; allowed: " + ", ".join(QUEUE_NAMES)
+            for queue in queues if queue not in BY_NAME]

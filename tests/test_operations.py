@@ -27,8 +27,8 @@ def run(project, task: str, *args, **options) -> dict:
 
 
 def test_queue_monitor_mails_an_alert_when_dataset_is_over_the_threshold(project):
-    # `up` refuses a Procfile leaving a routed queue unconsumed: a second worker serves dataset,
-    # and is stopped once ready, so the queue fills with nobody consuming it.
+    # a second worker serves dataset, and is stopped once ready, so the queue fills with nobody
+    # consuming it (a Procfile leaving it out would do too: `up` only warns about it).
     others = ",".join(name for name in QUEUE_NAMES if name != "dataset")
     (project.dir / "Procfile").write_text(STACK + f"worker: dify-local serve worker -Q {others}\n"
                                           "datasetworker: dify-local serve worker -Q dataset\n")

@@ -21,7 +21,7 @@ INVALID = [
      "CELERY_MIN_WORKERS=5 is more than CELERY_MAX_WORKERS=2"),
     ({"CELERY_BROKER_URL": "amqp://guest@localhost//"}, "CELERY_BROKER_URL='amqp://guest@localhost//'"),
     ({"CELERY_BROKER_URL": "localhost:6379"}, "CELERY_BROKER_URL='localhost:6379'"),
-    ({"CELERY_QUEUES": "dataset,datasets"}, "CELERY_QUEUES='dataset,datasets'"),
+    ({"CELERY_QUEUES": "dataset,data sets"}, "CELERY_QUEUES='dataset,data sets'"),  # any app's names, but names
     ({"CELERY_USE_SENTINEL": "true", "CELERY_BROKER_URL": "sentinel://localhost:26379"},
      "CELERY_SENTINEL_MASTER_NAME=''"),
     ({"CELERY_USE_SENTINEL": "true", "CELERY_SENTINEL_MASTER_NAME": "mymaster"}, "CELERY_BROKER_URL="),

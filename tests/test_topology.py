@@ -10,7 +10,7 @@ from runner.beat_schedule import PERIODIC_TASKS
 from runner.celery_app import create_celery_app
 from runner.settings import load_settings
 from runner.supervisor.procfile import DEFAULT_PROCFILE, describe
-from tests.helpers import REPO, port_open
+from tests.helpers import REPO
 
 SEED_QUEUES = ("dataset,priority_dataset,priority_pipeline,pipeline,mail,ops_trace,app_deletion,plugin,"
                "workflow_storage,conversation,workflow,schedule_poller,schedule_executor,"
@@ -80,15 +80,3 @@ def test_topology_command_shows_queues_tasks_and_consumers(project):
     consumers = {queue["name"]: queue["consumed_by"] for queue in data["queues"]}
     assert consumers["priority_dataset"] == ["fast"] and consumers["retention"] == ["slow"]
     assert data["problems"] == []
-
-
-def test_up_refuses_a_procfile_with_an_unconsumed_queue(project):
-    (project.dir / "Procfile").write_text("api: dify-local serve api\n"
-                                          "worker: dify-local serve worker -Q " + ",".join(SEED_QUEUES[:-1]) + "\n")
-    result = project.run("up")
-    assert result.returncode == 2
-    assert ("task 'clean_task_runs_task' is routed to queue 'retention', which no worker in the Procfile consumes"
-            in result.stderr)
-    assert not port_open(project.broker_port) and not project.state.exists()
-    topology_result = project.run("topology")
-    assert topology_result.returncode == 1 and "retention" in topology_result.stderr

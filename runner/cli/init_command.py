@@ -40,13 +40,21 @@ KEPT_WITH_FORCE = {"local_config/local.env", ".gitignore"}  # the user's own: ne
 @main.command()
 @click.argument("folder", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite the Procfile and local_config/defaults.env if they exist.")
+@click.option("--dify", is_flag=True,
+              help="In a Dify checkout's api/ folder: a Procfile of Dify's own api, worker (on the app's queues) "
+                   "and beat.")
 @click.pass_context
-def init(ctx: click.Context, folder: Path | None, force: bool) -> None:
+def init(ctx: click.Context, folder: Path | None, force: bool, dify: bool) -> None:
     """Write a Procfile (broker, api, worker, beat) and local_config/ into FOLDER (default: here)."""
     state: CliState = ctx.find_object(CliState)
     folder = (folder or state.project_dir or Path.cwd()).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         fail(f"{folder} is not a folder", CONFIG_ERROR)
+    if dify:
+        from runner.cli.init_dify import init_dify
+
+        init_dify(folder, force)
+        return
     files = project_files()
     existing = [name for name in files if (folder / name).exists()]
     if existing and not force:

@@ -13,7 +13,7 @@ from runner.beat_schedule import HOUSEKEEPING_TASKS, PERIODIC_TASKS
 from runner.broker_config import VISIBILITY_FORMULA, visibility_timeout
 from runner.cli import fail, main, settings_from
 from runner.settings import GROUPS, mask_url
-from runner.supervisor.preflight import consumed_queues, route_problems
+from runner.supervisor.preflight import consumed_queues, route_problems, route_warnings
 from runner.supervisor.procfile import ProcfileError, load_procfile
 
 
@@ -64,14 +64,23 @@ def config(ctx: click.Context, as_json: bool, show_secrets: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.pass_context
 def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -> None:
-    """Queues with their priority, the tasks routed to each, and the processes consuming each."""
+    """Queues with their priority, the tasks routed to each, and the processes consuming each.
+
+    In a project whose Procfile runs its own Celery app (`celery -A app.celery worker`), that app's:
+    it is imported with the line's own interpreter and asked for its tasks, routes and schedule."""
+    from runner.app_topology import app_line
+
     settings = settings_from(ctx)
     try:
         specs, source = load_procfile(settings.project_dir, procfile)
     except ProcfileError as error:
         fail(str(error), 2)
+    line = app_line(specs)
+    if line is not None:
+        _app_topology(settings, specs, source, line, as_json)
+        return
     consumers = consumed_queues(specs, settings)
-    problems = route_problems(specs, settings)
+    problems = route_problems(specs, settings) + route_warnings(specs, settings)
     if as_json:
         click.echo(json.dumps({
             "procfile": source,
@@ -97,6 +106,45 @@ def topology_command(ctx: click.Context, procfile: Path | None, as_json: bool) -
                  f"{'on' if p.enabled(settings) else 'off'} ({p.flag or 'dify-local housekeeping, always'})"]
                 for p in PERIODIC_TASKS + HOUSEKEEPING_TASKS]
     click.echo(table(periodic, ["TASK", "QUEUE", "WHEN", "STATE"]))
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    sys.exit(1 if problems else 0)
+
+
+def _app_topology(settings, specs, source: str, line, as_json: bool) -> None:
+    """`topology` for a project's own Celery app: its queues, the tasks routed to each and the
+    worker lines consuming each, beat's schedule, and the queues no worker consumes (exit 1)."""
+    from runner.app_topology import AppTopologyError, consumers, probe, probe_environment, unconsumed_lines
+
+    try:
+        app = probe(line, settings.project_dir, progress=lambda text: click.echo(f"dify-local: {text}", err=True),
+                    env=probe_environment(settings))
+    except AppTopologyError as error:
+        fail(str(error))
+    consumed = consumers(specs, app)
+    routed = app.routed()
+    names = list(dict.fromkeys([*routed, *app.declared_queues, *consumed]))
+    problems = unconsumed_lines(specs, app) + [f"the app says: {error}" for error in app.errors]
+    if as_json:
+        click.echo(json.dumps({
+            "procfile": source, "app": app.to_json(),
+            "queues": [{"name": name, "tasks": routed.get(name, []), "consumed_by": consumed.get(name, [])}
+                       for name in names],
+            "periodic": app.schedule, "problems": problems,
+        }, indent=2))
+        sys.exit(1 if problems else 0)
+    rows = []
+    for name in names:
+        tasks = routed.get(name) or ["(none)"]
+        rows.append([name, ", ".join(consumed.get(name, [])) or "NOBODY", tasks[0]])
+        rows.extend(["", "", task] for task in tasks[1:])
+    click.echo(f"Queues of {app.app} (imported with `{' '.join(app.python)}` in {app.import_seconds:.1f} s; "
+               f"workers from {source})")
+    click.echo(table(rows, ["QUEUE", "CONSUMED BY", "TASKS"]))
+    click.echo()
+    click.echo("Periodic tasks (beat)")
+    periodic = [[entry["name"], entry["task"], entry["queue"] or "?", entry["schedule"]] for entry in app.schedule]
+    click.echo(table(periodic, ["NAME", "TASK", "QUEUE", "WHEN"]) if periodic else "(none)")
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     sys.exit(1 if problems else 0)

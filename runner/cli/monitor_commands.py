@@ -134,9 +134,10 @@ def queues_command(ctx: click.Context, as_json: bool, watch: bool, interval: flo
     sampled it)."""
     settings = settings_from(ctx, make_password=IF_POSSIBLE)
     app, history = _celery(settings), _sample_reader(settings)
+    app_queues = _app_queues(settings)
 
     def frame() -> str:
-        report = queue_report(settings, app, timeout, history)
+        report = queue_report(settings, app, timeout, history, app_queues)
         return json.dumps(report, indent=2) if as_json else queue_table(report)
 
     if not watch:
@@ -148,10 +149,31 @@ def queues_command(ctx: click.Context, as_json: bool, watch: bool, interval: flo
     _watch(frame, settings, interval)
 
 
+def _app_queues(settings: Settings) -> dict[str, list[str]]:
+    """queue → tasks of the project's own Celery app (`celery -A app.celery worker` in its Procfile),
+    asked of the app once; nothing (and one line on stderr) when it cannot be imported."""
+    from runner.app_topology import AppTopologyError, app_line, probe, probe_environment
+    from runner.supervisor.procfile import ProcfileError, load_procfile
+
+    try:
+        line = app_line(load_procfile(settings.project_dir)[0])
+    except ProcfileError:
+        return {}
+    if line is None:
+        return {}
+    try:
+        return probe(line, settings.project_dir, progress=lambda text: click.echo(f"dify-local: {text}", err=True),
+                     env=probe_environment(settings)).routed()
+    except AppTopologyError as error:
+        click.echo(f"dify-local: the app's own queues are not listed: {error}", err=True)
+        return {}
+
+
 def queue_report(settings: Settings, app, timeout: float,
-                 history: Callable[[list[str], float], dict[str, list[tuple[float, int]]]]) -> dict[str, Any]:
+                 history: Callable[[list[str], float], dict[str, list[tuple[float, int]]]],
+                 app_queues: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The queues' state as JSON-ready data: the 16 of the topology in its order, then any other
-    queue that has messages or a consumer."""
+    queue that has messages or a consumer, or that the project's own app sends tasks to."""
     from runner import topology
     from runner.monitor.queues import observed_queue_states
     from runner.monitor.workers import active_queues, consumers_by_queue
@@ -159,7 +181,7 @@ def queue_report(settings: Settings, app, timeout: float,
     with _channel(settings) as channel:
         queues_of_workers = active_queues(app, timeout)
         consumers = consumers_by_queue(queues_of_workers)
-        states = observed_queue_states(channel, consumers)
+        states = observed_queue_states(channel, set(consumers) | set(app_queues or ()))
     now = time.time()
     samples = history(list(states), now)
     rows = []
@@ -170,6 +192,7 @@ def queue_report(settings: Settings, app, timeout: float,
             "priority": spec.priority.label if spec else None,
             "depth": state.depth,
             "consumers": consumers.get(name, []),
+            "app_tasks": (app_queues or {}).get(name, []),
             "oldest_sent_at": state.oldest_sent_at,
             "oldest_age": state.oldest_age(now),
             "trend": _trend(samples.get(name), state.depth, now),

@@ -87,7 +87,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     )
     from runner.supervisor.manager import Supervisor
     from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
-    from runner.supervisor.preflight import broker_problems, port_problems, route_problems
+    from runner.supervisor.preflight import broker_problems, port_problems, route_problems, route_warnings
     from runner.supervisor.procfile import MAX_REPLICAS, PROCFILE, ProcfileError, expand, load_procfile, parse_scale
     from runner.supervisor.watchdog import stop_leftovers
 
@@ -104,6 +104,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     except ProcfileError as error:
         fail(str(error), CONFIG_ERROR)
     problems = route_problems(specs, settings)
+    warnings = route_warnings(specs, settings)
+    all_specs = specs
     if names:
         unknown = [name for name in names if name not in types]
         if unknown:
@@ -148,4 +150,41 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         supervisor.say(tightened)
     if plan is not None:
         supervisor.say(f"reloading on changes in {plan.describe()} (--no-reload turns it off)")
+    for warning in warnings:
+        supervisor.say(f"warning: {warning}")
+    _check_app_routes_later(supervisor, all_specs, settings, {**dotenv, **os.environ})
     sys.exit(supervisor.run())
+
+
+def _check_app_routes_later(supervisor, specs, settings, env: dict[str, str]) -> None:
+    """A project's own Celery app (`celery -A app.celery worker`): its routes against the Procfile's
+    workers, said once the app has been imported. In a thread, once the stack is ready: a Dify app
+    imports for 20 s, and a fourth import beside the api's, worker's and beat's would slow their
+    start on a laptop's cores. A queue no worker consumes is a warning, never a refusal."""
+    import threading
+
+    from runner.app_topology import AppTopologyError, app_line, probe, probe_environment, unconsumed_lines
+
+    line = app_line(specs)
+    if line is None:
+        return
+
+    def check() -> None:
+        while not supervisor.ready_announced:
+            if supervisor.stopping.wait(0.2):
+                return
+        try:
+            app = probe(line, settings.project_dir, env=probe_environment(settings, env), cancel=supervisor.stopping)
+        except AppTopologyError as error:
+            if supervisor.stopping.is_set():
+                return
+            supervisor.say_later(f"warning: the app's queues were not checked: {error}")
+            return
+        found = unconsumed_lines(specs, app)
+        for warning in found:
+            supervisor.say_later(f"warning: {warning}")
+        if not found:
+            supervisor.say_later(f"{app.app}: every queue its {len(app.tasks)} tasks and {len(app.schedule)} "
+                                 "periodic entries go to has a worker in the Procfile")
+
+    threading.Thread(target=check, name="app-routes", daemon=True).start()

@@ -106,6 +106,10 @@ def serve_worker(ctx: click.Context, queues, pool, concurrency, autoscale, prefe
                      ceiling=("--autoscale", "CELERY_MAX_WORKERS", match.group(1)),
                      floor=("--autoscale", "CELERY_MIN_WORKERS", match.group(2)))
     settings = settings_from(ctx, follow_stack=False, make_password=ALWAYS, **flags)
+    from runner.topology import unknown_queue_problems  # our backend's worker: its 16 (CELERY_QUEUES is any app's)
+
+    for problem in unknown_queue_problems(settings.CELERY_QUEUES, "-Q" if queues else "CELERY_QUEUES"):
+        fail(problem, CONFIG_ERROR)
     modules = tuple(module.strip() for item in include for module in item.split(",") if module.strip())
     _run_role("worker", settings, hostname=hostname, include=modules)
 

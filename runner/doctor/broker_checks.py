@@ -4,6 +4,7 @@ consumer; a worker answers and beats; one beat ticks."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from runner import broker_config, topology
 from runner.doctor.context import FAIL, PASS, PING_TIMEOUT, SKIP, WARN, Context, Result
@@ -65,6 +66,8 @@ _LABELS = {broker_config.UNREACHABLE: "cannot connect", broker_config.TIMEOUT: "
 # -- 3. every routed queue consumed ------------------------------------------------------------------
 
 def check_consumers(ctx: Context) -> Result:
+    if ctx.app_line() is not None:
+        return _check_app_consumers(ctx)
     if not ctx.broker_ok():
         return _broker_down("consumers")
     from runner.monitor.workers import consumers_by_queue
@@ -88,6 +91,50 @@ def check_consumers(ctx: Context) -> Result:
             lines=[f"{queue}: {', '.join(missing[queue])}" for queue in queues], data=data)
     routed = len(set(topology.ROUTES.values()))
     return Result("consumers", PASS, f"all {routed} queues with routed tasks have a consumer ({workers})", data=data)
+
+
+def _check_app_consumers(ctx: Context) -> Result:
+    """A project's own Celery app: every queue its tasks and beat entries go to has a worker line in
+    the Procfile, and, when workers answer, a live consumer."""
+    from runner.app_topology import AppTopologyError, consumers, unconsumed
+    from runner.monitor.workers import consumers_by_queue
+
+    try:
+        app = ctx.app_topology()
+    except AppTopologyError as error:
+        return Result("consumers", FAIL, str(error),
+                      fix="make the app importable with the Procfile line's own command (its virtualenv, `uv sync`), "
+                          "then run `dify-local doctor` again")
+    routed = app.routed()
+    lines_missing = unconsumed(ctx.specs(), app)
+    data = {"app": app.app, "routed": routed, "procfile_consumers": consumers(ctx.specs(), app),
+            "unconsumed": lines_missing}
+    if lines_missing:
+        return Result(
+            "consumers", FAIL,
+            f"{len(lines_missing)} queue(s) of {app.app} with tasks routed to them are consumed by no worker line "
+            f"of the Procfile: {', '.join(lines_missing)}",
+            fix=f"add {','.join(lines_missing)} to a worker's -Q in the Procfile and restart it; until then "
+                "their tasks wait", lines=[f"{queue}: {', '.join(tasks)}" for queue, tasks in lines_missing.items()],
+            data=data)
+    if not ctx.broker_ok():
+        return Result("consumers", PASS, f"each of the {len(routed)} queues {app.app} routes tasks to has a worker "
+                                         "line in the Procfile (live workers not asked: see broker)", data=data)
+    snapshot = ctx.workers()
+    live = consumers_by_queue(snapshot.queues_of)
+    data["consumers"] = live
+    if not snapshot.queues_of:
+        return Result("consumers", PASS, f"each of the {len(routed)} queues {app.app} routes tasks to has a worker "
+                                         "line in the Procfile (no worker answers now: see worker)", data=data)
+    waiting = {queue: tasks for queue, tasks in routed.items() if queue not in live}
+    if waiting:
+        return Result("consumers", FAIL,
+                      f"{len(waiting)} queue(s) of {app.app} have no consumer among the live workers "
+                      f"({', '.join(sorted(snapshot.queues_of))}): {', '.join(waiting)}",
+                      fix="start the worker lines that consume them (`dify-local ps` shows which run)",
+                      lines=[f"{queue}: {', '.join(tasks)}" for queue, tasks in waiting.items()], data=data)
+    return Result("consumers", PASS, f"all {len(routed)} queues of {app.app} with routed tasks have a live consumer "
+                                     f"({', '.join(sorted(snapshot.queues_of))})", data=data)
 
 
 # -- 4. a worker alive and beating -------------------------------------------------------------------
@@ -132,6 +179,9 @@ def check_worker(ctx: Context) -> Result:
                       fix=(f"{start_advice(ctx, 'worker')}; its log says what it did last "
                            "(`dify-local logs -n 50 worker`, or its terminal if started by hand)"),
                       lines=lines, data=data)
+    if not healthy and ctx.app_line() is not None:  # the project's own Celery workers: a ping is all they give
+        return Result("worker", PASS, f"{', '.join(unbeating)} answer(s) a ping (the project's own Celery "
+                                      "worker; it writes no heartbeat of ours)", lines=lines, data=data)
     if not healthy:  # only workers without a heartbeat
         return Result("worker", WARN, f"{', '.join(unbeating)} answer(s) a ping but write no heartbeat",
                       fix="run workers with `dify-local serve worker` (or `celery -A runner.app.celery worker`), "
@@ -182,6 +232,10 @@ def check_beat(ctx: Context) -> Result:
         beat = next(iter(live.values()))
         return Result("beat", PASS, f"ticked {_seconds(_age(beat, now))} ago ({who(beat)}, every "
                                     f"{_seconds(float(beat.get('interval') or 0))}); no second beat", data=data)
+    celery_beat = _celery_beat(ctx)
+    if celery_beat is not None:
+        return Result("beat", PASS, f"Celery's own beat runs: {celery_beat} (it writes no tick of ours, so how "
+                                    "often it sends is not checked)", data={**data, "celery_beat": celery_beat})
     if stale:
         beat = max(stale.values(), key=lambda b: b.get("at", 0))
         detail = (f"beat ({who(beat)}) last ticked {_seconds(_age(beat, now))} ago though it ticks every "
@@ -192,3 +246,21 @@ def check_beat(ctx: Context) -> Result:
         detail = "no beat is running: none has ticked in the last minute"
     return Result("beat", FAIL, detail, fix=start_advice(ctx, "beat") + "; periodic tasks are not sent meanwhile",
                   data=data)
+
+
+def _celery_beat(ctx: Context) -> str | None:
+    """A running beat that is not ours (`celery -A app.celery beat`): a beat line of this stack's `up`
+    that runs, else such a process started by hand in the project's folder."""
+    import psutil
+
+    for row in ctx.processes("beat"):
+        if row.get("status") in ("running", "ready") and row.get("pid"):
+            return f"{row['name']} (pid {row['pid']}) of this stack's `up`"
+    from runner.supervisor.procfile import running_celery_role
+
+    folder = ctx.settings.project_dir.resolve()
+    for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        if process.info.get("cwd") and Path(process.info["cwd"]).resolve() == folder \
+                and running_celery_role(process.info.get("cmdline") or []) == "beat":
+            return describe_process(process.info["pid"])
+    return None

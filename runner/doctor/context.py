@@ -13,6 +13,7 @@ from runner.settings import Settings
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 BROKER_TIMEOUT = 2.0  # seconds to connect to the broker, and for each of its answers
 PING_TIMEOUT = 1.0  # seconds the workers get to answer each broadcast (Celery's own default)
+APP_TIMEOUT = 60.0  # seconds to import a project's own Celery app (a Dify app takes about 20)
 
 
 @dataclass
@@ -83,6 +84,40 @@ class Context:
             self._app = create_celery_app(self.settings, register_tasks=False)
             return self._app
         return self.once("celery", create)
+
+    def specs(self) -> list:
+        """The project's Procfile lines (the built-in one's when it has none; none when it cannot be read)."""
+        def read():
+            from runner.supervisor.procfile import ProcfileError, load_procfile
+
+            try:
+                return load_procfile(self.settings.project_dir)[0]
+            except ProcfileError:
+                return []
+        return self.once("specs", read)
+
+    def runs_our_backend(self) -> bool:
+        """Whether the project runs dify-local's own backend (its migrations, documents and beat apply)."""
+        from runner.app_topology import runs_our_backend
+
+        specs = self.specs()
+        return not specs or runs_our_backend(specs)
+
+    def app_line(self):
+        from runner.app_topology import app_line
+
+        return app_line(self.specs())
+
+    def app_topology(self):
+        """The project's own Celery app's topology (runner.app_topology), imported once; None when the
+        Procfile runs no such app. An import that fails raises AppTopologyError."""
+        def ask():
+            from runner.app_topology import probe, probe_environment
+
+            line = self.app_line()
+            return None if line is None else probe(line, self.settings.project_dir, timeout=APP_TIMEOUT,
+                                                   env=probe_environment(self.settings))
+        return self.once("app_topology", ask)
 
     def supervisor(self) -> dict | None:
         """The running `up`'s `ps` answer for this state folder, or None when none answers."""

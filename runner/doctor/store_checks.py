@@ -30,8 +30,15 @@ def _database(ctx: Context) -> Database | None:
 
 # -- 2. migrations -----------------------------------------------------------------------------------
 
+NOT_OURS = ("skipped: this project's Procfile runs no dify-local api, worker or beat, so dify-local's own "
+            "database does not apply")
+
+
 def check_migrations(ctx: Context) -> Result:
     from runner.store.migrations import migrations, schema_state
+
+    if not ctx.runs_our_backend():
+        return Result("migrations", SKIP, NOT_OURS)
 
     path = StatePaths(ctx.settings.state_dir).database
     database = _database(ctx)
@@ -53,6 +60,8 @@ def check_migrations(ctx: Context) -> Result:
 # -- 6. documents stuck ------------------------------------------------------------------------------
 
 def check_documents(ctx: Context) -> Result:
+    if not ctx.runs_our_backend():
+        return Result("documents", SKIP, NOT_OURS)
     minutes = ctx.settings.DIFY_LOCAL_STUCK_DOCUMENT_MINUTES
     threshold = minutes * 60
     database = _database(ctx)

@@ -146,6 +146,25 @@ class NameList(Kind):
         return ",".join(value)
 
 
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
+
+
+class QueueList(Kind):
+    """Comma-separated queue names, any the app the worker runs may have: which names a worker may
+    consume is the app's to say (runner.topology for our backend, the project's own app otherwise)."""
+
+    allowed = "a comma-separated list of queue names (letters, digits and _ . : @ -)"
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if not items or not all(QUEUE_NAME.fullmatch(item) for item in items):
+            raise ValueError(self.allowed)
+        return tuple(dict.fromkeys(items))
+
+    def format(self, value: Any) -> str:
+        return ",".join(value)
+
+
 # The domain as dot-separated labels that hold no dot: `[^@\s,]+\.[^@\s,]+$` let the two parts share
 # the dots, and "a@" + ".a" * 4000 + "@" took a second (quadratic: a task's `to` of 1 MB, hours).
 # At most 254 characters, as SMTP allows.

@@ -1,5 +1,5 @@
-"""Checks `up` makes before starting anything: every route consumed, the ports free, a real broker
-that takes our password and certificate."""
+"""Checks `up` makes before starting anything: our workers on our queues (every route consumed is
+a warning), the ports free, a real broker that takes our password and certificate."""
 
 from __future__ import annotations
 
@@ -11,29 +11,46 @@ from runner.settings import Settings
 from runner.supervisor.procfile import ProcessSpec
 
 
+def our_workers(specs: list[ProcessSpec]) -> list[ProcessSpec]:
+    """The worker lines that run our backend's app (`dify-local serve worker`, or it through Celery's CLI)."""
+    from runner.app_topology import is_builtin
+
+    return [spec for spec in specs if spec.role == "worker" and (spec.is_ours or is_builtin(spec.celery_app))]
+
+
 def consumed_queues(specs: list[ProcessSpec], settings: Settings) -> dict[str, list[str]]:
-    """queue → the Procfile processes whose workers consume it."""
+    """queue → the Procfile processes whose workers of our backend consume it."""
     consumers: dict[str, list[str]] = {}
-    for spec in specs:
-        if spec.role == "worker":
-            for queue in spec.queues or settings.CELERY_QUEUES:
-                consumers.setdefault(queue, []).append(spec.name)
+    for spec in our_workers(specs):
+        for queue in spec.queues or settings.CELERY_QUEUES:
+            consumers.setdefault(queue, []).append(spec.name)
     return consumers
 
 
 def route_problems(specs: list[ProcessSpec], settings: Settings) -> list[str]:
-    """One line per task whose queue no worker of the Procfile consumes (Dify has shipped this bug)."""
-    if not any(spec.role in ("api", "worker", "beat") for spec in specs):
-        return []  # not a Dify stack: its routes are its own
-    consumers = consumed_queues(specs, settings)
-    unknown = [f"process {spec.name!r} consumes unknown queue {queue!r}; known queues: "
-               + ", ".join(topology.QUEUE_NAMES)
-               for spec in specs if spec.role == "worker" for queue in spec.queues or ()
-               if queue not in topology.QUEUE_NAMES]
-    missing = [f"task {task!r} is routed to queue {queue!r}, which no worker in the Procfile consumes "
-               "(add it to a worker's -Q or to CELERY_QUEUES)"
-               for task, queue in topology.unconsumed_routes(consumers)]
-    return unknown + missing
+    """What `up` refuses: a worker of our backend told to consume a queue our backend has no task for
+    (a typo). A project's own Celery app is checked against itself (runner.app_topology), never
+    against our 16, and a worker on a subset of the queues is never refused."""
+    problems = []
+    for spec in our_workers(specs):
+        given = f"process {spec.name!r} (-Q)" if spec.queues else f"process {spec.name!r} (CELERY_QUEUES)"
+        problems += topology.unknown_queue_problems(spec.queues or settings.CELERY_QUEUES, given)
+    return problems
+
+
+def route_warnings(specs: list[ProcessSpec], settings: Settings) -> list[str]:
+    """One line per task of our backend whose queue no worker of the Procfile consumes (Dify has
+    shipped this bug): said at start, not refused, since a partial stack is a normal way to work."""
+    from runner.app_topology import runs_our_backend
+
+    if not runs_our_backend(specs):
+        return []  # not our backend: a project's own app is checked against itself (runner.app_topology)
+    missing: dict[str, list[str]] = {}
+    for task, queue in topology.unconsumed_routes(consumed_queues(specs, settings)):
+        missing.setdefault(queue, []).append(task)
+    return [f"queue {queue!r} has tasks routed to it ({', '.join(tasks)}) but no worker in the Procfile "
+            "consumes it: its messages wait; add it to a worker's -Q or to CELERY_QUEUES"
+            for queue, tasks in missing.items()]
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -2,7 +2,10 @@
 
 A line's role (broker, api, worker, beat) is read from its command, for `dify-local serve ROLE`
 and for Celery's own `celery … worker|beat`, so the supervisor knows how to probe and stop it and
-which queues a worker consumes. Lines of other projects have no role.
+which queues a worker consumes. Celery is recognised however a project starts it: `celery`, a
+virtualenv's `bin/celery`, `python -m celery`, and either through `uv run`, `poetry run` or
+`pipenv run` (`celery_command` is the one place that reads these). Lines of other projects have no
+role.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class ProcessSpec:
     argv: tuple[str, ...] = field(default=(), compare=False)
     process_type: str = ""  # the Procfile name ("worker" for worker.1, worker.2, …)
     env: dict[str, str] = field(default_factory=dict, compare=False)  # honcho's: PORT, HONCHO_PROCESS_NAME
+    celery_app: str | None = None  # a Celery line's -A/--app ("app.celery")
+    # how this line's own interpreter is run (`uv run python`, `.venv/bin/python`): the project's
+    # libraries live there, not in ours. Empty: a bare `celery` on PATH, resolved when needed.
+    python: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def is_ours(self) -> bool:
@@ -72,6 +79,86 @@ def _option(argv: list[str], short: str, long: str) -> str | None:
     return None
 
 
+# Launchers that run a command in the project's environment: `uv run …`, `poetry run …`, `pipenv run …`.
+# Their options that take a value, so the command after `run` is found (`uv --directory api run celery`).
+LAUNCHERS = ("uv", "poetry", "pipenv")
+LAUNCHER_VALUE_OPTIONS = frozenset((
+    "--directory", "--project", "--with", "--with-editable", "--with-requirements", "--env-file", "--python", "-p",
+    "--group", "--extra", "--package", "--index", "--index-url", "--extra-index-url", "--config-file",
+    "--cache-dir", "--no-group", "--only-group", "-C", "-P"))
+CELERY_VALUE_OPTIONS = frozenset(("-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config",
+                                  "--workdir", "-Q", "--queues", "-n", "--hostname", "-c", "--concurrency",
+                                  "-P", "--pool", "-l", "--loglevel", "-s", "--schedule", "-S", "--scheduler"))
+
+
+@dataclass(frozen=True)
+class CeleryCommand:
+    args: tuple[str, ...]  # Celery's own arguments: after `celery` or `-m celery`
+    python: tuple[str, ...]  # the interpreter of the same environment, with the launcher in front
+
+
+def _is_python(program: str) -> bool:
+    return re.fullmatch(r"python(\d+(\.\d+)?)?", Path(program).name) is not None
+
+
+def _after_launcher(argv: list[str]) -> int | None:
+    """Where the launched command starts in `uv [opts] run [opts] CMD …`, or None."""
+    try:
+        run = argv.index("run", 1)
+    except ValueError:
+        return None
+    index = run + 1
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in LAUNCHER_VALUE_OPTIONS else 1
+    return index if index < len(argv) else None
+
+
+def celery_command(argv: list[str]) -> CeleryCommand | None:
+    """Celery's arguments and the interpreter to use, when `argv` runs Celery's CLI in any of the
+    forms projects use; None otherwise."""
+    prefix: tuple[str, ...] = ()
+    if argv and Path(argv[0]).name in LAUNCHERS:
+        start = _after_launcher(argv)
+        if start is None:
+            return None
+        prefix, argv = tuple(argv[:start]), argv[start:]
+    if not argv:
+        return None
+    program = argv[0]
+    if Path(program).name == "celery":
+        if prefix:
+            python = (*prefix, "python")
+        elif "/" in program:  # a virtualenv's bin/celery: its python sits beside it
+            python = (str(Path(program).with_name("python")),)
+        else:
+            python = ()
+        return CeleryCommand(tuple(argv[1:]), python)
+    if _is_python(program) and argv[1:3] == ["-m", "celery"]:
+        return CeleryCommand(tuple(argv[3:]), (*prefix, program))
+    return None
+
+
+def _subcommand(args: tuple[str, ...]) -> str | None:
+    """Celery's subcommand (worker, beat, …): the first word not an option nor an option's value."""
+    index = 0
+    while index < len(args):
+        item = args[index]
+        if not item.startswith("-"):
+            return item
+        index += 2 if item in CELERY_VALUE_OPTIONS else 1
+    return None
+
+
+def running_celery_role(argv: list[str]) -> str | None:
+    """worker or beat for a running process's argv that is Celery's CLI (its console script shows as
+    `python …/bin/celery …`), else None."""
+    if len(argv) > 1 and _is_python(argv[0]) and Path(argv[1]).name == "celery":
+        argv = argv[1:]
+    celery = celery_command(argv)
+    role = _subcommand(celery.args) if celery is not None else None
+    return role if role in ("worker", "beat") else None
+
+
 def describe(name: str, command: str, process_type: str = "") -> ProcessSpec:
     process_type = process_type or name
     try:
@@ -81,18 +168,25 @@ def describe(name: str, command: str, process_type: str = "") -> ProcessSpec:
     if not argv:
         return ProcessSpec(name, command, process_type=process_type)
     program = Path(argv[0]).name
-    role = None
+    role = app = None
+    python: tuple[str, ...] = ()
+    options = argv
+    celery = None if program in OUR_COMMANDS else celery_command(argv)
     if program in OUR_COMMANDS and "serve" in argv:
         after = argv[argv.index("serve") + 1:]
         role = after[0] if after and after[0] in ROLES else None
-    elif program == "celery":
-        role = next((item for item in argv[1:] if item in ("worker", "beat")), None)
+    elif celery is not None:
+        options = list(celery.args)
+        subcommand = _subcommand(celery.args)
+        role = subcommand if subcommand in ("worker", "beat") else None
+        app, python = _option(options, "-A", "--app"), celery.python
     queues = hostname = None
     if role == "worker":
-        raw = _option(argv, "-Q", "--queues")
+        raw = _option(options, "-Q", "--queues")
         queues = tuple(q.strip() for q in raw.split(",") if q.strip()) if raw else None
-        hostname = _option(argv, "-n", "--hostname")
-    return ProcessSpec(name, command, role, queues, hostname, tuple(argv), process_type)
+        hostname = _option(options, "-n", "--hostname")
+    return ProcessSpec(name, command, role, queues, hostname, tuple(argv), process_type, celery_app=app,
+                       python=python)
 
 
 HOSTNAME_OPTION = re.compile(r"(-n\s+|--hostname[=\s]+)(\S+)")
