@@ -85,13 +85,23 @@ def roots():
                  os.environ.get(WATCH_ROOTS, "").split(os.pathsep) if root)
 
 
+_real_paths = {}  # a module's file → its real path: thousands of realpath calls (a lstat per folder) per report
+
+
+def real_path(path):
+    real = _real_paths.get(path)
+    if real is None:
+        real = _real_paths[path] = os.path.realpath(path)
+    return real
+
+
 def imported(left_out=frozenset()):
     """(files under the watched folders, names of modules from anywhere else)."""
     watched = roots()
     files, others = [], []
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        real = os.path.realpath(path) if isinstance(path, str) else ""
+        real = real_path(path) if isinstance(path, str) else ""
         if real and watched and real.startswith(watched):
             if real not in left_out:
                 files.append(real)
@@ -114,8 +124,8 @@ def describe_failure(error):
     return {"file": frame.filename, "line": frame.lineno, "error": text}
 
 
-def report_imports_forever(link, left_out):
-    count = -1
+def report_imports_forever(link, left_out, count=-1):
+    """`count`: modules already reported (by "loaded"): the first report waits, off the worker's start."""
     while True:
         if len(sys.modules) != count:
             count = len(sys.modules)
@@ -216,12 +226,13 @@ def run_celery(link, args):
         sys.exit(1)
     left_out = task_files if role == "beat" else frozenset()
     files, others = imported(left_out)
+    reported = len(sys.modules)
     link.send("loaded", files=files, modules=others)
     if os.environ.get(HANDOVER) == "1" and link.sock is not None:
         if link.wait_for("serve") is None:
             sys.exit(0)
         args = ["--quiet", *args]  # the banner was shown when the stack started; a reload says so in one line
-    threading.Thread(target=report_imports_forever, args=(link, left_out), name="report-imports",
+    threading.Thread(target=report_imports_forever, args=(link, left_out, reported), name="report-imports",
                      daemon=True).start()
 
     def serving(**_):
