@@ -230,3 +230,16 @@ def test_lines_are_rewritten_to_run_the_bootstrap_in_their_own_interpreter(tmp_p
 def test_the_bootstrap_uses_the_names_of_process_env():
     for name in ("CHANNEL_FD", "WATCH_ROOTS", "STANDBY", "HANDOVER"):
         assert getattr(bootstrap, name) == getattr(process_env, name)
+
+
+@pytest.mark.unit
+def test_a_foreign_line_that_reported_its_imports_reloads_on_those_only(tmp_path):
+    from runner.reload.plan import Candidate, plan_reload
+
+    root, config = tmp_path.resolve(), tmp_path.resolve() / "local_config"
+    tasks, app = root / "shop_tasks.py", root / "app.py"
+    worker = Candidate("worker", True, frozenset({str(tasks), str(app)}), reads_config=False)
+    beat = Candidate("beat", True, frozenset({str(app)}), reads_config=False)
+    ours = Candidate("api", True, frozenset())
+    plan = plan_reload({tasks, config / "local.env", root / "other.py"}, [worker, beat, ours], (root,), config, set())
+    assert plan.reload == {"worker": [tasks], "api": [config / "local.env"]}
