@@ -187,6 +187,17 @@ def test_broken_task_module_keeps_the_old_worker_and_names_file_and_line(shop):
         assert after[name]["pid"] == before[name]["pid"], f"{name} was restarted"
 
 
+def test_a_worker_broken_at_start_waits_for_the_fix(shop):
+    edit(shop.dir / "shop_tasks.py", "VALUE = 1\n", "VALUE = 1 +\n")
+    stack = shop.up()
+    assert re.search(r"worker cannot start: shop_tasks.py:6: SyntaxError", stack.output), stack.output
+    assert shop.processes()["worker"]["status"] == "failed"
+    edit(shop.dir / "shop_tasks.py", "VALUE = 1 +\n", "VALUE = 4\n")
+    wait_until(lambda: shop.processes()["worker"]["status"] == "ready", 60, "the fixed worker to be ready")
+    assert value_now(client(shop)) == 4
+    assert "restarting in" not in stack.output  # it waited for the fix, no crash loop
+
+
 def test_a_file_the_api_imports_restarts_it_and_beat_takes_over(shop):
     stack = shop.up()
     before = shop.processes()
