@@ -254,3 +254,15 @@ def test_a_foreign_line_that_reported_its_imports_reloads_on_those_only(tmp_path
     ours = Candidate("api", True, frozenset())
     plan = plan_reload({tasks, config / "local.env", root / "other.py"}, [worker, beat, ours], (root,), config, set())
     assert plan.reload == {"worker": [tasks], "api": [config / "local.env"]}
+
+
+@pytest.mark.unit
+def test_the_bootstrap_needs_nothing_but_the_standard_library_and_the_projects_own_celery_or_flask():
+    import ast
+    import sys
+
+    tree = ast.parse(Path(bootstrap.__file__).read_text())
+    nodes = list(ast.walk(tree))
+    names = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+    assert names - sys.stdlib_module_names == {"celery", "flask"}
