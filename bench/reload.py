@@ -1,44 +1,41 @@
-"""Hot-reload latency: `dify-local up` against the usual `watchfiles` + `celery worker` workaround.
+"""Hot-reload latency: `dify-local up` against the usual `watchfiles` + `celery worker` workaround, on two
+Celery apps, side by side in one run.
 
-What it measures: from the moment a task module is saved until a task sent afterwards returns the
-new code's value. Target: ours at most 0.35× the baseline (the issue measured the baseline at
-1.43 s).
+What it measures: from the moment a task module is saved until a task sent afterwards returns the new
+code's value. Targets (issue 17): ours at most 0.35× the baseline on the plain app, 0.1× on the heavy one.
 
-How, both sides in one run against one real redis-server the script starts (so only the reload
-mechanism differs):
+The apps:
+  plain   one module (`app.py`: a Celery app and task `probe_value` returning a module-level VALUE).
+  heavy   bench/heavy_app, Dify-shaped (copied to a temporary folder): `app.py` builds a Flask app from a
+          factory with pydantic-settings, SQLAlchemy models, Flask extensions, boto3, openai, numpy/pandas,
+          sympy and OpenTelemetry, and exposes `celery` as Dify's `app.celery`; the probe is
+          tasks/probe_task.py. Needs the `bench` extra (`pip install -e '.[bench]'`).
 
-  baseline  a plain Celery app (`app.py`, task `probe_value` returning a module-level VALUE) run as
-            watchfiles --filter python 'celery -A app worker -P threads -c 4 -Q baseline
-                                        --without-mingle --without-gossip -l WARNING' <folder>
-            on Redis db 2. Without mingle and gossip the plain worker starts about a second sooner
-            than Celery's default: the faster, fairer anchor, which the target is checked against.
-  default   the same with Celery's default start-up (mingle and gossip on), as the issue's
-            `watchfiles --filter python 'celery -A app worker …'` ran it: printed for reference
-            (queue `baseline_default`, Redis db 3).
-  ours      a project folder whose Procfile is only
-                worker: dify-local serve worker -I probe_tasks -P threads -c 4 -l WARNING
-            (`probe_tasks.py` defines `probe_value` the same way), run by
-            dify-local up --broker <redis>/1 --watch <project folder>
-            and probed on the `mail` queue. It watches the project folder only, as the baseline
-            does (not dify-local's own code, which others may be editing meanwhile).
+For each app, two sides against one real redis-server the script starts (each side its own database):
+  baseline  watchfiles --filter python 'celery -A <app> worker -P threads -c 4 --without-mingle
+                                        --without-gossip -l WARNING' <folder>
+            (without mingle and gossip a plain worker starts about a second sooner: the fairer anchor)
+  ours      dify-local up --broker <redis>/<db> --watch <folder> on a Procfile of the same line,
+                worker: celery -A <app> worker -P threads -c 4 --without-mingle --without-gossip -l WARNING
+            which `up` runs through its bootstrap in the app's interpreter: a spare worker kept warm from
+            the start (its libraries imported) loads the new code and takes over.
+With --role, a third side on the plain app: our own worker role (`dify-local serve worker -I probe_tasks`).
 
 A round, for one side: check the side answers with its current value; t0; rewrite the module with
 `VALUE = <new number>` (a plain write, as an editor saves); then send `probe_value` and wait for its
-result (3 s per call; a task sent while no worker consumes waits in its queue), again and again,
-until a result carries the new value. Latency = that result's arrival − t0. The sides take turns
-round by round (each goes first in turn) and all three stacks run the whole time. Rounds are
-3 s apart: `up` starts a pre-loaded spare worker about 1 s after each reload, and a developer's
-saves are seconds apart too. Nothing is discarded: `up` keeps a spare only for a process reloaded
-once, so ours' first round is a cold start, as a developer's first save is.
+result (3 s per call; a task sent while no worker consumes waits in its queue), again and again, until a
+result carries the new value. Latency = that result's arrival − t0. The sides take turns round by round
+(each goes first in turn) and all stacks run the whole time. Rounds are SETTLE seconds apart (3 s, 8 s on
+the heavy app: its spare takes seconds to import the libraries again after each reload, and a developer's
+saves are seconds apart too). Nothing is discarded: the first round counts. Before each of ours' rounds
+`ps` says whether the spare was loaded; its memory (RSS) is printed.
 
-Checks beside the timing: for a second after each new value, more probes check that the old value
-does not come back (ours' successor consumes before the old worker's warm shutdown, so the two
-overlap for a moment; each old answer is reported, with when, and a second median counts until the
-old code stopped answering); at the end, every probe sent must have its result (none lost).
+Checks beside the timing: for a second after each new value, more probes check that the old value does
+not come back; at the end, every probe sent must have its result (none lost).
 
-Prints every round, each side's median, and the ratio of medians ours / baseline.
+Prints every round, each side's median, and per app the ratio of medians ours / baseline.
 
-    .venv/bin/python bench/reload.py [--rounds N]
+    .venv/bin/python bench/reload.py [--rounds N] [--apps plain,heavy] [--role]
 """
 
 from __future__ import annotations
@@ -47,13 +44,14 @@ import argparse
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,14 +59,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BIN, env, free_port, median, redis_server, wait_for  # noqa: E402
 
 PASSWORD = "bench-pw"
-TARGET = 0.35
+TARGETS = {"plain": 0.35, "heavy": 0.1}
 CALL_TIMEOUT = 3.0  # seconds one probe may wait for its result before another is sent
-ROUND_TIMEOUT = 30.0  # seconds a reload may take before the run stops with an error
-SETTLE = 3.0  # seconds between rounds
+ROUND_TIMEOUT = 60.0  # seconds a reload may take before the run stops with an error
+SETTLE = {"plain": 3.0, "heavy": 8.0}  # seconds between rounds
 AFTER = 1.0  # seconds of probes after the new value, each of which must return it too
-BASELINE_QUEUE = "baseline"
-DEFAULT_QUEUE = "baseline_default"
-OURS_QUEUE = "mail"
+QUEUE = "celery"  # the apps' default queue (each side has a Redis database of its own)
+ROLE_QUEUE = "mail"
+HEAVY_APP = Path(__file__).resolve().parent / "heavy_app"
+WORKER_ARGS = "worker -P threads -c 4 --without-mingle --without-gossip -l WARNING"
 
 BASELINE_APP = """\
 from celery import Celery
@@ -85,7 +84,18 @@ def probe_value():
     return VALUE
 """
 
-OURS_TASKS = """\
+HEAVY_PROBE = """\
+from celery import shared_task
+
+VALUE = {value}
+
+
+@shared_task(name="probe_value")
+def probe_value():
+    return VALUE
+"""
+
+ROLE_TASKS = """\
 from celery import shared_task
 
 VALUE = {value}
@@ -266,13 +276,11 @@ def shielded():
 
 
 @contextmanager
-def baseline_stack(folder: Path, log: Path, findings: list[str], queue: str, fast_start: bool = True):
-    celery = BIN / "celery"
-    command = (f"{celery} -A app worker -P threads -c 4 -Q {queue} -l WARNING"
-               + (" --without-mingle --without-gossip" if fast_start else ""))
+def baseline_stack(folder: Path, log: Path, findings: list[str], app: str, url: str):
+    command = f"{BIN / 'celery'} -A {app} {WORKER_ARGS}"
     argv = [str(BIN / "watchfiles"), "--filter", "python", command, str(folder)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=folder, env=env(PYTHONPATH=str(folder)), stdout=out,
+        proc = subprocess.Popen(argv, cwd=folder, env=env(PYTHONPATH=str(folder), CELERY_BROKER_URL=url), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     seen: set = set()
     try:
@@ -302,125 +310,205 @@ def tail(lines: list[str], count: int = 15) -> str:
     return "\n".join(f"    {line}" for line in lines[-count:])
 
 
-def run(rounds: int) -> int:
+def spare(project: Path, state: Path) -> dict | None:
+    """The worker's spare as `up` reports it (pid, loaded, RSS), or None."""
+    import json
+
+    done = subprocess.run([str(BIN / "dify-local"), "ps", "--json"], cwd=project,
+                          env=env(DIFY_LOCAL_STATE_DIR=str(state)), capture_output=True, text=True, timeout=30)
+    try:
+        spares = json.loads(done.stdout)["reload"]["spares"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return next((row for row in spares if row["name"] == "worker"), None)
+
+
+class Stack:
+    """One side's stack: how to start it, and (ours) its `up` output and state folder."""
+
+    def __init__(self, side: Side, app: str, kind: str, folder: Path, target: str = "", log: Path | None = None,
+                 state: Path | None = None):
+        self.side, self.app, self.kind, self.folder, self.log, self.state = side, app, kind, folder, log, state
+        self.target = target  # the Celery app, as -A names it
+        self.proc = self.output = None
+        self.seen: set = set()
+        self.spare_ready: list[bool] = []
+        self.spare_memory: list[int] = []
+
+
+def make_sides(temp: Path, server_url: str, apps: list[str], role: bool) -> list[Stack]:
+    stacks, db = [], 1
+    line = f"worker: celery -A {{app}} {WORKER_ARGS}\n"
+    for app in apps:
+        for kind in ("baseline", "ours"):
+            folder = temp / f"{app}-{kind}"
+            if app == "heavy":
+                shutil.copytree(HEAVY_APP, folder, ignore=shutil.ignore_patterns("__pycache__"))
+                module, template, target = folder / "tasks" / "probe_task.py", HEAVY_PROBE, "app.celery"
+            else:
+                folder.mkdir()
+                module, template, target = folder / "app.py", BASELINE_APP, "app"
+            url = f"{server_url}/{db}"
+            db += 1
+            side = Side(f"{kind}-{app}", module, template, url, QUEUE)
+            if kind == "ours":
+                (folder / "Procfile").write_text(line.format(app=target))
+                stacks.append(Stack(side, app, kind, folder, target, state=temp / f"state-{app}"))
+            else:
+                stacks.append(Stack(side, app, kind, folder, target, log=temp / f"{app}-baseline.log"))
+    if role:
+        folder = temp / "plain-role"
+        folder.mkdir()
+        (folder / "Procfile").write_text("worker: dify-local serve worker -I probe_tasks -P threads -c 4 -l WARNING\n")
+        side = Side("role-plain", folder / "probe_tasks.py", ROLE_TASKS, f"{server_url}/{db}", ROLE_QUEUE)
+        stacks.append(Stack(side, "plain", "role", folder, state=temp / "state-role"))
+    return stacks
+
+
+def run(rounds: int, apps: list[str], role: bool) -> int:
     import celery
     import watchfiles
 
     findings: list[str] = []
-    print(f"reload: save → a task returns the new value; {rounds} rounds per side, alternating; "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, Celery {celery.__version__}, "
+    print(f"reload: save → a task returns the new value; apps {', '.join(apps)}; {rounds} rounds per side, "
+          f"alternating; {os.cpu_count()} CPUs, Python {platform.python_version()}, Celery {celery.__version__}, "
           f"watchfiles {watchfiles.VERSION}")
     with tempfile.TemporaryDirectory(prefix="bench-reload-") as temp, \
-            redis_server(password=PASSWORD) as (server_url, version, _client):
+            redis_server(password=PASSWORD) as (server_url, version, _client), ExitStack() as running:
         temp = Path(temp)
         print(f"  redis-server {version} on {server_url.replace(PASSWORD, '****')}")
-        base_dir, default_dir, project, state = temp / "baseline", temp / "default", temp / "project", temp / "state"
-        for folder in (base_dir, default_dir, project):
-            folder.mkdir()
-        (project / "Procfile").write_text("worker: dify-local serve worker -I probe_tasks -P threads -c 4 -l WARNING\n")
-        baseline = Side("baseline", base_dir / "app.py", BASELINE_APP, f"{server_url}/2", BASELINE_QUEUE)
-        default = Side("default", default_dir / "app.py", BASELINE_APP, f"{server_url}/3", DEFAULT_QUEUE)
-        ours = Side("ours", project / "probe_tasks.py", OURS_TASKS, f"{server_url}/1", OURS_QUEUE)
-        sides = (baseline, default, ours)
-        base_log, default_log = temp / "baseline.log", temp / "default.log"
-        up_out = None
-        print("  starting the baselines (watchfiles + celery worker, with and without Celery's default start-up) "
-              "and ours (dify-local up) …")
+        stacks = make_sides(temp, server_url, apps, role)
+        sides = [stack.side for stack in stacks]
+        print("  starting " + ", ".join(stack.side.name for stack in stacks) + " …")
         try:
-            with baseline_stack(base_dir, base_log, findings, BASELINE_QUEUE) as (base_proc, base_seen), \
-                    baseline_stack(default_dir, default_log, findings, DEFAULT_QUEUE, fast_start=False) \
-                    as (default_proc, default_seen), \
-                    ours_stack(project, state, ours.url, findings) as (up_proc, up_out, up_seen):
+            for stack in stacks:
+                if stack.kind == "baseline":
+                    stack.proc, stack.seen = running.enter_context(
+                        baseline_stack(stack.folder, stack.log, findings, stack.target, stack.side.url))
+                else:
+                    stack.proc, stack.output, stack.seen = running.enter_context(
+                        ours_stack(stack.folder, stack.state, stack.side.url, findings))
+            for stack in stacks:
+                if stack.output is None:
+                    continue
                 try:
-                    wait_for(lambda: up_out.has(READY) or up_proc.poll() is not None, 120,
-                             "`dify-local up` to be ready")
+                    wait_for(lambda stack=stack: stack.output.has(READY) or stack.proc.poll() is not None, 180,
+                             f"`dify-local up` ({stack.side.name}) to be ready")
                 except SystemExit as error:
-                    raise Failure(f"{error}; its last lines:\n{tail(up_out.since(0))}") from None
-                if up_proc.poll() is not None:
-                    raise Failure(f"dify-local up exited with status {up_proc.returncode}:\n{tail(up_out.since(0))}")
-                print("  ours: " + next(line for line in up_out.since(0) if READY.search(line)).strip())
-                for side, log in ((baseline, base_log), (default, default_log)):
-                    try:
-                        side.answers(60)
-                    except Failure as error:
-                        raise Failure(f"{error}; its output:\n{tail(log.read_text().splitlines())}") from None
-                ours.answers(60)
-                print("  all three answer probe_value; measuring")
-                value = 100000
-                for number in range(1, rounds + 1):
-                    order = sides[number % 3:] + sides[:number % 3]  # each side goes first in turn
-                    for side in order:
-                        time.sleep(SETTLE)
-                        up_seen |= descendants(up_proc.pid)
-                        base_seen |= descendants(base_proc.pid)
-                        default_seen |= descendants(default_proc.pid)
-                        side.answers(30)
-                        value += 1
-                        mark = up_out.count()
-                        latency = side.round(value)
-                        note = ""
-                        if side is ours:
-                            time.sleep(0.2)  # the reload line follows the takeover by a moment
-                            said = up_out.since(mark)
-                            reported = [RELOADED.search(line) for line in said]
-                            reported = [match.group(1) for match in reported if match]
-                            note = f"  (up: reloaded worker in {', '.join(reported) or '?'} s)"
-                        if side.old_again[-1] is not None:
-                            note += f"  OLD VALUE AGAIN until +{side.old_again[-1]:.3f} s"
-                        print(f"  round {number} {side.name:<8} {latency:6.3f} s{note}", flush=True)
-                time.sleep(SETTLE)
-                lost = {side.name: side.lost() for side in sides}
+                    raise Failure(f"{error}; its last lines:\n{tail(stack.output.since(0))}") from None
+                if stack.proc.poll() is not None:
+                    raise Failure(f"dify-local up ({stack.side.name}) exited with status {stack.proc.returncode}:\n"
+                                  f"{tail(stack.output.since(0))}")
+                print(f"  {stack.side.name}: " + next(line for line in stack.output.since(0)
+                                                      if READY.search(line)).strip())
+            started = time.monotonic()
+            for stack in stacks:
+                try:
+                    stack.side.answers(120)
+                except Failure as error:
+                    shown = stack.log.read_text().splitlines() if stack.log else stack.output.since(0)
+                    raise Failure(f"{error}; its output:\n{tail(shown)}") from None
+            print(f"  all {len(stacks)} answer probe_value ({time.monotonic() - started:.1f} s after the last "
+                  "ready line); measuring")
+            value = 100000
+            for number in range(1, rounds + 1):
+                order = stacks[number % len(stacks):] + stacks[:number % len(stacks)]  # each goes first in turn
+                for stack in order:
+                    side = stack.side
+                    time.sleep(SETTLE[stack.app])
+                    for other in stacks:
+                        other.seen |= descendants(other.proc.pid)
+                    side.answers(60)
+                    note = ""
+                    if stack.kind != "baseline":
+                        row = spare(stack.folder, stack.state)
+                        stack.spare_ready.append(bool(row and row["ready"]))
+                        if row and row.get("memory"):
+                            stack.spare_memory.append(row["memory"])
+                        note = "  (spare loaded)" if stack.spare_ready[-1] else "  (NO SPARE LOADED: cold start)"
+                    value += 1
+                    mark = stack.output.count() if stack.output else 0
+                    latency = side.round(value)
+                    if stack.output is not None:
+                        time.sleep(0.2)  # the reload line follows the takeover by a moment
+                        reported = [RELOADED.search(line) for line in stack.output.since(mark)]
+                        reported = [match.group(1) for match in reported if match]
+                        note += f"  (up: reloaded worker in {', '.join(reported) or '?'} s)"
+                    if side.old_again[-1] is not None:
+                        note += f"  OLD VALUE AGAIN until +{side.old_again[-1]:.3f} s"
+                    print(f"  round {number} {side.name:<14} {latency:6.3f} s{note}", flush=True)
+            time.sleep(3.0)
+            lost = {side.name: side.lost() for side in sides}
         except KeyboardInterrupt:
-            print("\nreload: interrupted; every process it started has been stopped", file=sys.stderr)
-            for line in findings:
-                print(f"reload: {line}", file=sys.stderr)
+            print("\nreload: interrupted; every process it started is being stopped", file=sys.stderr)
             return 130
         except Failure as error:
             print(f"reload: {error}", file=sys.stderr)
+            return 1
+        finally:
+            with shielded():
+                running.close()
             for line in findings:
                 print(f"reload: {line}", file=sys.stderr)
-            if up_out is not None and "dify-local up" not in str(error):
-                print("reload: dify-local up's output:\n" + tail(up_out.since(0), 60), file=sys.stderr)
-            return 1
-    up_lines = up_out.since(0)  # all of it, `up`'s stop included
-    for side in sides:
-        print(f"  {side.name:<8} per round: " + ", ".join(f"{x:.3f}" for x in side.latencies))
-        print(f"  {side.name:<8} median {median(side.latencies):.3f} s, min {min(side.latencies):.3f}, "
-              f"max {max(side.latencies):.3f}; probes sent {len(side.sent)}, without a result {lost[side.name]}")
     odd = [f"{side.name}: {text}" for side in sides for text in side.odd] + findings
     odd += [f"{side}: {count} probe(s) never got a result" for side, count in lost.items() if count]
-    odd += [f"ours: up said: {line.strip()}" for line in up_lines if TROUBLE.search(line)]
-    requeued = sum(1 for line in up_lines if REQUEUED.search(line))
+    requeued = 0
+    for stack in stacks:
+        side = stack.side
+        print(f"  {side.name:<14} per round: " + ", ".join(f"{x:.3f}" for x in side.latencies))
+        print(f"  {side.name:<14} median {median(side.latencies):.3f} s, min {min(side.latencies):.3f}, "
+              f"max {max(side.latencies):.3f}; probes sent {len(side.sent)}, without a result {lost[side.name]}")
+        if stack.output is not None:
+            lines = stack.output.since(0)
+            odd += [f"{side.name}: up said: {line.strip()}" for line in lines if TROUBLE.search(line)]
+            requeued += sum(1 for line in lines if REQUEUED.search(line))
+            if stack.spare_memory:
+                print(f"  {side.name:<14} spare loaded before {sum(stack.spare_ready)} of {len(stack.spare_ready)} "
+                      f"saves; its memory (RSS with children) {median(stack.spare_memory) / 2**20:.0f} MiB")
     if requeued:
         print(f"  note: ours' old workers handed back {requeued} message(s) during their warm shutdown "
               "(kombu: 'Requeuing undeliverable message … No consumers'); each probe's result is checked above")
     for line in odd:
         print(f"  ODD {line}")
     if odd:
-        after_ready = up_lines[next((i for i, line in enumerate(up_lines) if READY.search(line)), 0):]
-        shown = [line for line in after_ready if not ROOT_WARNING.search(line)]
-        print("  dify-local up's output from its ready line (Celery's running-as-root warning left out):\n"
-              + tail(shown, 80))
-    late = [max(latency, old or 0) for latency, old in zip(ours.latencies, ours.old_again, strict=True)]
-    if any(old is not None for old in ours.old_again):
-        print(f"  ours until the old code also stopped answering: median {median(late):.3f} s "
-              f"(ratio {median(late) / median(baseline.latencies):.3f}×)")
-    print(f"  ratio ours / default-start baseline (the issue's form, for reference): "
-          f"{median(ours.latencies) / median(default.latencies):.3f}×")
-    ratio = median(ours.latencies) / median(baseline.latencies)
-    print(f"ratio ours / baseline (medians): {ratio:.3f}× (target ≤ {TARGET}×) "
-          f"{'OK' if ratio <= TARGET else 'ABOVE TARGET'}")
+        for stack in stacks:
+            if stack.output is not None:
+                shown = [line for line in stack.output.since(0) if not ROOT_WARNING.search(line)]
+                print(f"  {stack.side.name}: dify-local up's last lines (Celery's running-as-root warning left out):\n"
+                      + tail(shown, 40))
+    by_name = {stack.side.name: stack.side for stack in stacks}
+    for app in apps:
+        base, ours = by_name[f"baseline-{app}"], by_name[f"ours-{app}"]
+        ratio = median(ours.latencies) / median(base.latencies)
+        late = [max(latency, old or 0) for latency, old in zip(ours.latencies, ours.old_again, strict=True)]
+        if any(old is not None for old in ours.old_again):
+            print(f"  {app}: ours until the old code also stopped answering: median {median(late):.3f} s "
+                  f"(ratio {median(late) / median(base.latencies):.3f}×)")
+        print(f"ratio ours / baseline on the {app} app (medians {median(ours.latencies):.3f} s / "
+              f"{median(base.latencies):.3f} s): {ratio:.3f}× (target ≤ {TARGETS[app]}×) "
+              f"{'OK' if ratio <= TARGETS[app] else 'ABOVE TARGET'}")
+    if role:
+        base, ours = by_name["baseline-plain"], by_name["role-plain"]
+        print(f"  our own worker role on the plain app: {median(ours.latencies) / median(base.latencies):.3f}× "
+              "(for reference)")
     return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="rounds per side (default 7)")
+    parser.add_argument("--apps", default="plain,heavy", help="plain, heavy or both (default plain,heavy)")
+    parser.add_argument("--role", action="store_true", help="also our own worker role on the plain app")
     options = parser.parse_args()
     if options.rounds < 1:
         parser.error("--rounds must be at least 1")
+    apps = [app.strip() for app in options.apps.split(",") if app.strip()]
+    if not apps or any(app not in TARGETS for app in apps):
+        parser.error("--apps takes plain, heavy or plain,heavy")
+    if options.role and "plain" not in apps:
+        parser.error("--role needs the plain app")
     try:
-        sys.exit(run(options.rounds))
+        sys.exit(run(options.rounds, apps, options.role))
     except KeyboardInterrupt:
         print("\nreload: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -8,8 +8,11 @@ holds the settings every role of ours reads at start: a change there concerns al
 that is down because it failed is retried on any change of Python code, so fixing the error that
 stopped it starts it again. The broker never restarts on a code change.
 
-Other projects' processes report nothing; one restarts when a changed file matches its patterns
-(`*.py` unless `reload` in local_config/processes.toml says otherwise).
+Other projects' Celery workers and beats, and `flask run`, run through our bootstrap
+(runner/reload/bootstrap.py) and report their imports the same way; `local_config/` is not theirs.
+Other processes report nothing (nor these before their first report, nor when `reload` in
+local_config/processes.toml names patterns): one restarts when a changed file matches its patterns
+(`*.py` unless `reload` says otherwise).
 
 Some files are read by `up` itself (the Procfile, .env files, processes.toml): a change to one is
 reported as needing `up` to be restarted, never acted on halfway.
@@ -30,10 +33,11 @@ class Candidate:
     """A process as the plan sees it."""
 
     name: str
-    ours: bool  # one of our roles: it reports its imports
+    ours: bool  # it reports its imports (one of our roles, or a line run through the bootstrap)
     imports: frozenset[str] = frozenset()  # real paths of the files it has imported
     down: bool = False  # stopped by a failure: retried on any code change
     patterns: tuple[str, ...] = DEFAULT_PATTERNS  # other processes: what restarts them; () = nothing
+    reads_config: bool = True  # our roles read local_config/; another project's processes do not
     folders: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,7 +71,7 @@ def concerns(candidate: Candidate, path: Path, roots: tuple[Path, ...], config_d
     if not candidate.ours:
         return _matches(path, roots, candidate.patterns)
     if path.is_relative_to(config_dir):
-        return True
+        return candidate.reads_config
     text = str(path)
     if path.suffix == ".py":
         return candidate.down or text in candidate.imports

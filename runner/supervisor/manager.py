@@ -35,6 +35,7 @@ from runner.log_handlers import RotatingLogFile
 from runner.monitor.workers import pool_name
 from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, WATCH_ROOTS
 from runner.process_identity import identity_of
+from runner.reload.foreign import bootstrapped
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
 from runner.state_access import StateLock
@@ -135,7 +136,10 @@ class Supervisor:
         colours = get_colours()
         self.states: list[ProcessState] = []
         for spec in specs:
-            process = ManagedProcess(spec, options.get(spec.process_type, ProcessOptions()), self._environment(spec),
+            env = self._environment(spec)
+            if watch is not None:  # another project's Celery worker or beat: run through our bootstrap to reload fast
+                spec = bootstrapped(spec, env)
+            process = ManagedProcess(spec, options.get(spec.process_type, ProcessOptions()), env,
                                      str(settings.project_dir), self.events, next(colours), grace,
                                      with_channel=watch is not None and Reloads.speaks_channel(spec))
             stage = BROKER if spec.role == "broker" else OURS if spec.is_ours else OTHERS

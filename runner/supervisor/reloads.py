@@ -15,6 +15,11 @@ the changed files is discarded and a fresh process is started instead. Spares co
 a process each, so one is kept only for a process that has been reloaded once: a stack that is
 only run stays as small as it was, and editing is fast from the second save on.
 
+Another project's Celery worker or beat (`celery -A app worker …`, also through `uv run` or
+`python -m celery`) is run through our bootstrap (runner/reload/foreign.py, bootstrap.py) in its own
+interpreter and is replaced the same way, a worker with a spare kept from its first start: its
+libraries (Flask extensions, SQLAlchemy, pydantic …) are most of its start-up, and the first save
+is the one a developer waits on too. `flask run` through the bootstrap only reports its imports.
 Other projects' processes are restarted (stopped, then started) when a change concerns them.
 Everything here runs on the supervisor's loop thread, as the rest of its state changes do.
 """
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING
 from honcho.printer import Message
 
 from runner.process_env import HANDOVER, STANDBY
+from runner.reload import foreign
 from runner.reload.plan import DEFAULT_PATTERNS, Candidate, plan_reload
 from runner.reload.watcher import SourceWatcher, WatchPlan
 from runner.supervisor.process import Exited, ManagedProcess, Said
@@ -98,8 +104,15 @@ class Reloads:
 
     @staticmethod
     def speaks_channel(state_or_spec) -> bool:
+        """It reports its imports over a channel (our roles, lines run through the bootstrap)."""
         spec = getattr(state_or_spec, "spec", state_or_spec)
-        return spec.is_ours and spec.role in RELOADED_ROLES
+        return (spec.is_ours and spec.role in RELOADED_ROLES) or foreign.mode(spec) is not None
+
+    @staticmethod
+    def takes_over(state_or_spec) -> bool:
+        """It is replaced by a successor that loads while it serves (else: stopped, then started)."""
+        spec = getattr(state_or_spec, "spec", state_or_spec)
+        return (spec.is_ours and spec.role in RELOADED_ROLES) or foreign.mode(spec) == "takeover"
 
     def start(self) -> None:
         self.watcher.start()
@@ -186,7 +199,7 @@ class Reloads:
     def broken_code(self, state: ProcessState, exited: Exited) -> bool:
         """A process of ours that exited before it loaded, over its code: it waits for a fix
         rather than crash-looping."""
-        if not self.speaks_channel(state.process) or exited.pid in self.loaded_pids or exited.returncode < 0:
+        if not self.takes_over(state.process) or exited.pid in self.loaded_pids or exited.returncode < 0:
             return False  # not ours, or it had loaded, or a signal stopped it: the usual crash handling
         failure = state.failure or self._failure_from_tail(state.process)
         if failure.get("user_must_fix"):  # a corrupt database, a link in the state folder: said once, not retried
@@ -232,11 +245,16 @@ class Reloads:
             role = state.process.spec.role
             if role == "broker" or state.status in ("stopped", "stopping", "pending"):
                 continue
-            if self.speaks_channel(state.process):
-                candidates.append(Candidate(state.name, True, self.imports.get(state.name, frozenset()),
+            spec, patterns = state.process.spec, state.process.options.reload
+            imports = self.imports.get(state.name)
+            if spec.is_ours and self.speaks_channel(spec):
+                candidates.append(Candidate(state.name, True, imports or frozenset(),
                                             down=state.status in ("failed", "backoff")))
+            elif self.speaks_channel(spec) and patterns is None and (imports or state.status == "failed"):
+                # another project's line that reported its imports (until then: by pattern, below)
+                candidates.append(Candidate(state.name, True, imports or frozenset(), down=state.status == "failed",
+                                            reads_config=False))
             else:
-                patterns = state.process.options.reload
                 candidates.append(Candidate(state.name, False, patterns=DEFAULT_PATTERNS if patterns is None
                                             else tuple(patterns)))
         return candidates
@@ -273,7 +291,7 @@ class Reloads:
         process = state.process
         old_pid = process.pid if process.running() else None
         self.edited.add(state.name)
-        if not self.speaks_channel(process):
+        if not self.takes_over(process):
             takeover = Takeover(state, None, batch, old_pid, phase="releasing")
             self.takeovers[state.name] = takeover
             if old_pid is None:
@@ -381,8 +399,12 @@ class Reloads:
     # -- spares and stopping ------------------------------------------------------------------------
 
     def _schedule_spare(self, state: ProcessState) -> None:
-        if state.process.spec.role in SPARE_ROLES and self.speaks_channel(state.process) \
-                and state.name in self.edited and state.name not in self.spares:
+        spec = state.process.spec
+        if spec.is_ours:
+            wanted = spec.role in SPARE_ROLES and self.speaks_channel(spec) and state.name in self.edited
+        else:  # another project's worker: its start-up is long, kept warm from the start (ps shows its memory)
+            wanted = spec.role == "worker" and self.takes_over(spec)
+        if wanted and state.name not in self.spares:
             self.spare_due[state.name] = time.monotonic() + SPARE_DELAY
 
     def _start_spare(self, name: str) -> None:

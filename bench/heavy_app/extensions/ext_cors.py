@@ -1,0 +1,5 @@
+from flask_cors import CORS
+
+
+def init_app(app):
+    CORS(app, resources={r"/console/api/*": {"origins": "*"}})

@@ -1,0 +1,1 @@
+from models import account, dataset, workflow  # noqa: F401
