@@ -37,11 +37,13 @@ from runner.process_env import ENV_FILES, PROCESS_NAME, SUPERVISED, SUPERVISOR, 
 from runner.process_identity import identity_of
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
+from runner.settings.kinds import host_port
 from runner.state_access import StateLock
 from runner.supervisor import control
 from runner.supervisor.cgroup import Cgroup
 from runner.supervisor.listeners import ApiListener
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
+from runner.supervisor.foreign_readiness import web_address
 from runner.supervisor.options import ProcessOptions
 from runner.supervisor.probes import BrokerLink, probe_for, write_refusal_reason
 from runner.supervisor.reloads import Reloads
@@ -341,10 +343,18 @@ class Supervisor:
                 "broker": f"does it answer PING with the password on {self.settings.REDIS_HOST}:"
                           f"{self.settings.REDIS_PORT}?",
                 "api": f"does {self.settings.api_url}/health/api answer?",
-                "worker": "can it reach the broker, and does it answer `celery inspect ping`?",
-                "beat": "can it reach the broker (its heartbeat is written there)?",
-            }.get(process.spec.role or "", "is the command right?")
+                "worker": f"can it reach the broker, and does it answer `celery inspect ping` as "
+                          f"{process.spec.node_name()}?",
+                "beat": "can it reach the broker (its heartbeat is written there)?" if process.spec.is_ours
+                        else "has it written its schedule file or logged 'beat: Starting...'?",
+            }.get(process.spec.role or "", self._web_question(process))
         self._report(state, f"is not ready after {waited:.0f} s; {what}")
+
+    def _web_question(self, process: ManagedProcess) -> str:
+        address = web_address(process.spec.argv, process.spec.process_type, process.env)
+        if address is None or process.spec.is_ours:
+            return "is the command right?"
+        return f"does http://{host_port(address.host, address.port)}/ answer?"
 
     def _state(self, name: str) -> ProcessState | None:
         return next((state for state in self.states if state.name == name), None)
@@ -660,11 +670,17 @@ class Supervisor:
         if workers:
             consumed: set[str] = set()
             for state in workers:
-                consumed.update(state.process.spec.queues or self.settings.CELERY_QUEUES)
-            parts.append(f"{len(consumed)} queues")
+                spec = state.process.spec
+                # another app's worker without -Q consumes what its app says: ask it
+                consumed.update(spec.queues or (self.settings.CELERY_QUEUES if spec.is_ours
+                                                else self.link.queues(spec.node_name()) or ()))
+            parts.append(f"{len(consumed)} queue{'s' if len(consumed) != 1 else ''}")
             parts.extend(self._worker_summary(state) for state in workers)
-        if any(state.process.spec.role == "beat" for state in live):
+        beats = [state for state in live if state.process.spec.role == "beat"]
+        if any(state.process.spec.is_ours for state in beats):
             parts.append(f"beat with {len(enabled_periodic_tasks(self.settings))} periodic tasks")
+        elif beats:
+            parts.append("beat (" + ", ".join(state.name for state in beats) + ")")  # its schedule is its app's
         others = [state.name for state in live if state.process.spec.role is None]
         if others:
             parts.append("also " + ", ".join(others))
