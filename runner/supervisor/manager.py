@@ -28,6 +28,7 @@ from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 
 from runner import __version__
+from runner.another_project import broker_environment
 from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.errors import EXIT_USER_MUST_FIX
 from runner.frozen import foreign_environment, program_dir
@@ -175,23 +176,22 @@ class Supervisor:
         env = dict(os.environ)
         env.update(self.dotenv)
         env.update(spec.env)
-        env.update(self.settings.command_line_environment())
+        ours, path = program_dir(self.settings.state_dir), env.get("PATH", "")
+        if spec.is_ours:  # our flags and --set configure our roles; another project gets the broker below
+            env.update(self.settings.command_line_environment())
         env.update({
             SUPERVISED: "1",
             SUPERVISOR: self.identity,
             PROCESS_NAME: spec.name,
             ENV_FILES: "",  # already read into this environment; children must not read them again
             "PYTHONUNBUFFERED": "1",
-            # every `dify-local …` line runs this same installation (virtualenv or binary)
-            "PATH": program_dir(self.settings.state_dir) + os.pathsep + env.get("PATH", ""),
+            # every `dify-local …` line runs this same installation (virtualenv or binary); another
+            # project's line finds its own programs first (its celery, its python), ours after them
+            "PATH": os.pathsep.join(part for part in ((ours, path) if spec.is_ours else (path, ours)) if part),
         })
         if not spec.is_ours:
             env = foreign_environment(env)
-        if self.settings.uses_embedded_broker:
-            # the password too (generated or set): the broker role and a Dify app read REDIS_PASSWORD
-            env["CELERY_BROKER_URL"] = self.settings.broker_url
-            env["REDIS_URL"] = self.settings.embedded_url(0)
-            env["REDIS_PASSWORD"] = self.settings.REDIS_PASSWORD
+        env.update(broker_environment(self.settings))
         if self.watch is not None:
             env[WATCH_ROOTS] = os.pathsep.join(str(root) for root in self.watch.roots)
         return env
