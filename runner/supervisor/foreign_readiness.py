@@ -80,12 +80,11 @@ def _host_port(text: str, default: tuple[str, int]) -> Address | None:
     return Address(_host(host or default[0]), int(port)) if port.isdigit() else None
 
 
-def web_address(argv: tuple[str, ...], process_type: str, env: dict[str, str]) -> Address | None:
+def web_address(argv: tuple[str, ...], env: dict[str, str]) -> Address | None:
     """Where a web process listens, or None for a process that is not one we recognise.
 
     A known server (flask run, gunicorn, uvicorn, hypercorn, waitress, daphne, granian, Django's
-    runserver) with its options and defaults; else a `web` process, or one whose command names
-    $PORT, on $PORT (honcho's convention)."""
+    runserver) with its options and defaults; else one whose command names $PORT, on $PORT."""
     words = [expand(word, env) for word in argv]
     found = program_words(words, "flask")
     if found and "run" in found[1]:
@@ -112,8 +111,7 @@ def web_address(argv: tuple[str, ...], process_type: str, env: dict[str, str]) -
     if "manage.py" in {Path(word).name for word in words} and "runserver" in words:
         after = [word for word in words[words.index("runserver") + 1:] if not word.startswith("-")]
         return _host_port(after[0], RUNSERVER_DEFAULT) if after else Address(*RUNSERVER_DEFAULT)
-    if (process_type == "web" or any(VARIABLE.search(word) and "PORT" in word for word in argv)) \
-            and env.get("PORT", "").isdigit():
+    if any(VARIABLE.search(word) and "PORT" in word for word in argv) and env.get("PORT", "").isdigit():
         return Address("127.0.0.1", int(env["PORT"]))
     return None
 

@@ -103,8 +103,9 @@ class Supervisor:
     def __init__(self, settings: Settings, specs: list[ProcessSpec], options: dict[str, ProcessOptions],
                  dotenv: dict[str, str] | None = None, *, ready_timeout: float = 60.0, grace: float = 10.0,
                  output=None, watch: WatchPlan | None = None, read_by_up: set[Path] | None = None,
-                 lock: StateLock | None = None):
+                 lock: StateLock | None = None, api_moved: tuple[int, str] | None = None):
         self.settings = settings
+        self.api_moved = api_moved  # (the port our API was to take, who holds it): it took a free one
         self.lock = lock  # the state folder's, held by this process (and its watchdog)
         self.cgroup: Cgroup | None = None
         self.watchdog: Watchdog | None = None
@@ -351,7 +352,7 @@ class Supervisor:
         self._report(state, f"is not ready after {waited:.0f} s; {what}")
 
     def _web_question(self, process: ManagedProcess) -> str:
-        address = web_address(process.spec.argv, process.spec.process_type, process.env)
+        address = web_address(process.spec.argv, process.env)
         if address is None or process.spec.is_ours:
             return "is the command right?"
         return f"does http://{host_port(address.host, address.port)}/ answer?"
@@ -528,6 +529,9 @@ class Supervisor:
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
                                             "project_dir": str(self.settings.project_dir),
                                             "settings": self.settings.stack_address(),
+                                            # commands asking for that port find our API on its own
+                                            "api_moved": {"from": self.api_moved[0], "to": self.settings.DIFY_PORT}
+                                            if self.api_moved else None,
                                             # what the next `up` stops, should this one's watchdog die with it
                                             "identity": self.identity,
                                             "cgroup": str(self.cgroup.path) if self.cgroup else None})
@@ -663,7 +667,11 @@ class Supervisor:
         live = [state for state in self.states if state.status in ("ready", "finished")]
         parts = []
         if any(state.process.spec.role == "api" for state in live):
-            parts.append(f"API {self.settings.api_url} (dashboard {self.settings.api_url}/dashboard)")
+            moved = ""
+            if self.api_moved:
+                port, holder = self.api_moved
+                moved = f"; port {port} is {holder}'s" if holder else f"; port {port} is in use"
+            parts.append(f"API {self.settings.api_url} (dashboard {self.settings.api_url}/dashboard{moved})")
         broker = "embedded" if self.settings.uses_embedded_broker else "external"
         parts.append(f"broker {mask_url(self.settings.broker_url)} ({broker})")
         workers = [state for state in live if state.process.spec.role == "worker"]

@@ -267,7 +267,7 @@ def probe_for(process: ManagedProcess, settings: Settings, link: BrokerLink) -> 
     if role == "beat":
         return beat_probe(link) if process.spec.is_ours else celery_beat_probe(process)
     if role is None and not process.spec.is_ours:
-        address = web_address(process.spec.argv, process.spec.process_type, process.env)
+        address = web_address(process.spec.argv, process.env)
         if address is not None:
             return web_probe(address)
     return settle_probe
