@@ -64,3 +64,14 @@ def test_our_api_joins_a_procfile_of_another_project_only():
     assert with_our_api(ours, names_given=False) == (ours, None)
     named = [describe("dashboard", "npm run dashboard")]
     assert with_our_api(named, names_given=False)[1].name == "dify-local-api"
+
+
+def test_a_celery_workers_node_name_as_celery_reads_it():
+    import socket
+
+    host = socket.gethostname()
+    assert describe("worker", "celery -A app worker").node_name() == f"celery@{host}"
+    assert describe("worker", "celery -A app worker -n w1@%h").node_name() == f"w1@{host}"
+    assert describe("worker", "celery -A app worker -n box1").node_name() == "celery@box1"  # no @: a host
+    assert describe("worker", "celery -A app worker -n w@%n.%d").node_name() == \
+        f"w@{host.partition('.')[0]}.{host.partition('.')[2]}"
