@@ -129,3 +129,49 @@ def test_a_worker_is_ready_as_itself_not_as_another_node_of_its_name(project):
     lines = stack.lines
     assert line_index(lines, r"worker +\| .*celery@\S+ ready\.") < line_index(lines, r"system +\| worker ready")
     assert ps(project)["worker"]["status"] == "ready"
+
+
+FAKE_UV = '''#!{python}
+"""`uv run COMMAND`, as uv runs it: COMMAND as a child process, signals passed on."""
+import signal, subprocess, sys
+assert sys.argv[1] == "run"
+child = subprocess.Popen(sys.argv[2:])
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    signal.signal(signum, lambda number, frame: child.send_signal(number))
+sys.exit(child.wait())
+'''
+
+
+def test_lines_run_through_uv_are_judged_the_same(project, tmp_path):
+    """Dify's own Procfile lines (`uv run celery …`): the worker answers from uv's child process."""
+    from runner.supervisor.procfile import describe
+
+    if describe("worker", "uv run celery -A tasks worker").role != "worker":
+        pytest.skip("Procfile lines through uv are not recognised as Celery's yet (procfile.describe)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(FAKE_UV.format(python=sys.executable))
+    (bin_dir / "uv").chmod(0o755)
+    (project.dir / "tasks.py").write_text(TASKS)
+    (project.dir / "web.py").write_text(WEB)
+    (project.dir / "Procfile").write_text("web: uv run flask --app web run --port $PORT\n"
+                                          "worker: uv run celery -A tasks worker -P threads -c 2 -l INFO\n"
+                                          "beat: uv run celery -A tasks beat\n")
+    (project.dir / ".env").write_text(f"PORT={free_port()}\n")
+    path = f"{bin_dir}:{project.env['PATH']}"
+    stack = project.start("up", "--no-reload", env={"PATH": path})
+    names = ("web", "worker", "beat")
+
+    def all_past_settling():
+        rows = ps(project)
+        return rows if rows and all((rows[name]["uptime"] or 0) > SETTLE_SECONDS + 1 for name in names) else None
+
+    rows = wait_until(all_past_settling, 60, "the project's processes to run past the settle time")
+    assert {name: rows[name]["status"] for name in names} == dict.fromkeys(names, "starting")
+    (project.dir / "go").write_text("")
+    stack.wait_for_line(r"ready in [\d.]+ s", timeout=60)
+    lines = stack.lines
+    ready = line_index(lines, r"system +\| ready in")
+    assert line_index(lines, r"worker +\| .*celery@\S+ ready\.") < line_index(lines, r"system +\| worker ready") < ready
+    assert line_index(lines, r"web +\| .*Running on http://") < line_index(lines, r"system +\| web ready") < ready
+    assert line_index(lines, r"beat +\| LocalTime -> ") < line_index(lines, r"system +\| beat ready") < ready
