@@ -75,3 +75,19 @@ def test_a_celery_workers_node_name_as_celery_reads_it():
     assert describe("worker", "celery -A app worker -n box1").node_name() == "celery@box1"  # no @: a host
     assert describe("worker", "celery -A app worker -n w@%n.%d").node_name() == \
         f"w@{host.partition('.')[0]}.{host.partition('.')[2]}"
+
+
+def test_our_moved_api_takes_the_next_free_port_the_project_names_not():
+    import socket
+
+    from runner.supervisor.api_place import free_port
+    from runner.supervisor.preflight import port_in_use
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        asked = held.getsockname()[1]
+        if asked + 3 >= 65536:
+            pytest.skip("no room above this port")
+        theirs = [describe("web", f"flask run --port {asked + 1}")]
+        chosen = free_port("127.0.0.1", asked, theirs, {})
+        assert chosen not in (asked, asked + 1)  # not the one held, not theirs
+        assert chosen == asked + 2 or port_in_use("127.0.0.1", asked + 2)  # the next one, so it stays put

@@ -146,7 +146,8 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     moved = None
     if holder is not None:  # our API and dashboard beside theirs, on a free port
         moved = (settings.DIFY_PORT, holder)
-        flags["port"] = ("a free port", "DIFY_PORT", free_port(settings.DIFY_BIND_ADDRESS))
+        flags["port"] = ("a free port", "DIFY_PORT",
+                         free_port(settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT, instances, dotenv))
         settings = settings_from(ctx, follow_stack=False, make_password=ALWAYS, **flags)
     supervisor = Supervisor(settings, instances, options, dotenv, ready_timeout=ready_timeout, grace=grace,
                             watch=plan, read_by_up=read_by_up, lock=lock, api_moved=moved)

@@ -56,7 +56,16 @@ def port_holder(specs: list[ProcessSpec], settings: Settings, dotenv: dict[str, 
     return None
 
 
-def free_port(host: str) -> int:
+NEXT_PORTS = 20  # tried after the one asked for, so the dashboard keeps its address from one `up` to the next
+
+
+def free_port(host: str, asked: int, specs: list[ProcessSpec], dotenv: dict[str, str]) -> int:
+    """The first free port after `asked` that no web line of the project names, else any free one."""
+    named = {address.port for spec in specs if not spec.is_ours
+             for address in [web_address(spec.argv, {**os.environ, **dotenv, **spec.env})] if address}
+    for port in range(asked + 1, min(asked + 1 + NEXT_PORTS, 65536)):
+        if port not in named and not port_in_use(host, port):
+            return port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
