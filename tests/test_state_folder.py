@@ -75,7 +75,7 @@ def test_up_waits_while_the_watchdog_of_a_killed_up_still_holds_the_folder(proje
     brief = Proc([*argv, "3"], project.dir, base_env())
     project.procs.append(brief)
     brief.wait_for_line("holding", timeout=30)
-    stack = project.up("--no-reload", "--broker", UNREACHABLE)
+    stack = project.up("idle", "--no-reload", "--broker", UNREACHABLE)  # named: not our API, which waits on a broker
     assert "waiting for the processes of the previous `up` (pid 1, which is gone) to stop" in stack.output
     assert brief.popen.poll() is not None  # it started once the lock was free
 
@@ -123,7 +123,7 @@ def test_a_state_folder_of_ours_open_to_others_is_made_owner_only_and_says_so(pr
     (project.state / "logs").mkdir()
     os.chmod(project.state, 0o777)
     (project.dir / "Procfile").write_text("idle: sleep 600\n")
-    stack = project.up("--no-reload", "--broker", UNREACHABLE)
+    stack = project.up("idle", "--no-reload", "--broker", UNREACHABLE)  # named: not our API, which waits on a broker
     assert mode(project.state) == 0o700
     line = f"the state folder {project.state} was open to others (mode 0777): made it owner-only (0700)"
     assert line in stack.output

@@ -16,7 +16,7 @@ from runner.errors import StateError
 from runner.process_env import ENV_FILES
 from runner.settings import BY_NAME, Override, Settings, SettingsError, load_settings
 from runner.settings.loader import GENERATED, LOCAL_CONFIG_DIR, NEVER
-from runner.supervisor.control import running_stack_settings
+from runner.supervisor.control import moved_api, running_stack_settings
 
 CONFIG_ERROR = 2
 
@@ -64,6 +64,11 @@ def settings_from(ctx: click.Context, follow_stack: bool = True, make_password: 
                          for name, value in given.items()
                          if sources.get(name, "").startswith(("default", LOCAL_CONFIG_DIR, GENERATED))
                          and BY_NAME[name].kind.format(getattr(settings, name)) != value}
+            moved = moved_api(settings.state_dir)
+            if moved is not None and "DIFY_PORT" not in overrides and settings.DIFY_PORT == moved[0]:
+                # that port is taken (the project's own web process): our API is where `up` put it
+                inherited["DIFY_PORT"] = Override(str(moved[1]), f"of the running `up`, pid {pid}, "
+                                                                 f"as port {moved[0]} was taken")
             if inherited:
                 settings = load_settings(state.project_dir, {**inherited, **overrides}, env_files=state.env_files,
                                          make_password=make_password)

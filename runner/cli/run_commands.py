@@ -85,6 +85,7 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
         make_private,
         up_lock,
     )
+    from runner.supervisor.api_place import free_port, port_holder, with_our_api
     from runner.supervisor.manager import Supervisor
     from runner.supervisor.options import OPTIONS_FILE, ProcessOptionsError, load_process_options
     from runner.supervisor.preflight import broker_problems, port_problems, route_problems, route_warnings
@@ -142,9 +143,16 @@ def up(ctx: click.Context, names: tuple[str, ...], broker_url, port, broker_port
     plan = watch_plan(settings, specs, watch, ignore) if reload else None
     read_by_up = {(settings.project_dir / name).resolve() for name in env_files} | {
         (settings.project_dir / OPTIONS_FILE).resolve(), (procfile or settings.project_dir / PROCFILE).resolve()}
-    supervisor = Supervisor(settings, expand(specs, replicas, int(base_port) if base_port else None),
-                            options, dotenv, ready_timeout=ready_timeout, grace=grace, watch=plan,
-                            read_by_up=read_by_up, lock=lock)
+    instances, added = with_our_api(expand(specs, replicas, int(base_port) if base_port else None), bool(names))
+    holder = port_holder(instances, settings, dotenv, added)
+    moved = None
+    if holder is not None:  # our API and dashboard beside theirs, on a free port
+        moved = (settings.DIFY_PORT, holder)
+        flags["port"] = ("a free port", "DIFY_PORT",
+                         free_port(settings.DIFY_BIND_ADDRESS, settings.DIFY_PORT, instances, dotenv))
+        settings = settings_from(ctx, follow_stack=False, make_password=ALWAYS, **flags)
+    supervisor = Supervisor(settings, instances, options, dotenv, ready_timeout=ready_timeout, grace=grace,
+                            watch=plan, read_by_up=read_by_up, lock=lock, api_moved=moved)
     supervisor.say(f"dify-local up: {len(supervisor.states)} processes from {source}, state in {settings.state_dir}")
     if tightened:
         supervisor.say(tightened)

@@ -161,22 +161,31 @@ def migrate(ctx: click.Context) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
 def job(ctx: click.Context, command: tuple[str, ...]) -> None:
-    """Run a one-off COMMAND inside the app's context: database migrated, and every setting,
-    the broker URL included, in its environment. Example: dify-local job -- python script.py"""
-    from runner.context import AppContext
-    from runner.store import SchemaOutOfDate, prepare_database
+    """Run a one-off COMMAND with the broker's address in its environment. For the built-in backend
+    also inside the app's context: database migrated, every setting in its environment. In another
+    project (a Procfile running none of our roles) only the broker's address: its settings are its
+    own. Example: dify-local job -- python script.py"""
+    from runner.another_project import broker_environment, runs_our_backend
+    from runner.frozen import foreign_environment
+    from runner.supervisor.procfile import ProcfileError, load_procfile
 
     settings = settings_from(ctx, make_password=ALWAYS)
     try:
-        prepare_database(AppContext(settings).database, migrate=settings.MIGRATION_ENABLED)
-    except SchemaOutOfDate as error:
-        fail(str(error))
-    from runner.frozen import foreign_environment
-
+        ours = runs_our_backend(load_procfile(settings.project_dir)[0])
+    except ProcfileError as error:
+        fail(str(error), CONFIG_ERROR)
     env = foreign_environment(dict(os.environ))  # the binary's own loader paths are not the command's
-    env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()})
-    env.update({"CELERY_BROKER_URL": settings.broker_url, "DIFY_LOCAL_PROJECT_DIR": str(settings.project_dir),
-                "MODE": "job"})
+    if ours:
+        from runner.context import AppContext
+        from runner.store import SchemaOutOfDate, prepare_database
+
+        try:
+            prepare_database(AppContext(settings).database, migrate=settings.MIGRATION_ENABLED)
+        except SchemaOutOfDate as error:
+            fail(str(error))
+        env.update({setting.name: setting.kind.format(value.value) for setting, value in settings.items()})
+        env.update({"DIFY_LOCAL_PROJECT_DIR": str(settings.project_dir), "MODE": "job"})
+    env.update(broker_environment(settings))
     try:
         completed = subprocess.run(list(command), env=env, cwd=settings.project_dir)
     except FileNotFoundError:

@@ -191,6 +191,19 @@ def running_stack_settings(state_dir: Path) -> tuple[int, dict[str, str]] | None
     return info["pid"], {str(name): str(value) for name, value in info["settings"].items()}
 
 
+def moved_api(state_dir: Path) -> tuple[int, int] | None:
+    """(the port asked for, the port taken) when the running `up` put our API on a free port because
+    the project's own web process listens on ours (runner.supervisor.api_place)."""
+    info = read_info(state_dir) or {}
+    moved = info.get("api_moved")
+    if not isinstance(moved, dict) or running_stack_settings(state_dir) is None:
+        return None
+    asked, taken = moved.get("from"), moved.get("to")
+    if not all(isinstance(port, int) and 0 < port < 65536 for port in (asked, taken)):
+        return None
+    return asked, taken
+
+
 def remove_info(state_dir: Path) -> None:
     paths = StatePaths(state_dir)
     try:

@@ -28,6 +28,7 @@ from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 
 from runner import __version__
+from runner.another_project import broker_environment
 from runner.beat_schedule import enabled as enabled_periodic_tasks
 from runner.errors import EXIT_USER_MUST_FIX
 from runner.frozen import foreign_environment, program_dir
@@ -38,11 +39,13 @@ from runner.process_identity import identity_of
 from runner.reload.foreign import bootstrapped
 from runner.reload.watcher import WatchPlan
 from runner.settings import Settings, mask_command, mask_url
+from runner.settings.kinds import host_port
 from runner.state_access import StateLock
 from runner.supervisor import control
 from runner.supervisor.cgroup import Cgroup
 from runner.supervisor.listeners import ApiListener
 from runner.supervisor.logfiles import LogLine, ProcessLogFiles
+from runner.supervisor.foreign_readiness import web_address
 from runner.supervisor.options import ProcessOptions
 from runner.supervisor.probes import BrokerLink, probe_for, write_refusal_reason
 from runner.supervisor.reloads import Reloads
@@ -101,8 +104,9 @@ class Supervisor:
     def __init__(self, settings: Settings, specs: list[ProcessSpec], options: dict[str, ProcessOptions],
                  dotenv: dict[str, str] | None = None, *, ready_timeout: float = 60.0, grace: float = 10.0,
                  output=None, watch: WatchPlan | None = None, read_by_up: set[Path] | None = None,
-                 lock: StateLock | None = None):
+                 lock: StateLock | None = None, api_moved: tuple[int, str] | None = None):
         self.settings = settings
+        self.api_moved = api_moved  # (the port our API was to take, who holds it): it took a free one
         self.lock = lock  # the state folder's, held by this process (and its watchdog)
         self.cgroup: Cgroup | None = None
         self.watchdog: Watchdog | None = None
@@ -177,23 +181,22 @@ class Supervisor:
         env = dict(os.environ)
         env.update(self.dotenv)
         env.update(spec.env)
-        env.update(self.settings.command_line_environment())
+        ours, path = program_dir(self.settings.state_dir), env.get("PATH", "")
+        if spec.is_ours:  # our flags and --set configure our roles; another project gets the broker below
+            env.update(self.settings.command_line_environment())
         env.update({
             SUPERVISED: "1",
             SUPERVISOR: self.identity,
             PROCESS_NAME: spec.name,
             ENV_FILES: "",  # already read into this environment; children must not read them again
             "PYTHONUNBUFFERED": "1",
-            # every `dify-local …` line runs this same installation (virtualenv or binary)
-            "PATH": program_dir(self.settings.state_dir) + os.pathsep + env.get("PATH", ""),
+            # every `dify-local …` line runs this same installation (virtualenv or binary); another
+            # project's line finds its own programs first (its celery, its python), ours after them
+            "PATH": os.pathsep.join(part for part in ((ours, path) if spec.is_ours else (path, ours)) if part),
         })
         if not spec.is_ours:
             env = foreign_environment(env)
-        if self.settings.uses_embedded_broker:
-            # the password too (generated or set): the broker role and a Dify app read REDIS_PASSWORD
-            env["CELERY_BROKER_URL"] = self.settings.broker_url
-            env["REDIS_URL"] = self.settings.embedded_url(0)
-            env["REDIS_PASSWORD"] = self.settings.REDIS_PASSWORD
+        env.update(broker_environment(self.settings))
         if self.watch is not None:
             env[WATCH_ROOTS] = os.pathsep.join(str(root) for root in self.watch.roots)
         return env
@@ -345,10 +348,18 @@ class Supervisor:
                 "broker": f"does it answer PING with the password on {self.settings.REDIS_HOST}:"
                           f"{self.settings.REDIS_PORT}?",
                 "api": f"does {self.settings.api_url}/health/api answer?",
-                "worker": "can it reach the broker, and does it answer `celery inspect ping`?",
-                "beat": "can it reach the broker (its heartbeat is written there)?",
-            }.get(process.spec.role or "", "is the command right?")
+                "worker": f"can it reach the broker, and does it answer `celery inspect ping` as "
+                          f"{process.spec.node_name()}?",
+                "beat": "can it reach the broker (its heartbeat is written there)?" if process.spec.is_ours
+                        else "has it written its schedule file or logged 'beat: Starting...'?",
+            }.get(process.spec.role or "", self._web_question(process))
         self._report(state, f"is not ready after {waited:.0f} s; {what}")
+
+    def _web_question(self, process: ManagedProcess) -> str:
+        address = web_address(process.spec.argv, process.env)
+        if address is None or process.spec.is_ours:
+            return "is the command right?"
+        return f"does http://{host_port(address.host, address.port)}/ answer?"
 
     def _state(self, name: str) -> ProcessState | None:
         return next((state for state in self.states if state.name == name), None)
@@ -522,6 +533,9 @@ class Supervisor:
         control.write_info(self.state_dir, {"pid": os.getpid(), "version": __version__, "started": time.time(),
                                             "project_dir": str(self.settings.project_dir),
                                             "settings": self.settings.stack_address(),
+                                            # commands asking for that port find our API on its own
+                                            "api_moved": {"from": self.api_moved[0], "to": self.settings.DIFY_PORT}
+                                            if self.api_moved else None,
                                             # what the next `up` stops, should this one's watchdog die with it
                                             "identity": self.identity,
                                             "cgroup": str(self.cgroup.path) if self.cgroup else None})
@@ -657,18 +671,28 @@ class Supervisor:
         live = [state for state in self.states if state.status in ("ready", "finished")]
         parts = []
         if any(state.process.spec.role == "api" for state in live):
-            parts.append(f"API {self.settings.api_url} (dashboard {self.settings.api_url}/dashboard)")
+            moved = ""
+            if self.api_moved:
+                port, holder = self.api_moved
+                moved = f"; port {port} is {holder}'s" if holder else f"; port {port} is in use"
+            parts.append(f"API {self.settings.api_url} (dashboard {self.settings.api_url}/dashboard{moved})")
         broker = "embedded" if self.settings.uses_embedded_broker else "external"
         parts.append(f"broker {mask_url(self.settings.broker_url)} ({broker})")
         workers = [state for state in live if state.process.spec.role == "worker"]
         if workers:
             consumed: set[str] = set()
             for state in workers:
-                consumed.update(state.process.spec.queues or self.settings.CELERY_QUEUES)
-            parts.append(f"{len(consumed)} queues")
+                spec = state.process.spec
+                # another app's worker without -Q consumes what its app says: ask it
+                consumed.update(spec.queues or (self.settings.CELERY_QUEUES if spec.is_ours
+                                                else self.link.queues(spec.node_name()) or ()))
+            parts.append(f"{len(consumed)} queue{'s' if len(consumed) != 1 else ''}")
             parts.extend(self._worker_summary(state) for state in workers)
-        if any(state.process.spec.role == "beat" for state in live):
+        beats = [state for state in live if state.process.spec.role == "beat"]
+        if any(state.process.spec.is_ours for state in beats):
             parts.append(f"beat with {len(enabled_periodic_tasks(self.settings))} periodic tasks")
+        elif beats:
+            parts.append("beat (" + ", ".join(state.name for state in beats) + ")")  # its schedule is its app's
         others = [state.name for state in live if state.process.spec.role is None]
         if others:
             parts.append("also " + ", ".join(others))

@@ -1,7 +1,10 @@
 """Readiness probes: a real check per role, never a sleep.
 
-broker: answers PING after AUTH · api: /health/api answers 200 · worker: answers a Celery ping ·
-beat: has written a heartbeat since it started · a configured probe (http, tcp, a log line) ·
+broker: answers PING after AUTH · api: /health/api answers 200 · worker (ours or any Celery
+worker): answers a Celery ping under its node name, from this process or one of its children ·
+our beat: has written a heartbeat since it started · Celery's own beat: has written its schedule
+since it started (what it does just before its first tick), or logged "beat: Starting..." · a web
+process of another project: its port answers HTTP · a configured probe (http, tcp, a log line) ·
 anything else: stayed up a short while.
 
 The worker ping and the beat heartbeat go through kombu alone (Celery's ping is a kombu pidbox
@@ -10,6 +13,7 @@ broadcast), so the supervisor keeps Celery out of its memory.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
@@ -24,7 +28,15 @@ import redis
 
 from runner.broker_config import BEAT_HEARTBEAT_KEY
 from runner.settings import Settings
+from runner.supervisor.foreign_readiness import (
+    BEAT_BANNER,
+    BEAT_STARTING,
+    Address,
+    beat_schedule,
+    web_address,
+)
 from runner.supervisor.process import ManagedProcess
+from runner.supervisor.tree import descendants
 from runner.write_refusal import refusal_in
 
 Probe = Callable[[ManagedProcess], bool]
@@ -63,17 +75,27 @@ class BrokerLink:
         return any(node in reply for reply in replies or [])
 
     def stats(self, node: str) -> dict | None:
+        answers = self.answers(node, "stats")
+        return answers[0] if answers else None
+
+    def queues(self, node: str) -> list[str] | None:
+        """The queues a worker says it consumes (what `celery inspect active_queues` asks)."""
+        answers = self.answers(node, "active_queues")
+        if not answers or not isinstance(answers[0], list):
+            return None
+        return [queue["name"] for queue in answers[0]
+                if isinstance(queue, dict) and isinstance(queue.get("name"), str)]
+
+    def answers(self, node: str, method: str, limit: int | None = 1, timeout: float = 1.0) -> list:
+        """What the workers named `node` answer (the first only, or all within `timeout`)."""
         with self._lock:
             try:
                 self._connect()
-                replies = self._mailbox._broadcast("stats", {}, [node], reply=True, timeout=1.0, limit=1)
+                replies = self._mailbox._broadcast(method, {}, [node], reply=True, timeout=timeout, limit=limit)
             except Exception:
                 self._reset()
-                return None
-        for reply in replies or []:
-            if node in reply:
-                return reply[node]
-        return None
+                return []
+        return [reply[node] for reply in replies or [] if isinstance(reply, dict) and node in reply]
 
     def heartbeat(self) -> dict | None:
         with self._lock:
@@ -155,13 +177,68 @@ def log_probe(pattern: str) -> Probe:
 
 
 def worker_probe(link: BrokerLink) -> Probe:
-    return lambda process: link.ping(process.spec.node_name())
+    def probe(process: ManagedProcess) -> bool:
+        node = process.spec.node_name()
+        if not link.ping(node):
+            return False
+        # The node answering must be this process (or its child, behind `uv run`), not another
+        # worker of the same name on the broker (one that was started by hand, another checkout's).
+        ours = {process.pid} | {child.pid for child in descendants(process.pid)}
+        answers = link.answers(node, "stats")
+        pids = [answer.get("pid") for answer in answers if isinstance(answer, dict)]
+        if not pids or not all(isinstance(pid, int) for pid in pids):
+            return bool(answers)  # a worker that gives no pid: its ping counts
+        if ours & set(pids):
+            return True
+        # another worker of that name answered first: hear them all
+        answers = link.answers(node, "stats", limit=None, timeout=2 * PING_TIMEOUT)
+        return any(isinstance(answer, dict) and answer.get("pid") in ours for answer in answers)
+    return probe
 
 
 def beat_probe(link: BrokerLink) -> Probe:
     def probe(process: ManagedProcess) -> bool:
         heartbeat = link.heartbeat()
         return bool(heartbeat) and heartbeat["at"] >= process.started_wall - 1 and heartbeat["pid"] == process.pid
+    return probe
+
+
+def web_probe(address: Address) -> Probe:
+    """Any HTTP answer (a 404 too): the server has loaded the app and serves."""
+    def probe(process: ManagedProcess) -> bool:
+        connection = http.client.HTTPConnection(address.host, address.port, timeout=2)
+        try:
+            connection.request("GET", "/", headers={"User-Agent": "dify-local readiness probe"})
+            connection.getresponse().read(0)
+            return True
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
+    return probe
+
+
+def celery_beat_probe(process: ManagedProcess) -> Probe:
+    """Celery's own beat: its PersistentScheduler writes the schedule file as it sets up, right
+    before the loop's first tick (the one mark it leaves outside its code: beat logs at WARNING by
+    default, so "beat: Starting..." is often not printed). With another scheduler (-S), or a
+    schedule file the app names itself: that log line, or its banner and SETTLE_SECONDS more."""
+    schedule = beat_schedule(process.spec.argv, process.cwd, process.env)
+    banner_at: list[float] = []
+
+    def probe(p: ManagedProcess) -> bool:
+        for path in schedule.files:
+            try:
+                if path.stat().st_mtime >= p.started_wall:
+                    return True
+            except OSError:
+                continue
+        lines = list(p.tail)
+        if any(BEAT_STARTING in line for line in lines):
+            return True
+        if not banner_at and any(BEAT_BANNER in line for line in lines):
+            banner_at.append(time.monotonic())
+        return bool(banner_at) and time.monotonic() - banner_at[0] >= SETTLE_SECONDS
     return probe
 
 
@@ -187,6 +264,10 @@ def probe_for(process: ManagedProcess, settings: Settings, link: BrokerLink) -> 
         return http_probe(f"{settings.api_url}/health/api")  # the API itself; /health is the whole stack
     if role == "worker":
         return worker_probe(link)
-    if role == "beat" and process.spec.is_ours:  # our scheduler writes the heartbeat
-        return beat_probe(link)
+    if role == "beat":
+        return beat_probe(link) if process.spec.is_ours else celery_beat_probe(process)
+    if role is None and not process.spec.is_ours:
+        address = web_address(process.spec.argv, process.env)
+        if address is not None:
+            return web_probe(address)
     return settle_probe

@@ -65,7 +65,11 @@ class ProcessSpec:
         """The Celery node name this worker answers pings as."""
         default = f"{self.name}@%h" if self.is_ours else "celery@%h"
         name = self.hostname or default
-        return name.replace("%h", socket.gethostname()).replace("%n", socket.gethostname().split(".")[0])
+        if "@" not in name:  # Celery's reading of `-n host`: the host, under the default name
+            name = f"celery@{name}"
+        host = socket.gethostname()
+        short, _, domain = host.partition(".")
+        return name.replace("%h", host).replace("%n", short).replace("%d", domain)
 
 
 def _option(argv: list[str], short: str, long: str) -> str | None:
