@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -29,23 +30,32 @@ def dify_local() -> list[str]:
 
 
 _GIVEN_PORTS: set[int] = set()
-# Under pytest-xdist each worker process takes only the ports of its own residue class: two workers
-# could otherwise each be handed the same port the kernel just freed, one for each of two stacks.
+# Picked at random below the kernel's ephemeral range (32768–60999 here), where no outgoing connection
+# or port-0 listener lands between the pick and the bind. Under pytest-xdist each worker takes only
+# the ports of its own residue class, so two workers are never handed the same one. (Not bind(0):
+# since Linux 4.6 it hands out odd ports only while any is free, so a worker wanting even ones spun.)
+PORTS = range(20000, 32768)
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+_RANDOM = random.Random()
 
 
 def free_port() -> int:
     """A free loopback port never handed out before in this session: two picks in a row can
     otherwise be the same port (a project's broker and API on one port), or one a previous test's
     lingering process still holds."""
-    while True:
+    for _ in range(10_000):
+        port = _RANDOM.randrange(PORTS.start + _WORKER, PORTS.stop, _WORKERS)
+        if port in _GIVEN_PORTS:
+            continue
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in _GIVEN_PORTS and port % _WORKERS == _WORKER:
-            _GIVEN_PORTS.add(port)
-            return port
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {PORTS.start}–{PORTS.stop - 1} for this test worker")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
