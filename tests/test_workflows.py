@@ -303,7 +303,8 @@ def test_a_graph_whose_templates_do_not_compile_is_refused_naming_the_node():
     with pytest.raises(workflows.WorkflowError, match="node 't': its template nests too deeply"):
         workflows.validate({"nodes": [{"id": "s", "type": "start"}, {"id": "t", "type": "template", "template": deep}]})
     slow = "{% if a %}b{% endif %}" * 40000  # Jinja's compiler takes seconds for this
-    with pytest.raises(workflows.WorkflowError, match="more than 0.5 s of CPU"):
+    # refused by its CPU limit, or on a loaded machine (tests in parallel) by the wall time that limit allows
+    with pytest.raises(workflows.WorkflowError, match=r"more than 0.5 s of CPU|took longer than \d"):
         workflows.validate({"nodes": [{"id": "s", "type": "start"}, {"id": "t", "type": "template", "template": slow}]},
                            workflows.TemplateLimits(cpu_seconds=0.5))
 
