@@ -29,6 +29,15 @@ TREND_WINDOW = 300.0  # seconds of queue samples behind the trend column
 TREND_POINTS = 10  # characters of the trend's sparkline
 
 
+def _window(out) -> os.terminal_size:
+    """The size of the terminal being drawn on, as it is now: not COLUMNS/LINES from the environment
+    (shutil's first choice), which a parent may have exported for another size (pytest-xdist: 80×24)."""
+    try:
+        return os.get_terminal_size(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return shutil.get_terminal_size()
+
+
 def _broker_label(settings: Settings) -> str:
     return f"{mask_url(settings.broker_url)} ({'embedded' if settings.uses_embedded_broker else 'external'})"
 
@@ -251,11 +260,11 @@ def _watch(frame: Callable[[], str], settings: Settings, interval: float) -> Non
             except BrokerUnavailable as error:  # not up yet, or restarting: say so, keep watching
                 text = f"dify-local: {error}"
                 if tty:  # wrapped, not cut at the window's edge: the advice is at the end
-                    text = textwrap.fill(text, shutil.get_terminal_size().columns)
+                    text = textwrap.fill(text, _window(out).columns)
             header = f"every {interval:g} s · {time.strftime('%H:%M:%S')} · {_broker_label(settings)} · Ctrl-C stops"
             lines = [header, "", *text.splitlines()]
             if tty:
-                size = shutil.get_terminal_size()
+                size = _window(out)
                 shown = [line[:size.columns] + "\x1b[K" for line in lines[:max(1, size.lines - 1)]]
                 out.write("\x1b[H" + "\n".join(shown) + "\n\x1b[J")
             else:
